@@ -1,0 +1,72 @@
+"""The platform's five source tables, exactly as `contract.md` defines them.
+
+The jobs only ever read these tables. The project keeps this definition so that
+reads are typed, and so that tests and the demo can create a source database.
+They live on their own MetaData so that Alembic never creates, alters or drops
+them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+)
+
+source_metadata = MetaData()
+
+# asdecimal=False: the jobs never let the driver turn these into Python numbers;
+# every read of an amount goes through the exact SQL in `db.reads`.
+accounts = Table(
+    "accounts",
+    source_metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+projects = Table(
+    "projects",
+    source_metadata,
+    Column("project_id", String(64), primary_key=True),
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+project_events = Table(
+    "project_events",
+    source_metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("project_id", String(64), nullable=False),
+    Column("occurred_at", DateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+)
+
+compute_usage = Table(
+    "compute_usage",
+    source_metadata,
+    Column("usage_id", String(64), primary_key=True),
+    Column("project_id", String(64), nullable=False),
+    Column("occurred_at", DateTime, nullable=False),
+    Column("credits", Numeric(18, 4), nullable=True),
+)
+
+cloud_usage = Table(
+    "cloud_usage",
+    source_metadata,
+    Column("usage_id", String(64), primary_key=True),
+    Column("project_id", String(64), nullable=False),
+    Column("usage_date", Date, nullable=False),
+    Column("metric", String(32), nullable=False),
+    Column("quantity", Numeric(18, 4), nullable=True),
+)
+
+SOURCE_TABLES = (accounts, projects, project_events, compute_usage, cloud_usage)

@@ -1,0 +1,298 @@
+"""Settings: `config/billing.toml`, read exactly and validated.
+
+Decimals are parsed as `Decimal` (never through a binary float). Any unknown key,
+wrong type or impossible value raises `SettingsError`, whose message names the
+key; the command line turns it into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from datetime import date, time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from billing_jobs.rules.money import MAX_FRACTION_DIGITS
+
+DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default_billing.toml")).read_text("utf-8")
+METRICS = ("page_views", "bandwidth_gb", "data_storage_gb", "domains")
+
+
+class SettingsError(ValueError):
+    """A bad settings file or value; the message names the key."""
+
+
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, bool):
+        raise ValueError("expected a decimal number, got a boolean")
+    if isinstance(value, int | Decimal):
+        result = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"expected a decimal number, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a decimal number, got {type(value).__name__}")
+    if not result.is_finite():
+        raise ValueError(f"expected a finite decimal, got {value!r}")
+    if result < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return result
+
+
+def _amount(value: Any) -> Decimal:
+    result = _decimal(value)
+    exponent = result.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MAX_FRACTION_DIGITS:
+        raise ValueError(f"at most {MAX_FRACTION_DIGITS} fractional digits, got {value!r}")
+    return result
+
+
+def _optional_decimal(value: Any) -> Decimal | None:
+    if isinstance(value, str) and value.strip() == "":
+        return None
+    return _decimal(value)
+
+
+def _date(value: Any) -> date:
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+    raise ValueError(f"expected a date YYYY-MM-DD, got {type(value).__name__}")
+
+
+def _optional_date(value: Any) -> date | None:
+    if isinstance(value, str) and value.strip() == "":
+        return None
+    return _date(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _timezone(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected an IANA timezone name such as 'Europe/Berlin'")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r}") from None
+    return value
+
+
+def _clock(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str):
+        try:
+            return time.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"expected a time HH:MM, got {value!r}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+Dec = Annotated[Decimal, BeforeValidator(_decimal)]
+Amount = Annotated[Decimal, BeforeValidator(_amount)]
+OptDec = Annotated[Decimal | None, BeforeValidator(_optional_decimal)]
+Day = Annotated[date, BeforeValidator(_date)]
+OptDay = Annotated[date | None, BeforeValidator(_optional_date)]
+Count = Annotated[int, BeforeValidator(_count)]
+Zone = Annotated[str, BeforeValidator(_timezone)]
+Clock = Annotated[time, BeforeValidator(_clock)]
+Text = Annotated[str, BeforeValidator(_text)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BillingSection(_Section):
+    timezone: Zone = "UTC"
+
+
+class StorageFeeSection(_Section):
+    effective_from: Day = date(2026, 3, 24)
+    credits_per_day: Amount = Decimal("1")
+    monthly_cap: Amount = Decimal("29")
+
+
+class PromotionsSection(_Section):
+    new_project_free_months: Count = 1
+    new_project_promo_until: OptDay = None
+    legacy_free_months: Count = 1
+    active_waiver_compute_threshold: OptDec = Decimal("30")
+
+
+class CloudFeesSection(_Section):
+    page_views: Dec = Decimal("0.001")
+    bandwidth_gb: Dec = Decimal("0.5")
+    data_storage_gb: Dec = Decimal("0.02")
+    domains: Dec = Decimal("0.1")
+
+
+class ScheduleSection(_Section):
+    nightly_at: Clock = time(2, 30)
+    month_end_day: Annotated[int, BeforeValidator(_count), Field(ge=1, le=28)] = 1
+    month_end_at: Clock = time(4, 0)
+    misfire_grace_seconds: Annotated[int, BeforeValidator(_count), Field(ge=1)] = 21600
+
+
+class LockSection(_Section):
+    lease_seconds: Annotated[int, BeforeValidator(_count), Field(ge=1)] = 1800
+
+
+class MonitoringSection(_Section):
+    metrics_textfile: Text = ""
+    pushgateway_url: Text = ""
+    close_overdue_days: Count = 3
+
+
+class _SettingsModel(_Section):
+    billing: BillingSection = BillingSection()
+    storage_fee: StorageFeeSection = StorageFeeSection()
+    promotions: PromotionsSection = PromotionsSection()
+    cloud_fees: CloudFeesSection = CloudFeesSection()
+    schedule: ScheduleSection = ScheduleSection()
+    lock: LockSection = LockSection()
+    monitoring: MonitoringSection = MonitoringSection()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings: plain values, no I/O. Built by `load_settings`."""
+
+    timezone: str = "UTC"
+    effective_from: date = date(2026, 3, 24)
+    credits_per_day: Decimal = Decimal("1")
+    monthly_cap: Decimal = Decimal("29")
+    new_project_free_months: int = 1
+    new_project_promo_until: date | None = None
+    legacy_free_months: int = 1
+    active_waiver_compute_threshold: Decimal | None = Decimal("30")
+    cloud_prices: dict[str, Decimal] = field(
+        default_factory=lambda: {
+            "page_views": Decimal("0.001"),
+            "bandwidth_gb": Decimal("0.5"),
+            "data_storage_gb": Decimal("0.02"),
+            "domains": Decimal("0.1"),
+        }
+    )
+    nightly_at: time = time(2, 30)
+    month_end_day: int = 1
+    month_end_at: time = time(4, 0)
+    misfire_grace_seconds: int = 21600
+    lock_lease_seconds: int = 1800
+    metrics_textfile: str = ""
+    pushgateway_url: str = ""
+    close_overdue_days: int = 3
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def billing_values(self) -> dict[str, str]:
+        """The values that change what is billed, as strings (for hashing and run records)."""
+        return {
+            "timezone": self.timezone,
+            "effective_from": self.effective_from.isoformat(),
+            "credits_per_day": str(self.credits_per_day),
+            "monthly_cap": str(self.monthly_cap),
+            "new_project_free_months": str(self.new_project_free_months),
+            "new_project_promo_until": (
+                self.new_project_promo_until.isoformat() if self.new_project_promo_until else ""
+            ),
+            "legacy_free_months": str(self.legacy_free_months),
+            "active_waiver_compute_threshold": (
+                ""
+                if self.active_waiver_compute_threshold is None
+                else str(self.active_waiver_compute_threshold)
+            ),
+            **{f"cloud_fees.{k}": str(v) for k, v in sorted(self.cloud_prices.items())},
+        }
+
+    def digest(self) -> str:
+        """A short hash of the billing values, stored with every run."""
+        blob = json.dumps(self.billing_values(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _from_model(model: _SettingsModel) -> Settings:
+    return Settings(
+        timezone=model.billing.timezone,
+        effective_from=model.storage_fee.effective_from,
+        credits_per_day=model.storage_fee.credits_per_day,
+        monthly_cap=model.storage_fee.monthly_cap,
+        new_project_free_months=model.promotions.new_project_free_months,
+        new_project_promo_until=model.promotions.new_project_promo_until,
+        legacy_free_months=model.promotions.legacy_free_months,
+        active_waiver_compute_threshold=model.promotions.active_waiver_compute_threshold,
+        cloud_prices={m: getattr(model.cloud_fees, m) for m in METRICS},
+        nightly_at=model.schedule.nightly_at,
+        month_end_day=model.schedule.month_end_day,
+        month_end_at=model.schedule.month_end_at,
+        misfire_grace_seconds=model.schedule.misfire_grace_seconds,
+        lock_lease_seconds=model.lock.lease_seconds,
+        metrics_textfile=model.monitoring.metrics_textfile,
+        pushgateway_url=model.monitoring.pushgateway_url,
+        close_overdue_days=model.monitoring.close_overdue_days,
+    )
+
+
+def _first_error(exc: ValidationError, source: str) -> SettingsError:
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return SettingsError(f"{source}: unknown key '{key}'")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "model_type":
+        message = "expected a table"
+    return SettingsError(f"{source}: bad value for '{key}': {message}")
+
+
+def parse_settings(text: str, source: str = "settings") -> Settings:
+    """Parse and validate TOML text; raises `SettingsError` naming the key."""
+    try:
+        raw = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return _from_model(_SettingsModel.model_validate(raw))
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from `path`, else `$BILLING_CONFIG`, else the built-in defaults."""
+    chosen = path if path is not None else os.environ.get("BILLING_CONFIG") or None
+    if chosen is None:
+        return parse_settings(DEFAULT_CONFIG_TEXT, "built-in defaults")
+    file = Path(chosen)
+    try:
+        text = file.read_text("utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read settings file {file}: {exc.strerror}") from None
+    return parse_settings(text, str(file))
