@@ -1,0 +1,282 @@
+"""Command line: parse, call a job, print. The only place that asks the clock.
+
+Exit status: 0 done; 2 bad arguments or settings (one line on stderr);
+75 another run holds the lock; 1 any other failure (nothing half-written).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy import Engine, inspect
+
+from billing_jobs import __version__, logs
+from billing_jobs.db.engine import DEFAULT_DB_URL, DatabaseUrlError, make_engine, schema_is_current, upgrade
+from billing_jobs.db.lock import LockHeld, LockLost
+from billing_jobs.rules.calendar import Month
+from billing_jobs.settings import Settings, SettingsError, load_settings
+
+EX_USAGE = 2
+EX_TEMPFAIL = 75
+
+
+@dataclass
+class Context:
+    db_url: str
+    config: str | None
+    _settings: Settings | None = None
+    _engine: Engine | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.db_url)
+        return self._engine
+
+
+def utcnow() -> datetime:
+    """The one call to the wall clock; jobs get "now" as an argument."""
+    return datetime.now(UTC)
+
+
+def yesterday_in(settings: Settings, now: datetime) -> date:
+    return now.astimezone(settings.zone).date() - timedelta(days=1)
+
+
+def _parse_month(value: str) -> Month:
+    try:
+        return Month.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _parse_date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _progress_for(label: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    """A progress bar on a terminal; nothing (logs only) otherwise."""
+    if not sys.stderr.isatty():
+        return (lambda done, total, text: None), (lambda: None)
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    bar.start()
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int, text: str) -> None:
+        bar.update(task, completed=done, total=total, description=f"{label} {text}")
+
+    return update, bar.stop
+
+
+def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
+    """Migrate the jobs' tables before a writing run; True when they exist."""
+    engine = ctx.engine
+    if dry_run:
+        return "month_closes" in inspect(engine).get_table_names()
+    if not schema_is_current(engine):
+        logs.get_logger().info("db.upgrade", reason="schema not at head")
+        upgrade(engine)
+    return True
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--db-url", envvar="BILLING_DB_URL", default=DEFAULT_DB_URL, show_default=True,
+              help="SQLAlchemy URL of the database (env BILLING_DB_URL).")
+@click.option("--config", "config", envvar="BILLING_CONFIG", default=None,
+              help="Settings TOML file (env BILLING_CONFIG); built-in defaults otherwise.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Least severe log level written to stderr.")
+@click.version_option(__version__, prog_name="billing-jobs")
+@click.pass_context
+def cli(click_ctx: click.Context, db_url: str, config: str | None, log_level: str) -> None:
+    """Billing jobs: nightly charges, month close, invoices and export.
+
+    Results go to stdout, logs to stderr (JSON when stderr is not a terminal).
+    """
+    logs.configure(log_level)
+    click_ctx.obj = Context(db_url=db_url, config=config)
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(ctx: Context) -> None:
+    """Create or migrate the jobs' own tables (safe to repeat)."""
+    upgrade(ctx.engine)
+    click.echo(f"database schema is up to date ({ctx.engine.url.render_as_string(hide_password=True)})")
+
+
+@cli.command()
+@click.option("--date", "day", default=None, metavar="YYYY-MM-DD",
+              help="Bill this billing day. Default: every unbilled day up to yesterday.")
+@click.option("--dry-run", is_flag=True, help="Show what would be charged; write nothing.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="With --dry-run: also write the charges as CSV to this file.")
+@click.pass_obj
+def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) -> None:
+    """Charge billing days: storage fees and cloud service fees."""
+    from billing_jobs.jobs import nightly as job
+    from billing_jobs.jobs.runner import run_job
+    from billing_jobs.preview import print_nightly
+
+    settings = ctx.settings
+    now = utcnow()
+    yesterday = yesterday_in(settings, now)
+    if day is not None:
+        target = _parse_date(day)
+        if target > yesterday:
+            raise click.UsageError(
+                f"--date {target} has not ended yet in {settings.timezone} (latest billable day: {yesterday})"
+            )
+    has_schema = _ensure_schema(ctx, dry_run=dry_run)
+    if day is not None:
+        days = [target]
+    elif has_schema:
+        days = job.days_to_bill(ctx.engine, settings.effective_from, yesterday)
+    else:
+        days = job.days_to_bill_fresh(settings.effective_from, yesterday)
+    period = f"{days[0]}..{days[-1]}" if days else "nothing to bill"
+    update, stop = _progress_for("nightly")
+    try:
+        outcome = run_job(
+            ctx.engine, settings, "nightly", period=period,
+            arguments={"date": day, "dry_run": dry_run}, now=now, dry_run=dry_run,
+            body=lambda run: job.bill_days(run, days), progress=update,
+        )
+    finally:
+        stop()
+    print_nightly(outcome, days, dry_run=dry_run, output=output)
+
+
+@cli.command("month-end")
+@click.option("--month", "month_text", default=None, metavar="YYYY-MM",
+              help="The billing month to close. Default: the previous month.")
+@click.option("--dry-run", is_flag=True, help="Show the invoices (or adjustments) it would write; write nothing.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="With --dry-run: also write the previewed lines as CSV to this file.")
+@click.pass_obj
+def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str | None) -> None:
+    """Close a billing month: recompute, waive, invoice (or adjust a closed month)."""
+    from billing_jobs.jobs import month_end as job
+    from billing_jobs.jobs.runner import run_job
+    from billing_jobs.preview import print_month
+
+    settings = ctx.settings
+    now = utcnow()
+    today = now.astimezone(settings.zone).date()
+    month = _parse_month(month_text) if month_text else Month.of(today).previous()
+    if not dry_run and not job.month_has_ended(month, today):
+        raise click.UsageError(
+            f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
+        )
+    has_schema = _ensure_schema(ctx, dry_run=dry_run)
+    update, stop = _progress_for("month-end")
+    try:
+        outcome = run_job(
+            ctx.engine, settings, "month-end", period=str(month),
+            arguments={"month": str(month), "dry_run": dry_run}, now=now, dry_run=dry_run,
+            body=lambda run: job.close_month(run, month, fresh_schema=not has_schema), progress=update,
+        )
+    finally:
+        stop()
+    print_month(outcome, dry_run=dry_run, output=output)
+
+
+@cli.command()
+@click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The billing month.")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the CSV to this file instead of stdout.")
+@click.pass_obj
+def export(ctx: Context, month_text: str, output: str | None) -> None:
+    """Write every invoice line of a month as CSV."""
+    from billing_jobs.jobs.export import export_month
+
+    month = _parse_month(month_text)
+    if "month_closes" not in inspect(ctx.engine).get_table_names():
+        raise click.ClickException("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
+    if output:
+        tmp = Path(output).with_name(Path(output).name + ".partial")
+        with tmp.open("w", newline="", encoding="utf-8") as out:
+            n = export_month(ctx.engine, str(month), out)
+        os.replace(tmp, output)
+    else:
+        n = export_month(ctx.engine, str(month), sys.stdout)
+    logs.get_logger().info("export.done", period=str(month), lines=n, output=output or "stdout")
+
+
+@cli.command()
+@click.option("--accounts", default=40, show_default=True, type=click.IntRange(1, 100_000),
+              help="How many accounts to generate.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Random seed (same seed, same data).")
+@click.option("--as-of", "as_of", default="2026-10-31", show_default=True, metavar="YYYY-MM-DD",
+              help="Last day of generated activity.")
+@click.option("--fresh", is_flag=True, help="Delete the SQLite database file first (SQLite only).")
+@click.pass_obj
+def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> None:
+    """Create the source tables and fill them with realistic demo data."""
+    from billing_jobs.demo import generate_demo
+
+    url = ctx.engine.url
+    if fresh:
+        if url.get_backend_name() != "sqlite" or not url.database:
+            raise click.UsageError("--fresh only deletes a SQLite database file")
+        ctx.engine.dispose()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(url.database + suffix).unlink(missing_ok=True)
+    summary = generate_demo(ctx.engine, seed=seed, accounts=accounts, as_of=_parse_date(as_of))
+    upgrade(ctx.engine)
+    click.echo(f"demo data written to {url.render_as_string(hide_password=True)}:")
+    for name, value in vars(summary).items():
+        click.echo(f"  {name}: {value}")
+    click.echo("next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"billing-jobs: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: maps errors to exit statuses with one line each."""
+    try:
+        return cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 1)
+    except click.UsageError as exc:
+        _fail(f"error: {exc.format_message()}", EX_USAGE)
+    except (SettingsError, DatabaseUrlError) as exc:
+        _fail(f"error: {exc}", EX_USAGE)
+    except LockHeld as exc:
+        _fail(str(exc), EX_TEMPFAIL)
+    except LockLost as exc:
+        _fail(str(exc), 1)
+    except click.ClickException as exc:
+        _fail(f"error: {exc.format_message()}", exc.exit_code)
+    except Exception as exc:
+        logs.get_logger().exception("command.failed")
+        _fail(f"failed: {type(exc).__name__}: {exc}", 1)

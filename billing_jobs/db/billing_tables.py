@@ -1,0 +1,152 @@
+"""The jobs' own tables. Alembic migrations create them; nothing else does.
+
+Money and quantities are BIGINT units of 1/10,000 (see `rules.money`): exact on
+every back end, including SQLite, whose NUMERIC is a float.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+billing_metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Every run of every job: what ran, on what, how it ended.
+billing_runs = Table(
+    "billing_runs",
+    billing_metadata,
+    Column("run_id", String(36), primary_key=True),
+    Column("job", String(32), nullable=False),
+    Column("arguments", Text, nullable=False),  # JSON
+    Column("period", String(32), nullable=False),
+    Column("settings_hash", String(64), nullable=False),
+    Column("code_version", String(32), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # running | succeeded | failed | locked
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("counts", Text),  # JSON
+    Column("error", Text),
+    Index("ix_billing_runs_job_started", "job", "started_at"),
+)
+
+# One lease per job name; a run holds it while it works.
+billing_locks = Table(
+    "billing_locks",
+    billing_metadata,
+    Column("name", String(64), primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("acquired_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+)
+
+# Billing days the nightly job has billed (its catch-up starts after them).
+billed_days = Table(
+    "billed_days",
+    billing_metadata,
+    Column("billing_day", Date, primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("billed_at", DateTime, nullable=False),
+)
+
+# One charge per (project, charge type, billing day): a re-run cannot double-charge.
+daily_charges = Table(
+    "daily_charges",
+    billing_metadata,
+    Column("project_id", String(64), primary_key=True),
+    Column("charge_type", String(32), primary_key=True),
+    Column("charge_date", Date, primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("quantity_units", BigInteger, nullable=False),
+    Column("amount_units", BigInteger, nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("recorded_at", DateTime, nullable=False),
+    Index("ix_daily_charges_charge_date", "charge_date"),
+)
+
+# Month closes: a month is closed once its regular invoices are finalized.
+month_closes = Table(
+    "month_closes",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("closed_at", DateTime, nullable=False),
+    Column("close_run_id", String(36), nullable=False),
+    Column("last_run_id", String(36), nullable=False),
+    Column("last_run_at", DateTime, nullable=False),
+    Column("adjustments", Integer, nullable=False, default=0),
+)
+
+invoices = Table(
+    "invoices",
+    billing_metadata,
+    Column("invoice_id", String(128), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("period", String(7), nullable=False),
+    Column("kind", String(16), nullable=False),  # regular | adjustment
+    Column("sequence", Integer, nullable=False),  # 0 for regular, 1.. for adjustments
+    Column("status", String(16), nullable=False),  # draft | finalized
+    Column("total_units", BigInteger, nullable=False),
+    Column("line_count", Integer, nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("finalized_at", DateTime),
+    UniqueConstraint("account_id", "period", "kind", "sequence"),
+    Index("ix_invoices_period_status", "period", "status"),
+)
+
+invoice_lines = Table(
+    "invoice_lines",
+    billing_metadata,
+    Column(
+        "invoice_id",
+        String(128),
+        ForeignKey("invoices.invoice_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("project_id", String(64), primary_key=True),
+    Column("line_type", String(32), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("period", String(7), nullable=False),
+    Column("quantity_units", BigInteger, nullable=False),
+    Column("unit_price", String(32), nullable=False),
+    Column("amount_units", BigInteger, nullable=False),
+    Index("ix_invoice_lines_period_account", "period", "account_id"),
+)
+
+# Source rows that could not be billed, with the reason; one row per (row, reason).
+rejects = Table(
+    "rejects",
+    billing_metadata,
+    Column("source_table", String(32), primary_key=True),
+    Column("source_id", String(64), primary_key=True),
+    Column("reason", String(64), primary_key=True),
+    Column("project_id", String(64)),
+    Column("period", String(7), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("first_run_id", String(36), nullable=False),
+    Column("first_seen_at", DateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # open | reviewed
+    Index("ix_rejects_period", "period"),
+)

@@ -1,0 +1,358 @@
+"""Reads of the source tables: filtering and aggregation done by the database.
+
+Every amount is read as exact integer units computed in SQL
+(`CAST(ROUND(x * 10000) AS BIGINT)`), so a NUMERIC that SQLite stores as a float
+never passes through Python as one. Rows the database can tell are bad (missing,
+non-numeric or non-finite amounts, unknown projects or metrics) are read by
+separate queries, with their reason, so valid aggregates and rejects always
+partition the rows.
+
+Results stream in bounded batches (`yield_per`) into DataFrames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Date,
+    DateTime,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+    not_,
+    or_,
+    select,
+    type_coerce,
+)
+from sqlalchemy.sql.expression import BindParameter
+
+from billing_jobs.db.source_tables import (
+    cloud_usage,
+    compute_usage,
+    project_events,
+    projects,
+)
+from billing_jobs.rules.cloud_fee import LINE_TYPES
+from billing_jobs.rules.money import UNITS_PER_CREDIT
+
+BATCH = 50_000
+
+# Reject reasons for amounts (stable codes).
+MISSING = "missing_amount"
+NON_NUMERIC = "non_numeric_amount"
+NON_FINITE = "non_finite_amount"
+NEGATIVE = "negative_quantity"
+UNKNOWN_PROJECT = "unknown_project"
+UNKNOWN_METRIC = "unknown_metric"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A range of accounts, `lo < account_id <= hi` (None: unbounded)."""
+
+    lo: str | None = None
+    hi: str | None = None
+
+    def clause(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        parts = []
+        if self.lo is not None:
+            parts.append(column > self.lo)
+        if self.hi is not None:
+            parts.append(column <= self.hi)
+        return and_(*parts) if parts else literal(True)
+
+
+def ts_param(conn: Connection, value: datetime) -> BindParameter[Any]:
+    """A UTC bound that compares correctly with stored timestamps on every back end.
+
+    SQLite stores timestamps as text with or without fractional seconds; a bound
+    without a fraction compares right with both forms.
+    """
+    if conn.dialect.name == "sqlite":
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+        if value.microsecond:
+            text += f".{value.microsecond:06d}"
+        return literal(text, String)
+    return literal(value, DateTime)
+
+
+def date_param(conn: Connection, value: date) -> BindParameter[Any]:
+    if conn.dialect.name == "sqlite":
+        return literal(value.isoformat(), String)
+    return literal(value, Date)
+
+
+def raw(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """Timestamps and dates as stored text on SQLite (parsed vectorized later)."""
+    return type_coerce(column, String) if conn.dialect.name == "sqlite" else column
+
+
+def units(column: ColumnElement[Any]) -> ColumnElement[int]:
+    """Exact units of 1/10,000 of a NUMERIC value."""
+    return cast(func.round(column * UNITS_PER_CREDIT), BigInteger)
+
+
+def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """NULL for a usable amount, else the reason it cannot be used."""
+    if conn.dialect.name == "sqlite":
+        return case(
+            (column.is_(None), MISSING),
+            (func.typeof(column).not_in(["integer", "real"]), NON_NUMERIC),
+            (or_(column > 1e15, column < -1e15), NON_FINITE),
+            else_=None,
+        )
+    specials = [literal_column(f"'{v}'::numeric") for v in ("NaN", "Infinity", "-Infinity")]
+    return case(
+        (column.is_(None), MISSING),
+        (column.in_(specials), NON_FINITE),
+        else_=None,
+    )
+
+
+def _frame(
+    conn: Connection,
+    stmt: Select[Any],
+    *,
+    timestamps: Sequence[str] = (),
+    dates: Sequence[str] = (),
+    ints: Sequence[str] = (),
+) -> pd.DataFrame:
+    result = conn.execution_options(yield_per=BATCH).execute(stmt)
+    columns = list(result.keys())
+    parts = [pd.DataFrame(batch, columns=columns, dtype=object) for batch in result.partitions()]
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns, dtype=object)
+    for col in timestamps:
+        df[col] = _to_datetime(df[col])
+    for col in dates:
+        df[col] = _to_day_numbers(df[col])
+    for col in ints:
+        df[col] = df[col].astype(np.int64) if len(df) else pd.Series(dtype=np.int64)
+    return df
+
+
+def _to_datetime(values: pd.Series) -> pd.Series:
+    if values.empty:
+        return pd.Series(dtype="datetime64[us]")
+    if isinstance(values.iloc[0], str):
+        return pd.to_datetime(values, format="ISO8601").astype("datetime64[us]")
+    return pd.to_datetime(values).astype("datetime64[us]")
+
+
+def _to_day_numbers(values: pd.Series) -> pd.Series:
+    if values.empty:
+        return pd.Series(dtype="int64")
+    parsed = pd.to_datetime(values.astype(str), format="ISO8601")
+    return pd.Series(parsed.to_numpy().astype("datetime64[D]").astype(np.int64), index=values.index)
+
+
+def account_chunks(conn: Connection, projects_per_chunk: int) -> list[Chunk]:
+    """Account ranges holding about `projects_per_chunk` projects each."""
+    counts = conn.execution_options(yield_per=BATCH).execute(
+        select(projects.c.account_id, func.count())
+        .group_by(projects.c.account_id)
+        .order_by(projects.c.account_id)
+    )
+    chunks: list[Chunk] = []
+    lo: str | None = None
+    running = 0
+    last: str | None = None
+    for account_id, n in counts:
+        running += n
+        last = account_id
+        if running >= projects_per_chunk:
+            chunks.append(Chunk(lo, account_id))
+            lo, running = account_id, 0
+    if running or not chunks:
+        chunks.append(Chunk(lo, None) if last is not None or lo is not None else Chunk())
+    return chunks
+
+
+def read_projects(conn: Connection, chunk: Chunk) -> pd.DataFrame:
+    """project_id, account_id, created_at (naive UTC) of the chunk's projects."""
+    stmt = (
+        select(projects.c.project_id, projects.c.account_id, raw(conn, projects.c.created_at))
+        .where(chunk.clause(projects.c.account_id))
+        .order_by(projects.c.project_id)
+    )
+    return _frame(conn, stmt, timestamps=["created_at"])
+
+
+def read_events(conn: Connection, chunk: Chunk) -> pd.DataFrame:
+    """Events of the chunk's projects: event_id, project_id, occurred_at, kind."""
+    stmt = (
+        select(
+            project_events.c.event_id,
+            project_events.c.project_id,
+            raw(conn, project_events.c.occurred_at).label("occurred_at"),
+            project_events.c.kind,
+        )
+        .join(projects, projects.c.project_id == project_events.c.project_id)
+        .where(chunk.clause(projects.c.account_id))
+    )
+    return _frame(conn, stmt, timestamps=["occurred_at"])
+
+
+def read_orphan_events(conn: Connection) -> pd.DataFrame:
+    """Events naming a project that does not exist."""
+    stmt = (
+        select(
+            project_events.c.event_id,
+            project_events.c.project_id,
+            raw(conn, project_events.c.occurred_at).label("occurred_at"),
+            project_events.c.kind,
+        )
+        .outerjoin(projects, projects.c.project_id == project_events.c.project_id)
+        .where(projects.c.project_id.is_(None))
+    )
+    return _frame(conn, stmt, timestamps=["occurred_at"])
+
+
+def read_compute_totals(
+    conn: Connection, start: datetime, end: datetime, chunk: Chunk
+) -> pd.DataFrame:
+    """project_id, compute_units: the sum of usable compute rows in [start, end)."""
+    c = compute_usage.c
+    stmt = (
+        select(c.project_id, func.sum(units(c.credits)).label("compute_units"))
+        .join(projects, projects.c.project_id == c.project_id)
+        .where(
+            chunk.clause(projects.c.account_id),
+            raw(conn, c.occurred_at) >= ts_param(conn, start),
+            raw(conn, c.occurred_at) < ts_param(conn, end),
+            amount_problem(conn, c.credits).is_(None),
+        )
+        .group_by(c.project_id)
+    )
+    return _frame(conn, stmt, ints=["compute_units"])
+
+
+def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
+    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
+    c = compute_usage.c
+    problem = amount_problem(conn, c.credits)
+    reason = case((projects.c.project_id.is_(None), UNKNOWN_PROJECT), else_=problem)
+    stmt = (
+        select(
+            c.usage_id,
+            c.project_id,
+            raw(conn, c.occurred_at).label("occurred_at"),
+            reason.label("reason"),
+            cast(c.credits, String).label("value"),
+        )
+        .outerjoin(projects, projects.c.project_id == c.project_id)
+        .where(
+            raw(conn, c.occurred_at) >= ts_param(conn, start),
+            raw(conn, c.occurred_at) < ts_param(conn, end),
+            or_(projects.c.project_id.is_(None), problem.is_not(None)),
+        )
+    )
+    return _frame(conn, stmt, timestamps=["occurred_at"])
+
+
+def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
+    c = cloud_usage.c
+    return case(
+        (c.metric.not_in(list(LINE_TYPES)), UNKNOWN_METRIC),
+        else_=amount_problem(conn, c.quantity),
+    )
+
+
+def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
+    """Usable cloud rows of the chunk summed per (project_id, day, metric): quantity_units."""
+    c = cloud_usage.c
+    problem = _quantity_problem(conn)
+    stmt = (
+        select(
+            c.project_id,
+            raw(conn, c.usage_date).label("day"),
+            c.metric,
+            func.sum(units(c.quantity)).label("quantity_units"),
+        )
+        .join(projects, projects.c.project_id == c.project_id)
+        .where(
+            chunk.clause(projects.c.account_id),
+            raw(conn, c.usage_date) >= date_param(conn, first),
+            raw(conn, c.usage_date) <= date_param(conn, last),
+            problem.is_(None),
+            not_(units(c.quantity) < 0),
+        )
+        .group_by(c.project_id, raw(conn, c.usage_date), c.metric)
+    )
+    return _frame(conn, stmt, dates=["day"], ints=["quantity_units"])
+
+
+def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:
+    """Cloud rows that cannot be billed whatever the project's state."""
+    c = cloud_usage.c
+    problem = _quantity_problem(conn)
+    reason = case(
+        (projects.c.project_id.is_(None), UNKNOWN_PROJECT),
+        (problem.is_not(None), problem),
+        else_=NEGATIVE,
+    )
+    stmt = (
+        select(
+            c.usage_id,
+            c.project_id,
+            raw(conn, c.usage_date).label("day"),
+            c.metric,
+            reason.label("reason"),
+            cast(c.quantity, String).label("value"),
+        )
+        .outerjoin(projects, projects.c.project_id == c.project_id)
+        .where(
+            raw(conn, c.usage_date) >= date_param(conn, first),
+            raw(conn, c.usage_date) <= date_param(conn, last),
+            or_(
+                projects.c.project_id.is_(None),
+                problem.is_not(None),
+                units(c.quantity) < 0,
+            ),
+        )
+    )
+    return _frame(conn, stmt, dates=["day"])
+
+
+def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: date) -> pd.DataFrame:
+    """The usable rows behind (project_id, day, metric) groups: usage_id, project_id, day, metric, value."""
+    if groups.empty:
+        return pd.DataFrame(columns=["usage_id", "project_id", "day", "metric", "value"])
+    c = cloud_usage.c
+    parts = []
+    for ids in _batches(sorted(set(groups["project_id"])), 500):
+        stmt = select(
+            c.usage_id,
+            c.project_id,
+            raw(conn, c.usage_date).label("day"),
+            c.metric,
+            cast(c.quantity, String).label("value"),
+        ).where(
+            c.project_id.in_(ids),
+            raw(conn, c.usage_date) >= date_param(conn, first),
+            raw(conn, c.usage_date) <= date_param(conn, last),
+            _quantity_problem(conn).is_(None),
+            not_(units(c.quantity) < 0),
+        )
+        parts.append(_frame(conn, stmt, dates=["day"]))
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.merge(groups[["project_id", "day", "metric"]], on=["project_id", "day", "metric"])
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+

@@ -1,0 +1,244 @@
+"""Load -> rules for one chunk of accounts and one billing month.
+
+The one place where source data meets the rules: nightly, month-end, previews
+and `explain` all call `compute_chunk`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection
+
+from billing_jobs.db import reads
+from billing_jobs.db.reads import Chunk
+from billing_jobs.rules.calendar import (
+    Month,
+    day_bounds_utc,
+    day_from_number,
+    day_number,
+    local_day_numbers,
+)
+from billing_jobs.rules.cloud_fee import cloud_fees, published_days
+from billing_jobs.rules.invoice import STORAGE_FEE, month_lines, unit_prices
+from billing_jobs.rules.lifecycle import Lifecycle, build_lifecycle
+from billing_jobs.rules.money import UNITS_PER_CREDIT, to_units
+from billing_jobs.rules.storage_fee import StorageRules, storage_charges, storage_days
+from billing_jobs.rules.waiver import waiver_refunds
+from billing_jobs.settings import Settings
+
+REJECT_COLUMNS = ["source_table", "source_id", "reason", "project_id", "period", "detail"]
+
+
+def storage_rules(settings: Settings) -> StorageRules:
+    return StorageRules.from_values(
+        effective_from=settings.effective_from,
+        credits_per_day=settings.credits_per_day,
+        monthly_cap=settings.monthly_cap,
+        new_project_free_months=settings.new_project_free_months,
+        new_project_promo_until=settings.new_project_promo_until,
+        legacy_free_months=settings.legacy_free_months,
+    )
+
+
+def waiver_threshold_units(settings: Settings) -> int | None:
+    t = settings.active_waiver_compute_threshold
+    return None if t is None else to_units(t)
+
+
+@dataclass
+class ChunkResult:
+    """Everything computed for one chunk and one month (days first..last)."""
+
+    projects: pd.DataFrame  # project_id, account_id, created_at
+    lifecycle: Lifecycle
+    storage: pd.DataFrame  # every active day of the month: project_id, day, status, amount_units
+    cloud: pd.DataFrame  # project_id, day, metric, line_type, quantity_units, amount_units
+    charges: pd.DataFrame  # daily charges, days first..last
+    compute: pd.DataFrame | None  # project_id, compute_units (month-end only)
+    refunds: pd.DataFrame | None  # project_id, amount_units, compute_units (month-end only)
+    lines: pd.DataFrame | None  # invoice lines for the month (month-end only)
+    rejects: pd.DataFrame  # rows of this chunk rejected by the rules
+
+
+def _period_of_days(days: np.ndarray) -> np.ndarray:
+    months = np.asarray(days, dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
+    return np.datetime_as_string(months, unit="M").astype(object)
+
+
+def compute_chunk(
+    conn: Connection,
+    settings: Settings,
+    month: Month,
+    chunk: Chunk,
+    *,
+    first: date | None = None,
+    last: date | None = None,
+    whole_month: bool = True,
+) -> ChunkResult:
+    """Recompute billing for the chunk's projects from the source tables.
+
+    Storage days are always computed from the start of the month (the cap counts
+    from day one); charges are returned for `first..last` (default: the month).
+    With `whole_month`, compute totals, waiver refunds and invoice lines too.
+    """
+    zone = ZoneInfo(settings.timezone)
+    first = first or month.first_day
+    last = last or month.last_day
+    projects = reads.read_projects(conn, chunk)
+    events = reads.read_events(conn, chunk)
+    lifecycle = build_lifecycle(projects, events)
+    intervals = lifecycle.intervals
+    active = intervals.loc[intervals["state"] == "active"]
+    published = intervals.loc[intervals["state"] == "published"]
+    rules = storage_rules(settings)
+
+    storage = storage_days(projects, active, month, zone, rules)
+    lo, hi = day_number(first), day_number(last)
+    charged = storage_charges(storage)
+    charged = charged.loc[(charged["day"] >= lo) & (charged["day"] <= hi)]
+
+    usage = reads.read_cloud_usage(conn, first, last, chunk)
+    pub_days = published_days(published, lo, hi, zone)
+    cloud, not_billable = cloud_fees(usage, pub_days, rules.effective_day, settings.cloud_prices)
+
+    accounts = pd.Series(
+        projects["account_id"].to_numpy(dtype=object),
+        index=projects["project_id"].to_numpy(dtype=object),
+    )
+    storage_rows = pd.DataFrame(
+        {
+            "project_id": charged["project_id"].to_numpy(dtype=object),
+            "charge_type": STORAGE_FEE,
+            "day": charged["day"].to_numpy(dtype=np.int64),
+            "quantity_units": np.full(len(charged), UNITS_PER_CREDIT, dtype=np.int64),
+            "amount_units": charged["amount_units"].to_numpy(dtype=np.int64),
+        }
+    )
+    cloud_rows = pd.DataFrame(
+        {
+            "project_id": cloud["project_id"].to_numpy(dtype=object),
+            "charge_type": cloud["line_type"].to_numpy(dtype=object),
+            "day": cloud["day"].to_numpy(dtype=np.int64),
+            "quantity_units": cloud["quantity_units"].to_numpy(dtype=np.int64),
+            "amount_units": cloud["amount_units"].to_numpy(dtype=np.int64),
+        }
+    )
+    charges = pd.concat([storage_rows, cloud_rows], ignore_index=True)
+    charges["account_id"] = accounts.reindex(charges["project_id"]).to_numpy(dtype=object)
+
+    rejects = [_event_rejects(lifecycle.rejected, zone)]
+    if len(not_billable):
+        rows = reads.read_cloud_rows(conn, not_billable, first, last)
+        rows = rows.merge(not_billable, on=["project_id", "day", "metric"])
+        rejects.append(_cloud_rejects(rows))
+
+    compute = refunds = lines = None
+    if whole_month:
+        start, end = day_bounds_utc(month.first_day, month.last_day, zone)
+        compute = reads.read_compute_totals(conn, start, end, chunk)
+        totals = (
+            storage.groupby("project_id", as_index=False)["amount_units"].sum()
+            if len(storage)
+            else pd.DataFrame({"project_id": [], "amount_units": []})
+        )
+        refunds = waiver_refunds(totals, compute, waiver_threshold_units(settings))
+        prices = unit_prices(settings.credits_per_day, settings.cloud_prices)
+        lines = month_lines(charged, refunds, cloud, accounts, prices)
+
+    return ChunkResult(
+        projects=projects,
+        lifecycle=lifecycle,
+        storage=storage,
+        cloud=cloud,
+        charges=charges,
+        compute=compute,
+        refunds=refunds,
+        lines=lines,
+        rejects=pd.concat(rejects, ignore_index=True),
+    )
+
+
+def _event_rejects(rejected: pd.DataFrame, zone: ZoneInfo) -> pd.DataFrame:
+    if rejected.empty:
+        return pd.DataFrame(columns=REJECT_COLUMNS)
+    days = local_day_numbers(rejected["occurred_at"], zone)
+    return pd.DataFrame(
+        {
+            "source_table": "project_events",
+            "source_id": rejected["event_id"].to_numpy(dtype=object),
+            "reason": rejected["reason"].to_numpy(dtype=object),
+            "project_id": rejected["project_id"].to_numpy(dtype=object),
+            "period": _period_of_days(days),
+            "detail": (
+                "kind=" + rejected["kind"].astype(str)
+                + " occurred_at=" + rejected["occurred_at"].astype(str)
+            ).to_numpy(dtype=object),
+        }
+    )
+
+
+def _cloud_rejects(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return pd.DataFrame(columns=REJECT_COLUMNS)
+    dates = [day_from_number(d).isoformat() for d in rows["day"]]
+    return pd.DataFrame(
+        {
+            "source_table": "cloud_usage",
+            "source_id": rows["usage_id"].to_numpy(dtype=object),
+            "reason": rows["reason"].to_numpy(dtype=object),
+            "project_id": rows["project_id"].to_numpy(dtype=object),
+            "period": _period_of_days(rows["day"].to_numpy()),
+            "detail": [
+                f"usage_date={d} metric={m} quantity={v}"
+                for d, m, v in zip(dates, rows["metric"], rows["value"], strict=True)
+            ],
+        }
+    )
+
+
+def source_rejects(
+    conn: Connection, settings: Settings, first: date, last: date
+) -> pd.DataFrame:
+    """Rows of days first..last that the database can tell are bad, any project."""
+    zone = ZoneInfo(settings.timezone)
+    start, end = day_bounds_utc(first, last, zone)
+    compute = reads.read_compute_rejects(conn, start, end)
+    cloud = reads.read_cloud_rejects(conn, first, last)
+    parts = []
+    if len(compute):
+        days = local_day_numbers(compute["occurred_at"], zone)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "source_table": "compute_usage",
+                    "source_id": compute["usage_id"].to_numpy(dtype=object),
+                    "reason": compute["reason"].to_numpy(dtype=object),
+                    "project_id": compute["project_id"].to_numpy(dtype=object),
+                    "period": _period_of_days(days),
+                    "detail": (
+                        "occurred_at=" + compute["occurred_at"].astype(str)
+                        + " credits=" + compute["value"].astype(str)
+                    ).to_numpy(dtype=object),
+                }
+            )
+        )
+    if len(cloud):
+        parts.append(_cloud_rejects(cloud))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=REJECT_COLUMNS)
+
+
+def orphan_event_rejects(conn: Connection, settings: Settings) -> pd.DataFrame:
+    orphans = reads.read_orphan_events(conn)
+    if orphans.empty:
+        return pd.DataFrame(columns=REJECT_COLUMNS)
+    orphans = orphans.assign(reason="unknown_project")
+    return _event_rejects(orphans, ZoneInfo(settings.timezone))
+
+
+def month_days(month: Month) -> list[date]:
+    return [month.first_day + timedelta(days=i) for i in range(month.days)]

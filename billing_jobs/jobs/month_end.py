@@ -1,0 +1,257 @@
+"""Month-end: recompute the month from the source tables and close it.
+
+1. Drafts left by an interrupted run of this month are removed.
+2. Per chunk of accounts, in its own transaction: the month is recomputed from
+   the source tables; daily charges are corrected to match; the month's lines
+   are compared with what the month's finalized invoices already hold, and
+   written as draft `regular` invoices (first close) or draft `adjustment`
+   invoices holding exactly the differences (re-close).
+3. One last transaction finalizes every draft of the month and records the close.
+
+A crash anywhere leaves either the previous state or drafts that the next run
+removes; the finalized invoices are never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection, delete, func, select, update
+
+from billing_jobs.db import reads
+from billing_jobs.db.billing_tables import (
+    billed_days,
+    invoice_lines,
+    invoices,
+    month_closes,
+)
+from billing_jobs.db.reads import Chunk
+from billing_jobs.db.writes import bulk_insert, insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.jobs.compute import (
+    compute_chunk,
+    month_days,
+    orphan_event_rejects,
+    source_rejects,
+)
+from billing_jobs.jobs.runner import Run
+from billing_jobs.rules.calendar import Month, day_number
+from billing_jobs.rules.invoice import KEY, adjustment_lines, empty_lines
+
+PROJECTS_PER_CHUNK = 200_000
+REGULAR, ADJUSTMENT = "regular", "adjustment"
+
+
+@dataclass(frozen=True)
+class MonthPreview:
+    """What a month-end run writes (or would write): invoice headers and lines."""
+
+    month: Month
+    kind: str  # regular | adjustment
+    closed_before: bool
+    invoices: pd.DataFrame  # invoice_id, account_id, kind, sequence, total_units, line_count
+    lines: pd.DataFrame  # invoice_id, account_id, project_id, line_type, quantity_units, unit_price, amount_units
+    rejects: pd.DataFrame
+
+
+def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
+    if kind == REGULAR:
+        return f"INV-{month}-{account_id}"
+    return f"ADJ-{month}-{account_id}-{sequence:03d}"
+
+
+def is_closed(conn: Connection, month: Month) -> bool:
+    row = conn.execute(select(month_closes.c.period).where(month_closes.c.period == str(month)))
+    return row.first() is not None
+
+
+def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
+    """Sum of the month's finalized invoice lines per (account, project, line type)."""
+    il, inv = invoice_lines.c, invoices.c
+    stmt = (
+        select(
+            il.account_id,
+            il.project_id,
+            il.line_type,
+            func.sum(il.quantity_units).label("quantity_units"),
+            func.sum(il.amount_units).label("amount_units"),
+        )
+        .join(invoices, invoices.c.invoice_id == il.invoice_id)
+        .where(il.period == str(month), inv.status == "finalized", chunk.clause(il.account_id))
+        .group_by(il.account_id, il.project_id, il.line_type)
+    )
+    df = pd.DataFrame(conn.execute(stmt).all(), columns=[*KEY, "quantity_units", "amount_units"])
+    for col in ("quantity_units", "amount_units"):
+        df[col] = df[col].astype(np.int64)
+    return df
+
+
+def _next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, int]:
+    inv = invoices.c
+    rows = conn.execute(
+        select(inv.account_id, func.max(inv.sequence))
+        .where(inv.period == str(month), chunk.clause(inv.account_id))
+        .group_by(inv.account_id)
+    )
+    return {account: int(seq) + 1 for account, seq in rows}
+
+
+def _invoices_for(lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if lines.empty:
+        return pd.DataFrame(columns=["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]), lines.assign(invoice_id=pd.Series(dtype=object))
+    heads = lines.groupby("account_id", as_index=False, sort=True).agg(
+        total_units=("amount_units", "sum"), line_count=("amount_units", "size")
+    )
+    if kind == REGULAR:
+        heads["sequence"] = 0
+    else:
+        heads["sequence"] = [max(sequences.get(a, 1), 1) for a in heads["account_id"]]
+    heads["kind"] = kind
+    heads["invoice_id"] = [
+        invoice_id(kind, month, a, s) for a, s in zip(heads["account_id"], heads["sequence"], strict=True)
+    ]
+    lines = lines.merge(heads[["account_id", "invoice_id"]], on="account_id")
+    return heads, lines
+
+
+def close_month(
+    run: Run, month: Month, projects_per_chunk: int = PROJECTS_PER_CHUNK, *, fresh_schema: bool = False
+) -> MonthPreview:
+    """Close `month` (or, in a dry run, compute what closing it would write).
+
+    fresh_schema: the jobs' tables do not exist yet (a dry run on a new database).
+    """
+    settings = run.settings
+    with run.engine.connect() as conn:
+        closed = False if fresh_schema else is_closed(conn, month)
+        chunks = reads.account_chunks(conn, projects_per_chunk)
+        found = pd.concat(
+            [
+                source_rejects(conn, settings, month.first_day, month.last_day),
+                orphan_event_rejects(conn, settings),
+            ],
+            ignore_index=True,
+        )
+    kind = ADJUSTMENT if closed else REGULAR
+    run.count("rejects", len(found))
+    all_heads: list[pd.DataFrame] = []
+    all_lines: list[pd.DataFrame] = []
+    all_rejects: list[pd.DataFrame] = [found]
+
+    if not run.dry_run:
+
+        def start(conn: Connection) -> None:
+            drafts = select(invoices.c.invoice_id).where(
+                invoices.c.period == str(month), invoices.c.status == "draft"
+            )
+            conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
+            conn.execute(delete(invoices).where(invoices.c.period == str(month), invoices.c.status == "draft"))
+            run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+
+        run.write(start)
+
+    first, last = day_number(month.first_day), day_number(month.last_day)
+    for step, chunk in enumerate(chunks, start=1):
+        with run.engine.connect() as conn:
+            result = compute_chunk(conn, settings, month, chunk)
+            truth = result.lines if result.lines is not None else empty_lines()
+            if closed:
+                lines = adjustment_lines(truth, invoiced_lines(conn, month, chunk))
+                sequences = _next_sequences(conn, month, chunk)
+            else:
+                lines, sequences = truth, {}
+        heads, lines = _invoices_for(lines, month, kind, sequences)
+        refunds = result.refunds if result.refunds is not None else pd.DataFrame()
+        storage = result.charges["charge_type"] == "storage_fee"
+        run.count("storage_charges", int(storage.sum()))
+        run.count("storage_units", int(result.charges.loc[storage, "amount_units"].sum()))
+        run.count("cloud_charges", int((~storage).sum()))
+        run.count("cloud_units", int(result.charges.loc[~storage, "amount_units"].sum()))
+        run.count("refunds", len(refunds))
+        run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
+        run.count("rejects", len(result.rejects))
+        run.count("invoices", len(heads))
+        run.count("invoice_lines", len(lines))
+        all_rejects.append(result.rejects)
+        if run.dry_run:
+            all_heads.append(heads)
+            all_lines.append(lines)
+        else:
+
+            def work(conn: Connection, r=result, ch=chunk, h=heads, ls=lines) -> None:
+                ins, dele = sync_daily_charges(conn, r.charges, first, last, ch, run_id=run.run_id, now=run.now)
+                run.count("rows_inserted", ins)
+                run.count("rows_deleted", dele)
+                run.count("rejects_new", record_rejects(conn, r.rejects, run_id=run.run_id, now=run.now))
+                _write_invoices(conn, h, ls, month, run)
+
+            run.write(work)
+        run.progress(step, len(chunks), str(month))
+
+    if not run.dry_run:
+
+        def finish(conn: Connection) -> None:
+            conn.execute(
+                update(invoices)
+                .where(invoices.c.period == str(month), invoices.c.status == "draft")
+                .values(status="finalized", finalized_at=run.now)
+            )
+            days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
+            insert_ignore(conn, billed_days, days)
+            if closed and run.counts.get("invoices"):
+                conn.execute(
+                    update(month_closes)
+                    .where(month_closes.c.period == str(month))
+                    .values(
+                        last_run_id=run.run_id,
+                        last_run_at=run.now,
+                        adjustments=month_closes.c.adjustments + 1,
+                    )
+                )
+            elif not closed:
+                conn.execute(
+                    month_closes.insert().values(
+                        period=str(month),
+                        closed_at=run.now,
+                        close_run_id=run.run_id,
+                        last_run_id=run.run_id,
+                        last_run_at=run.now,
+                        adjustments=0,
+                    )
+                )
+
+        run.write(finish)
+    for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
+        run.counts.setdefault(key, 0)
+    heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
+    lines = pd.concat(all_lines, ignore_index=True) if all_lines else pd.DataFrame()
+    return MonthPreview(month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True))
+
+
+def _write_invoices(conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, run: Run) -> None:
+    if heads.empty:
+        return
+    bulk_insert(
+        conn,
+        invoices,
+        heads.assign(
+            period=str(month), status="draft", run_id=run.run_id, created_at=run.now, finalized_at=None
+        )[
+            ["invoice_id", "account_id", "period", "kind", "sequence", "status", "total_units",
+             "line_count", "run_id", "created_at", "finalized_at"]
+        ],
+    )
+    bulk_insert(
+        conn,
+        invoice_lines,
+        lines.assign(period=str(month))[
+            ["invoice_id", "project_id", "line_type", "account_id", "period", "quantity_units",
+             "unit_price", "amount_units"]
+        ],
+    )
+
+
+def month_has_ended(month: Month, today: date) -> bool:
+    return month.last_day < today

@@ -1,0 +1,127 @@
+"""Nightly: charge billing days as they close.
+
+For each month touched, one pass per chunk of accounts computes the month from
+its first day (the cap counts from day one) and makes the charges of the days
+being billed equal to what the rules give; days already billed with unchanged
+source data are left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, timedelta
+from itertools import groupby
+
+import pandas as pd
+from sqlalchemy import Connection, Engine, select
+
+from billing_jobs.db import reads
+from billing_jobs.db.billing_tables import billed_days
+from billing_jobs.db.writes import insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.jobs.compute import (
+    compute_chunk,
+    orphan_event_rejects,
+    source_rejects,
+)
+from billing_jobs.jobs.runner import Run
+from billing_jobs.rules.calendar import Month, day_number
+from billing_jobs.rules.invoice import STORAGE_FEE
+
+PROJECTS_PER_CHUNK = 200_000
+
+
+@dataclass(frozen=True)
+class NightlyPreview:
+    days: list[date]
+    charges: pd.DataFrame  # account_id, project_id, charge_type, day, quantity_units, amount_units
+    rejects: pd.DataFrame
+
+
+def days_to_bill(engine: Engine, effective_from: date, yesterday: date) -> list[date]:
+    """Every day from the effective date to yesterday not billed yet."""
+    if yesterday < effective_from:
+        return []
+    with engine.connect() as conn:
+        done = {
+            d if isinstance(d, date) else date.fromisoformat(str(d))
+            for (d,) in conn.execute(
+                select(billed_days.c.billing_day).where(billed_days.c.billing_day >= effective_from)
+            )
+        }
+    span = (yesterday - effective_from).days + 1
+    return [d for d in (effective_from + timedelta(days=i) for i in range(span)) if d not in done]
+
+
+def days_to_bill_fresh(effective_from: date, yesterday: date) -> list[date]:
+    """Days to bill on a database whose billing tables do not exist yet (dry runs)."""
+    span = (yesterday - effective_from).days + 1
+    return [effective_from + timedelta(days=i) for i in range(max(span, 0))]
+
+
+def _month_runs(days: Iterable[date]) -> list[tuple[Month, date, date]]:
+    """Group days by month: (month, first, last); days in between are billed too."""
+    out = []
+    for month, group in groupby(sorted(days), key=Month.of):
+        items = list(group)
+        out.append((month, items[0], items[-1]))
+    return out
+
+
+def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER_CHUNK) -> NightlyPreview:
+    """Charge `days`; in a dry run, return what would be charged instead."""
+    settings = run.settings
+    preview_charges: list[pd.DataFrame] = []
+    preview_rejects: list[pd.DataFrame] = []
+    months = _month_runs(days)
+    with run.engine.connect() as conn:
+        chunks = reads.account_chunks(conn, projects_per_chunk)
+    total_steps = len(months) * len(chunks)
+    step = 0
+    for month, first, last in months:
+        with run.engine.connect() as conn:
+            found = pd.concat(
+                [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
+                ignore_index=True,
+            )
+        run.count("rejects", len(found))
+        if run.dry_run:
+            preview_rejects.append(found)
+        else:
+            run.write(lambda c, f=found: run.count("rejects_new", record_rejects(c, f, run_id=run.run_id, now=run.now)))
+        for chunk in chunks:
+            with run.engine.connect() as conn:
+                result = compute_chunk(conn, settings, month, chunk, first=first, last=last, whole_month=False)
+            charges = result.charges
+            run.count("rejects", len(result.rejects))
+            storage = charges["charge_type"] == STORAGE_FEE
+            run.count("storage_charges", int(storage.sum()))
+            run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))
+            run.count("cloud_charges", int((~storage).sum()))
+            run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
+            if run.dry_run:
+                preview_charges.append(charges)
+                preview_rejects.append(result.rejects)
+            else:
+
+                def work(conn: Connection, r=result, ch=chunk, a=first, b=last) -> None:
+                    ins, dele = sync_daily_charges(
+                        conn, r.charges, day_number(a), day_number(b), ch, run_id=run.run_id, now=run.now
+                    )
+                    run.count("rows_inserted", ins)
+                    run.count("rows_deleted", dele)
+                    run.count("rejects_new", record_rejects(conn, r.rejects, run_id=run.run_id, now=run.now))
+
+                run.write(work)
+            step += 1
+            run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
+        if not run.dry_run:
+            span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+            records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]
+            run.write(lambda c, r=records: run.count("days_billed", insert_ignore(c, billed_days, r)))
+    run.counts.setdefault("days_billed", 0)
+    for key in ("storage_charges", "storage_units", "cloud_charges", "cloud_units", "rejects"):
+        run.counts.setdefault(key, 0)
+    charges = pd.concat(preview_charges, ignore_index=True) if preview_charges else pd.DataFrame()
+    rejects = pd.concat(preview_rejects, ignore_index=True) if preview_rejects else pd.DataFrame()
+    return NightlyPreview(days=list(days), charges=charges, rejects=rejects)

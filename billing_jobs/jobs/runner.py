@@ -1,0 +1,165 @@
+"""Running a job: run record, lock, one summary, one log line.
+
+`run_job` is the frame every writing job runs in. It records the run in
+`billing_runs` (command, arguments, period, settings hash, code version, start,
+end, status, counts, error), holds the writer lock while the job works, and logs
+one summary line. A dry run takes no lock and records nothing: it writes nothing
+at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, update
+
+from billing_jobs import __version__
+from billing_jobs.db.billing_tables import billing_runs
+from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
+from billing_jobs.logs import get_logger
+from billing_jobs.settings import Settings
+
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, label: str) -> None:
+    return None
+
+
+@dataclass
+class Run:
+    """What a job body gets: the engine, settings, its id, "now", and a way to commit."""
+
+    engine: Engine
+    settings: Settings
+    run_id: str
+    now: datetime  # naive UTC, captured once
+    dry_run: bool
+    lease: Lease | None
+    counts: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = _no_progress
+
+    def count(self, key: str, value: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + int(value)
+
+    def write(self, work: Callable[[Connection], None]) -> None:
+        """Run `work` in one transaction that also proves the lock is still ours."""
+        assert not self.dry_run, "a dry run writes nothing"
+        with self.engine.begin() as conn:
+            if self.lease is not None:
+                self.lease.assert_held(conn, _utcnow())
+            work(conn)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    status: str
+    counts: dict[str, Any]
+    seconds: float
+    result: Any = None
+
+
+def run_job(
+    engine: Engine,
+    settings: Settings,
+    job: str,
+    *,
+    period: str,
+    arguments: dict[str, Any],
+    body: Callable[[Run], Any],
+    now: datetime,
+    dry_run: bool = False,
+    progress: Progress = _no_progress,
+) -> Outcome:
+    """Run `body` as job `job`; raises `LockHeld` when another run holds the lock."""
+    run_id = str(uuid.uuid4())
+    now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+    host, pid = socket.gethostname(), os.getpid()
+    log = get_logger(job=job, run_id=run_id, period=period, dry_run=dry_run)
+    lease = None
+    if not dry_run:
+        lease = Lease(engine, WRITER_LOCK, run_id, host, pid, settings.lock_lease_seconds)
+        _record_start(engine, run_id, job, period, arguments, settings, host, pid, now_naive)
+        try:
+            lease.acquire(_utcnow())
+        except LockHeld as held:
+            _record_end(engine, run_id, "locked", {}, str(held))
+            log.warning("run.locked", holder=held.run_id, holder_host=held.host, until=str(held.expires_at))
+            raise
+    run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress)
+    started = time.perf_counter()
+    log.info("run.start", arguments=arguments)
+    try:
+        result = body(run)
+    except BaseException as exc:
+        seconds = time.perf_counter() - started
+        if not dry_run:
+            _record_end(engine, run_id, "failed", run.counts, f"{type(exc).__name__}: {exc}")
+            assert lease is not None
+            lease.release()
+        log.error("run.failed", error=f"{type(exc).__name__}: {exc}", seconds=round(seconds, 3), **run.counts)
+        raise
+    seconds = time.perf_counter() - started
+    if not dry_run:
+        _record_end(engine, run_id, "succeeded", run.counts, None)
+        assert lease is not None
+        lease.release()
+    log.info("run.summary", status="succeeded", seconds=round(seconds, 3), **run.counts)
+    return Outcome(run_id, "succeeded", dict(run.counts), seconds, result)
+
+
+def _record_start(
+    engine: Engine,
+    run_id: str,
+    job: str,
+    period: str,
+    arguments: dict[str, Any],
+    settings: Settings,
+    host: str,
+    pid: int,
+    now: datetime,
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            insert(billing_runs).values(
+                run_id=run_id,
+                job=job,
+                arguments=json.dumps(arguments, sort_keys=True, default=str),
+                period=period,
+                settings_hash=settings.digest(),
+                code_version=__version__,
+                host=host,
+                pid=pid,
+                status="running",
+                started_at=_utcnow(),
+            )
+        )
+
+
+def _record_end(
+    engine: Engine, run_id: str, status: str, counts: dict[str, Any], error: str | None
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(billing_runs)
+            .where(billing_runs.c.run_id == run_id)
+            .values(
+                status=status,
+                finished_at=_utcnow(),
+                counts=json.dumps(counts, sort_keys=True),
+                error=error,
+            )
+        )

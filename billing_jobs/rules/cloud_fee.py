@@ -1,0 +1,65 @@
+"""Cloud Service Fee: published projects pay per (project, day, metric)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+
+from billing_jobs.rules.money import round_half_up_units
+from billing_jobs.rules.storage_fee import active_days
+
+LINE_TYPES = {
+    "page_views": "cloud_page_views",
+    "bandwidth_gb": "cloud_bandwidth",
+    "data_storage_gb": "cloud_data_storage",
+    "domains": "cloud_domains",
+}
+
+NOT_PUBLISHED = "not_published_that_day"
+BEFORE_EFFECTIVE = "before_effective_date"
+
+
+def published_days(
+    published_intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo
+) -> pd.DataFrame:
+    """Distinct (project_id, day) a project is published on, within the days given."""
+    return active_days(published_intervals, first_day, last_day, zone)
+
+
+def cloud_fees(
+    usage: pd.DataFrame,
+    published: pd.DataFrame,
+    effective_day: int,
+    prices: dict[str, Decimal],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Daily cloud fee amounts, and the usage groups that cannot be billed.
+
+    usage: project_id, day (day number), metric, quantity_units (the day's sum of
+    valid rows for that metric, in 1/10,000 units). published: project_id, day.
+    Returns (fees, rejected): fees has project_id, day, metric, line_type,
+    quantity_units, amount_units = round_half_up(quantity * price, 4);
+    rejected has project_id, day, metric, reason.
+    """
+    marked = usage.merge(
+        published.assign(_published=True), on=["project_id", "day"], how="left"
+    )
+    is_published = marked["_published"].eq(True).to_numpy()
+    early = marked["day"].to_numpy(dtype=np.int64) < effective_day
+    reason = np.where(early, BEFORE_EFFECTIVE, np.where(is_published, "", NOT_PUBLISHED))
+    ok = reason == ""
+    rejected = marked.loc[~ok, ["project_id", "day", "metric"]].assign(reason=reason[~ok])
+    fees = marked.loc[ok, ["project_id", "day", "metric", "quantity_units"]].reset_index(drop=True)
+    amounts = np.zeros(len(fees), dtype=np.int64)
+    metric = fees["metric"].to_numpy(dtype=object)
+    for name, price in prices.items():
+        rows = metric == name
+        if rows.any():
+            amounts[rows] = round_half_up_units(
+                fees["quantity_units"].to_numpy(dtype=np.int64)[rows], price
+            )
+    fees["line_type"] = fees["metric"].map(LINE_TYPES)
+    fees["amount_units"] = amounts
+    return fees, rejected.reset_index(drop=True)

@@ -1,0 +1,124 @@
+"""Invoice lines: the month's lines per project, and adjustments as differences."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+
+from billing_jobs.rules.cloud_fee import LINE_TYPES
+from billing_jobs.rules.money import UNITS_PER_CREDIT, format_decimal
+
+STORAGE_FEE = "storage_fee"
+STORAGE_REFUND = "storage_refund"
+LINE_ORDER = [STORAGE_FEE, STORAGE_REFUND, *LINE_TYPES.values()]
+KEY = ["account_id", "project_id", "line_type"]
+LINE_COLUMNS = [*KEY, "quantity_units", "unit_price", "amount_units"]
+
+
+def empty_lines() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "account_id": pd.Series(dtype=object),
+            "project_id": pd.Series(dtype=object),
+            "line_type": pd.Series(dtype=object),
+            "quantity_units": pd.Series(dtype="int64"),
+            "unit_price": pd.Series(dtype=object),
+            "amount_units": pd.Series(dtype="int64"),
+        }
+    )
+
+
+def unit_prices(credits_per_day: Decimal, cloud_prices: dict[str, Decimal]) -> dict[str, str]:
+    prices = {STORAGE_FEE: format_decimal(credits_per_day), STORAGE_REFUND: ""}
+    for metric, line_type in LINE_TYPES.items():
+        prices[line_type] = format_decimal(cloud_prices[metric])
+    return prices
+
+
+def month_lines(
+    storage_charges: pd.DataFrame,
+    refunds: pd.DataFrame,
+    cloud: pd.DataFrame,
+    accounts: pd.Series,
+    prices: dict[str, str],
+) -> pd.DataFrame:
+    """One line per (account, project, line type) for a billing month.
+
+    storage_charges: project_id, day, amount_units (charged days only).
+    refunds: project_id, amount_units (negative).
+    cloud: project_id, line_type, quantity_units, amount_units (daily amounts).
+    accounts: account_id indexed by project_id.
+    """
+    parts = []
+    if len(storage_charges):
+        s = storage_charges.groupby("project_id", sort=False).agg(
+            days=("day", "size"), amount_units=("amount_units", "sum")
+        )
+        parts.append(
+            pd.DataFrame(
+                {
+                    "project_id": s.index.to_numpy(dtype=object),
+                    "line_type": STORAGE_FEE,
+                    "quantity_units": s["days"].to_numpy(dtype=np.int64) * UNITS_PER_CREDIT,
+                    "amount_units": s["amount_units"].to_numpy(dtype=np.int64),
+                }
+            )
+        )
+    if len(refunds):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "project_id": refunds["project_id"].to_numpy(dtype=object),
+                    "line_type": STORAGE_REFUND,
+                    "quantity_units": np.full(len(refunds), UNITS_PER_CREDIT, dtype=np.int64),
+                    "amount_units": refunds["amount_units"].to_numpy(dtype=np.int64),
+                }
+            )
+        )
+    if len(cloud):
+        c = cloud.groupby(["project_id", "line_type"], sort=False, as_index=False)[
+            ["quantity_units", "amount_units"]
+        ].sum()
+        parts.append(c)
+    if not parts:
+        return empty_lines()
+    lines = pd.concat(parts, ignore_index=True)
+    lines["account_id"] = accounts.reindex(lines["project_id"]).to_numpy(dtype=object)
+    lines["unit_price"] = lines["line_type"].map(prices).astype(object)
+    lines["quantity_units"] = lines["quantity_units"].astype(np.int64)
+    lines["amount_units"] = lines["amount_units"].astype(np.int64)
+    return sort_lines(lines[LINE_COLUMNS])
+
+
+def sort_lines(lines: pd.DataFrame) -> pd.DataFrame:
+    rank = lines["line_type"].map({t: i for i, t in enumerate(LINE_ORDER)})
+    return (
+        lines.assign(_rank=rank)
+        .sort_values(["account_id", "project_id", "_rank"], kind="stable")
+        .drop(columns="_rank")
+        .reset_index(drop=True)
+    )
+
+
+def adjustment_lines(truth: pd.DataFrame, invoiced: pd.DataFrame) -> pd.DataFrame:
+    """Lines that bring the sum of a month's invoices to the truth: truth - invoiced.
+
+    invoiced: account_id, project_id, line_type, quantity_units, amount_units summed
+    over every invoice already written for the month. Rows with no difference are
+    left out, so an unchanged month gives no lines at all.
+    """
+    t = truth[[*KEY, "quantity_units", "amount_units", "unit_price"]]
+    i = invoiced[[*KEY, "quantity_units", "amount_units"]]
+    merged = t.merge(i, on=KEY, how="outer", suffixes=("", "_inv"))
+    for col in ("quantity_units", "amount_units", "quantity_units_inv", "amount_units_inv"):
+        merged[col] = merged[col].fillna(0).astype(np.int64)
+    diff = merged.assign(
+        quantity_units=merged["quantity_units"] - merged["quantity_units_inv"],
+        amount_units=merged["amount_units"] - merged["amount_units_inv"],
+    )
+    changed = (diff["quantity_units"] != 0) | (diff["amount_units"] != 0)
+    out = diff.loc[changed, LINE_COLUMNS].copy()
+    out["unit_price"] = out["unit_price"].fillna("").astype(object)
+    return sort_lines(out) if len(out) else empty_lines()

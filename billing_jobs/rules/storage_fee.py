@@ -1,0 +1,191 @@
+"""Creation Storage Fee: active days, free months, legacy month, monthly cap.
+
+One function per rule of billing-rules.md (Creation Storage Fee), each over
+whole columns:
+
+- `active_days`:        the billing days a project is active (positive overlap).
+- `free_window`:        the free first month (new projects) or legacy free month.
+- `apply_monthly_cap`:  charges in date order, `min(rate, cap - charged so far)`.
+- `storage_days`:       all of the above for one billing month, one row per
+                        active day with its status, the input of charges,
+                        invoices and `explain` alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+
+from billing_jobs.rules.calendar import (
+    Month,
+    add_months_days,
+    day_number,
+    local_day_numbers,
+    local_day_numbers_before,
+)
+from billing_jobs.rules.money import to_units
+
+# Day statuses, as shown by `explain` and counted in previews.
+BEFORE_EFFECTIVE = "before_effective_date"
+FREE_NEW = "free_first_month"
+FREE_LEGACY = "free_legacy_month"
+CHARGED = "charged"
+CAP_REACHED = "cap_reached"
+
+
+@dataclass(frozen=True)
+class StorageRules:
+    """The storage fee settings, in exact units and day numbers."""
+
+    effective_day: int
+    rate_units: int
+    cap_units: int
+    new_project_free_months: int
+    new_project_promo_until_day: int | None
+    legacy_free_months: int
+
+    @classmethod
+    def from_values(
+        cls,
+        *,
+        effective_from: date,
+        credits_per_day: object,
+        monthly_cap: object,
+        new_project_free_months: int,
+        new_project_promo_until: date | None,
+        legacy_free_months: int,
+    ) -> StorageRules:
+        return cls(
+            effective_day=day_number(effective_from),
+            rate_units=to_units(credits_per_day),  # type: ignore[arg-type]
+            cap_units=to_units(monthly_cap),  # type: ignore[arg-type]
+            new_project_free_months=new_project_free_months,
+            new_project_promo_until_day=(
+                day_number(new_project_promo_until) if new_project_promo_until else None
+            ),
+            legacy_free_months=legacy_free_months,
+        )
+
+
+def active_days(
+    intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo
+) -> pd.DataFrame:
+    """Distinct (project_id, day) pairs where an interval overlaps the day.
+
+    intervals: project_id, start, end (naive UTC, half-open). Days outside
+    `first_day..last_day` (day numbers, inclusive) are left out.
+    """
+    if intervals.empty:
+        return pd.DataFrame({"project_id": pd.Series(dtype=object), "day": pd.Series(dtype="int64")})
+    lo = np.maximum(local_day_numbers(intervals["start"], zone), first_day)
+    hi = np.minimum(local_day_numbers_before(intervals["end"], zone), last_day)
+    starts_before_end = intervals["start"].to_numpy() < intervals["end"].to_numpy()
+    keep = (hi >= lo) & starts_before_end
+    lo, hi = lo[keep], hi[keep]
+    pid = intervals["project_id"].to_numpy(dtype=object)[keep]
+    lengths = (hi - lo + 1).astype(np.int64)
+    rows = np.repeat(np.arange(len(lo)), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    days = pd.DataFrame({"project_id": pid[rows], "day": lo[rows] + offsets})
+    return days.drop_duplicates(ignore_index=True)
+
+
+def free_window(created_day: np.ndarray, rules: StorageRules) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per project: the free window [lo, hi) in day numbers, and which promotion.
+
+    New project (created on or after the effective date, before the promotion
+    end if set): its first N calendar months. Legacy project (created before the
+    effective date): the first N calendar months from the effective date.
+    Returns (lo, hi, kind) with kind '' where no window applies (lo == hi).
+    """
+    created_day = np.asarray(created_day, dtype=np.int64)
+    e = rules.effective_day
+    n = len(created_day)
+    lo = np.zeros(n, dtype=np.int64)
+    hi = np.zeros(n, dtype=np.int64)
+    kind = np.full(n, "", dtype=object)
+
+    new = created_day >= e
+    if rules.new_project_promo_until_day is not None:
+        new &= created_day < rules.new_project_promo_until_day
+    if rules.new_project_free_months > 0 and new.any():
+        lo[new] = created_day[new]
+        hi[new] = add_months_days(created_day[new], rules.new_project_free_months)
+        kind[new] = FREE_NEW
+
+    legacy = created_day < e
+    if rules.legacy_free_months > 0 and legacy.any():
+        lo[legacy] = e
+        hi[legacy] = add_months_days(np.array([e]), rules.legacy_free_months)[0]
+        kind[legacy] = FREE_LEGACY
+    return lo, hi, kind
+
+
+def apply_monthly_cap(
+    project_codes: np.ndarray, billable: np.ndarray, rate_units: int, cap_units: int
+) -> np.ndarray:
+    """Charge units per row: rows sorted by (project, day) within one month.
+
+    The k-th billable day of a project is charged min(rate, cap - charged before);
+    a day whose charge would be 0 is charged 0 (and is not a charge).
+    """
+    codes = np.asarray(project_codes)
+    b = np.asarray(billable, dtype=bool).astype(np.int64)
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = pd.Series(b).groupby(codes).cumsum().to_numpy(dtype=np.int64)
+    cum_after = np.minimum(k * rate_units, cap_units)
+    cum_before = np.minimum((k - b) * rate_units, cap_units)
+    return (cum_after - cum_before).astype(np.int64)
+
+
+def storage_days(
+    projects: pd.DataFrame,
+    active_intervals: pd.DataFrame,
+    month: Month,
+    zone: ZoneInfo,
+    rules: StorageRules,
+) -> pd.DataFrame:
+    """Every active day of `month` for every project, with its status and charge.
+
+    projects: project_id, created_at (naive UTC). active_intervals: project_id,
+    start, end. Returns project_id, day (day number), status, amount_units,
+    sorted by project and day. Only rows with status `charged` carry money.
+    """
+    first, last = day_number(month.first_day), day_number(month.last_day)
+    days = active_days(active_intervals, first, last, zone)
+    pids = pd.Index(projects["project_id"].to_numpy(dtype=object))
+    created_day = local_day_numbers(projects["created_at"], zone)
+    lo, hi, kind = free_window(created_day, rules)
+
+    code = pids.get_indexer(days["project_id"])
+    days = days.assign(_code=code).sort_values(["_code", "day"], kind="stable", ignore_index=True)
+    code = days["_code"].to_numpy()
+    day = days["day"].to_numpy(dtype=np.int64)
+
+    before = day < rules.effective_day
+    free = (day >= lo[code]) & (day < hi[code]) & ~before
+    billable = ~before & ~free
+    amount = apply_monthly_cap(code, billable, rules.rate_units, rules.cap_units)
+
+    status = np.where(billable, np.where(amount > 0, CHARGED, CAP_REACHED), "")
+    status = np.where(free, kind[code], status)
+    status = np.where(before, BEFORE_EFFECTIVE, status)
+    return pd.DataFrame(
+        {
+            "project_id": days["project_id"].to_numpy(dtype=object),
+            "day": day,
+            "status": status.astype(object),
+            "amount_units": amount,
+        }
+    )
+
+
+def storage_charges(days: pd.DataFrame) -> pd.DataFrame:
+    """The charged rows of `storage_days`: project_id, day, amount_units."""
+    charged = days.loc[days["amount_units"] > 0, ["project_id", "day", "amount_units"]]
+    return charged.reset_index(drop=True)
