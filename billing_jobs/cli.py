@@ -9,51 +9,28 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy import Engine, inspect
+from sqlalchemy import inspect
 
 from billing_jobs import __version__, logs
-from billing_jobs.db.engine import DEFAULT_DB_URL, DatabaseUrlError, make_engine, schema_is_current, upgrade
+from billing_jobs.commands import register_commands
+from billing_jobs.commands.common import Context, utcnow, yesterday_in
+from billing_jobs.db.engine import (
+    DEFAULT_DB_URL,
+    DatabaseUrlError,
+    schema_is_current,
+    upgrade,
+)
 from billing_jobs.db.lock import LockHeld, LockLost
 from billing_jobs.rules.calendar import Month
-from billing_jobs.settings import Settings, SettingsError, load_settings
+from billing_jobs.settings import SettingsError
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
-
-
-@dataclass
-class Context:
-    db_url: str
-    config: str | None
-    _settings: Settings | None = None
-    _engine: Engine | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(self.config)
-        return self._settings
-
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = make_engine(self.db_url)
-        return self._engine
-
-
-def utcnow() -> datetime:
-    """The one call to the wall clock; jobs get "now" as an argument."""
-    return datetime.now(UTC)
-
-
-def yesterday_in(settings: Settings, now: datetime) -> date:
-    return now.astimezone(settings.zone).date() - timedelta(days=1)
 
 
 def _parse_month(value: str) -> Month:
@@ -98,13 +75,27 @@ def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--db-url", envvar="BILLING_DB_URL", default=DEFAULT_DB_URL, show_default=True,
-              help="SQLAlchemy URL of the database (env BILLING_DB_URL).")
-@click.option("--config", "config", envvar="BILLING_CONFIG", default=None,
-              help="Settings TOML file (env BILLING_CONFIG); built-in defaults otherwise.")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Least severe log level written to stderr.")
+@click.option(
+    "--db-url",
+    envvar="BILLING_DB_URL",
+    default=DEFAULT_DB_URL,
+    show_default=True,
+    help="SQLAlchemy URL of the database (env BILLING_DB_URL).",
+)
+@click.option(
+    "--config",
+    "config",
+    envvar="BILLING_CONFIG",
+    default=None,
+    help="Settings TOML file (env BILLING_CONFIG); built-in defaults otherwise.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Least severe log level written to stderr.",
+)
 @click.version_option(__version__, prog_name="billing-jobs")
 @click.pass_context
 def cli(click_ctx: click.Context, db_url: str, config: str | None, log_level: str) -> None:
@@ -130,11 +121,20 @@ def db_upgrade(ctx: Context) -> None:
 
 
 @cli.command()
-@click.option("--date", "day", default=None, metavar="YYYY-MM-DD",
-              help="Bill this billing day. Default: every unbilled day up to yesterday.")
+@click.option(
+    "--date",
+    "day",
+    default=None,
+    metavar="YYYY-MM-DD",
+    help="Bill this billing day. Default: every unbilled day up to yesterday.",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be charged; write nothing.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="With --dry-run: also write the charges as CSV to this file.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="With --dry-run: also write the charges as CSV to this file.",
+)
 @click.pass_obj
 def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) -> None:
     """Charge billing days: storage fees and cloud service fees."""
@@ -162,9 +162,15 @@ def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) ->
     update, stop = _progress_for("nightly")
     try:
         outcome = run_job(
-            ctx.engine, settings, "nightly", period=period,
-            arguments={"date": day, "dry_run": dry_run}, now=now, dry_run=dry_run,
-            body=lambda run: job.bill_days(run, days), progress=update,
+            ctx.engine,
+            settings,
+            "nightly",
+            period=period,
+            arguments={"date": day, "dry_run": dry_run},
+            now=now,
+            dry_run=dry_run,
+            body=lambda run: job.bill_days(run, days),
+            progress=update,
         )
     finally:
         stop()
@@ -172,11 +178,22 @@ def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) ->
 
 
 @cli.command("month-end")
-@click.option("--month", "month_text", default=None, metavar="YYYY-MM",
-              help="The billing month to close. Default: the previous month.")
-@click.option("--dry-run", is_flag=True, help="Show the invoices (or adjustments) it would write; write nothing.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="With --dry-run: also write the previewed lines as CSV to this file.")
+@click.option(
+    "--month",
+    "month_text",
+    default=None,
+    metavar="YYYY-MM",
+    help="The billing month to close. Default: the previous month.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show the invoices (or adjustments) it would write; write nothing."
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="With --dry-run: also write the previewed lines as CSV to this file.",
+)
 @click.pass_obj
 def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str | None) -> None:
     """Close a billing month: recompute, waive, invoice (or adjust a closed month)."""
@@ -196,9 +213,15 @@ def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str |
     update, stop = _progress_for("month-end")
     try:
         outcome = run_job(
-            ctx.engine, settings, "month-end", period=str(month),
-            arguments={"month": str(month), "dry_run": dry_run}, now=now, dry_run=dry_run,
-            body=lambda run: job.close_month(run, month, fresh_schema=not has_schema), progress=update,
+            ctx.engine,
+            settings,
+            "month-end",
+            period=str(month),
+            arguments={"month": str(month), "dry_run": dry_run},
+            now=now,
+            dry_run=dry_run,
+            body=lambda run: job.close_month(run, month, fresh_schema=not has_schema),
+            progress=update,
         )
     finally:
         stop()
@@ -207,8 +230,12 @@ def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str |
 
 @cli.command()
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The billing month.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the CSV to this file instead of stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the CSV to this file instead of stdout.",
+)
 @click.pass_obj
 def export(ctx: Context, month_text: str, output: str | None) -> None:
     """Write every invoice line of a month as CSV."""
@@ -228,11 +255,22 @@ def export(ctx: Context, month_text: str, output: str | None) -> None:
 
 
 @cli.command()
-@click.option("--accounts", default=40, show_default=True, type=click.IntRange(1, 100_000),
-              help="How many accounts to generate.")
+@click.option(
+    "--accounts",
+    default=40,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="How many accounts to generate.",
+)
 @click.option("--seed", default=7, show_default=True, type=int, help="Random seed (same seed, same data).")
-@click.option("--as-of", "as_of", default="2026-10-31", show_default=True, metavar="YYYY-MM-DD",
-              help="Last day of generated activity.")
+@click.option(
+    "--as-of",
+    "as_of",
+    default="2026-10-31",
+    show_default=True,
+    metavar="YYYY-MM-DD",
+    help="Last day of generated activity.",
+)
 @click.option("--fresh", is_flag=True, help="Delete the SQLite database file first (SQLite only).")
 @click.pass_obj
 def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> None:
@@ -252,6 +290,9 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> Non
     for name, value in vars(summary).items():
         click.echo(f"  {name}: {value}")
     click.echo("next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10")
+
+
+register_commands(cli)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -279,4 +320,5 @@ def main(argv: list[str] | None = None) -> Any:
         _fail(f"error: {exc.format_message()}", exc.exit_code)
     except Exception as exc:
         logs.get_logger().exception("command.failed")
-        _fail(f"failed: {type(exc).__name__}: {exc}", 1)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        _fail(f"failed: {type(exc).__name__}: {first_line}", 1)

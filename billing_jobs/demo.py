@@ -24,7 +24,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -218,31 +218,33 @@ def _split_total(rng: np.random.Generator, total: int) -> list[int]:
 
 # --------------------------------------------------------------------------- demo
 
-_FIRST_NAMES = (
-    "Ada", "Bruno", "Chen", "Dana", "Elif", "Farid", "Grace", "Hana", "Ivan", "Jun",
-    "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq",
-    "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zoe",
-)  # fmt: skip
-_LAST_NAMES = (
-    "Alvarez", "Becker", "Costa", "Dubois", "Eriksen", "Fischer", "Garcia", "Haddad",
-    "Ito", "Jensen", "Kowalski", "Li", "Moreau", "Nakamura", "Okafor", "Petrov",
-    "Rossi", "Schmidt", "Tanaka", "Umarov", "Varga", "Wang", "Yilmaz", "Zhou",
-)  # fmt: skip
-_TEAM_WORDS = (
-    "Acme", "Blue Fern", "Cobalt", "Driftwood", "Ember", "Foxglove", "Granite", "Harbor",
-    "Indigo", "Juniper", "Kestrel", "Lumen", "Meridian", "Northwind", "Orchid", "Pinecone",
-    "Quarry", "Redwood", "Saltmarsh", "Tidewater",
-)  # fmt: skip
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+_FIRST_NAMES = _words(
+    "Ada Bruno Chen Dana Elif Farid Grace Hana Ivan Jun Kofi Lena Mateo Nadia Omar Priya "
+    "Quinn Rosa Sven Tariq Uma Viktor Wen Ximena Yusuf Zoe"
+)
+_LAST_NAMES = _words(
+    "Alvarez Becker Costa Dubois Eriksen Fischer Garcia Haddad Ito Jensen Kowalski Li "
+    "Moreau Nakamura Okafor Petrov Rossi Schmidt Tanaka Umarov Varga Wang Yilmaz Zhou"
+)
+_TEAM_WORDS = _words(
+    "Acme Bluebell Cobalt Driftwood Ember Foxglove Granite Harbor Indigo Juniper Kestrel "
+    "Lumen Meridian Northwind Orchid Pinecone Quarry Redwood Saltmarsh Tidewater"
+)
 _TEAM_SUFFIXES = ("Labs", "Studio", "Team", "Analytics", "Works", "Digital", "Collective")
-_ADJECTIVES = (
-    "quiet", "bright", "rapid", "amber", "lucky", "silent", "brave", "clever", "gentle",
-    "hidden", "little", "mighty", "nimble", "proud", "swift", "tidy", "wild", "cosmic",
-)  # fmt: skip
-_NOUNS = (
-    "harbor", "meadow", "pixel", "rocket", "garden", "ledger", "atlas", "beacon", "canvas",
-    "dashboard", "forge", "journal", "kiosk", "lantern", "market", "notebook", "portal",
-    "quiz", "recipe", "shop", "tracker", "wiki", "blog", "chatbot", "portfolio",
-)  # fmt: skip
+_ADJECTIVES = _words(
+    "quiet bright rapid amber lucky silent brave clever gentle hidden little mighty nimble "
+    "proud swift tidy wild cosmic"
+)
+_NOUNS = _words(
+    "harbor meadow pixel rocket garden ledger atlas beacon canvas dashboard forge journal "
+    "kiosk lantern market notebook portal quiz recipe shop tracker wiki blog chatbot "
+    "portfolio"
+)
 
 # Roles of a few projects whose history is fixed so that each bad row is bad for
 # exactly one reason, and so that the waiver threshold is hit exactly.
@@ -384,9 +386,14 @@ def _edge_month(as_of: dt.date) -> tuple[int, int]:
 
 
 def _compute_rows(
-    rng: np.random.Generator, project: _Project, *, active: list[tuple[int, int]],
-    as_of: dt.date, end_us: int, edge_month: tuple[int, int],
-) -> list[tuple[int, str, int]]:  # fmt: skip
+    rng: np.random.Generator,
+    project: _Project,
+    *,
+    active: list[tuple[int, int]],
+    as_of: dt.date,
+    end_us: int,
+    edge_month: tuple[int, int],
+) -> list[tuple[int, str, int]]:
     """(occurred_at, project_id, ten-thousandths) rows of one project."""
     rows: list[tuple[int, str, int]] = []
     _, follows, (low, high) = _PROFILES[project.profile]
@@ -457,9 +464,7 @@ def _uniform_us(rng: np.random.Generator, low_us: int, high_us: int) -> int:
     return int(rng.integers(low_us, high_us))
 
 
-def _plan_projects(
-    rng: np.random.Generator, accounts: int, end_us: int
-) -> tuple[list[str], list[_Project]]:
+def _plan_projects(rng: np.random.Generator, accounts: int, end_us: int) -> tuple[list[str], list[_Project]]:
     """Account kinds, and each project's account and creation instant (roles included)."""
     start_us = _us(FIRST_PROJECT_DAY)
     effective_us = _us(EFFECTIVE_DATE)
@@ -511,9 +516,13 @@ def _name_rows(
             project.project_id = f"prj-{account_no:0{width}d}-{k:02d}"
             project.name = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
             project_rows.append(
-                {"project_id": project.project_id, "account_id": account_id,
-                 "name": project.name, "created_at": _dt(project.created_us)}
-            )  # fmt: skip
+                {
+                    "project_id": project.project_id,
+                    "account_id": account_id,
+                    "name": project.name,
+                    "created_at": _dt(project.created_us),
+                }
+            )
     return account_rows, project_rows
 
 
@@ -548,9 +557,8 @@ def _history_rows(
         events.extend((t, project.project_id, kind) for t, kind in project.events)
         active, published = _intervals(project.created_us, project.events, end_us)
         compute.extend(
-            _compute_rows(rng, project, active=active, as_of=as_of, end_us=end_us,
-                          edge_month=edge_month)
-        )  # fmt: skip
+            _compute_rows(rng, project, active=active, as_of=as_of, end_us=end_us, edge_month=edge_month)
+        )
         cloud.extend(_cloud_rows(rng, project.project_id, published, as_of))
     events.sort()
     compute.sort()
@@ -560,15 +568,24 @@ def _history_rows(
         for n, (t, pid, kind) in enumerate(events, start=1)
     ]
     compute_rows = [
-        {"usage_id": f"cu-{n:07d}", "project_id": pid, "occurred_at": _dt(t),
-         "credits": _credits(amount)}
+        {
+            "usage_id": f"cu-{n:07d}",
+            "project_id": pid,
+            "occurred_at": _dt(t),
+            "credits": _credits(amount),
+        }
         for n, (t, pid, amount) in enumerate(compute, start=1)
-    ]  # fmt: skip
+    ]
     cloud_rows = [
-        {"usage_id": f"cl-{n:07d}", "project_id": pid, "usage_date": day, "metric": metric,
-         "quantity": quantity}
+        {
+            "usage_id": f"cl-{n:07d}",
+            "project_id": pid,
+            "usage_date": day,
+            "metric": metric,
+            "quantity": quantity,
+        }
         for n, (day, pid, metric, quantity) in enumerate(cloud, start=1)
-    ]  # fmt: skip
+    ]
     return event_rows, compute_rows, cloud_rows
 
 
@@ -660,13 +677,22 @@ def _bad_rows(
     ]
     cloud = [
         ("cl-bad-01", plain_a.project_id, day(0), "page_views", Decimal(120)),
-        ("cl-bad-02", published.project_id, day(first_published_offset), "bandwidth_gb",
-         _credits(-15_000)),
-        ("cl-bad-03", published.project_id, day(first_published_offset), "cpu_hours",
-         _credits(20_000)),
-        ("cl-bad-04", published.project_id, day(first_published_offset), "data_storage_gb",
-         None),
-    ]  # fmt: skip
+        (
+            "cl-bad-02",
+            published.project_id,
+            day(first_published_offset),
+            "bandwidth_gb",
+            _credits(-15_000),
+        ),
+        (
+            "cl-bad-03",
+            published.project_id,
+            day(first_published_offset),
+            "cpu_hours",
+            _credits(20_000),
+        ),
+        ("cl-bad-04", published.project_id, day(first_published_offset), "data_storage_gb", None),
+    ]
     reasons = {row_id: reason for _, row_id, reason in DEMO_BAD_ROWS}
     bad = tuple(
         BadRow(table, row[0], row[1], reasons[row[0]])
@@ -679,14 +705,8 @@ def _bad_rows(
     )
     return (
         bad,
-        [
-            {"event_id": i, "project_id": p, "occurred_at": t, "kind": k}
-            for i, p, t, k in events
-        ],
-        [
-            {"usage_id": i, "project_id": p, "occurred_at": t, "credits": c}
-            for i, p, t, c in compute
-        ],
+        [{"event_id": i, "project_id": p, "occurred_at": t, "kind": k} for i, p, t, k in events],
+        [{"usage_id": i, "project_id": p, "occurred_at": t, "credits": c} for i, p, t, c in compute],
         [
             {"usage_id": i, "project_id": p, "usage_date": d, "metric": m, "quantity": q}
             for i, p, d, m, q in cloud
@@ -701,23 +721,22 @@ _BULK_CHUNK_ROWS = 200_000
 
 def _amount_strings(low: int, high: int) -> np.ndarray:
     """Lookup table: index `v - low` holds the exact text of `v` ten-thousandths."""
-    values = range(low, high + 1)
     return np.array(
-        [f"{'-' if v < 0 else ''}{abs(v) // 10_000}.{abs(v) % 10_000:04d}" for v in values],
+        [f"{'-' if v < 0 else ''}{abs(v) // 10_000}.{abs(v) % 10_000:04d}" for v in range(low, high + 1)],
         dtype=object,
     )
+
+
+def _ten_thousandths_text(values: np.ndarray) -> list[str]:
+    """Exact texts of non-negative integer ten-thousandths: 1250 -> '0.1250'."""
+    return [f"{v // 10_000}.{v % 10_000:04d}" for v in values.tolist()]
 
 
 def _timestamp_strings(us: np.ndarray) -> list[str]:
     """'YYYY-MM-DD HH:MM:SS.ffffff' texts of microsecond instants, as SQLAlchemy writes."""
     text = np.datetime_as_string(us.astype("datetime64[us]"), unit="us")
-    codes = text.view(np.uint32).reshape(len(text), -1)
-    codes[:, 10] = ord(" ")
+    text.view(np.uint32).reshape(len(text), -1)[:, 10] = ord(" ")  # the 'T' separator
     return text.tolist()  # type: ignore[no-any-return]
-
-
-def _date_strings(days: np.ndarray) -> list[str]:
-    return np.datetime_as_string(days.astype("datetime64[D]"), unit="D").tolist()  # type: ignore[no-any-return]
 
 
 def _ids(prefix: str, start: int, stop: int, width: int) -> list[str]:
@@ -725,7 +744,7 @@ def _ids(prefix: str, start: int, stop: int, width: int) -> list[str]:
 
 
 class _Writer:
-    """Bulk rows into one transaction: executemany on SQLite, COPY on PostgreSQL."""
+    """Rows into one transaction: executemany of tuples on SQLite, COPY on PostgreSQL."""
 
     def __init__(self, engine: Engine) -> None:
         self.dialect = engine.dialect.name
@@ -734,9 +753,9 @@ class _Writer:
         if self.dialect == "postgresql" and engine.dialect.driver != "psycopg":
             raise ValueError("generate_bulk on PostgreSQL needs the psycopg (3) driver")
         self.raw = engine.raw_connection()
-        self.cursor = self.raw.cursor()
+        self.cursor: Any = self.raw.cursor()
 
-    def write(self, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> None:
+    def write(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         cols = ", ".join(columns)
         if self.dialect == "sqlite":
             marks = ", ".join("?" for _ in columns)
@@ -753,6 +772,207 @@ class _Writer:
         self.raw.close()
 
 
+@dataclass(frozen=True)
+class _BulkProjects:
+    created: np.ndarray  # microseconds, ascending: project i is the i-th created
+    ids: np.ndarray  # project ids (objects)
+    account_index: np.ndarray  # project i belongs to account i % n_accounts
+    account_ids: np.ndarray
+
+
+def _bulk_projects(
+    rng: np.random.Generator, count: int, per_account: int, low_us: int, high_us: int
+) -> _BulkProjects:
+    n_accounts = -(-count // per_account)
+    created = np.sort(rng.integers(low_us, high_us, size=count, dtype=np.int64))
+    index = np.arange(count)
+    account_index = index % n_accounts
+    number = index // n_accounts + 1
+    wa = max(4, len(str(n_accounts)))
+    wp = max(2, len(str(int(number.max()))))
+    ids = np.array(
+        [
+            f"prj-{a + 1:0{wa}d}-{k:0{wp}d}"
+            for a, k in zip(account_index.tolist(), number.tolist(), strict=True)
+        ],
+        dtype=object,
+    )
+    account_ids = np.array([f"acct-{a:0{wa}d}" for a in range(1, n_accounts + 1)], dtype=object)
+    return _BulkProjects(created, ids, account_index, account_ids)
+
+
+def _write_bulk_accounts_and_projects(rng: np.random.Generator, writer: _Writer, bp: _BulkProjects) -> None:
+    n_accounts = len(bp.account_ids)
+    # An account's first project is project `a`; the account opened shortly before it.
+    opened = bp.created[:n_accounts] - rng.integers(_HOUR_US, 20 * _DAY_US, size=n_accounts)
+    kinds = np.where(rng.random(n_accounts) < 0.3, "team", "personal").tolist()
+    for start in range(0, n_accounts, _BULK_CHUNK_ROWS):
+        stop = min(start + _BULK_CHUNK_ROWS, n_accounts)
+        writer.write(
+            "accounts",
+            ("account_id", "kind", "name", "created_at"),
+            list(
+                zip(
+                    bp.account_ids[start:stop].tolist(),
+                    kinds[start:stop],
+                    [f"Account {a}" for a in range(start + 1, stop + 1)],
+                    _timestamp_strings(opened[start:stop]),
+                    strict=True,
+                )
+            ),
+        )
+    for start in range(0, len(bp.ids), _BULK_CHUNK_ROWS):
+        stop = min(start + _BULK_CHUNK_ROWS, len(bp.ids))
+        writer.write(
+            "projects",
+            ("project_id", "account_id", "name", "created_at"),
+            list(
+                zip(
+                    bp.ids[start:stop].tolist(),
+                    bp.account_ids[bp.account_index[start:stop]].tolist(),
+                    [f"project {n}" for n in range(start + 1, stop + 1)],
+                    _timestamp_strings(bp.created[start:stop]),
+                    strict=True,
+                )
+            ),
+        )
+
+
+def _write_bulk_events(
+    rng: np.random.Generator,
+    writer: _Writer,
+    bp: _BulkProjects,
+    end_us: int,
+    published_share: float,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Disjoint groups with simple valid histories: 8% archived (a third restored
+    later), 3% deleted, `published_share` published. Returns the event count and
+    the published projects with their publish instants."""
+    count = len(bp.created)
+    left = end_us - bp.created  # time from creation to the end of the data
+    group = rng.random(count)
+    archived = group < 0.08
+    deleted = (group >= 0.08) & (group < 0.11)
+    published = (group >= 0.11) & (group < 0.11 + published_share)
+    restored = archived & (rng.random(count) < 1 / 3)
+    archive_at = bp.created + (rng.random(count) * left).astype(np.int64)
+    after_archive = np.maximum(end_us - archive_at - 1, 0)
+    restore_at = archive_at + 1 + (rng.random(count) * after_archive).astype(np.int64)
+    publish_at = bp.created + np.minimum(rng.integers(_HOUR_US, 3 * _DAY_US, size=count), left - 1)
+
+    index = np.arange(count)
+    who = np.concatenate([index[archived], index[restored], index[deleted], index[published]])
+    when = np.concatenate(
+        [archive_at[archived], restore_at[restored], archive_at[deleted], publish_at[published]]
+    )
+    kind = np.repeat(
+        np.array(["archived", "restored", "deleted", "published"], dtype=object),
+        [int(archived.sum()), int(restored.sum()), int(deleted.sum()), int(published.sum())],
+    )
+    order = np.lexsort((who, when))  # by time; stable, so an archive precedes its restore
+    who, when, kind = who[order], when[order], kind[order]
+    width = max(6, len(str(len(when))))
+    for start in range(0, len(when), _BULK_CHUNK_ROWS):
+        stop = min(start + _BULK_CHUNK_ROWS, len(when))
+        writer.write(
+            "project_events",
+            ("event_id", "project_id", "occurred_at", "kind"),
+            list(
+                zip(
+                    _ids("evt-", start + 1, stop + 1, width),
+                    bp.ids[who[start:stop]].tolist(),
+                    _timestamp_strings(when[start:stop]),
+                    kind[start:stop].tolist(),
+                    strict=True,
+                )
+            ),
+        )
+    return len(when), index[published], publish_at[published]
+
+
+def _write_bulk_compute(
+    rng: np.random.Generator,
+    writer: _Writer,
+    bp: _BulkProjects,
+    bounds: list[tuple[int, int]],
+    rows_per_month: int,
+) -> int:
+    """`rows_per_month` rows a month on projects created by then; 0.1% are reversals."""
+    credit_text = _amount_strings(-_MAX_CREDITS, _MAX_CREDITS)
+    width = max(7, len(str(rows_per_month * len(bounds))))
+    written = 0
+    for m_start, m_end in bounds:
+        eligible = int(np.searchsorted(bp.created, m_end - _HOUR_US))
+        if eligible == 0 or rows_per_month == 0:
+            continue
+        who = rng.integers(0, eligible, size=rows_per_month)
+        begin = np.maximum(bp.created[who], m_start)
+        at = begin + (rng.random(rows_per_month) * (m_end - begin)).astype(np.int64)
+        amount = rng.integers(_MIN_CREDITS, _MAX_CREDITS + 1, size=rows_per_month)
+        amount[rng.random(rows_per_month) < 0.001] *= -1
+        order = np.argsort(at, kind="stable")
+        who, at, amount = who[order], at[order], amount[order]
+        for start in range(0, rows_per_month, _BULK_CHUNK_ROWS):
+            stop = min(start + _BULK_CHUNK_ROWS, rows_per_month)
+            writer.write(
+                "compute_usage",
+                ("usage_id", "project_id", "occurred_at", "credits"),
+                list(
+                    zip(
+                        _ids("cu-", written + start + 1, written + stop + 1, width),
+                        bp.ids[who[start:stop]].tolist(),
+                        _timestamp_strings(at[start:stop]),
+                        credit_text[amount[start:stop] + _MAX_CREDITS].tolist(),
+                        strict=True,
+                    )
+                ),
+            )
+        written += rows_per_month
+    return written
+
+
+def _write_bulk_cloud(
+    rng: np.random.Generator,
+    writer: _Writer,
+    bp: _BulkProjects,
+    bounds: list[tuple[int, int]],
+    *,
+    published: np.ndarray,
+    publish_at: np.ndarray,
+) -> int:
+    """One row per metric and day for published projects on their published days."""
+    publish_day = publish_at // _DAY_US  # days since the epoch
+    views_a_day = rng.lognormal(np.log(300), 1.0, size=len(published))
+    mb_per_view = rng.uniform(0.3, 3.0, size=len(published))
+    storage = rng.integers(500, 50_000, size=len(published))
+    domains = rng.choice(3, p=[0.4, 0.45, 0.15], size=len(published))
+    written = 0
+    for m_start, m_end in bounds:
+        for day in range(m_start // _DAY_US, m_end // _DAY_US):
+            on = np.flatnonzero(publish_day <= day)
+            if len(on) == 0:
+                continue
+            views = rng.poisson(views_a_day[on])
+            bandwidth = np.rint(views * mb_per_view[on] / 1024 * 10_000).astype(np.int64)
+            stored = storage[on] + 60 * (day - publish_day[on]) + rng.integers(0, 50, size=len(on))
+            quantities = (
+                [str(v) for v in views.tolist()],
+                _ten_thousandths_text(bandwidth),
+                _ten_thousandths_text(stored),
+                [str(v) for v in domains[on].tolist()],
+            )
+            date_text = str(np.datetime64(day, "D"))
+            pids = bp.ids[published[on]].tolist()
+            rows = [
+                (f"cl-{written + 1 + k * len(on) + j:08d}", pid, date_text, metric, quantity)
+                for k, metric in enumerate(METRICS)
+                for j, (pid, quantity) in enumerate(zip(pids, quantities[k], strict=True))
+            ]
+            writer.write("cloud_usage", ("usage_id", "project_id", "usage_date", "metric", "quantity"), rows)
+            written += len(rows)
+    return written
+
+
 def generate_bulk(
     engine: Engine,
     *,
@@ -766,184 +986,42 @@ def generate_bulk(
     """Create the source tables and fill them fast with benchmark volumes.
 
     `projects` projects (about `projects_per_account` per account) are created
-    from 270 days before the first month to the end of the last one; about 8%
-    are archived (a third of those restored later), 3% deleted, and
-    `published_share` published, with one `cloud_usage` row per metric and day
-    while published within `months`. Each month gets `usage_rows_per_month`
-    compute rows (0.0125..3.5 credits; 0.1% are negative reversals) on projects
-    that exist by then. No bad rows. Refuses a database whose source tables
-    hold rows; writes in one transaction.
+    from 270 days before the first of `months` (a list of (year, month)) to the
+    end of the last one; about 8% are archived (a third of those restored
+    later), 3% deleted and `published_share` published, with one `cloud_usage`
+    row per metric and day while published within `months`. Each month gets
+    `usage_rows_per_month` compute rows (0.0125..3.5 credits; 0.1% negative
+    reversals) on projects that exist by then. No bad rows. SQLite or
+    PostgreSQL (psycopg) only. Refuses a database whose source tables hold
+    rows; the data is written in one transaction.
     """
     if projects < 1 or usage_rows_per_month < 0 or not months:
-        raise ValueError("projects must be positive, usage_rows_per_month not negative, months given")
+        raise ValueError("need projects >= 1, usage_rows_per_month >= 0 and at least one month")
+    if not 0 <= published_share <= 0.89:
+        raise ValueError(f"published_share must be within [0, 0.89], got {published_share}")
     rng = np.random.default_rng(seed)
-    month_list = sorted(set(months))
     bounds = [
-        (_us(_month_start(y, m)), _us(_month_start(*_next_month(y, m)))) for y, m in month_list
+        (_us(_month_start(y, m)), _us(_month_start(*_next_month(y, m)))) for y, m in sorted(set(months))
     ]
-    lo_us = bounds[0][0] - 270 * _DAY_US
-    hi_us = bounds[-1][1] - _DAY_US
+    end_us = bounds[-1][1]
+    bp = _bulk_projects(rng, projects, projects_per_account, bounds[0][0] - 270 * _DAY_US, end_us - _DAY_US)
 
-    # Projects in creation order; project i belongs to account i % n_accounts.
-    n_accounts = -(-projects // projects_per_account)
-    created = np.sort(rng.integers(lo_us, hi_us, size=projects, dtype=np.int64))
-    idx = np.arange(projects)
-    acct_no = idx % n_accounts + 1
-    proj_no = idx // n_accounts + 1
-    wa = max(4, len(str(n_accounts)))
-    wp = max(2, len(str(int(proj_no.max()))))
-    project_ids = np.array(
-        [f"prj-{a:0{wa}d}-{k:0{wp}d}" for a, k in zip(acct_no.tolist(), proj_no.tolist(), strict=True)],
-        dtype=object,
-    )
-    account_ids = np.array([f"acct-{a:0{wa}d}" for a in range(1, n_accounts + 1)], dtype=object)
-    account_created = created[:n_accounts] - rng.integers(_HOUR_US, 20 * _DAY_US, size=n_accounts)
-    account_kind = np.where(rng.random(n_accounts) < 0.3, "team", "personal")
-
-    # Lifecycle events: disjoint groups, each with a simple valid history.
-    remaining = hi_us + _DAY_US - created  # time left until the end of the last month
-    group = rng.random(projects)
-    archived = group < 0.08
-    deleted = (group >= 0.08) & (group < 0.11)
-    published = (group >= 0.11) & (group < 0.11 + published_share)
-    archive_at = created + (rng.random(projects) * remaining).astype(np.int64)
-    restored = archived & (rng.random(projects) < 1 / 3)
-    after_archive = np.maximum(hi_us + _DAY_US - archive_at - 1, 0)
-    restore_at = archive_at + 1 + (rng.random(projects) * after_archive).astype(np.int64)
-    publish_at = created + np.minimum(
-        rng.integers(_HOUR_US, 3 * _DAY_US, size=projects), remaining - 1
-    )
-    ev_project = np.concatenate([idx[archived], idx[restored], idx[deleted], idx[published]])
-    ev_time = np.concatenate(
-        [archive_at[archived], restore_at[restored], archive_at[deleted], publish_at[published]]
-    )
-    ev_kind = np.concatenate(
-        [
-            np.full(int(archived.sum()), "archived", dtype=object),
-            np.full(int(restored.sum()), "restored", dtype=object),
-            np.full(int(deleted.sum()), "deleted", dtype=object),
-            np.full(int(published.sum()), "published", dtype=object),
-        ]
-    )
-    order = np.lexsort((ev_project, ev_time))
-    ev_project, ev_time, ev_kind = ev_project[order], ev_time[order], ev_kind[order]
-
-    credit_text = _amount_strings(-_MAX_CREDITS, _MAX_CREDITS)
     with engine.begin() as conn:
         _prepare(conn)
     writer = _Writer(engine)
     try:
-        counts = {"accounts": n_accounts, "projects": projects, "project_events": len(ev_time)}
-        writer.write(
-            "accounts",
-            ("account_id", "kind", "name", "created_at"),
-            zip(
-                account_ids.tolist(),
-                account_kind.tolist(),
-                [f"Account {a}" for a in range(1, n_accounts + 1)],
-                _timestamp_strings(account_created),
-                strict=True,
-            ),
-        )
-        for start in range(0, projects, _BULK_CHUNK_ROWS):
-            stop = min(start + _BULK_CHUNK_ROWS, projects)
-            writer.write(
-                "projects",
-                ("project_id", "account_id", "name", "created_at"),
-                zip(
-                    project_ids[start:stop].tolist(),
-                    account_ids[acct_no[start:stop] - 1].tolist(),
-                    [f"project {n}" for n in range(start + 1, stop + 1)],
-                    _timestamp_strings(created[start:stop]),
-                    strict=True,
-                ),
-            )
-        writer.write(
-            "project_events",
-            ("event_id", "project_id", "occurred_at", "kind"),
-            zip(
-                _ids("evt-", 1, len(ev_time) + 1, max(6, len(str(len(ev_time))))),
-                project_ids[ev_project].tolist(),
-                _timestamp_strings(ev_time),
-                ev_kind.tolist(),
-                strict=True,
-            ),
-        )
-
-        total_compute = usage_rows_per_month * len(month_list)
-        cu_width = max(7, len(str(total_compute)))
-        next_id = 1
-        for m_start, m_end in bounds:
-            eligible = int(np.searchsorted(created, m_end - _HOUR_US))
-            if eligible == 0 or usage_rows_per_month == 0:
-                continue
-            who = rng.integers(0, eligible, size=usage_rows_per_month)
-            begin = np.maximum(created[who], m_start)
-            at = begin + (rng.random(usage_rows_per_month) * (m_end - begin)).astype(np.int64)
-            amount = rng.integers(_MIN_CREDITS, _MAX_CREDITS + 1, size=usage_rows_per_month)
-            amount[rng.random(usage_rows_per_month) < 0.001] *= -1
-            order = np.argsort(at, kind="stable")
-            who, at, amount = who[order], at[order], amount[order]
-            for start in range(0, usage_rows_per_month, _BULK_CHUNK_ROWS):
-                stop = min(start + _BULK_CHUNK_ROWS, usage_rows_per_month)
-                writer.write(
-                    "compute_usage",
-                    ("usage_id", "project_id", "occurred_at", "credits"),
-                    zip(
-                        _ids("cu-", next_id + start, next_id + stop, cu_width),
-                        project_ids[who[start:stop]].tolist(),
-                        _timestamp_strings(at[start:stop]),
-                        credit_text[amount[start:stop] + _MAX_CREDITS].tolist(),
-                        strict=True,
-                    ),
-                )
-            next_id += usage_rows_per_month
-        counts["compute_usage"] = next_id - 1
-
-        counts["cloud_usage"] = _bulk_cloud(rng, writer, bounds, idx[published],
-                                            publish_at[published], project_ids)  # fmt: skip
+        _write_bulk_accounts_and_projects(rng, writer, bp)
+        n_events, published, publish_at = _write_bulk_events(rng, writer, bp, end_us, published_share)
+        n_compute = _write_bulk_compute(rng, writer, bp, bounds, usage_rows_per_month)
+        n_cloud = _write_bulk_cloud(rng, writer, bp, bounds, published=published, publish_at=publish_at)
         writer.commit()
     finally:
         writer.close()
-    return BulkSummary(seed=seed, **counts)
-
-
-def _bulk_cloud(
-    rng: np.random.Generator, writer: _Writer, bounds: list[tuple[int, int]],
-    pub_projects: np.ndarray, pub_at: np.ndarray, project_ids: np.ndarray,
-) -> int:  # fmt: skip
-    """Daily rows of every metric for published projects on their published days."""
-    pub_day = pub_at // _DAY_US  # days since the epoch of the publish instant
-    base = rng.lognormal(np.log(300), 1.0, size=len(pub_projects))
-    mb_per_view = rng.uniform(0.3, 3.0, size=len(pub_projects))
-    storage = rng.integers(500, 50_000, size=len(pub_projects))
-    domains = rng.choice(3, p=[0.4, 0.45, 0.15], size=len(pub_projects))
-    total = 0
-    for m_start, m_end in bounds:
-        for day in range(m_start // _DAY_US, m_end // _DAY_US):
-            on = pub_day <= day
-            if not on.any():
-                continue
-            who = np.flatnonzero(on)
-            n = len(who)
-            views = rng.poisson(base[who])
-            bandwidth = np.rint(views * mb_per_view[who] / 1024 * 10_000).astype(np.int64)
-            stored = storage[who] + 60 * (day - pub_day[who]) + rng.integers(0, 50, size=n)
-            quantities = [
-                [str(v) for v in views.tolist()],
-                [f"{v // 10_000}.{v % 10_000:04d}" for v in bandwidth.tolist()],
-                [f"{v // 10_000}.{v % 10_000:04d}" for v in stored.tolist()],
-                [str(v) for v in domains[who].tolist()],
-            ]
-            date_text = _date_strings(np.array([day]))[0]
-            pids = project_ids[pub_projects[who]].tolist()
-            rows: Iterator[tuple[Any, ...]] = (
-                (f"cl-{total + k * n + j + 1:08d}", pids[j], date_text, metric, quantities[k][j])
-                for k, metric in enumerate(METRICS)
-                for j in range(n)
-            )
-            writer.write(
-                "cloud_usage", ("usage_id", "project_id", "usage_date", "metric", "quantity"), rows
-            )
-            total += 4 * n
-    return total
+    return BulkSummary(
+        seed=seed,
+        accounts=len(bp.account_ids),
+        projects=projects,
+        project_events=n_events,
+        compute_usage=n_compute,
+        cloud_usage=n_cloud,
+    )

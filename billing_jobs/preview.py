@@ -58,7 +58,10 @@ def _totals_table(title: str, df: pd.DataFrame, type_col: str) -> Table:
     grouped = _by_type(df, type_col)
     for r in grouped.itertuples(index=False):
         table.add_row(
-            str(getattr(r, type_col)), str(r.rows), format_units(r.quantity_units), format_units(r.amount_units)
+            str(getattr(r, type_col)),
+            str(r.rows),
+            format_units(r.quantity_units),
+            format_units(r.amount_units),
         )
     total = int(grouped["amount_units"].sum()) if len(grouped) else 0
     table.add_row("total", str(int(grouped["rows"].sum()) if len(grouped) else 0), "", format_units(total))
@@ -105,8 +108,14 @@ def _write_charges_csv(charges: pd.DataFrame, output: str) -> None:
             return
         ordered = charges.sort_values(["account_id", "project_id", "day", "charge_type"])
         writer.writerows(
-            (r.account_id, r.project_id, r.charge_type, day_from_number(r.day).isoformat(),
-             format_units(r.quantity_units), format_units(r.amount_units))
+            (
+                r.account_id,
+                r.project_id,
+                r.charge_type,
+                day_from_number(r.day).isoformat(),
+                format_units(r.quantity_units),
+                format_units(r.amount_units),
+            )
             for r in ordered.itertuples(index=False)
         )
 
@@ -114,8 +123,15 @@ def _write_charges_csv(charges: pd.DataFrame, output: str) -> None:
 def preview_rows(lines: pd.DataFrame, period: str, kind: str) -> Iterable[list[str]]:
     for r in lines.itertuples(index=False):
         yield [
-            r.invoice_id, kind, r.account_id, r.project_id, period, r.line_type,
-            format_units(r.quantity_units), r.unit_price, format_units(r.amount_units),
+            r.invoice_id,
+            kind,
+            r.account_id,
+            r.project_id,
+            period,
+            r.line_type,
+            format_units(r.quantity_units),
+            r.unit_price,
+            format_units(r.amount_units),
         ]
 
 
@@ -124,7 +140,11 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
     preview = outcome.result
     month, kind = str(preview.month), preview.kind
     if dry_run:
-        state = "closed: a re-run would write these adjustments" if preview.closed_before else "open: invoices so far"
+        state = (
+            "closed: a re-run would write these adjustments"
+            if preview.closed_before
+            else "open: invoices so far"
+        )
         console.print(f"month-end {month} preview ({state})")
     else:
         state = "adjustments written" if preview.closed_before else "closed"
@@ -132,13 +152,20 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
     lines = preview.lines
     if preview.invoices is not None and len(preview.invoices):
         table = Table(title=f"{kind} invoices", title_justify="left")
-        for col, justify in (("invoice", "left"), ("account", "left"), ("lines", "right"), ("total (credits)", "right")):
+        for col, justify in (
+            ("invoice", "left"),
+            ("account", "left"),
+            ("lines", "right"),
+            ("total (credits)", "right"),
+        ):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for r in preview.invoices.sort_values("invoice_id").itertuples(index=False):
             table.add_row(r.invoice_id, r.account_id, str(r.line_count), format_units(r.total_units))
         console.print(table)
     elif dry_run or outcome.counts.get("invoices", 0) == 0:
-        console.print("no invoice lines" if not preview.closed_before else "no differences: nothing to adjust")
+        console.print(
+            "no invoice lines" if not preview.closed_before else "no differences: nothing to adjust"
+        )
     if dry_run and len(lines):
         console.print(_totals_table("by line type", lines, "line_type"))
     c = outcome.counts

@@ -25,7 +25,11 @@ class LockHeld(RuntimeError):
 
     def __init__(self, name: str, run_id: str, host: str, pid: int, expires_at: datetime):
         self.name, self.run_id, self.host, self.pid, self.expires_at = (
-            name, run_id, host, pid, expires_at,
+            name,
+            run_id,
+            host,
+            pid,
+            expires_at,
         )
         super().__init__(
             f"another run holds the lock '{name}' (run {run_id} on {host}, pid {pid}) "
@@ -66,9 +70,7 @@ class Lease:
             )
             taken = conn.execute(stmt).rowcount
             if taken != 1:
-                row = conn.execute(
-                    select(billing_locks).where(billing_locks.c.name == self.name)
-                ).one()
+                row = conn.execute(select(billing_locks).where(billing_locks.c.name == self.name)).one()
                 raise LockHeld(self.name, row.run_id, row.host, row.pid, row.expires_at)
 
     def assert_held(self, conn: Connection, now: datetime) -> None:

@@ -62,12 +62,19 @@ UNKNOWN_METRIC = "unknown_metric"
 
 @dataclass(frozen=True)
 class Chunk:
-    """A range of accounts, `lo < account_id <= hi` (None: unbounded)."""
+    """A range of accounts, `lo < account_id <= hi` (None: unbounded), or one account."""
 
     lo: str | None = None
     hi: str | None = None
+    account: str | None = None
+
+    @classmethod
+    def only(cls, account_id: str) -> Chunk:
+        return cls(account=account_id)
 
     def clause(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        if self.account is not None:
+            return column == self.account
         parts = []
         if self.lo is not None:
             parts.append(column > self.lo)
@@ -221,9 +228,7 @@ def read_orphan_events(conn: Connection) -> pd.DataFrame:
     return _frame(conn, stmt, timestamps=["occurred_at"])
 
 
-def read_compute_totals(
-    conn: Connection, start: datetime, end: datetime, chunk: Chunk
-) -> pd.DataFrame:
+def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk: Chunk) -> pd.DataFrame:
     """project_id, compute_units: the sum of usable compute rows in [start, end)."""
     c = compute_usage.c
     stmt = (
@@ -355,4 +360,3 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-

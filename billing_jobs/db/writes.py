@@ -113,7 +113,9 @@ def sync_daily_charges(
         )
         .group_by(dc.project_id, dc.charge_type)
     )
-    existing = pd.DataFrame(conn.execute(stmt).all(), columns=["project_id", "charge_type", "n", "amount", "quantity", "dw"])
+    existing = pd.DataFrame(
+        conn.execute(stmt).all(), columns=["project_id", "charge_type", "n", "amount", "quantity", "dw"]
+    )
     for col in ("n", "amount", "quantity", "dw"):
         existing[col] = existing[col].astype(np.int64)
     dom_truth = (
@@ -131,13 +133,16 @@ def sync_daily_charges(
     deleted = 0
     stale = sorted(changed & set(existing["project_id"]))
     for ids in _batches(stale, 1000):
-        deleted += conn.execute(
-            delete(daily_charges).where(
-                dc.project_id.in_(ids),
-                dc.charge_date >= first,
-                dc.charge_date <= last,
-            )
-        ).rowcount or 0
+        deleted += (
+            conn.execute(
+                delete(daily_charges).where(
+                    dc.project_id.in_(ids),
+                    dc.charge_date >= first,
+                    dc.charge_date <= last,
+                )
+            ).rowcount
+            or 0
+        )
     rows = truth.loc[truth["project_id"].isin(changed)]
     records = _records(
         rows.rename(columns={"day": "charge_date"})[

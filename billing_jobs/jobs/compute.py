@@ -6,6 +6,7 @@ and `explain` all call `compute_chunk`, so they cannot disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date, timedelta
 from zoneinfo import ZoneInfo
@@ -174,10 +175,10 @@ def _event_rejects(rejected: pd.DataFrame, zone: ZoneInfo) -> pd.DataFrame:
             "reason": rejected["reason"].to_numpy(dtype=object),
             "project_id": rejected["project_id"].to_numpy(dtype=object),
             "period": _period_of_days(days),
-            "detail": (
-                "kind=" + rejected["kind"].astype(str)
-                + " occurred_at=" + rejected["occurred_at"].astype(str)
-            ).to_numpy(dtype=object),
+            "detail": [
+                f"kind={k} occurred_at={t}"
+                for k, t in zip(rejected["kind"], rejected["occurred_at"], strict=True)
+            ],
         }
     )
 
@@ -194,16 +195,18 @@ def _cloud_rejects(rows: pd.DataFrame) -> pd.DataFrame:
             "project_id": rows["project_id"].to_numpy(dtype=object),
             "period": _period_of_days(rows["day"].to_numpy()),
             "detail": [
-                f"usage_date={d} metric={m} quantity={v}"
+                f"usage_date={d} metric={m} quantity={_text(v)}"
                 for d, m, v in zip(dates, rows["metric"], rows["value"], strict=True)
             ],
         }
     )
 
 
-def source_rejects(
-    conn: Connection, settings: Settings, first: date, last: date
-) -> pd.DataFrame:
+def _text(value: object) -> str:
+    return "NULL" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def source_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
     """Rows of days first..last that the database can tell are bad, any project."""
     zone = ZoneInfo(settings.timezone)
     start, end = day_bounds_utc(first, last, zone)
@@ -220,10 +223,10 @@ def source_rejects(
                     "reason": compute["reason"].to_numpy(dtype=object),
                     "project_id": compute["project_id"].to_numpy(dtype=object),
                     "period": _period_of_days(days),
-                    "detail": (
-                        "occurred_at=" + compute["occurred_at"].astype(str)
-                        + " credits=" + compute["value"].astype(str)
-                    ).to_numpy(dtype=object),
+                    "detail": [
+                        f"occurred_at={t} credits={_text(v)}"
+                        for t, v in zip(compute["occurred_at"], compute["value"], strict=True)
+                    ],
                 }
             )
         )

@@ -52,7 +52,9 @@ class MonthPreview:
     kind: str  # regular | adjustment
     closed_before: bool
     invoices: pd.DataFrame  # invoice_id, account_id, kind, sequence, total_units, line_count
-    lines: pd.DataFrame  # invoice_id, account_id, project_id, line_type, quantity_units, unit_price, amount_units
+    lines: (
+        pd.DataFrame
+    )  # invoice_id, account_id, project_id, line_type, quantity_units, unit_price, amount_units
     rejects: pd.DataFrame
 
 
@@ -98,9 +100,13 @@ def _next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, i
     return {account: int(seq) + 1 for account, seq in rows}
 
 
-def _invoices_for(lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _invoices_for(
+    lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     if lines.empty:
-        return pd.DataFrame(columns=["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]), lines.assign(invoice_id=pd.Series(dtype=object))
+        return pd.DataFrame(
+            columns=["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]
+        ), lines.assign(invoice_id=pd.Series(dtype=object))
     heads = lines.groupby("account_id", as_index=False, sort=True).agg(
         total_units=("amount_units", "sum"), line_count=("amount_units", "size")
     )
@@ -135,7 +141,7 @@ def close_month(
             ignore_index=True,
         )
     kind = ADJUSTMENT if closed else REGULAR
-    run.count("rejects", len(found))
+    run.saw_rejects(found)
     all_heads: list[pd.DataFrame] = []
     all_lines: list[pd.DataFrame] = []
     all_rejects: list[pd.DataFrame] = [found]
@@ -147,7 +153,9 @@ def close_month(
                 invoices.c.period == str(month), invoices.c.status == "draft"
             )
             conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
-            conn.execute(delete(invoices).where(invoices.c.period == str(month), invoices.c.status == "draft"))
+            conn.execute(
+                delete(invoices).where(invoices.c.period == str(month), invoices.c.status == "draft")
+            )
             run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
 
         run.write(start)
@@ -171,7 +179,7 @@ def close_month(
         run.count("cloud_units", int(result.charges.loc[~storage, "amount_units"].sum()))
         run.count("refunds", len(refunds))
         run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
-        run.count("rejects", len(result.rejects))
+        run.saw_rejects(result.rejects)
         run.count("invoices", len(heads))
         run.count("invoice_lines", len(lines))
         all_rejects.append(result.rejects)
@@ -181,7 +189,9 @@ def close_month(
         else:
 
             def work(conn: Connection, r=result, ch=chunk, h=heads, ls=lines) -> None:
-                ins, dele = sync_daily_charges(conn, r.charges, first, last, ch, run_id=run.run_id, now=run.now)
+                ins, dele = sync_daily_charges(
+                    conn, r.charges, first, last, ch, run_id=run.run_id, now=run.now
+                )
                 run.count("rows_inserted", ins)
                 run.count("rows_deleted", dele)
                 run.count("rejects_new", record_rejects(conn, r.rejects, run_id=run.run_id, now=run.now))
@@ -230,7 +240,9 @@ def close_month(
     return MonthPreview(month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True))
 
 
-def _write_invoices(conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, run: Run) -> None:
+def _write_invoices(
+    conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, run: Run
+) -> None:
     if heads.empty:
         return
     bulk_insert(
@@ -239,16 +251,35 @@ def _write_invoices(conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, 
         heads.assign(
             period=str(month), status="draft", run_id=run.run_id, created_at=run.now, finalized_at=None
         )[
-            ["invoice_id", "account_id", "period", "kind", "sequence", "status", "total_units",
-             "line_count", "run_id", "created_at", "finalized_at"]
+            [
+                "invoice_id",
+                "account_id",
+                "period",
+                "kind",
+                "sequence",
+                "status",
+                "total_units",
+                "line_count",
+                "run_id",
+                "created_at",
+                "finalized_at",
+            ]
         ],
     )
     bulk_insert(
         conn,
         invoice_lines,
         lines.assign(period=str(month))[
-            ["invoice_id", "project_id", "line_type", "account_id", "period", "quantity_units",
-             "unit_price", "amount_units"]
+            [
+                "invoice_id",
+                "project_id",
+                "line_type",
+                "account_id",
+                "period",
+                "quantity_units",
+                "unit_price",
+                "amount_units",
+            ]
         ],
     )
 

@@ -84,16 +84,22 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
                 [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
                 ignore_index=True,
             )
-        run.count("rejects", len(found))
+        run.saw_rejects(found)
         if run.dry_run:
             preview_rejects.append(found)
         else:
-            run.write(lambda c, f=found: run.count("rejects_new", record_rejects(c, f, run_id=run.run_id, now=run.now)))
+            run.write(
+                lambda c, f=found: run.count(
+                    "rejects_new", record_rejects(c, f, run_id=run.run_id, now=run.now)
+                )
+            )
         for chunk in chunks:
             with run.engine.connect() as conn:
-                result = compute_chunk(conn, settings, month, chunk, first=first, last=last, whole_month=False)
+                result = compute_chunk(
+                    conn, settings, month, chunk, first=first, last=last, whole_month=False
+                )
             charges = result.charges
-            run.count("rejects", len(result.rejects))
+            run.saw_rejects(result.rejects)
             storage = charges["charge_type"] == STORAGE_FEE
             run.count("storage_charges", int(storage.sum()))
             run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import Connection, Engine, insert, update
 
 from billing_jobs import __version__
@@ -46,9 +47,18 @@ class Run:
     lease: Lease | None
     counts: dict[str, Any] = field(default_factory=dict)
     progress: Progress = _no_progress
+    _reject_keys: set[tuple[str, str, str]] = field(default_factory=set)
 
     def count(self, key: str, value: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + int(value)
+
+    def saw_rejects(self, found: pd.DataFrame) -> None:
+        """Count rejected source rows once each, however many steps meet them."""
+        if len(found):
+            self._reject_keys.update(
+                zip(found["source_table"], found["source_id"], found["reason"], strict=True)
+            )
+        self.counts["rejects"] = len(self._reject_keys)
 
     def write(self, work: Callable[[Connection], None]) -> None:
         """Run `work` in one transaction that also proves the lock is still ours."""
@@ -149,9 +159,7 @@ def _record_start(
         )
 
 
-def _record_end(
-    engine: Engine, run_id: str, status: str, counts: dict[str, Any], error: str | None
-) -> None:
+def _record_end(engine: Engine, run_id: str, status: str, counts: dict[str, Any], error: str | None) -> None:
     with engine.begin() as conn:
         conn.execute(
             update(billing_runs)

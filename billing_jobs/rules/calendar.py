@@ -39,10 +39,12 @@ class Month:
     @classmethod
     def parse(cls, text: str) -> Month:
         try:
-            parsed = datetime.strptime(text, "%Y-%m")
+            year, month = (int(part) for part in text.split("-"))
+            if len(text) != 7 or not 1 <= month <= 12 or year < 1:
+                raise ValueError
         except ValueError:
             raise ValueError(f"expected a month YYYY-MM, got {text!r}") from None
-        return cls(parsed.year, parsed.month)
+        return cls(year, month)
 
     @classmethod
     def of(cls, d: date) -> Month:
@@ -84,8 +86,9 @@ def add_months_days(days: IntArray, months: int) -> IntArray:
     month_start = dt.astype("datetime64[M]")
     day_of_month = (dt - month_start.astype("datetime64[D]")).astype(np.int64)
     target = month_start + np.timedelta64(months, "M")
-    target_len = ((target + np.timedelta64(1, "M")).astype("datetime64[D]")
-                  - target.astype("datetime64[D]")).astype(np.int64)
+    target_len = (
+        (target + np.timedelta64(1, "M")).astype("datetime64[D]") - target.astype("datetime64[D]")
+    ).astype(np.int64)
     clamped = np.minimum(day_of_month, target_len - 1)
     out = target.astype("datetime64[D]") + clamped
     return out.astype(np.int64)

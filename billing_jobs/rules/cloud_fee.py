@@ -43,9 +43,7 @@ def cloud_fees(
     quantity_units, amount_units = round_half_up(quantity * price, 4);
     rejected has project_id, day, metric, reason.
     """
-    marked = usage.merge(
-        published.assign(_published=True), on=["project_id", "day"], how="left"
-    )
+    marked = usage.merge(published.assign(_published=True), on=["project_id", "day"], how="left")
     is_published = marked["_published"].eq(True).to_numpy()
     early = marked["day"].to_numpy(dtype=np.int64) < effective_day
     reason = np.where(early, BEFORE_EFFECTIVE, np.where(is_published, "", NOT_PUBLISHED))
@@ -57,9 +55,7 @@ def cloud_fees(
     for name, price in prices.items():
         rows = metric == name
         if rows.any():
-            amounts[rows] = round_half_up_units(
-                fees["quantity_units"].to_numpy(dtype=np.int64)[rows], price
-            )
+            amounts[rows] = round_half_up_units(fees["quantity_units"].to_numpy(dtype=np.int64)[rows], price)
     fees["line_type"] = fees["metric"].map(LINE_TYPES)
     fees["amount_units"] = amounts
     return fees, rejected.reset_index(drop=True)

@@ -125,9 +125,7 @@ def build_lifecycle(projects: pd.DataFrame, events: pd.DataFrame) -> Lifecycle:
 
     ev["accepted"] = accepted
     ev["reason"] = reason
-    intervals = _intervals(
-        project_ids, created, code, kind_code, when, accepted, before_state, before_pub
-    )
+    intervals = _intervals(project_ids, created, code, kind_code, when, accepted, before_state, before_pub)
     return Lifecycle(intervals=intervals, events=ev)
 
 

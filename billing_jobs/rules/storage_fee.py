@@ -71,9 +71,7 @@ class StorageRules:
         )
 
 
-def active_days(
-    intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo
-) -> pd.DataFrame:
+def active_days(intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo) -> pd.DataFrame:
     """Distinct (project_id, day) pairs where an interval overlaps the day.
 
     intervals: project_id, start, end (naive UTC, half-open). Days outside

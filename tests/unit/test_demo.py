@@ -72,6 +72,14 @@ def _ts(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text)
 
 
+def _at(year: int, month: int, day: int) -> dt.datetime:
+    """A naive UTC instant, as the source tables hold them."""
+    return dt.datetime.combine(dt.date(year, month, day), dt.time())
+
+
+FOREVER = _at(9999, 12, 31)
+
+
 class History:
     """A small reference replay of the lifecycle rules over the source tables."""
 
@@ -80,49 +88,52 @@ class History:
             pid: _ts(at) for pid, at in _rows(engine, "SELECT project_id, created_at FROM projects")
         }
         self.rejected: dict[str, str] = {}
-        self.published: dict[str, list[tuple[dt.datetime, dt.datetime]]] = defaultdict(list)
         self.state_at_event: dict[str, str] = {}
+        self.published: dict[str, list[tuple[dt.datetime, dt.datetime]]] = defaultdict(list)
+        self._state: dict[str, str] = {}
+        self._published_from: dict[str, dt.datetime] = {}
         events = _rows(
             engine,
             "SELECT event_id, project_id, occurred_at, kind FROM project_events "
             "ORDER BY occurred_at, event_id",
         )
-        state: dict[str, str] = {}
-        published_from: dict[str, dt.datetime | None] = {}
         for event_id, pid, text, kind in events:
-            at = _ts(text)
-            if pid not in self.created:
-                self.rejected[event_id] = "unknown project"
-                continue
-            current = state.setdefault(pid, "active")
-            self.state_at_event[event_id] = current
-            pub = published_from.setdefault(pid, None)
-            if kind not in KINDS:
-                self.rejected[event_id] = "unknown kind"
-            elif at < self.created[pid]:
-                self.rejected[event_id] = "before creation"
-            elif current == "deleted":
-                self.rejected[event_id] = "after deletion"
-            elif kind == "archived" and current == "active":
-                state[pid] = "archived"
-            elif kind == "restored" and current == "archived":
-                state[pid] = "active"
-            elif kind == "deleted":
-                state[pid] = "deleted"
-                if pub is not None:
-                    self.published[pid].append((pub, at))
-                    published_from[pid] = None
-            elif kind == "published" and pub is None:
-                published_from[pid] = at
-            elif kind == "unpublished" and pub is not None:
-                self.published[pid].append((pub, at))
-                published_from[pid] = None
-            else:
-                self.rejected[event_id] = f"{kind} while {current}"
-        forever = dt.datetime.max
-        for pid, pub in published_from.items():
-            if pub is not None:
-                self.published[pid].append((pub, forever))
+            reason = self._apply(event_id, pid, _ts(text), kind)
+            if reason is not None:
+                self.rejected[event_id] = reason
+        for pid, since in self._published_from.items():
+            self.published[pid].append((since, FOREVER))
+
+    def _apply(self, event_id: str, pid: str, at: dt.datetime, kind: str) -> str | None:
+        """Applies one event; returns why it is rejected, if it is."""
+        if pid not in self.created:
+            return "unknown project"
+        current = self._state.setdefault(pid, "active")
+        self.state_at_event[event_id] = current
+        since = self._published_from.get(pid)
+        if kind not in KINDS:
+            return "unknown kind"
+        if at < self.created[pid]:
+            return "before creation"
+        if current == "deleted":
+            return "after deletion"
+        if (kind, current) in {("archived", "active"), ("restored", "archived")}:
+            self._state[pid] = "archived" if kind == "archived" else "active"
+        elif kind == "deleted":
+            self._state[pid] = "deleted"
+            self._unpublish(pid, at)
+        elif kind == "published" and since is None:
+            self._published_from[pid] = at
+        elif kind == "unpublished" and since is not None:
+            self._unpublish(pid, at)
+        else:
+            return f"{kind} while {current}"
+        return None
+
+    def _unpublish(self, pid: str, at: dt.datetime) -> None:
+        since = self._published_from.pop(pid, None)
+        if since is not None:
+            self.published[pid].append((since, at))
 
     def is_published_on(self, pid: str, day: dt.date) -> bool:
         start = dt.datetime.combine(day, dt.time())
@@ -176,7 +187,7 @@ def test_projects_are_created_on_both_sides_of_the_effective_date(
     effective = dt.datetime.combine(EFFECTIVE_DATE, dt.time())
     assert sum(t < effective for t in created) >= 50
     assert sum(t >= effective for t in created) >= 50
-    assert min(created) >= dt.datetime(2025, 6, 1)
+    assert min(created) >= _at(2025, 6, 1)
     assert max(created) < dt.datetime.combine(AS_OF + dt.timedelta(days=1), dt.time())
 
 
@@ -200,9 +211,7 @@ def test_every_lifecycle_event_kind_occurs_in_valid_histories(
     demo: tuple[Engine, Any], history: History
 ) -> None:
     engine, _ = demo
-    counts = dict(
-        _rows(engine, "SELECT kind, count(*) FROM project_events GROUP BY kind")
-    )
+    counts = dict(_rows(engine, "SELECT kind, count(*) FROM project_events GROUP BY kind"))
     for kind in ("archived", "restored", "deleted", "published"):
         assert counts[kind] >= 10, kind
     assert 1 <= counts["unpublished"] < counts["published"]
@@ -225,7 +234,9 @@ def test_exactly_the_intended_rows_are_bad_and_each_for_its_reason(
         "evt-bad-05": "unknown project",
     }
     assert history.state_at_event["evt-bad-04"] == "active"
-    kinds = dict(_rows(engine, "SELECT event_id, kind FROM project_events WHERE event_id LIKE 'evt-bad-%'"))
+    kinds = dict(
+        _rows(engine, "SELECT event_id, kind FROM project_events WHERE event_id LIKE 'evt-bad-%'")
+    )
     assert kinds["evt-bad-04"] not in KINDS
     assert kinds["evt-bad-05"] in KINDS
     assert bad["evt-bad-05"].project_id == UNKNOWN_PROJECT_ID not in projects
@@ -372,7 +383,7 @@ def test_it_refuses_a_database_whose_accounts_hold_rows(tmp_path: Path) -> None:
     with engine.begin() as conn:
         conn.execute(
             insert(accounts).values(
-                account_id="acct-real", kind="team", name="Real", created_at=dt.datetime(2025, 1, 1)
+                account_id="acct-real", kind="team", name="Real", created_at=_at(2025, 1, 1)
             )
         )
 
@@ -413,8 +424,7 @@ def test_bulk_writes_consistent_exact_rows(tmp_path: Path) -> None:
     assert history.rejected == {}
     compute = _rows(
         engine,
-        "SELECT project_id, occurred_at, typeof(credits), CAST(credits AS TEXT) "
-        "FROM compute_usage",
+        "SELECT project_id, occurred_at, typeof(credits), CAST(credits AS TEXT) FROM compute_usage",
     )
     for pid, at, storage, text in compute:
         assert storage in {"real", "integer"}
@@ -423,13 +433,14 @@ def test_bulk_writes_consistent_exact_rows(tmp_path: Path) -> None:
         assert Decimal("0.0125") <= abs(value) <= Decimal("3.5")
         stamp = _ts(at)
         assert stamp >= history.created[pid]
-        assert dt.datetime(2026, 5, 1) <= stamp < dt.datetime(2026, 7, 1)
+        assert _at(2026, 5, 1) <= stamp < _at(2026, 7, 1)
     cloud = _rows(
         engine, "SELECT project_id, usage_date, metric, CAST(quantity AS TEXT) FROM cloud_usage"
     )
     for pid, day, metric, text in cloud:
         assert metric in METRICS
-        assert _is_ten_thousandths(_exact(text)) and _exact(text) >= 0
+        assert _is_ten_thousandths(_exact(text))
+        assert _exact(text) >= 0
         assert history.is_published_on(pid, dt.date.fromisoformat(day))
 
 

@@ -1,0 +1,13 @@
+"""Commands beyond the core ones, each module exporting `COMMANDS`."""
+
+from __future__ import annotations
+
+import click
+
+from billing_jobs.commands import explain, ops, schedule
+
+
+def register_commands(group: click.Group) -> None:
+    for module in (ops, explain, schedule):
+        for command in module.COMMANDS:
+            group.add_command(command)

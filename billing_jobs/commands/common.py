@@ -1,0 +1,40 @@
+"""What every command shares: the context object and the one clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from billing_jobs.db.engine import make_engine
+from billing_jobs.settings import Settings, load_settings
+
+
+@dataclass
+class Context:
+    db_url: str
+    config: str | None
+    _settings: Settings | None = None
+    _engine: Engine | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.db_url)
+        return self._engine
+
+
+def utcnow() -> datetime:
+    """The one call to the wall clock; jobs get "now" as an argument."""
+    return datetime.now(UTC)
+
+
+def yesterday_in(settings: Settings, now: datetime) -> date:
+    return now.astimezone(settings.zone).date() - timedelta(days=1)
