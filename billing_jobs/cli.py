@@ -105,6 +105,7 @@ def cli(click_ctx: click.Context, db_url: str, config: str | None, log_level: st
     """
     logs.configure(log_level)
     click_ctx.obj = Context(db_url=db_url, config=config)
+    click_ctx.call_on_close(click_ctx.obj.close)
 
 
 @cli.group()
@@ -251,6 +252,7 @@ def export(ctx: Context, month_text: str, output: str | None) -> None:
         os.replace(tmp, output)
     else:
         n = export_month(ctx.engine, str(month), sys.stdout)
+        sys.stdout.flush()
     logs.get_logger().info("export.done", period=str(month), lines=n, output=output or "stdout")
 
 

@@ -24,6 +24,12 @@ class Context:
             self._settings = load_settings(self.config)
         return self._settings
 
+    def close(self) -> None:
+        """Close the database connections the command opened."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:

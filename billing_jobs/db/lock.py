@@ -67,9 +67,9 @@ class Lease:
                 index_elements=["name"],
                 set_={k: ins.excluded[k] for k in values if k != "name"},
                 where=billing_locks.c.expires_at < now,
-            )
-            taken = conn.execute(stmt).rowcount
-            if taken != 1:
+            ).returning(billing_locks.c.run_id)
+            taken = conn.execute(stmt).first()
+            if taken is None:
                 row = conn.execute(select(billing_locks).where(billing_locks.c.name == self.name)).one()
                 raise LockHeld(self.name, row.run_id, row.host, row.pid, row.expires_at)
 
@@ -79,8 +79,9 @@ class Lease:
             update(billing_locks)
             .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
             .values(expires_at=now + timedelta(seconds=self.seconds))
-        ).rowcount
-        if renewed != 1:
+            .returning(billing_locks.c.name)
+        ).first()
+        if renewed is None:
             raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
 
     def release(self) -> None:

@@ -51,10 +51,11 @@ def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]])
     if not records:
         return 0
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    key = next(iter(table.primary_key.columns))
+    stmt = dialect.insert(table).on_conflict_do_nothing().returning(key)
     added = 0
     for start in range(0, len(records), SQL_BATCH):
-        stmt = dialect.insert(table).on_conflict_do_nothing()
-        added += conn.execute(stmt, records[start : start + SQL_BATCH]).rowcount or 0
+        added += len(conn.execute(stmt, records[start : start + SQL_BATCH]).all())
     return added
 
 

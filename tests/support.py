@@ -1,0 +1,178 @@
+"""Test support: source data as readable tables, and the command line run in-process.
+
+Scenarios read as data (a few rows in, lines out):
+
+    data = SourceData()
+    data.project("p1", created="2025-11-02")            # account "acct-1" by default
+    data.event("p1", "2026-05-10 09:00", "archived")
+    data.compute("p1", "2026-05-03 10:00", "0.1", count=300)
+    data.cloud("p1", "2026-05-03", "page_views", "12345")
+    data.write(engine)
+
+    result = run_cli(db_url, "month-end", "--month", "2026-05")
+    assert result.code == 0
+    rows = export_rows(db_url, "2026-05")
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from click.testing import CliRunner
+from sqlalchemy import Engine, create_engine, insert
+
+from billing_jobs.cli import main
+from billing_jobs.db.source_tables import (
+    accounts,
+    cloud_usage,
+    compute_usage,
+    project_events,
+    projects,
+    source_metadata,
+)
+
+_ids = itertools.count(1)
+
+
+def ts(text: str) -> datetime:
+    """'2026-05-10 09:00' or '2026-05-10' as a naive UTC datetime."""
+    return datetime.fromisoformat(text)
+
+
+@dataclass
+class SourceData:
+    """Rows for the five source tables, written with the project's own schema."""
+
+    accounts: list[dict[str, Any]] = field(default_factory=list)
+    projects: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    compute_rows: list[dict[str, Any]] = field(default_factory=list)
+    cloud_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def account(self, account_id: str = "acct-1", kind: str = "personal") -> SourceData:
+        if not any(a["account_id"] == account_id for a in self.accounts):
+            self.accounts.append(
+                {"account_id": account_id, "kind": kind, "name": account_id, "created_at": ts("2025-01-01")}
+            )
+        return self
+
+    def project(self, project_id: str, created: str, account: str = "acct-1") -> SourceData:
+        self.account(account)
+        self.projects.append(
+            {"project_id": project_id, "account_id": account, "name": project_id, "created_at": ts(created)}
+        )
+        return self
+
+    def event(self, project_id: str, when: str, kind: str, event_id: str | None = None) -> SourceData:
+        self.events.append(
+            {
+                "event_id": event_id or f"evt-{next(_ids):06d}",
+                "project_id": project_id,
+                "occurred_at": ts(when),
+                "kind": kind,
+            }
+        )
+        return self
+
+    def compute(
+        self, project_id: str, when: str, credits: str | None, count: int = 1, usage_id: str | None = None
+    ) -> SourceData:
+        for i in range(count):
+            self.compute_rows.append(
+                {
+                    "usage_id": usage_id if usage_id and count == 1 else f"cu-{next(_ids):07d}",
+                    "project_id": project_id,
+                    "occurred_at": ts(when),
+                    "credits": None if credits is None else Decimal(credits),
+                }
+            )
+            del i
+        return self
+
+    def cloud(
+        self, project_id: str, day: str, metric: str, quantity: str | None, usage_id: str | None = None
+    ) -> SourceData:
+        self.cloud_rows.append(
+            {
+                "usage_id": usage_id or f"cl-{next(_ids):07d}",
+                "project_id": project_id,
+                "usage_date": date.fromisoformat(day),
+                "metric": metric,
+                "quantity": None if quantity is None else Decimal(quantity),
+            }
+        )
+        return self
+
+    def write(self, engine: Engine) -> None:
+        """Create the source tables if needed and insert the rows."""
+        source_metadata.create_all(engine)
+        with engine.begin() as conn:
+            for table, rows in (
+                (accounts, self.accounts),
+                (projects, self.projects),
+                (project_events, self.events),
+                (compute_usage, self.compute_rows),
+                (cloud_usage, self.cloud_rows),
+            ):
+                if rows:
+                    conn.execute(insert(table), rows)
+        self.accounts, self.projects, self.events, self.compute_rows, self.cloud_rows = [], [], [], [], []
+
+    def write_url(self, db_url: str) -> None:
+        engine = create_engine(db_url)
+        try:
+            self.write(engine)
+        finally:
+            engine.dispose()
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(db_url: str | None, *args: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run `billing-jobs [--db-url URL] ARGS` in-process, exit status mapped as in production."""
+    runner = CliRunner()
+    argv = (["--db-url", db_url] if db_url else []) + list(args)
+    code = 0
+    with runner.isolation(env=env) as (out, err, _):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        stdout = out.getvalue().decode()
+        stderr = err.getvalue().decode() if err is not None else ""
+    return CliResult(code, stdout, stderr)
+
+
+def export_text(db_url: str, month: str) -> str:
+    result = run_cli(db_url, "export", "--month", month)
+    assert result.code == 0, result.stderr
+    return result.stdout
+
+
+def export_rows(db_url: str, month: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(export_text(db_url, month))))
+
+
+def lines_by(rows: list[dict[str, str]], *key: str) -> dict[tuple[str, ...], Decimal]:
+    """Sum `amount` of export rows per key columns, as exact decimals."""
+    out: dict[tuple[str, ...], Decimal] = {}
+    for r in rows:
+        k = tuple(r[c] for c in key)
+        out[k] = out.get(k, Decimal(0)) + Decimal(r["amount"])
+    return out
+
+
+def iter_lines(rows: list[dict[str, str]], line_type: str) -> Iterator[dict[str, str]]:
+    return (r for r in rows if r["line_type"] == line_type)
