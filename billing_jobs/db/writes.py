@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Table, delete, extract, func, select
+from sqlalchemy import Connection, DateTime, Table, delete, extract, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
@@ -19,6 +19,7 @@ SQL_BATCH = 5_000
 
 
 def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows as dicts of plain Python values (for small statements)."""
     out = df.copy()
     for col in date_columns:
         out[col] = [day_from_number(n) for n in out[col].to_numpy(dtype=np.int64)]
@@ -28,22 +29,43 @@ def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[st
     return out.to_dict("records")
 
 
-def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame | list[dict[str, Any]]) -> int:
-    """Insert many rows: COPY on PostgreSQL, batched executemany elsewhere."""
-    records = _records(rows) if isinstance(rows, pd.DataFrame) else rows
-    if not records:
+def _column_values(values: pd.Series, is_date: bool) -> list[Any]:
+    """One column as plain Python values; day numbers become ISO dates, instants ISO text."""
+    if is_date:
+        days = values.to_numpy(dtype=np.int64).astype("datetime64[D]")
+        return np.datetime_as_string(days, unit="D").tolist()
+    if values.dtype.kind == "M":
+        return [None if pd.isna(v) else v.strftime("%Y-%m-%d %H:%M:%S.%f") for v in values]
+    return [None if v is None or v is pd.NaT else v for v in values.tolist()]
+
+
+def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns: Sequence[str] = ()) -> int:
+    """Insert a DataFrame whose columns are columns of `table`.
+
+    PostgreSQL: one COPY stream. SQLite: the driver's executemany over tuples.
+    `date_columns` hold day numbers (see rules.calendar).
+    """
+    if rows.empty:
         return 0
+    columns = list(rows.columns)
+    data = [_column_values(rows[c], c in date_columns) for c in columns]
+    for i, c in enumerate(columns):
+        if isinstance(table.c[c].type, DateTime) and c not in date_columns:
+            data[i] = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in data[i]]
+    raw = conn.connection.driver_connection
+    names = ", ".join(f'"{c}"' for c in columns)
     if conn.dialect.name == "postgresql":
-        columns = list(records[0])
-        raw = conn.connection.driver_connection
-        cols = ", ".join(f'"{c}"' for c in columns)
-        with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({cols}) FROM STDIN') as copy:
-            for rec in records:
-                copy.write_row([rec[c] for c in columns])
-        return len(records)
-    for start in range(0, len(records), SQL_BATCH):
-        conn.execute(table.insert(), records[start : start + SQL_BATCH])
-    return len(records)
+        with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for row in zip(*data, strict=True):
+                copy.write_row(row)
+        return len(rows)
+    marks = ", ".join("?" for _ in columns)
+    cur = raw.cursor()
+    try:
+        cur.executemany(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks})', zip(*data, strict=True))
+    finally:
+        cur.close()
+    return len(rows)
 
 
 def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]]) -> int:
@@ -145,13 +167,10 @@ def sync_daily_charges(
             or 0
         )
     rows = truth.loc[truth["project_id"].isin(changed)]
-    records = _records(
-        rows.rename(columns={"day": "charge_date"})[
-            ["project_id", "charge_type", "charge_date", "account_id", "quantity_units", "amount_units"]
-        ].assign(run_id=run_id, recorded_at=now),
-        date_columns=["charge_date"],
-    )
-    inserted = bulk_insert(conn, daily_charges, records)
+    frame = rows.rename(columns={"day": "charge_date"})[
+        ["project_id", "charge_type", "charge_date", "account_id", "quantity_units", "amount_units"]
+    ].assign(run_id=run_id, recorded_at=now)
+    inserted = bulk_insert(conn, daily_charges, frame, date_columns=["charge_date"])
     return inserted, deleted
 
 
