@@ -71,25 +71,43 @@ class StorageRules:
         )
 
 
-def active_days(intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo) -> pd.DataFrame:
-    """Distinct (project_id, day) pairs where an interval overlaps the day.
+def active_day_codes(
+    codes: np.ndarray,
+    starts: pd.Series,
+    ends: pd.Series,
+    first_day: int,
+    last_day: int,
+    zone: ZoneInfo,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (code, day) pairs, sorted, where an interval overlaps the day.
 
-    intervals: project_id, start, end (naive UTC, half-open). Days outside
-    `first_day..last_day` (day numbers, inclusive) are left out.
+    codes: an integer per interval (its project's position); starts/ends: naive
+    UTC, half-open. A day counts when the overlap has positive length; days
+    outside `first_day..last_day` (day numbers, inclusive) are left out.
     """
-    if intervals.empty:
-        return pd.DataFrame({"project_id": pd.Series(dtype=object), "day": pd.Series(dtype="int64")})
-    lo = np.maximum(local_day_numbers(intervals["start"], zone), first_day)
-    hi = np.minimum(local_day_numbers_before(intervals["end"], zone), last_day)
-    starts_before_end = intervals["start"].to_numpy() < intervals["end"].to_numpy()
-    keep = (hi >= lo) & starts_before_end
-    lo, hi = lo[keep], hi[keep]
-    pid = intervals["project_id"].to_numpy(dtype=object)[keep]
+    codes = np.asarray(codes, dtype=np.int64)
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    lo = np.maximum(local_day_numbers(starts, zone), first_day)
+    hi = np.minimum(local_day_numbers_before(ends, zone), last_day)
+    keep = (hi >= lo) & (starts.to_numpy() < ends.to_numpy())
+    lo, hi, codes = lo[keep], hi[keep], codes[keep]
     lengths = (hi - lo + 1).astype(np.int64)
     rows = np.repeat(np.arange(len(lo)), lengths)
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    days = pd.DataFrame({"project_id": pid[rows], "day": lo[rows] + offsets})
-    return days.drop_duplicates(ignore_index=True)
+    span = last_day - first_day + 1
+    key = np.unique(codes[rows] * span + (lo[rows] + offsets - first_day))
+    return key // span, key % span + first_day
+
+
+def active_days(intervals: pd.DataFrame, first_day: int, last_day: int, zone: ZoneInfo) -> pd.DataFrame:
+    """Distinct (project_id, day) pairs where an interval overlaps the day.
+
+    intervals: project_id, start, end (naive UTC, half-open).
+    """
+    ids, codes = np.unique(intervals["project_id"].to_numpy(dtype=object), return_inverse=True)
+    code, day = active_day_codes(codes, intervals["start"], intervals["end"], first_day, last_day, zone)
+    return pd.DataFrame({"project_id": ids[code] if len(code) else np.array([], dtype=object), "day": day})
 
 
 def free_window(created_day: np.ndarray, rules: StorageRules) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,29 +173,35 @@ def storage_days(
     sorted by project and day. Only rows with status `charged` carry money.
     """
     first, last = day_number(month.first_day), day_number(month.last_day)
-    days = active_days(active_intervals, first, last, zone)
     pids = pd.Index(projects["project_id"].to_numpy(dtype=object))
+    interval_codes = pids.get_indexer(active_intervals["project_id"])
+    known = interval_codes >= 0
+    code, day = active_day_codes(
+        interval_codes[known],
+        active_intervals["start"][known],
+        active_intervals["end"][known],
+        first,
+        last,
+        zone,
+    )
     created_day = local_day_numbers(projects["created_at"], zone)
     lo, hi, kind = free_window(created_day, rules)
-
-    code = pids.get_indexer(days["project_id"])
-    days = days.assign(_code=code).sort_values(["_code", "day"], kind="stable", ignore_index=True)
-    code = days["_code"].to_numpy()
-    day = days["day"].to_numpy(dtype=np.int64)
 
     before = day < rules.effective_day
     free = (day >= lo[code]) & (day < hi[code]) & ~before
     billable = ~before & ~free
     amount = apply_monthly_cap(code, billable, rules.rate_units, rules.cap_units)
 
-    status = np.where(billable, np.where(amount > 0, CHARGED, CAP_REACHED), "")
-    status = np.where(free, kind[code], status)
-    status = np.where(before, BEFORE_EFFECTIVE, status)
+    kind_code = np.where(kind == FREE_NEW, 2, 3)
+    status_code = np.select([before, free, billable & (amount > 0)], [0, kind_code[code], 4], default=1)
+    status = pd.Categorical.from_codes(
+        status_code, categories=[BEFORE_EFFECTIVE, CAP_REACHED, FREE_NEW, FREE_LEGACY, CHARGED]
+    )
     return pd.DataFrame(
         {
-            "project_id": days["project_id"].to_numpy(dtype=object),
+            "project_id": pids.to_numpy(dtype=object)[code],
             "day": day,
-            "status": status.astype(object),
+            "status": status,
             "amount_units": amount,
         }
     )
