@@ -63,6 +63,25 @@ def _progress_for(label: str) -> tuple[Callable[[int, int, str], None], Callable
     return update, bar.stop
 
 
+def _chunk_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--projects-per-chunk` (env BILLING_PROJECTS_PER_CHUNK): an operations knob.
+
+    Each chunk of accounts is loaded, computed and written in its own transaction;
+    smaller chunks use less memory and shorter transactions, at some speed cost.
+    The result does not depend on it.
+    """
+    return click.option(
+        "--projects-per-chunk",
+        "projects_per_chunk",
+        envvar="BILLING_PROJECTS_PER_CHUNK",
+        default=200_000,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Accounts are processed in chunks of about this many projects, one transaction "
+        "each (env BILLING_PROJECTS_PER_CHUNK). Smaller chunks: less memory, shorter transactions.",
+    )(command)
+
+
 def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
     """Migrate the jobs' tables before a writing run; True when they exist."""
     engine = ctx.engine
@@ -136,8 +155,11 @@ def db_upgrade(ctx: Context) -> None:
     default=None,
     help="With --dry-run: also write the charges as CSV to this file.",
 )
+@_chunk_option
 @click.pass_obj
-def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) -> None:
+def nightly(
+    ctx: Context, day: str | None, dry_run: bool, output: str | None, projects_per_chunk: int
+) -> None:
     """Charge billing days: storage fees and cloud service fees."""
     from billing_jobs.jobs import nightly as job
     from billing_jobs.jobs.runner import run_job
@@ -170,7 +192,7 @@ def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) ->
             arguments={"date": day, "dry_run": dry_run},
             now=now,
             dry_run=dry_run,
-            body=lambda run: job.bill_days(run, days),
+            body=lambda run: job.bill_days(run, days, projects_per_chunk),
             progress=update,
         )
     finally:
@@ -195,8 +217,11 @@ def nightly(ctx: Context, day: str | None, dry_run: bool, output: str | None) ->
     default=None,
     help="With --dry-run: also write the previewed lines as CSV to this file.",
 )
+@_chunk_option
 @click.pass_obj
-def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str | None) -> None:
+def month_end(
+    ctx: Context, month_text: str | None, dry_run: bool, output: str | None, projects_per_chunk: int
+) -> None:
     """Close a billing month: recompute, waive, invoice (or adjust a closed month)."""
     from billing_jobs.jobs import month_end as job
     from billing_jobs.jobs.runner import run_job
@@ -221,7 +246,7 @@ def month_end(ctx: Context, month_text: str | None, dry_run: bool, output: str |
             arguments={"month": str(month), "dry_run": dry_run},
             now=now,
             dry_run=dry_run,
-            body=lambda run: job.close_month(run, month, fresh_schema=not has_schema),
+            body=lambda run: job.close_month(run, month, projects_per_chunk, fresh_schema=not has_schema),
             progress=update,
         )
     finally:
