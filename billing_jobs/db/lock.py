@@ -5,6 +5,27 @@ WHERE expires_at < now` takes a free or expired lease in one statement. A run
 renews its lease inside each of its write transactions (`assert_held`), so a run
 that lost its lease (it stalled past expiry and another run took over) cannot
 commit anything.
+
+Why a renewal and a takeover cannot both win:
+
+- PostgreSQL: the renewal is an UPDATE of the lease row, which row-locks it until
+  the write transaction ends. A concurrent takeover (the upsert) waits for that
+  lock and then re-checks `expires_at < now` against the renewed row, so it finds
+  the lease held. The other way round, a renewal that waits for an uncommitted
+  takeover re-checks `run_id` and finds the row is no longer its own.
+- SQLite: every write transaction holds the database's single write lock, so the
+  renewal, the takeover and the work they guard are serialized as wholes; the
+  busy timeout set in `db.engine.make_engine` makes the second writer wait.
+
+Heartbeat: the lease is renewed at the start of every write transaction (every
+chunk), not by a background thread. A thread would keep renewing the lease of
+a process that is hung rather than dead, so a stuck run would hold the lock
+forever; renewing only when work is committed means a lease outlives its run by
+at most `lease_seconds`. The limit this sets: one chunk (reading, computing and
+writing it) must take less than `[lock] lease_seconds`. A run that overruns it
+is not unsafe: its next write raises `LockLost` if another run took over in the
+meantime, and commits nothing. Timestamps come from each host's clock; hosts
+sharing a database need clocks that agree to well within `lease_seconds`.
 """
 
 from __future__ import annotations
@@ -60,18 +81,22 @@ class Lease:
             "acquired_at": now,
             "expires_at": now + timedelta(seconds=self.seconds),
         }
-        with self.engine.begin() as conn:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            ins = dialect.insert(billing_locks).values(**values)
-            stmt = ins.on_conflict_do_update(
-                index_elements=["name"],
-                set_={k: ins.excluded[k] for k in values if k != "name"},
-                where=billing_locks.c.expires_at < now,
-            ).returning(billing_locks.c.run_id)
-            taken = conn.execute(stmt).first()
-            if taken is None:
-                row = conn.execute(select(billing_locks).where(billing_locks.c.name == self.name)).one()
+        for _attempt in range(3):
+            with self.engine.begin() as conn:
+                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+                ins = dialect.insert(billing_locks).values(**values)
+                stmt = ins.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={k: ins.excluded[k] for k in values if k != "name"},
+                    where=billing_locks.c.expires_at < now,
+                ).returning(billing_locks.c.run_id)
+                if conn.execute(stmt).first() is not None:
+                    return
+                row = conn.execute(select(billing_locks).where(billing_locks.c.name == self.name)).first()
+            if row is not None:
                 raise LockHeld(self.name, row.run_id, row.host, row.pid, row.expires_at)
+            # PostgreSQL: the holder released the lease between the two statements; try again.
+        raise LockHeld(self.name, "unknown", "unknown", 0, now)
 
     def assert_held(self, conn: Connection, now: datetime) -> None:
         """Renew the lease inside the caller's transaction; raise `LockLost` if it is gone."""
