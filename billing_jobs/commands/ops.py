@@ -146,7 +146,9 @@ def status(ctx: Context, as_json: bool) -> None:
     else:
         _print_status(facts, problems)
     if problems:
-        raise click.exceptions.Exit(EXIT_UNHEALTHY)
+        # sys.exit, not ctx.exit: click's non-standalone main returns ctx.exit's code
+        # instead of raising it, and `python -m billing_jobs` would then exit 0.
+        sys.exit(EXIT_UNHEALTHY)
 
 
 def _print_status(facts: st.Facts, problems: list[str]) -> None:
