@@ -30,7 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Table, func, select
 from sqlalchemy.engine import Connection
 
 from billing_jobs.db.source_tables import (
@@ -51,7 +51,6 @@ EARLIEST_AS_OF = dt.date(2026, 4, 30)
 MIN_DEMO_ACCOUNTS = 3
 
 METRICS = ("page_views", "bandwidth_gb", "data_storage_gb", "domains")
-EVENT_KINDS = ("archived", "restored", "deleted", "published", "unpublished")
 
 # A project id that the generators never produce (account numbers start at 1).
 UNKNOWN_PROJECT_ID = "prj-0000-00"
@@ -166,7 +165,7 @@ def _next_month(year: int, month: int) -> tuple[int, int]:
     return (year + 1, 1) if month == 12 else (year, month + 1)
 
 
-def _credits(ten_thousandths: int) -> Decimal:
+def _from_ten_thousandths(ten_thousandths: int) -> Decimal:
     """An exact amount from integer ten-thousandths: 125 -> Decimal('0.0125')."""
     return Decimal(int(ten_thousandths)).scaleb(-4)
 
@@ -189,9 +188,21 @@ def _prepare(conn: Connection) -> None:
         )
 
 
-def _insert(conn: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> None:
-    for start in range(0, len(rows), INSERT_CHUNK_ROWS):
-        conn.execute(table.insert(), list(rows[start : start + INSERT_CHUNK_ROWS]))
+def _insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Bulk insert within the connection's transaction: executemany in chunks, or on
+    PostgreSQL a COPY (psycopg's executemany sends one statement per row)."""
+    if conn.dialect.name != "postgresql":
+        for start in range(0, len(rows), INSERT_CHUNK_ROWS):
+            conn.execute(table.insert(), list(rows[start : start + INSERT_CHUNK_ROWS]))
+        return
+    columns = [c.name for c in table.columns]
+    cursor: Any = conn.connection.cursor()
+    try:
+        with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(tuple(row[c] for c in columns))
+    finally:
+        cursor.close()
 
 
 def _split_total(rng: np.random.Generator, total: int) -> list[int]:
@@ -454,8 +465,8 @@ def _cloud_rows(
     rows: list[tuple[dt.date, str, str, Decimal]] = []
     for i, day in enumerate(ordered):
         rows.append((day, project_id, "page_views", Decimal(int(views[i]))))
-        rows.append((day, project_id, "bandwidth_gb", _credits(bandwidth[i])))
-        rows.append((day, project_id, "data_storage_gb", _credits(storage[i])))
+        rows.append((day, project_id, "bandwidth_gb", _from_ten_thousandths(bandwidth[i])))
+        rows.append((day, project_id, "data_storage_gb", _from_ten_thousandths(storage[i])))
         rows.append((day, project_id, "domains", Decimal(int(domains[i]))))
     return rows
 
@@ -572,7 +583,7 @@ def _history_rows(
             "usage_id": f"cu-{n:07d}",
             "project_id": pid,
             "occurred_at": _dt(t),
-            "credits": _credits(amount),
+            "credits": _from_ten_thousandths(amount),
         }
         for n, (t, pid, amount) in enumerate(compute, start=1)
     ]
@@ -600,8 +611,11 @@ def generate_demo(
 
     `accounts` accounts (personal and team) hold a few hundred projects created
     from 2025-06 up to `as_of`, on both sides of the effective date; lifecycle
-    events, compute usage and daily cloud usage run up to the end of `as_of`.
-    The bad rows of `DEMO_BAD_ROWS` are added. All in one transaction.
+    events and compute usage run up to the end of `as_of`; cloud usage has one
+    row per metric for every day a project is published, from the effective
+    date on (the platform measures no billable cloud usage before it). The bad
+    rows of `DEMO_BAD_ROWS` are added, dated on or after the effective date.
+    All in one transaction.
 
     Raises ValueError if any source table already holds rows, if `accounts` is
     below 3, or if `as_of` is before 2026-04-30.
@@ -611,19 +625,20 @@ def generate_demo(
     if as_of < EARLIEST_AS_OF:
         raise ValueError(f"as_of must be on or after {EARLIEST_AS_OF}, got {as_of}")
 
-    rng = np.random.default_rng(seed)
-    end_us = _us(as_of + dt.timedelta(days=1))  # data runs to the end of `as_of`
-    kinds, plan = _plan_projects(rng, accounts, end_us)
-    account_rows, project_rows = _name_rows(rng, kinds, plan)
-    _assign_histories(rng, plan, end_us)
-    event_rows, compute_rows, cloud_rows = _history_rows(rng, plan, as_of, end_us)
-    bad, bad_events, bad_compute, bad_cloud = _bad_rows(rng, plan, as_of, end_us)
-    event_rows.extend(bad_events)
-    compute_rows.extend(bad_compute)
-    cloud_rows.extend(bad_cloud)
-
     with engine.begin() as conn:
         _prepare(conn)
+
+        rng = np.random.default_rng(seed)
+        end_us = _us(as_of + dt.timedelta(days=1))  # data runs to the end of `as_of`
+        kinds, plan = _plan_projects(rng, accounts, end_us)
+        account_rows, project_rows = _name_rows(rng, kinds, plan)
+        _assign_histories(rng, plan, end_us)
+        event_rows, compute_rows, cloud_rows = _history_rows(rng, plan, as_of, end_us)
+        bad, bad_events, bad_compute, bad_cloud = _bad_rows(rng, plan, as_of, end_us)
+        event_rows.extend(bad_events)
+        compute_rows.extend(bad_compute)
+        cloud_rows.extend(bad_cloud)
+
         _insert(conn, accounts_table, account_rows)
         _insert(conn, projects, project_rows)
         _insert(conn, project_events, event_rows)
@@ -672,7 +687,7 @@ def _bad_rows(
         ("evt-bad-05", UNKNOWN_PROJECT_ID, when(), "archived"),
     ]
     compute = [
-        ("cu-bad-01", UNKNOWN_PROJECT_ID, when(), _credits(15_000)),
+        ("cu-bad-01", UNKNOWN_PROJECT_ID, when(), _from_ten_thousandths(15_000)),
         ("cu-bad-02", plain_b.project_id, when(), None),
     ]
     cloud = [
@@ -682,14 +697,14 @@ def _bad_rows(
             published.project_id,
             day(first_published_offset),
             "bandwidth_gb",
-            _credits(-15_000),
+            _from_ten_thousandths(-15_000),
         ),
         (
             "cl-bad-03",
             published.project_id,
             day(first_published_offset),
             "cpu_hours",
-            _credits(20_000),
+            _from_ten_thousandths(20_000),
         ),
         ("cl-bad-04", published.project_id, day(first_published_offset), "data_storage_gb", None),
     ]
@@ -999,6 +1014,8 @@ def generate_bulk(
         raise ValueError("need projects >= 1, usage_rows_per_month >= 0 and at least one month")
     if not 0 <= published_share <= 0.89:
         raise ValueError(f"published_share must be within [0, 0.89], got {published_share}")
+    with engine.begin() as conn:
+        _prepare(conn)
     rng = np.random.default_rng(seed)
     bounds = [
         (_us(_month_start(y, m)), _us(_month_start(*_next_month(y, m)))) for y, m in sorted(set(months))
@@ -1006,8 +1023,6 @@ def generate_bulk(
     end_us = bounds[-1][1]
     bp = _bulk_projects(rng, projects, projects_per_account, bounds[0][0] - 270 * _DAY_US, end_us - _DAY_US)
 
-    with engine.begin() as conn:
-        _prepare(conn)
     writer = _Writer(engine)
     try:
         _write_bulk_accounts_and_projects(rng, writer, bp)

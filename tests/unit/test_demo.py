@@ -49,8 +49,7 @@ def _dump(engine: Engine) -> dict[str, list[Any]]:
     for table, key in TABLES.items():
         dump[table] = _rows(
             engine,
-            f"SELECT *, typeof({'credits' if table == 'compute_usage' else key}) "
-            f"FROM {table} ORDER BY {key}",
+            f"SELECT *, typeof({'credits' if table == 'compute_usage' else key}) FROM {table} ORDER BY {key}",
         )
     return dump
 
@@ -234,9 +233,7 @@ def test_exactly_the_intended_rows_are_bad_and_each_for_its_reason(
         "evt-bad-05": "unknown project",
     }
     assert history.state_at_event["evt-bad-04"] == "active"
-    kinds = dict(
-        _rows(engine, "SELECT event_id, kind FROM project_events WHERE event_id LIKE 'evt-bad-%'")
-    )
+    kinds = dict(_rows(engine, "SELECT event_id, kind FROM project_events WHERE event_id LIKE 'evt-bad-%'"))
     assert kinds["evt-bad-04"] not in KINDS
     assert kinds["evt-bad-05"] in KINDS
     assert bad["evt-bad-05"].project_id == UNKNOWN_PROJECT_ID not in projects
@@ -302,8 +299,7 @@ def test_valid_amounts_are_exact_decimals_never_binary_noise(demo: tuple[Engine,
     engine, _ = demo
     rows = _rows(
         engine,
-        "SELECT typeof(credits), CAST(credits AS TEXT) FROM compute_usage "
-        "WHERE credits IS NOT NULL",
+        "SELECT typeof(credits), CAST(credits AS TEXT) FROM compute_usage WHERE credits IS NOT NULL",
     )
     assert {storage for storage, _ in rows} <= {"real", "integer"}
     amounts = [_exact(text) for _, text in rows]
@@ -409,9 +405,7 @@ def test_it_rejects_too_few_accounts_and_an_as_of_before_a_full_month_of_fees(
 def test_bulk_writes_consistent_exact_rows(tmp_path: Path) -> None:
     engine = _engine(tmp_path / "bulk.db")
     months = [(2026, 5), (2026, 6)]
-    summary = generate_bulk(
-        engine, projects=1_000, usage_rows_per_month=5_000, months=months, seed=5
-    )
+    summary = generate_bulk(engine, projects=1_000, usage_rows_per_month=5_000, months=months, seed=5)
 
     for table in TABLES:
         assert summary.counts()[table] == _rows(engine, f"SELECT count(*) FROM {table}")[0][0]
@@ -434,9 +428,7 @@ def test_bulk_writes_consistent_exact_rows(tmp_path: Path) -> None:
         stamp = _ts(at)
         assert stamp >= history.created[pid]
         assert _at(2026, 5, 1) <= stamp < _at(2026, 7, 1)
-    cloud = _rows(
-        engine, "SELECT project_id, usage_date, metric, CAST(quantity AS TEXT) FROM cloud_usage"
-    )
+    cloud = _rows(engine, "SELECT project_id, usage_date, metric, CAST(quantity AS TEXT) FROM cloud_usage")
     for pid, day, metric, text in cloud:
         assert metric in METRICS
         assert _is_ten_thousandths(_exact(text))
