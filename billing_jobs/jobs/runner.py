@@ -107,6 +107,7 @@ def run_job(
             lease.acquire(_utcnow())
         except LockHeld as held:
             _record_end(engine, run_id, "locked", {}, str(held))
+            _publish_metrics(engine, settings, job)
             log.warning("run.locked", holder=held.run_id, holder_host=held.host, until=str(held.expires_at))
             raise
     run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress)
@@ -120,6 +121,7 @@ def run_job(
             _record_end(engine, run_id, "failed", run.counts, f"{type(exc).__name__}: {exc}")
             assert lease is not None
             lease.release()
+            _publish_metrics(engine, settings, job)
         log.error("run.failed", error=f"{type(exc).__name__}: {exc}", seconds=round(seconds, 3), **run.counts)
         raise
     seconds = time.perf_counter() - started
@@ -127,8 +129,16 @@ def run_job(
         _record_end(engine, run_id, "succeeded", run.counts, None)
         assert lease is not None
         lease.release()
+        _publish_metrics(engine, settings, job)
     log.info("run.summary", status="succeeded", seconds=round(seconds, 3), **run.counts)
     return Outcome(run_id, "succeeded", dict(run.counts), seconds, result)
+
+
+def _publish_metrics(engine: Engine, settings: Settings, job: str) -> None:
+    """Textfile and Pushgateway metrics after a run that writes (never raises)."""
+    from billing_jobs.metrics import publish_after_run
+
+    publish_after_run(engine, settings, job)
 
 
 def _record_start(
