@@ -1,0 +1,219 @@
+"""Running the jobs as real processes, and comparing what they leave in the database.
+
+Shared by the concurrency and crash-recovery tests: a run is `python -m
+billing_jobs ...` in its own process (its own interpreter, connections and
+signals); `billing_state` reads back everything a run decides, without run ids
+and timestamps, so two databases can be compared with ==.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from support import CliResult, SourceData, export_rows
+
+from billing_jobs.db.billing_tables import (
+    billed_days,
+    billing_locks,
+    daily_charges,
+    invoice_lines,
+    invoices,
+    month_closes,
+    rejects,
+)
+from billing_jobs.db.lock import WRITER_LOCK
+
+PYTHON = sys.executable
+SECONDS = 180  # a generous ceiling for one run of the small data sets here
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child run: no settings or database leaking in from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(extra or {})
+    return env
+
+
+def start_cli(
+    db_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None, script: str | None = None
+) -> subprocess.Popen[str]:
+    """Start `python -m billing_jobs --db-url URL ARGS` (or `python -c SCRIPT ...`)."""
+    prefix = ["-c", script] if script else ["-m", "billing_jobs"]
+    return subprocess.Popen(
+        [PYTHON, *prefix, "--db-url", db_url, *args],
+        cwd=cwd,
+        env=child_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = SECONDS) -> CliResult:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"run did not finish in {timeout}s; stderr:\n{err}") from None
+    return CliResult(proc.returncode, out, err)
+
+
+def run_process(
+    db_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = SECONDS
+) -> CliResult:
+    return finish(start_cli(db_url, *args, cwd=cwd, env=env), timeout)
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """Lines of stderr that are not structured log records (JSON objects)."""
+    out = []
+    for line in stderr.splitlines():
+        try:
+            if isinstance(json.loads(line), dict):
+                continue
+        except ValueError:
+            pass
+        if line.strip():
+            out.append(line)
+    return out
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    events = []
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            events.append(record)
+    return events
+
+
+# ---------------------------------------------------------------------------
+# Databases
+# ---------------------------------------------------------------------------
+
+
+def another_database(request: pytest.FixtureRequest, db_url: str) -> Iterator[str]:
+    """A second empty database on the same back end as `db_url` (for a reference run)."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{request.getfixturevalue('tmp_path') / 'reference.db'}"
+        return
+    server = request.getfixturevalue("pg_server")
+    name = server.create_database()
+    try:
+        yield server.url(name)
+    finally:
+        server.drop_database(name)
+
+
+def write_source(data: SourceData, *db_urls: str) -> None:
+    """Write the same rows (same ids) to every database."""
+    for url in db_urls:
+        copy.deepcopy(data).write_url(url)
+
+
+def _rows(conn: sa.Connection, table: sa.Table, *exclude: str) -> list[tuple[Any, ...]]:
+    cols = [c for c in table.columns if c.name not in exclude]
+    return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(*cols)).all()]
+
+
+def billing_state(db_url: str, *months: str) -> dict[str, Any]:
+    """Everything the jobs decided, without run ids and timestamps; comparable with ==."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            state: dict[str, Any] = {
+                "invoices": _rows(conn, invoices, "run_id", "created_at", "finalized_at"),
+                "invoice_lines": _rows(conn, invoice_lines),
+                "daily_charges": _rows(conn, daily_charges, "run_id", "recorded_at"),
+                "rejects": _rows(conn, rejects, "first_run_id", "first_seen_at"),
+                "billed_days": _rows(conn, billed_days, "run_id", "billed_at"),
+                "month_closes": _rows(
+                    conn, month_closes, "closed_at", "close_run_id", "last_run_id", "last_run_at"
+                ),
+            }
+    finally:
+        engine.dispose()
+    for month in months:
+        state[f"export {month}"] = [
+            {k: v for k, v in row.items() if k != "finalized_at"} for row in export_rows(db_url, month)
+        ]
+    return state
+
+
+def lock_holder(db_url: str) -> Any:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(billing_locks).where(billing_locks.c.name == WRITER_LOCK)).first()
+    finally:
+        engine.dispose()
+
+
+def let_the_lease_expire(db_url: str) -> None:
+    """What the passing of `[lock] lease_seconds` does to a lease left by a dead run."""
+    engine = sa.create_engine(db_url)
+    past = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(billing_locks).where(billing_locks.c.name == WRITER_LOCK).values(expires_at=past)
+            )
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------
+# Source data
+# ---------------------------------------------------------------------------
+
+
+def busy_month(accounts: int) -> SourceData:
+    """May 2026 for `accounts` accounts: every rule at work, and a few bad rows.
+
+    Per account: a legacy project (archived mid-month on odd accounts), a project
+    created in May (free first month), a published project with cloud usage, and
+    compute usage above the waiver threshold on even accounts.
+    """
+    data = SourceData()
+    for i in range(accounts):
+        acct = f"acct-{i:03d}"
+        legacy, new, site = f"p-{i:03d}-legacy", f"p-{i:03d}-new", f"p-{i:03d}-site"
+        data.project(legacy, created="2025-11-02", account=acct)
+        data.project(new, created=f"2026-05-{1 + i % 20:02d} 10:00", account=acct)
+        data.project(site, created="2026-04-01", account=acct)
+        if i % 2:
+            data.event(legacy, f"2026-05-{10 + i % 15:02d} 09:00", "archived")
+        data.event(site, "2026-05-02 08:00", "published")
+        data.compute(legacy, "2026-05-03 10:00", "0.1", count=300 if i % 2 == 0 else 7)
+        data.compute(new, "2026-05-04 11:00", "2.5")
+        for day in range(1, 29, 3):
+            data.cloud(site, f"2026-05-{day:02d}", "page_views", str(1000 * (i + 1) + day))
+            data.cloud(site, f"2026-05-{day:02d}", "bandwidth_gb", "0.3333")
+        data.cloud(site, "2026-05-01", "domains", "1")  # before publication: rejected
+    data.compute("p-000-new", "2026-05-06 12:00", None)  # missing amount: rejected
+    data.event("p-unknown", "2026-05-07 12:00", "archived")  # unknown project: rejected
+    return data
+
+
+def late_changes() -> SourceData:
+    """Source rows that arrive after May was closed: a re-close must adjust for them."""
+    data = SourceData()
+    data.event("p-000-legacy", "2026-05-20 00:00", "archived")  # back-dated archive
+    data.cloud("p-001-site", "2026-05-30", "page_views", "50000")  # late usage
+    data.compute("p-001-legacy", "2026-05-30 10:00", "40")  # now above the waiver threshold
+    data.cloud("p-002-site", "2026-05-31", "bandwidth_gb", "-1")  # negative quantity: rejected
+    return data
