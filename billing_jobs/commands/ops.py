@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from billing_jobs.commands.common import Context, utcnow
+from billing_jobs.commands import common
+from billing_jobs.commands.common import Context
 from billing_jobs.jobs import status as st
 
 EXIT_UNHEALTHY = 1
@@ -35,7 +36,7 @@ def _console() -> Console:
 
 
 def _now() -> datetime:
-    return utcnow().astimezone(UTC).replace(tzinfo=None)
+    return common.utcnow().astimezone(UTC).replace(tzinfo=None)
 
 
 def _when(ts: datetime | None) -> str:
