@@ -63,7 +63,8 @@ def schedule(ctx: Context, catch_up_on_start: bool, once: str | None) -> None:
     if once is not None:
         runner = sched.JobRunner(sched.inprocess_runner(ctx.db_url, ctx.config, log_level))
         code = runner.run_once(sched.job_by_id(settings, once))  # no retry: exit 75 is the answer
-        raise click.exceptions.Exit(code)
+        # sys.exit, not ctx.exit: click's non-standalone main would return the code, not exit with it
+        sys.exit(code)
 
     now = utcnow()
     catch_up: list[str] = []

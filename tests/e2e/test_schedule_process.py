@@ -1,0 +1,278 @@
+"""`billing-jobs schedule` as a real process: catch-up on start, clean stop on signals; `--once`."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from support import SourceData, run_cli, ts
+
+from billing_jobs.db.billing_tables import billed_days, billing_locks, billing_runs
+from billing_jobs.db.lock import WRITER_LOCK
+
+START_SECONDS = 60  # a generous ceiling for the process to start and plan its jobs
+RUN_SECONDS = 180  # ... for a catch-up run of a few days of a tiny data set
+STOP_SECONDS = 30  # ... for a clean exit after the signal, the running job included
+EFFECTIVE_DAYS_AGO = 4
+
+
+def child_env() -> dict[str, str]:
+    """The scheduler's environment: no settings or database leaking in from outside."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+
+
+class Logs:
+    """The JSON log lines of a process's stderr, read by a thread, awaited with a deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"event": "text", "text": line.rstrip()}
+            self.lines.put(entry if isinstance(entry, dict) else {"event": "text", "text": line})
+        self.lines.put(None)
+
+    def wait_for(self, wanted: Callable[[dict[str, Any]], bool], seconds: float) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                entry = self.lines.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise AssertionError(f"not logged within {seconds}s; seen: {self.events()}") from None
+            if entry is None:
+                raise AssertionError(f"the process ended first; seen: {self.events()}")
+            self.seen.append(entry)
+            if wanted(entry):
+                return entry
+
+    def drain(self) -> None:
+        self.thread.join(timeout=STOP_SECONDS)
+        while not self.lines.empty():
+            entry = self.lines.get()
+            if entry is not None:
+                self.seen.append(entry)
+
+    def events(self) -> list[str]:
+        return [str(e.get("event")) for e in self.seen]
+
+
+def event(name: str, **fields: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items())
+
+
+@contextmanager
+def scheduler_process(
+    db_url: str, config: str, tmp_path: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[str], Logs]]:
+    with (tmp_path / "stdout.txt").open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "billing_jobs", "--db-url", db_url, "--config", config, "schedule", *args],
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        logs = Logs(proc.stderr)
+        try:
+            yield proc, logs
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=STOP_SECONDS)
+            logs.drain()
+            proc.stderr.close()
+
+
+def sqlite_db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'billing.db'}"
+    data = SourceData()
+    data.project("p1", created="2026-01-10")
+    data.project("p2", created="2026-02-01", account="acct-2")
+    data.write_url(url)
+    return url
+
+
+def today_utc() -> date:
+    return datetime.now(UTC).date()
+
+
+def write_config(tmp_path: Path, effective_from: date) -> str:
+    path = tmp_path / "billing.toml"
+    path.write_text(
+        f'[storage_fee]\neffective_from = "{effective_from}"\n'
+        "[promotions]\nnew_project_free_months = 0\nlegacy_free_months = 0\n",
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def read_billed_days(db_url: str) -> list[date]:
+    engine = sa.create_engine(db_url)
+    try:
+        if "billed_days" not in sa.inspect(engine).get_table_names():
+            return []
+        with engine.connect() as conn:
+            return [
+                d if isinstance(d, date) else date.fromisoformat(str(d))
+                for (d,) in conn.execute(
+                    sa.select(billed_days.c.billing_day).order_by(billed_days.c.billing_day)
+                )
+            ]
+    finally:
+        engine.dispose()
+
+
+def nightly_statuses(db_url: str) -> list[str]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [
+                s
+                for (s,) in conn.execute(
+                    sa.select(billing_runs.c.status).where(billing_runs.c.job == "nightly")
+                )
+            ]
+    finally:
+        engine.dispose()
+
+
+def days_from(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def assert_billed_through_yesterday(db_url: str, effective_from: date, yesterday_before: date) -> None:
+    """Every day from the effective date to yesterday (the clock may have passed midnight meanwhile)."""
+    days = read_billed_days(db_url)
+    yesterday_after = today_utc() - timedelta(days=1)
+    assert days in (days_from(effective_from, yesterday_before), days_from(effective_from, yesterday_after))
+
+
+# --- The real process ----------------------------------------------------------------------------
+
+
+def test_the_scheduler_catches_up_the_missed_days_on_start_then_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    yesterday = today_utc() - timedelta(days=1)
+    effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
+    db_url = sqlite_db(tmp_path)
+    config = write_config(tmp_path, effective_from)
+
+    with scheduler_process(db_url, config, tmp_path) as (proc, logs):
+        start = logs.wait_for(event("schedule.start"), START_SECONDS)
+        assert "nightly" in start["catch_up"]
+        logs.wait_for(event("schedule.job.done", scheduled_job="nightly"), RUN_SECONDS)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_SECONDS) == 0
+
+    assert "schedule.stopped" in logs.events()
+    assert_billed_through_yesterday(db_url, effective_from, yesterday)
+    assert len(read_billed_days(db_url)) >= EFFECTIVE_DAYS_AGO
+    assert nightly_statuses(db_url) == ["succeeded"]
+
+
+def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exits(tmp_path: Path) -> None:
+    yesterday = today_utc() - timedelta(days=1)
+    effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
+    db_url = sqlite_db(tmp_path)
+    config = write_config(tmp_path, effective_from)
+
+    with scheduler_process(db_url, config, tmp_path) as (proc, logs):
+        logs.wait_for(event("schedule.job.start", scheduled_job="nightly"), START_SECONDS)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=RUN_SECONDS) == 0
+
+    events = logs.events()
+    assert events.index("schedule.stopping") < events.index("schedule.stopped")
+    assert "schedule.job.done" in events  # the nightly run finished, it was not cut off
+    assert_billed_through_yesterday(db_url, effective_from, yesterday)
+    assert nightly_statuses(db_url) == ["succeeded"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_idle_scheduler_exits_0_promptly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    db_url = sqlite_db(tmp_path)
+    config = write_config(tmp_path, today_utc() - timedelta(days=3))
+
+    with scheduler_process(db_url, config, tmp_path, "--no-catch-up-on-start") as (proc, logs):
+        planned = logs.wait_for(event("schedule.job.planned", scheduled_job="month-end"), START_SECONDS)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=STOP_SECONDS) == 0
+
+    assert "schedule.job.start" not in logs.events()
+    assert planned["next_run"].endswith("04:00:00+00:00")
+    assert read_billed_days(db_url) == []
+
+
+# --- --once, in-process --------------------------------------------------------------------------
+
+
+def test_once_runs_the_nightly_now_and_exits_with_its_status(tmp_path: Path) -> None:
+    yesterday = today_utc() - timedelta(days=1)
+    effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
+    db_url = sqlite_db(tmp_path)
+    config = write_config(tmp_path, effective_from)
+
+    result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
+
+    assert result.code == 0, result.stderr
+    assert "schedule.job.done" in result.stderr
+    assert_billed_through_yesterday(db_url, effective_from, yesterday)
+
+
+def test_once_exits_75_when_another_run_holds_the_lock(tmp_path: Path) -> None:
+    db_url = sqlite_db(tmp_path)
+    config = write_config(tmp_path, today_utc() - timedelta(days=3))
+    assert run_cli(db_url, "db", "upgrade").code == 0
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(billing_locks).values(
+                    name=WRITER_LOCK,
+                    run_id="other-run",
+                    host="elsewhere",
+                    pid=1,
+                    acquired_at=ts("2026-01-01"),
+                    expires_at=ts("2999-01-01"),
+                )
+            )
+    finally:
+        engine.dispose()
+
+    result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
+
+    assert result.code == 75
+    locked = [json.loads(line) for line in result.stderr.splitlines() if "schedule.job.locked" in line]
+    assert [entry["level"] for entry in locked] == ["warning"]
+    assert read_billed_days(db_url) == []
+
+
+@pytest.mark.parametrize("command", ["schedule", "metrics"])
+def test_the_commands_explain_themselves_in_their_help(command: str) -> None:
+    result = run_cli(None, command, "--help")
+    assert result.code == 0
+    assert len(result.stdout.split()) > 40
