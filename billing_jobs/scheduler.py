@@ -97,7 +97,7 @@ POLL_SECONDS = 1.0  # how soon the scheduler loop notices a stop request
 CommandRunner = Callable[[Sequence[str]], int]
 
 
-class WallClockCronTrigger(CronTrigger):
+class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]  # APScheduler 3 has no type hints
     """A cron trigger that fires a wall-clock time once per local day, DST or not.
 
     Skips the second occurrence of a time the autumn change repeats (`fold=1`),
@@ -345,7 +345,7 @@ def catch_up_jobs(settings: Settings, facts: Facts, now: datetime) -> list[str]:
 # --- The scheduler process --------------------------------------------------------------------
 
 
-class StoppableScheduler(BlockingScheduler):
+class StoppableScheduler(BlockingScheduler):  # type: ignore[misc]  # untyped base
     """A `BlockingScheduler` whose loop also ends when `stopping` is set.
 
     A signal handler only sets `stopping` (no locks, no logging, nothing that a
@@ -426,7 +426,9 @@ def run_scheduler(
     received: list[str] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)  # list.append and Event.set only: no locks held
+        # Only list.append and Event.set: the event's lock is never held by the main thread
+        # (it only asks is_set), so a signal cannot arrive while this thread holds it.
+        received.append(signal.Signals(signum).name)
         scheduler.stopping.set()
 
     previous = {sig: signal.signal(sig, stop) for sig in signals}
