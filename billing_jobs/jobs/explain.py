@@ -194,11 +194,13 @@ def _ordered(lines: list[Line]) -> list[Line]:
 
 
 def _naive(value: Any) -> datetime:
+    """A timestamp (text, pandas or datetime) as naive UTC."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if isinstance(value, pd.Timestamp):
         value = value.to_pydatetime()
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    ts: datetime = value
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
 
 
 def _local(ts: datetime, zone: ZoneInfo) -> datetime:

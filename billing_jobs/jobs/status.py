@@ -301,12 +301,14 @@ def check_tables(engine: Engine) -> None:
         )
 
 
+def _ts(value: Any) -> datetime:
+    """A stored timestamp as naive UTC (SQLite may hand back text)."""
+    ts: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+
+
 def _naive(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    return None if value is None else _ts(value)
 
 
 def _as_date(value: Any) -> date:
@@ -334,8 +336,8 @@ def read_locks(conn: Connection) -> list[LockInfo]:
             run_id=r.run_id,
             host=r.host,
             pid=r.pid,
-            acquired_at=_naive(r.acquired_at),  # type: ignore[arg-type]
-            expires_at=_naive(r.expires_at),  # type: ignore[arg-type]
+            acquired_at=_ts(r.acquired_at),
+            expires_at=_ts(r.expires_at),
             job=r.job,
         )
         for r in rows
@@ -349,7 +351,7 @@ def _run_info(row: Any, locks: list[LockInfo], now: datetime) -> RunInfo:
         period=row.period,
         status=effective_status(row.status, row.run_id, locks, now),
         recorded_status=row.status,
-        started_at=_naive(row.started_at),  # type: ignore[arg-type]
+        started_at=_ts(row.started_at),
         finished_at=_naive(row.finished_at),
         counts=_counts(row.counts),
         error=row.error,
@@ -382,9 +384,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
                 select(billed_days.c.billing_day).where(billed_days.c.billing_day >= settings.effective_from)
             )
         )
-        closed = {
-            p: _naive(t) for p, t in conn.execute(select(month_closes.c.period, month_closes.c.closed_at))
-        }
+        closed = {p: _ts(t) for p, t in conn.execute(select(month_closes.c.period, month_closes.c.closed_at))}
         last_runs: dict[str, RunInfo] = {}
         jobs = sorted({*JOBS, *conn.execute(select(br.job).distinct()).scalars()})
         for job in jobs:
@@ -422,7 +422,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
         nightly_at=settings.nightly_at,
         close_overdue_days=settings.close_overdue_days,
         billed=billed,
-        closed={p: t for p, t in closed.items() if t is not None},
+        closed=closed,
         last_runs=last_runs,
         locks=locks,
         rejects_by_reason=by_reason,
