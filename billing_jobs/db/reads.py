@@ -140,8 +140,11 @@ def _frame(
 ) -> pd.DataFrame:
     result = conn.execution_options(yield_per=BATCH).execute(stmt)
     columns = list(result.keys())
-    parts = [pd.DataFrame(batch, columns=columns, dtype=object) for batch in result.partitions()]
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns, dtype=object)
+    gathered: list[list[Any]] = [[] for _ in columns]
+    for batch in result.partitions():
+        for target, values in zip(gathered, zip(*batch, strict=True), strict=True):
+            target.extend(values)
+    df = pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in zip(columns, gathered, strict=True)})
     for col in timestamps:
         df[col] = _to_datetime(df[col])
     for col in dates:

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, DateTime, Table, delete, extract, func, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    delete,
+    extract,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
@@ -16,6 +32,7 @@ from billing_jobs.db.reads import Chunk
 from billing_jobs.rules.calendar import day_from_number
 
 SQL_BATCH = 5_000
+COPY_BLOCK = 200_000
 
 
 def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -35,30 +52,70 @@ def _column_values(values: pd.Series, is_date: bool) -> list[Any]:
         days = values.to_numpy(dtype=np.int64).astype("datetime64[D]")
         return np.datetime_as_string(days, unit="D").tolist()
     if values.dtype.kind == "M":
-        return [None if pd.isna(v) else v.strftime("%Y-%m-%d %H:%M:%S.%f") for v in values]
+        text = np.datetime_as_string(values.to_numpy().astype("datetime64[us]"), unit="us")
+        return [None if t == "NaT" else t.replace("T", " ") for t in text.tolist()]
+    if values.dtype.kind in "iub":
+        return values.tolist()
     return [None if v is None or v is pd.NaT else v for v in values.tolist()]
+
+
+def _copy_text(frame: pd.DataFrame) -> str:
+    """Rows in PostgreSQL's COPY text format (tab-separated, \\N for NULL)."""
+    out = frame.copy()
+    for col in out.columns:
+        if out[col].dtype.kind not in "iufbM":
+            text = out[col]
+            needs = text.notna() & text.astype(str).str.contains(r"[\\\t\n\r]", regex=True)
+            if needs.any():
+                text = text.where(
+                    ~needs,
+                    text.astype(str)
+                    .str.replace("\\", "\\\\", regex=False)
+                    .str.replace("\t", "\\t", regex=False)
+                    .str.replace("\n", "\\n", regex=False)
+                    .str.replace("\r", "\\r", regex=False),
+                )
+            out[col] = text
+    return out.to_csv(sep="\t", header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_NONE)
 
 
 def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns: Sequence[str] = ()) -> int:
     """Insert a DataFrame whose columns are columns of `table`.
 
-    PostgreSQL: one COPY stream. SQLite: the driver's executemany over tuples.
-    `date_columns` hold day numbers (see rules.calendar).
+    PostgreSQL: COPY in blocks of text made by pandas (no Python call per row).
+    SQLite: the driver's executemany over tuples. `date_columns` hold day numbers.
     """
     if rows.empty:
         return 0
     columns = list(rows.columns)
+    names = ", ".join(f'"{c}"' for c in columns)
+    raw = conn.connection.driver_connection
+    if conn.dialect.name == "postgresql":
+        ready = pd.DataFrame(
+            {
+                c: (
+                    _column_values(rows[c], True)
+                    if c in date_columns
+                    else _column_values(rows[c], False)
+                    if rows[c].dtype.kind == "M"
+                    else rows[c]
+                )
+                for c in columns
+            }
+        )
+        for c in columns:
+            if isinstance(table.c[c].type, DateTime) and ready[c].dtype == object:
+                ready[c] = [
+                    v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in ready[c]
+                ]
+        with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for start in range(0, len(ready), COPY_BLOCK):
+                copy.write(_copy_text(ready.iloc[start : start + COPY_BLOCK]))
+        return len(rows)
     data = [_column_values(rows[c], c in date_columns) for c in columns]
     for i, c in enumerate(columns):
         if isinstance(table.c[c].type, DateTime) and c not in date_columns:
             data[i] = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in data[i]]
-    raw = conn.connection.driver_connection
-    names = ", ".join(f'"{c}"' for c in columns)
-    if conn.dialect.name == "postgresql":
-        with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
-            for row in zip(*data, strict=True):
-                copy.write_row(row)
-        return len(rows)
     marks = ", ".join("?" for _ in columns)
     cur = raw.cursor()
     try:
@@ -66,6 +123,13 @@ def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns
     finally:
         cur.close()
     return len(rows)
+
+
+def analyze(conn: Connection, *tables: Table) -> None:
+    """Refresh the planner's statistics after a large write (PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        for table in tables:
+            conn.exec_driver_sql(f'ANALYZE "{table.name}"')
 
 
 def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]]) -> int:
@@ -167,11 +231,91 @@ def sync_daily_charges(
             or 0
         )
     rows = truth.loc[truth["project_id"].isin(changed)]
-    frame = rows.rename(columns={"day": "charge_date"})[
-        ["project_id", "charge_type", "charge_date", "account_id", "quantity_units", "amount_units"]
-    ].assign(run_id=run_id, recorded_at=now)
-    inserted = bulk_insert(conn, daily_charges, frame, date_columns=["charge_date"])
+    inserted = insert_charges(conn, rows, run_id=run_id, now=now)
     return inserted, deleted
+
+
+# Charges travel to the database as runs of consecutive days with the same amount
+# and are expanded there: a month of storage fees is one row per project, not 30.
+charge_runs = Table(
+    "billing_charge_runs",
+    MetaData(),
+    Column("project_id", String(64)),
+    Column("charge_type", String(32)),
+    Column("first_day", Date),
+    Column("n_days", Integer),
+    Column("account_id", String(64)),
+    Column("quantity_units", BigInteger),
+    Column("amount_units", BigInteger),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+
+_EXPAND = {
+    "postgresql": (
+        "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
+        " amount_units, run_id, recorded_at)"
+        " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
+        " r.amount_units, :run_id, :now"
+        " FROM billing_charge_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
+    ),
+    "sqlite": (
+        "WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
+        " INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
+        " amount_units, run_id, recorded_at)"
+        " SELECT r.project_id, r.charge_type, date(r.first_day, '+' || g.n || ' days'), r.account_id,"
+        " r.quantity_units, r.amount_units, :run_id, :now"
+        " FROM billing_charge_runs r JOIN g ON g.n < r.n_days"
+    ),
+}
+
+
+def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """Charges (project_id, account_id, charge_type, day, quantity_units, amount_units)
+    as runs of consecutive days with equal quantity and amount: ..., first_day, n_days."""
+    pcode, _ = pd.factorize(rows["project_id"])
+    tcode, _ = pd.factorize(rows["charge_type"])
+    day = rows["day"].to_numpy(dtype=np.int64)
+    order = np.lexsort((day, tcode, pcode))
+    p, t, d = pcode[order], tcode[order], day[order]
+    q = rows["quantity_units"].to_numpy(dtype=np.int64)[order]
+    a = rows["amount_units"].to_numpy(dtype=np.int64)[order]
+    start = np.ones(len(order), dtype=bool)
+    start[1:] = (
+        (p[1:] != p[:-1]) | (t[1:] != t[:-1]) | (d[1:] != d[:-1] + 1) | (q[1:] != q[:-1]) | (a[1:] != a[:-1])
+    )
+    first = np.flatnonzero(start)
+    n_days = np.diff(np.append(first, len(order)))
+    picked = order[first]
+    return pd.DataFrame(
+        {
+            "project_id": rows["project_id"].to_numpy(dtype=object)[picked],
+            "charge_type": rows["charge_type"].to_numpy(dtype=object)[picked],
+            "first_day": d[first],
+            "n_days": n_days,
+            "account_id": rows["account_id"].to_numpy(dtype=object)[picked],
+            "quantity_units": q[first],
+            "amount_units": a[first],
+        }
+    )
+
+
+def insert_charges(conn: Connection, rows: pd.DataFrame, *, run_id: str, now: datetime) -> int:
+    """Insert daily charges in bulk: runs go to a temporary table, the database expands them."""
+    if rows.empty:
+        return 0
+    runs = to_runs(rows)
+    if int(runs["n_days"].max()) > 31:
+        raise ValueError("a run of charges spans more than one month")
+    charge_runs.create(conn)
+    try:
+        bulk_insert(conn, charge_runs, runs, date_columns=["first_day"])
+        stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
+        conn.execute(text(_EXPAND[conn.dialect.name]), {"run_id": run_id, "now": stamp})
+    finally:
+        if conn.dialect.name != "postgresql":
+            charge_runs.drop(conn)
+    return int(runs["n_days"].sum())
 
 
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:

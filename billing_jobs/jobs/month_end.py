@@ -24,12 +24,13 @@ from sqlalchemy import Connection, delete, func, select, update
 from billing_jobs.db import reads
 from billing_jobs.db.billing_tables import (
     billed_days,
+    daily_charges,
     invoice_lines,
     invoices,
     month_closes,
 )
 from billing_jobs.db.reads import Chunk
-from billing_jobs.db.writes import bulk_insert, insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     compute_chunk,
     month_days,
@@ -70,8 +71,12 @@ def is_closed(conn: Connection, month: Month) -> bool:
 
 
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
-    """Sum of the month's finalized invoice lines per (account, project, line type)."""
-    il, inv = invoice_lines.c, invoices.c
+    """Sum of the month's finalized invoice lines per (account, project, line type).
+
+    Called before the chunk's drafts exist, after the drafts of any earlier run
+    were removed: every line of the chunk's accounts for the month is finalized.
+    """
+    il = invoice_lines.c
     stmt = (
         select(
             il.account_id,
@@ -80,8 +85,7 @@ def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame
             func.sum(il.quantity_units).label("quantity_units"),
             func.sum(il.amount_units).label("amount_units"),
         )
-        .join(invoices, invoices.c.invoice_id == il.invoice_id)
-        .where(il.period == str(month), inv.status == "finalized", chunk.clause(il.account_id))
+        .where(il.period == str(month), chunk.clause(il.account_id))
         .group_by(il.account_id, il.project_id, il.line_type)
     )
     df = pd.DataFrame(conn.execute(stmt).all(), columns=[*KEY, "quantity_units", "amount_units"])
@@ -233,6 +237,8 @@ def close_month(
                 )
 
         run.write(finish)
+        if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
+            run.write(lambda conn: analyze(conn, daily_charges, invoices, invoice_lines))
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()

@@ -17,8 +17,8 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, select
 
 from billing_jobs.db import reads
-from billing_jobs.db.billing_tables import billed_days
-from billing_jobs.db.writes import insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.db.billing_tables import billed_days, daily_charges
+from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     compute_chunk,
     orphan_event_rejects,
@@ -125,6 +125,8 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
             span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
             records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]
             run.write(lambda c, r=records: run.count("days_billed", insert_ignore(c, billed_days, r)))
+    if not run.dry_run and run.counts.get("rows_inserted"):
+        run.write(lambda conn: analyze(conn, daily_charges))
     run.counts.setdefault("days_billed", 0)
     for key in ("storage_charges", "storage_units", "cloud_charges", "cloud_units", "rejects"):
         run.counts.setdefault(key, 0)

@@ -96,7 +96,10 @@ def active_day_codes(
     rows = np.repeat(np.arange(len(lo)), lengths)
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     span = last_day - first_day + 1
-    key = np.unique(codes[rows] * span + (lo[rows] + offsets - first_day))
+    key = np.sort(codes[rows] * span + (lo[rows] + offsets - first_day))
+    if len(key):
+        # Sorted de-duplication (numpy's hash-based unique is far slower on large arrays).
+        key = key[np.concatenate(([True], key[1:] != key[:-1]))]
     return key // span, key % span + first_day
 
 
@@ -105,8 +108,9 @@ def active_days(intervals: pd.DataFrame, first_day: int, last_day: int, zone: Zo
 
     intervals: project_id, start, end (naive UTC, half-open).
     """
-    ids, codes = np.unique(intervals["project_id"].to_numpy(dtype=object), return_inverse=True)
+    codes, ids = pd.factorize(intervals["project_id"].to_numpy(dtype=object))
     code, day = active_day_codes(codes, intervals["start"], intervals["end"], first_day, last_day, zone)
+    ids = np.asarray(ids, dtype=object)
     return pd.DataFrame({"project_id": ids[code] if len(code) else np.array([], dtype=object), "day": day})
 
 
