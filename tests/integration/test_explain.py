@@ -192,7 +192,8 @@ def test_explain_agrees_with_the_exported_invoice_lines(
 
 def _day(doc: dict[str, Any], date: str) -> dict[str, Any]:
     [day] = [d for d in doc["days"] if d["date"] == date]
-    return day
+    found: dict[str, Any] = day
+    return found
 
 
 def test_explain_names_the_archive_and_restore_behind_inactive_days(db_url: str) -> None:

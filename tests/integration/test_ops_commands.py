@@ -24,9 +24,9 @@ from tests.support import SourceData, run_cli
 # ---------------------------------------------------------------------------
 
 
-def at(*args: int) -> datetime:
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
     """A naive UTC timestamp."""
-    return datetime(*args, tzinfo=UTC).replace(tzinfo=None)  # type: ignore[misc]
+    return datetime(year, month, day, hour, minute, tzinfo=UTC).replace(tzinfo=None)
 
 
 def _run(job: str, status: str, *, error: str | None = None, run_id: str = "r-1") -> st.RunInfo:
@@ -113,9 +113,10 @@ def test_the_month_end_follows_the_billing_timezone() -> None:
 
 def test_yesterday_unbilled_is_a_problem_only_after_nightly_time_plus_six_hours() -> None:
     # Nightly at 02:30 Berlin (CEST, UTC+2) on 06-05 bills 06-04; grace ends 08:30 local = 06:30 UTC.
-    kwargs = {"billed_through": date(2026, 6, 3), "closed": ("2026-03", "2026-04", "2026-05")}
-    before = _facts(at(2026, 6, 5, 6, 29), timezone="Europe/Berlin", **kwargs)  # type: ignore[arg-type]
-    after = _facts(at(2026, 6, 5, 6, 31), timezone="Europe/Berlin", **kwargs)  # type: ignore[arg-type]
+    closed = ("2026-03", "2026-04", "2026-05")
+    billed = date(2026, 6, 3)
+    before = _facts(at(2026, 6, 5, 6, 29), billed_through=billed, closed=closed, timezone="Europe/Berlin")
+    after = _facts(at(2026, 6, 5, 6, 31), billed_through=billed, closed=closed, timezone="Europe/Berlin")
     assert st.decide(before) == []
     [problem] = st.decide(after)
     assert problem.startswith("billing day 2026-06-04 not billed")
@@ -135,13 +136,15 @@ def test_a_nightly_time_late_in_the_evening_moves_the_deadline_past_midnight() -
 
 
 def test_a_failed_or_abandoned_last_nightly_run_is_a_problem_but_a_failed_month_end_is_not() -> None:
-    base = {"billed_through": date(2026, 5, 19), "closed": CLOSED_TO_APRIL}
     now = at(2026, 5, 20, 12)
-    failed = _facts(
-        now, last_runs={"nightly": _run("nightly", "failed", error="OperationalError: boom\nSQL")}, **base
-    )  # type: ignore[arg-type]
-    abandoned = _facts(now, last_runs={"nightly": _run("nightly", "abandoned")}, **base)  # type: ignore[arg-type]
-    month_end = _facts(now, last_runs={"month-end": _run("month-end", "failed")}, **base)  # type: ignore[arg-type]
+
+    def facts(job: str, status: str, error: str | None = None) -> st.Facts:
+        last = {job: _run(job, status, error=error)}
+        return _facts(now, billed_through=date(2026, 5, 19), closed=CLOSED_TO_APRIL, last_runs=last)
+
+    failed = facts("nightly", "failed", error="OperationalError: boom\nSQL")
+    abandoned = facts("nightly", "abandoned")
+    month_end = facts("month-end", "failed")
     [p1] = st.decide(failed)
     assert "failed" in p1
     assert p1.endswith(": OperationalError: boom")
@@ -176,11 +179,11 @@ def test_unbilled_days_are_shown_as_ranges() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def _utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
-def _status_json(db_url: str) -> tuple[int, dict]:
+def _status_json(db_url: str) -> tuple[int, dict[str, Any]]:
     result = run_cli(db_url, "status", "--json")
     return result.code, json.loads(result.stdout)
 
