@@ -314,8 +314,9 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> Non
     summary = generate_demo(ctx.engine, seed=seed, accounts=accounts, as_of=_parse_date(as_of))
     upgrade(ctx.engine)
     click.echo(f"demo data written to {url.render_as_string(hide_password=True)}:")
-    for name, value in vars(summary).items():
-        click.echo(f"  {name}: {value}")
+    for name, value in summary.counts().items():
+        click.echo(f"  {name}: {value:,} rows")
+    click.echo(f"  deliberately bad rows (to be rejected): {len(summary.bad_rows)}")
     click.echo("next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10")
 
 
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> Any:
         return cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`export | head`): stop quietly, as other Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
     except click.exceptions.Abort:
         _fail("aborted", 1)
     except click.UsageError as exc:
