@@ -125,6 +125,9 @@ def cli(click_ctx: click.Context, db_url: str, config: str | None, log_level: st
     logs.configure(log_level)
     click_ctx.obj = Context(db_url=db_url, config=config)
     click_ctx.call_on_close(click_ctx.obj.close)
+    if click_ctx.invoked_subcommand is not None and "--help" not in sys.argv and "-h" not in sys.argv:
+        # Settings are checked before any command runs: a bad file is exit 2, never a half run.
+        _ = click_ctx.obj.settings
 
 
 @cli.group()

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,13 @@ class Run:
                 zip(found["source_table"], found["source_id"], found["reason"], strict=True)
             )
         self.counts["rejects"] = len(self._reject_keys)
+
+    def rejects_by_reason(self) -> dict[str, int]:
+        """`table.reason` -> how many rows, for the run's log."""
+        return dict(Counter(f"{table}.{reason}" for table, _, reason in self._reject_keys))
+
+    def reject_sample(self, n: int = 10) -> list[str]:
+        return [f"{table}:{row_id}:{reason}" for table, row_id, reason in sorted(self._reject_keys)[:n]]
 
     def write(self, work: Callable[[Connection], None]) -> None:
         """Run `work` in one transaction that also proves the lock is still ours."""
@@ -125,6 +133,14 @@ def run_job(
         log.error("run.failed", error=f"{type(exc).__name__}: {exc}", seconds=round(seconds, 3), **run.counts)
         raise
     seconds = time.perf_counter() - started
+    if run.counts.get("rejects"):
+        log.warning(
+            "run.rejects",
+            rejects=run.counts["rejects"],
+            by_reason=run.rejects_by_reason(),
+            sample=run.reject_sample(),
+            hint="see the rejects table (billing-jobs status)",
+        )
     if not dry_run:
         _record_end(engine, run_id, "succeeded", run.counts, None)
         assert lease is not None
