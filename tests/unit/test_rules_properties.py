@@ -17,7 +17,7 @@ from billing_jobs.rules.lifecycle import EVENT_KINDS, build_lifecycle
 from billing_jobs.rules.money import round_half_up_units, to_units
 from billing_jobs.rules.storage_fee import CAP_REACHED, CHARGED, StorageRules, storage_days
 
-FAST = settings(max_examples=25, deadline=None)  # the rules run over many projects per example
+FAST = settings(max_examples=20, deadline=None)  # the rules run over many projects per example
 ZONES = ["UTC", "America/New_York", "Asia/Shanghai", "Pacific/Kiritimati", "Pacific/Pago_Pago"]
 BASE = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)  # naive UTC, as the rules take
 
