@@ -279,3 +279,19 @@ def test_month_end_bills_the_days_nightly_missed(db_url: str):
     assert charges(db_url, date(2026, 5, 1), date(2026, 5, 31)) == {("p1", "storage_fee"): (29, Decimal(29))}
     again = ok(db_url, "nightly")
     assert "nothing to bill" in again.stdout
+
+
+def test_compute_usage_counts_towards_the_waiver_of_its_local_billing_month(db_url: str, tmp_path: Path):
+    data = SourceData().project("early", created=LEGACY).project("late", created=LEGACY, account="acct-2")
+    data.compute("early", "2026-04-30 16:00", "30")  # 2026-05-01 00:00 in Shanghai: counts for May
+    data.compute("late", "2026-05-31 16:00", "30")  # 2026-06-01 00:00 in Shanghai: counts for June
+    data.compute("late", "2026-05-31 15:59:59", "0")
+    data.write_url(db_url)
+    shanghai = tmp_path / "billing.toml"
+    shanghai.write_text('[billing]\ntimezone = "Asia/Shanghai"\n')
+    ok(db_url, "--config", str(shanghai), "month-end", "--month", "2026-05")
+    assert line_amounts(db_url, "2026-05") == {
+        ("early", "storage_fee"): Decimal(29),
+        ("early", "storage_refund"): Decimal(-29),
+        ("late", "storage_fee"): Decimal(29),
+    }
