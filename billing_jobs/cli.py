@@ -331,10 +331,11 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Console entry point: maps errors to exit statuses with one line each."""
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console entry point: maps errors to exit statuses with one line each; always exits."""
     try:
-        return cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
