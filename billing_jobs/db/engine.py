@@ -42,9 +42,28 @@ def make_engine(url: str) -> Engine:
                 cur.close()
 
             return engine
-        return create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed, pool_pre_ping=True)
+        if parsed.get_backend_name() == "postgresql":
+            event.listen(engine, "connect", _plan_for_whole_results)
+        return engine
     except Exception as exc:  # unknown dialect or driver
         raise DatabaseUrlError(f"cannot use database URL {parsed!r}: {exc}") from None
+
+
+def _plan_for_whole_results(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+    """Plan server-side cursors (reads stream with `yield_per`) for reading every row.
+
+    PostgreSQL plans a cursor for its first 10% of rows by default
+    (`cursor_tuple_fraction = 0.1`). On freshly loaded, not yet analyzed source
+    tables that picks nested-loop plans for the aggregating reads that are
+    quadratic (minutes instead of a fraction of a second for 40,000 rows). The
+    jobs always read a cursor to the end.
+    """
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET cursor_tuple_fraction = 1.0")
+    dbapi_conn.autocommit = autocommit
 
 
 def alembic_config(engine: Engine) -> Config:
