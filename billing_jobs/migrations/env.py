@@ -10,19 +10,10 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 from billing_jobs.db.billing_tables import billing_metadata
+from billing_jobs.migrations import VERSION_TABLE, include_object
 
 config = context.config
 target_metadata = billing_metadata
-VERSION_TABLE = "billing_alembic_version"
-
-
-def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
-    if type_ == "table":
-        return name in target_metadata.tables
-    table = getattr(obj, "table", None)
-    if table is not None:
-        return table.name in target_metadata.tables
-    return True
 
 
 def run_migrations_offline() -> None:
