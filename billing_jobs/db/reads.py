@@ -122,7 +122,9 @@ def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElemen
             (or_(column > 1e15, column < -1e15), NON_FINITE),
             else_=None,
         )
-    specials = [literal_column(f"'{v}'::numeric") for v in ("NaN", "Infinity", "-Infinity")]
+    specials: list[ColumnElement[Any]] = [
+        literal_column(f"'{v}'::numeric") for v in ("NaN", "Infinity", "-Infinity")
+    ]
     return case(
         (column.is_(None), MISSING),
         (column.in_(specials), NON_FINITE),

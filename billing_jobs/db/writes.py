@@ -43,19 +43,22 @@ def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[st
     for col in out.columns:
         if out[col].dtype.kind == "i":
             out[col] = out[col].astype(object)
-    return out.to_dict("records")
+    records: list[dict[str, Any]] = out.to_dict("records")
+    return records
 
 
 def _column_values(values: pd.Series, is_date: bool) -> list[Any]:
     """One column as plain Python values; day numbers become ISO dates, instants ISO text."""
     if is_date:
         days = values.to_numpy(dtype=np.int64).astype("datetime64[D]")
-        return np.datetime_as_string(days, unit="D").tolist()
+        iso: list[Any] = np.datetime_as_string(days, unit="D").tolist()
+        return iso
     if values.dtype.kind == "M":
         text = np.datetime_as_string(values.to_numpy().astype("datetime64[us]"), unit="us")
         return [None if t == "NaT" else t.replace("T", " ") for t in text.tolist()]
     if values.dtype.kind in "iub":
-        return values.tolist()
+        plain: list[Any] = values.tolist()
+        return plain
     return [None if v is None or v is pd.NaT else v for v in values.tolist()]
 
 
@@ -76,7 +79,7 @@ def _copy_text(frame: pd.DataFrame) -> str:
                     .str.replace("\r", "\\r", regex=False),
                 )
             out[col] = text
-    return out.to_csv(sep="\t", header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_NONE)
+    return str(out.to_csv(sep="\t", header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_NONE))
 
 
 def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns: Sequence[str] = ()) -> int:
@@ -90,6 +93,7 @@ def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns
     columns = list(rows.columns)
     names = ", ".join(f'"{c}"' for c in columns)
     raw = conn.connection.driver_connection
+    assert raw is not None, "an open connection has a driver connection"
     if conn.dialect.name == "postgresql":
         ready = pd.DataFrame(
             {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from billing_jobs.db.billing_tables import (
 from billing_jobs.db.reads import Chunk
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
+    ChunkResult,
     compute_chunk,
     month_days,
     orphan_event_rejects,
@@ -164,7 +166,6 @@ def close_month(
 
         run.write(start)
 
-    first, last = day_number(month.first_day), day_number(month.last_day)
     for step, chunk in enumerate(chunks, start=1):
         with run.engine.connect() as conn:
             result = compute_chunk(conn, settings, month, chunk)
@@ -191,17 +192,11 @@ def close_month(
             all_heads.append(heads)
             all_lines.append(lines)
         else:
-
-            def work(conn: Connection, r=result, ch=chunk, h=heads, ls=lines) -> None:
-                ins, dele = sync_daily_charges(
-                    conn, r.charges, first, last, ch, run_id=run.run_id, now=run.now
+            run.write(
+                partial(
+                    _write_chunk, run=run, month=month, result=result, chunk=chunk, heads=heads, lines=lines
                 )
-                run.count("rows_inserted", ins)
-                run.count("rows_deleted", dele)
-                run.count("rejects_new", record_rejects(conn, r.rejects, run_id=run.run_id, now=run.now))
-                _write_invoices(conn, h, ls, month, run)
-
-            run.write(work)
+            )
         run.progress(step, len(chunks), str(month))
 
     if not run.dry_run:
@@ -244,6 +239,27 @@ def close_month(
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
     lines = pd.concat(all_lines, ignore_index=True) if all_lines else pd.DataFrame()
     return MonthPreview(month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True))
+
+
+def _write_chunk(
+    conn: Connection,
+    *,
+    run: Run,
+    month: Month,
+    result: ChunkResult,
+    chunk: Chunk,
+    heads: pd.DataFrame,
+    lines: pd.DataFrame,
+) -> None:
+    """One chunk's writes: daily charges corrected, rejects recorded, draft invoices."""
+    first, last = day_number(month.first_day), day_number(month.last_day)
+    inserted, deleted = sync_daily_charges(
+        conn, result.charges, first, last, chunk, run_id=run.run_id, now=run.now
+    )
+    run.count("rows_inserted", inserted)
+    run.count("rows_deleted", deleted)
+    run.count("rejects_new", record_rejects(conn, result.rejects, run_id=run.run_id, now=run.now))
+    _write_invoices(conn, heads, lines, month, run)
 
 
 def _write_invoices(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import partial
 from itertools import groupby
 
 import pandas as pd
@@ -18,8 +19,10 @@ from sqlalchemy import Connection, Engine, select
 
 from billing_jobs.db import reads
 from billing_jobs.db.billing_tables import billed_days, daily_charges
+from billing_jobs.db.reads import Chunk
 from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
+    ChunkResult,
     compute_chunk,
     orphan_event_rejects,
     source_rejects,
@@ -68,6 +71,25 @@ def _month_runs(days: Iterable[date]) -> list[tuple[Month, date, date]]:
     return out
 
 
+def _keep_rejects(conn: Connection, *, run: Run, found: pd.DataFrame) -> None:
+    run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+
+
+def _sync_chunk(
+    conn: Connection, *, run: Run, result: ChunkResult, chunk: Chunk, first: date, last: date
+) -> None:
+    inserted, deleted = sync_daily_charges(
+        conn, result.charges, day_number(first), day_number(last), chunk, run_id=run.run_id, now=run.now
+    )
+    run.count("rows_inserted", inserted)
+    run.count("rows_deleted", deleted)
+    _keep_rejects(conn, run=run, found=result.rejects)
+
+
+def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]) -> None:
+    run.count("days_billed", insert_ignore(conn, billed_days, records))
+
+
 def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER_CHUNK) -> NightlyPreview:
     """Charge `days`; in a dry run, return what would be charged instead."""
     settings = run.settings
@@ -88,11 +110,7 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
         if run.dry_run:
             preview_rejects.append(found)
         else:
-            run.write(
-                lambda c, f=found: run.count(
-                    "rejects_new", record_rejects(c, f, run_id=run.run_id, now=run.now)
-                )
-            )
+            run.write(partial(_keep_rejects, run=run, found=found))
         for chunk in chunks:
             with run.engine.connect() as conn:
                 result = compute_chunk(
@@ -109,22 +127,14 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
                 preview_charges.append(charges)
                 preview_rejects.append(result.rejects)
             else:
-
-                def work(conn: Connection, r=result, ch=chunk, a=first, b=last) -> None:
-                    ins, dele = sync_daily_charges(
-                        conn, r.charges, day_number(a), day_number(b), ch, run_id=run.run_id, now=run.now
-                    )
-                    run.count("rows_inserted", ins)
-                    run.count("rows_deleted", dele)
-                    run.count("rejects_new", record_rejects(conn, r.rejects, run_id=run.run_id, now=run.now))
-
-                run.write(work)
+                run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, first=first, last=last))
             step += 1
             run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
         if not run.dry_run:
             span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
             records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]
-            run.write(lambda c, r=records: run.count("days_billed", insert_ignore(c, billed_days, r)))
+
+            run.write(partial(_mark_billed, run=run, records=records))
     if not run.dry_run and run.counts.get("rows_inserted"):
         run.write(lambda conn: analyze(conn, daily_charges))
     run.counts.setdefault("days_billed", 0)

@@ -91,7 +91,8 @@ def add_months_days(days: IntArray, months: int) -> IntArray:
     ).astype(np.int64)
     clamped = np.minimum(day_of_month, target_len - 1)
     out = target.astype("datetime64[D]") + clamped
-    return out.astype(np.int64)
+    result: IntArray = out.astype(np.int64)
+    return result
 
 
 def local_midnight_utc(d: date, zone: ZoneInfo) -> datetime:

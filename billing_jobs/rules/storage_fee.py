@@ -160,7 +160,8 @@ def apply_monthly_cap(
     k = pd.Series(b).groupby(codes).cumsum().to_numpy(dtype=np.int64)
     cum_after = np.minimum(k * rate_units, cap_units)
     cum_before = np.minimum((k - b) * rate_units, cap_units)
-    return (cum_after - cum_before).astype(np.int64)
+    charges: np.ndarray = (cum_after - cum_before).astype(np.int64)
+    return charges
 
 
 def storage_days(
