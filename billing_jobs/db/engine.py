@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
@@ -74,11 +74,26 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Create or migrate the jobs' own tables (safe to repeat)."""
+    """Create or migrate the jobs' own tables (safe to repeat, and to run at once:
+    a second upgrade waits for the first, then finds nothing left to do)."""
     cfg = alembic_config(engine)
     with engine.begin() as conn:
+        _one_migration_at_a_time(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+MIGRATION_LOCK_KEY = 0x62696C6C  # PostgreSQL advisory lock key of migrations ("bill")
+
+
+def _one_migration_at_a_time(conn: Connection) -> None:
+    """Hold a lock until the migration transaction ends (first runs on a new database race)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    elif conn.dialect.name == "sqlite":
+        # The database's write lock from the start, so the version check and the DDL that
+        # follows are one transaction; the busy timeout makes a second upgrade wait.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -13,7 +13,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -108,15 +109,31 @@ def log_events(stderr: str) -> list[dict[str, Any]]:
 
 def another_database(request: pytest.FixtureRequest, db_url: str) -> Iterator[str]:
     """A second empty database on the same back end as `db_url` (for a reference run)."""
-    if db_url.startswith("sqlite"):
-        yield f"sqlite:///{request.getfixturevalue('tmp_path') / 'reference.db'}"
-        return
-    server = request.getfixturevalue("pg_server")
-    name = server.create_database()
+    for make in database_maker(request, db_url):
+        yield make()
+
+
+def database_maker(request: pytest.FixtureRequest, db_url: str) -> Iterator[Callable[[], str]]:
+    """A function making empty databases on the back end of `db_url`; all dropped afterwards."""
+    made: list[str] = []
+    server = None if db_url.startswith("sqlite") else request.getfixturevalue("pg_server")
+    folder = request.getfixturevalue("tmp_path")
+
+    def make() -> str:
+        if server is None:
+            url = f"sqlite:///{folder / f'db-{uuid.uuid4().hex[:12]}.db'}"
+            made.append(url)
+            return url
+        name = server.create_database()
+        made.append(name)
+        return str(server.url(name))
+
     try:
-        yield server.url(name)
+        yield make
     finally:
-        server.drop_database(name)
+        if server is not None:
+            for name in made:
+                server.drop_database(name)
 
 
 def write_source(data: SourceData, *db_urls: str) -> None:

@@ -247,3 +247,19 @@ def test_a_lock_left_by_a_killed_run_locks_others_out_until_it_expires_then_is_t
     assert after_expiry.code == 0, after_expiry.stderr
     assert billing_state(db_url, MONTH) == alone
     assert lock_holder(db_url) is None
+
+
+def test_two_first_runs_on_a_new_database_create_the_schema_once_and_charge_once(
+    db_url: str, reference_url: str, tmp_path: Path
+) -> None:
+    """Neither database has the jobs' tables: both runs migrate first, which must not collide."""
+    write_source(busy_month(ACCOUNTS), db_url, reference_url)
+    alone = run_cli(reference_url, *JOBS["month-end"])
+    assert alone.code == 0, alone.stderr
+    procs = [start_cli(db_url, *JOBS["month-end"], cwd=tmp_path) for _ in range(2)]
+    results = [finish(p) for p in procs]
+    codes = sorted(r.code for r in results)
+    assert codes in ([0, EX_TEMPFAIL], [0, 0]), [plain_lines(r.stderr) for r in results]
+    state = billing_state(db_url, MONTH)
+    no_line_twice(state)
+    assert state == billing_state(reference_url, MONTH)
