@@ -298,7 +298,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
             problem.is_(None),
-            not_(units(c.quantity) < 0),
+            not_(c.quantity < 0),
         )
         .group_by(c.project_id, raw(conn, c.usage_date), c.metric)
     )
@@ -330,7 +330,7 @@ def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFram
             or_(
                 projects.c.project_id.is_(None),
                 problem.is_not(None),
-                units(c.quantity) < 0,
+                c.quantity < 0,
             ),
         )
     )
@@ -355,7 +355,7 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
             _quantity_problem(conn).is_(None),
-            not_(units(c.quantity) < 0),
+            not_(c.quantity < 0),
         )
         parts.append(_frame(conn, stmt, dates=["day"]))
     rows = pd.concat(parts, ignore_index=True)
