@@ -7,7 +7,9 @@ Exit status: 0 done; 2 bad arguments or settings (one line on stderr);
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -331,8 +333,22 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+class Terminated(SystemExit):
+    """SIGTERM (Kubernetes, `docker stop`) unwinds like an error: the open transaction
+    rolls back, the run is recorded as failed and its lock released for the next run."""
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM"
+
+
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: maps errors to exit statuses with one line each; always exits."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         code = cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

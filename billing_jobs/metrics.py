@@ -43,7 +43,6 @@ write or push is logged as a warning.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to
 from sqlalchemy import Engine, inspect, select
 
 from billing_jobs.db.billing_tables import billing_runs
+from billing_jobs.jobs.status import run_counts as _counts
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.money import UNITS_PER_CREDIT
 from billing_jobs.settings import Settings
@@ -80,16 +80,6 @@ class JobMetrics:
 
 def _timestamp(naive_utc: datetime) -> float:
     return naive_utc.replace(tzinfo=UTC).timestamp()
-
-
-def _counts(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        loaded = json.loads(text)
-    except ValueError:
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def read_job_metrics(engine: Engine, jobs: Iterable[str] | None = None) -> list[JobMetrics]:

@@ -15,22 +15,14 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from billing_jobs.jobs.export import HEADER
 from billing_jobs.jobs.runner import Outcome
 from billing_jobs.rules.calendar import day_from_number
 from billing_jobs.rules.invoice import LINE_ORDER
 from billing_jobs.rules.money import format_units
 
-PREVIEW_HEADER = [
-    "invoice_id",
-    "invoice_kind",
-    "account_id",
-    "project_id",
-    "period",
-    "line_type",
-    "quantity",
-    "unit_price",
-    "amount",
-]
+# The export's own columns, so a preview opens like the export in a spreadsheet.
+PREVIEW_HEADER = HEADER[: HEADER.index("amount") + 1]
 
 
 def _console() -> Console:

@@ -203,15 +203,19 @@ def read_projects(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     return _frame(conn, stmt, timestamps=["created_at"])
 
 
+def _event_columns(conn: Connection) -> Select[Any]:
+    return select(
+        project_events.c.event_id,
+        project_events.c.project_id,
+        raw(conn, project_events.c.occurred_at).label("occurred_at"),
+        project_events.c.kind,
+    )
+
+
 def read_events(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     """Events of the chunk's projects: event_id, project_id, occurred_at, kind."""
     stmt = (
-        select(
-            project_events.c.event_id,
-            project_events.c.project_id,
-            raw(conn, project_events.c.occurred_at).label("occurred_at"),
-            project_events.c.kind,
-        )
+        _event_columns(conn)
         .join(projects, projects.c.project_id == project_events.c.project_id)
         .where(chunk.clause(projects.c.account_id))
     )
@@ -221,12 +225,7 @@ def read_events(conn: Connection, chunk: Chunk) -> pd.DataFrame:
 def read_orphan_events(conn: Connection) -> pd.DataFrame:
     """Events naming a project that does not exist."""
     stmt = (
-        select(
-            project_events.c.event_id,
-            project_events.c.project_id,
-            raw(conn, project_events.c.occurred_at).label("occurred_at"),
-            project_events.c.kind,
-        )
+        _event_columns(conn)
         .outerjoin(projects, projects.c.project_id == project_events.c.project_id)
         .where(projects.c.project_id.is_(None))
     )

@@ -315,7 +315,8 @@ def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
-def _counts(text: str | None) -> dict[str, Any]:
+def run_counts(text: str | None) -> dict[str, Any]:
+    """The counts JSON of a run record as a dict (empty when missing or unreadable)."""
     if not text:
         return {}
     try:
@@ -353,7 +354,7 @@ def _run_info(row: Any, locks: list[LockInfo], now: datetime) -> RunInfo:
         recorded_status=row.status,
         started_at=_ts(row.started_at),
         finished_at=_naive(row.finished_at),
-        counts=_counts(row.counts),
+        counts=run_counts(row.counts),
         error=row.error,
         host=row.host,
         pid=row.pid,
