@@ -31,8 +31,9 @@ def at(instant: datetime) -> time_machine.travel:
 
 
 @pytest.fixture
-def db_file(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'billing.db'}"
+def db_file(db_url: str) -> str:
+    """The database of a command test: each test runs on SQLite and on PostgreSQL."""
+    return db_url
 
 
 @pytest.fixture
@@ -280,8 +281,7 @@ def test_export_writes_only_csv_to_stdout_and_logs_to_stderr(db_file: str, tmp_p
     assert out.read_text() == export_text(db_file, "2026-05")
 
 
-def test_the_installed_command_logs_json_when_stderr_is_a_pipe(tmp_path: Path):
-    db_url = f"sqlite:///{tmp_path / 'billing.db'}"
+def test_the_installed_command_logs_json_when_stderr_is_a_pipe(db_url: str):
     SourceData().project("p1", created=LEGACY).write_url(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
     script = Path(sys.executable).with_name("billing-jobs")

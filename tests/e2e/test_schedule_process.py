@@ -106,13 +106,18 @@ def scheduler_process(
             proc.stderr.close()
 
 
-def sqlite_db(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'billing.db'}"
+def seeded(url: str) -> str:
+    """Two projects in the database at `url` (each test runs on SQLite and PostgreSQL)."""
     data = SourceData()
     data.project("p1", created="2026-01-10")
     data.project("p2", created="2026-02-01", account="acct-2")
     data.write_url(url)
     return url
+
+
+@pytest.fixture
+def source_url(db_url: str) -> str:
+    return db_url
 
 
 def today_utc() -> date:
@@ -174,11 +179,12 @@ def assert_billed_through_yesterday(db_url: str, effective_from: date, yesterday
 
 
 def test_the_scheduler_catches_up_the_missed_days_on_start_then_stops_cleanly_on_sigterm(
+    source_url: str,
     tmp_path: Path,
 ) -> None:
     yesterday = today_utc() - timedelta(days=1)
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
-    db_url = sqlite_db(tmp_path)
+    db_url = seeded(source_url)
     config = write_config(tmp_path, effective_from)
 
     with scheduler_process(db_url, config, tmp_path) as (proc, logs):
@@ -194,10 +200,12 @@ def test_the_scheduler_catches_up_the_missed_days_on_start_then_stops_cleanly_on
     assert nightly_statuses(db_url) == ["succeeded"]
 
 
-def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exits(tmp_path: Path) -> None:
+def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exits(
+    source_url: str, tmp_path: Path
+) -> None:
     yesterday = today_utc() - timedelta(days=1)
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
-    db_url = sqlite_db(tmp_path)
+    db_url = seeded(source_url)
     config = write_config(tmp_path, effective_from)
 
     with scheduler_process(db_url, config, tmp_path) as (proc, logs):
@@ -213,8 +221,10 @@ def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exi
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_an_idle_scheduler_exits_0_promptly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
-    db_url = sqlite_db(tmp_path)
+def test_an_idle_scheduler_exits_0_promptly_on_a_signal(
+    source_url: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    db_url = seeded(source_url)
     config = write_config(tmp_path, today_utc() - timedelta(days=3))
 
     with scheduler_process(db_url, config, tmp_path, "--no-catch-up-on-start") as (proc, logs):
@@ -230,10 +240,10 @@ def test_an_idle_scheduler_exits_0_promptly_on_a_signal(tmp_path: Path, sig: sig
 # --- --once, in-process --------------------------------------------------------------------------
 
 
-def test_once_runs_the_nightly_now_and_exits_with_its_status(tmp_path: Path) -> None:
+def test_once_runs_the_nightly_now_and_exits_with_its_status(source_url: str, tmp_path: Path) -> None:
     yesterday = today_utc() - timedelta(days=1)
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
-    db_url = sqlite_db(tmp_path)
+    db_url = seeded(source_url)
     config = write_config(tmp_path, effective_from)
 
     result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
@@ -243,8 +253,8 @@ def test_once_runs_the_nightly_now_and_exits_with_its_status(tmp_path: Path) -> 
     assert_billed_through_yesterday(db_url, effective_from, yesterday)
 
 
-def test_once_exits_75_when_another_run_holds_the_lock(tmp_path: Path) -> None:
-    db_url = sqlite_db(tmp_path)
+def test_once_exits_75_when_another_run_holds_the_lock(source_url: str, tmp_path: Path) -> None:
+    db_url = seeded(source_url)
     config = write_config(tmp_path, today_utc() - timedelta(days=3))
     assert run_cli(db_url, "db", "upgrade").code == 0
     engine = sa.create_engine(db_url)
