@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -236,6 +236,8 @@ def month_end(
     now = utcnow()
     today = now.astimezone(settings.zone).date()
     month = _parse_month(month_text) if month_text else Month.of(today).previous()
+    # A month that has not ended is previewed through yesterday: "the invoices so far".
+    through = None if job.month_has_ended(month, today) else today - timedelta(days=1)
     if not dry_run and not job.month_has_ended(month, today):
         raise click.UsageError(
             f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
@@ -251,7 +253,9 @@ def month_end(
             arguments={"month": str(month), "dry_run": dry_run},
             now=now,
             dry_run=dry_run,
-            body=lambda run: job.close_month(run, month, projects_per_chunk, fresh_schema=not has_schema),
+            body=lambda run: job.close_month(
+                run, month, projects_per_chunk, fresh_schema=not has_schema, through=through
+            ),
             progress=update,
         )
     finally:

@@ -135,7 +135,9 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
         state = (
             "closed: a re-run would write these adjustments"
             if preview.closed_before
-            else "open: invoices so far"
+            else f"open: invoices so far, through {preview.through}"
+            if preview.through is not None
+            else "not closed yet: the invoices month-end would write"
         )
         console.print(f"month-end {month} preview ({state})")
     else:

@@ -142,9 +142,10 @@ def compute_chunk(
     if whole_month:
         start, end = day_bounds_utc(month.first_day, month.last_day, zone)
         compute = reads.read_compute_totals(conn, start, end, chunk)
+        # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
-            storage.groupby("project_id", as_index=False)["amount_units"].sum()
-            if len(storage)
+            charged.groupby("project_id", as_index=False)["amount_units"].sum()
+            if len(charged)
             else pd.DataFrame({"project_id": [], "amount_units": []})
         )
         refunds = waiver_refunds(totals, compute, waiver_threshold_units(settings))

@@ -55,10 +55,10 @@ class MonthPreview:
     kind: str  # regular | adjustment
     closed_before: bool
     invoices: pd.DataFrame  # invoice_id, account_id, kind, sequence, total_units, line_count
-    lines: (
-        pd.DataFrame
-    )  # invoice_id, account_id, project_id, line_type, quantity_units, unit_price, amount_units
+    # invoice_id, account_id, project_id, line_type, quantity_units, unit_price, amount_units
+    lines: pd.DataFrame
     rejects: pd.DataFrame
+    through: date | None = None  # a preview of a month not ended: its days up to this one
 
 
 def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
@@ -129,13 +129,22 @@ def _invoices_for(
 
 
 def close_month(
-    run: Run, month: Month, projects_per_chunk: int = PROJECTS_PER_CHUNK, *, fresh_schema: bool = False
+    run: Run,
+    month: Month,
+    projects_per_chunk: int = PROJECTS_PER_CHUNK,
+    *,
+    fresh_schema: bool = False,
+    through: date | None = None,
 ) -> MonthPreview:
     """Close `month` (or, in a dry run, compute what closing it would write).
 
     fresh_schema: the jobs' tables do not exist yet (a dry run on a new database).
+    through: preview of a month that has not ended: its days up to this one only.
     """
+    if through is not None and not run.dry_run:
+        raise ValueError("only a dry run may stop before the end of the month")
     settings = run.settings
+    last = month.last_day if through is None else min(through, month.last_day)
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
         chunks = reads.account_chunks(conn, projects_per_chunk)
@@ -168,7 +177,7 @@ def close_month(
 
     for step, chunk in enumerate(chunks, start=1):
         with run.engine.connect() as conn:
-            result = compute_chunk(conn, settings, month, chunk)
+            result = compute_chunk(conn, settings, month, chunk, last=last)
             truth = result.lines if result.lines is not None else empty_lines()
             if closed:
                 lines = adjustment_lines(truth, invoiced_lines(conn, month, chunk))
@@ -238,7 +247,9 @@ def close_month(
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
     lines = pd.concat(all_lines, ignore_index=True) if all_lines else pd.DataFrame()
-    return MonthPreview(month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True))
+    return MonthPreview(
+        month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True), through=through
+    )
 
 
 def _write_chunk(
