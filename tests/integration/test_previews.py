@@ -22,9 +22,8 @@ def test_an_open_month_preview_shows_the_invoices_through_yesterday(db_url: str,
 
     assert result.code == 0, result.stderr
     assert "through 2026-05-10" in result.stdout
-    rows = {
-        (r["project_id"], r["line_type"]): (r["quantity"], r["amount"]) for r in csv.DictReader(out.open())
-    }
+    with out.open(encoding="utf-8") as fh:
+        rows = {(r["project_id"], r["line_type"]): (r["quantity"], r["amount"]) for r in csv.DictReader(fh)}
     assert rows == {
         ("p1", "storage_fee"): ("10", "10"),
         ("p1", "storage_refund"): ("1", "-10"),
