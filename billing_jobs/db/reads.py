@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    extract,
     func,
     literal,
     literal_column,
@@ -40,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import BindParameter
 
+from billing_jobs.db.billing_tables import daily_charges
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -71,6 +73,22 @@ class Chunk:
     @classmethod
     def only(cls, account_id: str) -> Chunk:
         return cls(account=account_id)
+
+    def mask(self, account_ids: pd.Series) -> np.ndarray:
+        """Which of these account ids belong to the chunk (vectorized `clause`)."""
+        values = account_ids.astype(object)
+        if self.account is not None:
+            return np.asarray(values == self.account, dtype=bool)
+        keep = np.ones(len(values), dtype=bool)
+        if self.lo is not None:
+            keep &= np.asarray(values > self.lo, dtype=bool)
+        if self.hi is not None:
+            keep &= np.asarray(values <= self.hi, dtype=bool)
+        return keep
+
+    def rows_of(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of a frame with an `account_id` column that belong to the chunk."""
+        return frame.loc[self.mask(frame["account_id"])]
 
     def clause(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
         if self.account is not None:
@@ -236,7 +254,7 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
     """project_id, compute_units: the sum of usable compute rows in [start, end)."""
     c = compute_usage.c
     stmt = (
-        select(c.project_id, func.sum(units(c.credits)).label("compute_units"))
+        select(c.project_id, projects.c.account_id, func.sum(units(c.credits)).label("compute_units"))
         .join(projects, projects.c.project_id == c.project_id)
         .where(
             chunk.clause(projects.c.account_id),
@@ -244,7 +262,7 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
             raw(conn, c.occurred_at) < ts_param(conn, end),
             amount_problem(conn, c.credits).is_(None),
         )
-        .group_by(c.project_id)
+        .group_by(c.project_id, projects.c.account_id)
     )
     return _frame(conn, stmt, ints=["compute_units"])
 
@@ -281,12 +299,16 @@ def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
 
 
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
-    """Usable cloud rows of the chunk summed per (project_id, day, metric): quantity_units."""
+    """Usable cloud rows of the chunk summed per (project_id, day, metric): quantity_units.
+
+    Also carries each row's account_id, so a frame read for many chunks can be split.
+    """
     c = cloud_usage.c
     problem = _quantity_problem(conn)
     stmt = (
         select(
             c.project_id,
+            projects.c.account_id,
             raw(conn, c.usage_date).label("day"),
             c.metric,
             func.sum(units(c.quantity)).label("quantity_units"),
@@ -299,7 +321,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
             problem.is_(None),
             not_(c.quantity < 0),
         )
-        .group_by(c.project_id, raw(conn, c.usage_date), c.metric)
+        .group_by(c.project_id, projects.c.account_id, raw(conn, c.usage_date), c.metric)
     )
     return _frame(conn, stmt, dates=["day"], ints=["quantity_units"])
 
@@ -364,3 +386,24 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def read_charge_fingerprints(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
+    """Per (project, charge type) of days first..last (one month) in `daily_charges`:
+    account_id, n (rows), amount, quantity, dw (day-of-month weighted amount)."""
+    dc = daily_charges.c
+    dom = extract("day", dc.charge_date)
+    stmt = (
+        select(
+            dc.project_id,
+            dc.charge_type,
+            dc.account_id,
+            func.count().label("n"),
+            func.sum(dc.amount_units).label("amount"),
+            func.sum(dc.quantity_units).label("quantity"),
+            func.sum(dom * dc.amount_units).label("dw"),
+        )
+        .where(chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
+        .group_by(dc.project_id, dc.charge_type, dc.account_id)
+    )
+    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"])

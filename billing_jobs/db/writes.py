@@ -20,15 +20,12 @@ from sqlalchemy import (
     String,
     Table,
     delete,
-    extract,
-    func,
-    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.reads import Chunk, read_charge_fingerprints
 from billing_jobs.rules.calendar import day_from_number
 
 SQL_BATCH = 5_000
@@ -177,8 +174,12 @@ def sync_daily_charges(
     *,
     run_id: str,
     now: datetime,
+    existing: pd.DataFrame | None = None,
 ) -> tuple[int, int]:
     """Make the chunk's charges on days first..last (one month) equal `truth`.
+
+    existing: the chunk's fingerprints if the caller read them already (see
+    `reads.read_charge_fingerprints`); read here otherwise.
 
     truth: project_id, account_id, charge_type, day, quantity_units, amount_units.
     Compares per (project, charge type) fingerprints computed by the database
@@ -187,28 +188,8 @@ def sync_daily_charges(
     """
     first, last = day_from_number(first_day), day_from_number(last_day)
     dc = daily_charges.c
-    dom = extract("day", dc.charge_date)
-    stmt = (
-        select(
-            dc.project_id,
-            dc.charge_type,
-            func.count().label("n"),
-            func.sum(dc.amount_units).label("amount"),
-            func.sum(dc.quantity_units).label("quantity"),
-            func.sum(dom * dc.amount_units).label("dw"),
-        )
-        .where(
-            chunk.clause(dc.account_id),
-            dc.charge_date >= first,
-            dc.charge_date <= last,
-        )
-        .group_by(dc.project_id, dc.charge_type)
-    )
-    existing = pd.DataFrame(
-        conn.execute(stmt).all(), columns=["project_id", "charge_type", "n", "amount", "quantity", "dw"]
-    )
-    for col in ("n", "amount", "quantity", "dw"):
-        existing[col] = existing[col].astype(np.int64)
+    if existing is None:
+        existing = read_charge_fingerprints(conn, first, last, chunk)
     dom_truth = (
         truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]")
         - truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")

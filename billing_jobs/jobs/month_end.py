@@ -35,6 +35,7 @@ from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_r
 from billing_jobs.jobs.compute import (
     ChunkResult,
     compute_chunk,
+    load_month_sources,
     month_days,
     orphan_event_rejects,
     source_rejects,
@@ -175,15 +176,24 @@ def close_month(
 
         run.write(start)
 
+    # Read once for every chunk: usage aggregated by the database, what the month's
+    # daily charges and finalized invoices hold now (after the drafts were removed).
+    everything = Chunk()
+    with run.engine.connect() as conn:
+        sources = load_month_sources(conn, settings, month, month.first_day, last, whole_month=True)
+        fingerprints = (
+            None
+            if run.dry_run
+            else reads.read_charge_fingerprints(conn, month.first_day, month.last_day, everything)
+        )
+        invoiced_all = invoiced_lines(conn, month, everything) if closed else None
+        sequences = _next_sequences(conn, month, everything) if closed else {}
+
     for step, chunk in enumerate(chunks, start=1):
         with run.engine.connect() as conn:
-            result = compute_chunk(conn, settings, month, chunk, last=last)
-            truth = result.lines if result.lines is not None else empty_lines()
-            if closed:
-                lines = adjustment_lines(truth, invoiced_lines(conn, month, chunk))
-                sequences = _next_sequences(conn, month, chunk)
-            else:
-                lines, sequences = truth, {}
+            result = compute_chunk(conn, settings, month, chunk, last=last, sources=sources)
+        truth = result.lines if result.lines is not None else empty_lines()
+        lines = truth if invoiced_all is None else adjustment_lines(truth, chunk.rows_of(invoiced_all))
         heads, lines = _invoices_for(lines, month, kind, sequences)
         refunds = result.refunds if result.refunds is not None else pd.DataFrame()
         storage = result.charges["charge_type"] == "storage_fee"
@@ -201,9 +211,19 @@ def close_month(
             all_heads.append(heads)
             all_lines.append(lines)
         else:
+            existing = (
+                None if fingerprints is None else fingerprints.loc[chunk.mask(fingerprints["account_id"])]
+            )
             run.write(
                 partial(
-                    _write_chunk, run=run, month=month, result=result, chunk=chunk, heads=heads, lines=lines
+                    _write_chunk,
+                    run=run,
+                    month=month,
+                    result=result,
+                    chunk=chunk,
+                    heads=heads,
+                    lines=lines,
+                    existing=existing,
                 )
             )
         run.progress(step, len(chunks), str(month))
@@ -261,11 +281,12 @@ def _write_chunk(
     chunk: Chunk,
     heads: pd.DataFrame,
     lines: pd.DataFrame,
+    existing: pd.DataFrame | None,
 ) -> None:
     """One chunk's writes: daily charges corrected, rejects recorded, draft invoices."""
     first, last = day_number(month.first_day), day_number(month.last_day)
     inserted, deleted = sync_daily_charges(
-        conn, result.charges, first, last, chunk, run_id=run.run_id, now=run.now
+        conn, result.charges, first, last, chunk, run_id=run.run_id, now=run.now, existing=existing
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)

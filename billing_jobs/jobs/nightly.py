@@ -24,6 +24,7 @@ from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_
 from billing_jobs.jobs.compute import (
     ChunkResult,
     compute_chunk,
+    load_month_sources,
     orphan_event_rejects,
     source_rejects,
 )
@@ -76,10 +77,24 @@ def _keep_rejects(conn: Connection, *, run: Run, found: pd.DataFrame) -> None:
 
 
 def _sync_chunk(
-    conn: Connection, *, run: Run, result: ChunkResult, chunk: Chunk, first: date, last: date
+    conn: Connection,
+    *,
+    run: Run,
+    result: ChunkResult,
+    chunk: Chunk,
+    first: date,
+    last: date,
+    existing: pd.DataFrame | None,
 ) -> None:
     inserted, deleted = sync_daily_charges(
-        conn, result.charges, day_number(first), day_number(last), chunk, run_id=run.run_id, now=run.now
+        conn,
+        result.charges,
+        day_number(first),
+        day_number(last),
+        chunk,
+        run_id=run.run_id,
+        now=run.now,
+        existing=existing,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)
@@ -106,6 +121,8 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
                 [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
                 ignore_index=True,
             )
+            sources = load_month_sources(conn, settings, month, first, last, whole_month=False)
+            fingerprints = None if run.dry_run else reads.read_charge_fingerprints(conn, first, last, Chunk())
         run.saw_rejects(found)
         if run.dry_run:
             preview_rejects.append(found)
@@ -114,7 +131,7 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
         for chunk in chunks:
             with run.engine.connect() as conn:
                 result = compute_chunk(
-                    conn, settings, month, chunk, first=first, last=last, whole_month=False
+                    conn, settings, month, chunk, first=first, last=last, whole_month=False, sources=sources
                 )
             charges = result.charges
             run.saw_rejects(result.rejects)
@@ -127,7 +144,18 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
                 preview_charges.append(charges)
                 preview_rejects.append(result.rejects)
             else:
-                run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, first=first, last=last))
+                existing = None if fingerprints is None else chunk.rows_of(fingerprints)
+                run.write(
+                    partial(
+                        _sync_chunk,
+                        run=run,
+                        result=result,
+                        chunk=chunk,
+                        first=first,
+                        last=last,
+                        existing=existing,
+                    )
+                )
             step += 1
             run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
         if not run.dry_run:
