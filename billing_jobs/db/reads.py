@@ -76,10 +76,12 @@ class Chunk:
 
     def mask(self, account_ids: pd.Series) -> np.ndarray:
         """Which of these account ids belong to the chunk (vectorized `clause`)."""
-        values = account_ids.astype(object)
+        known: np.ndarray = np.asarray(account_ids.notna(), dtype=bool)
+        values = account_ids.astype(object).where(known, "")
         if self.account is not None:
-            return np.asarray(values == self.account, dtype=bool)
-        keep = np.ones(len(values), dtype=bool)
+            same: np.ndarray = known & np.asarray(values == self.account, dtype=bool)
+            return same
+        keep: np.ndarray = known.copy()
         if self.lo is not None:
             keep &= np.asarray(values > self.lo, dtype=bool)
         if self.hi is not None:
@@ -251,24 +253,48 @@ def read_orphan_events(conn: Connection) -> pd.DataFrame:
 
 
 def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk: Chunk) -> pd.DataFrame:
-    """project_id, compute_units: the sum of usable compute rows in [start, end)."""
+    """Per project with compute rows in [start, end): account_id (None for an unknown
+    project), compute_units (sum of the usable rows) and bad_rows (rows that cannot
+    count), in one scan; `read_compute_rejects` then needs to look at those projects only."""
     c = compute_usage.c
+    problem = amount_problem(conn, c.credits)
+    bad = or_(projects.c.project_id.is_(None), problem.is_not(None))
     stmt = (
-        select(c.project_id, projects.c.account_id, func.sum(units(c.credits)).label("compute_units"))
-        .join(projects, projects.c.project_id == c.project_id)
+        select(
+            c.project_id,
+            projects.c.account_id,
+            func.coalesce(func.sum(case((problem.is_(None), units(c.credits)), else_=None)), 0).label(
+                "compute_units"
+            ),
+            func.sum(case((bad, 1), else_=0)).label("bad_rows"),
+        )
+        .outerjoin(projects, projects.c.project_id == c.project_id)
         .where(
             chunk.clause(projects.c.account_id),
             raw(conn, c.occurred_at) >= ts_param(conn, start),
             raw(conn, c.occurred_at) < ts_param(conn, end),
-            amount_problem(conn, c.credits).is_(None),
         )
         .group_by(c.project_id, projects.c.account_id)
     )
-    return _frame(conn, stmt, ints=["compute_units"])
+    return _frame(conn, stmt, ints=["compute_units", "bad_rows"])
 
 
-def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
-    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
+def read_compute_rejects(
+    conn: Connection, start: datetime, end: datetime, project_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value.
+
+    project_ids: look at these projects only (those `read_compute_totals` found bad rows for).
+    """
+    if project_ids is None:
+        return _compute_rejects(conn, start, end, None)
+    parts = [_compute_rejects(conn, start, end, ids) for ids in _batches(sorted(project_ids), 500)]
+    return pd.concat(parts, ignore_index=True) if parts else _compute_rejects(conn, start, end, [])
+
+
+def _compute_rejects(
+    conn: Connection, start: datetime, end: datetime, project_ids: Sequence[str] | None
+) -> pd.DataFrame:
     c = compute_usage.c
     problem = amount_problem(conn, c.credits)
     reason = case((projects.c.project_id.is_(None), UNKNOWN_PROJECT), else_=problem)
@@ -287,6 +313,8 @@ def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd
             or_(projects.c.project_id.is_(None), problem.is_not(None)),
         )
     )
+    if project_ids is not None:
+        stmt = stmt.where(c.project_id.in_(list(project_ids)))
     return _frame(conn, stmt, timestamps=["occurred_at"])
 
 

@@ -246,11 +246,21 @@ def _text(value: object) -> str:
     return "NULL" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
-def source_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
-    """Rows of days first..last that the database can tell are bad, any project."""
+def source_rejects(
+    conn: Connection, settings: Settings, first: date, last: date, sources: MonthSources | None = None
+) -> pd.DataFrame:
+    """Rows of days first..last that the database can tell are bad, any project.
+
+    With `sources` of the whole month, compute rows are looked for only in the
+    projects whose totals counted bad rows.
+    """
     zone = ZoneInfo(settings.timezone)
     start, end = day_bounds_utc(first, last, zone)
-    compute = reads.read_compute_rejects(conn, start, end)
+    suspects = None
+    if sources is not None and sources.compute is not None:
+        totals = sources.compute
+        suspects = totals.loc[totals["bad_rows"] > 0, "project_id"].tolist()
+    compute = reads.read_compute_rejects(conn, start, end, suspects)
     cloud = reads.read_cloud_rejects(conn, first, last)
     parts = []
     if len(compute):

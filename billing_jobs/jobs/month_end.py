@@ -149,9 +149,11 @@ def close_month(
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
         chunks = reads.account_chunks(conn, projects_per_chunk)
+        # Usage aggregated by the database once for every chunk (each table scanned once).
+        sources = load_month_sources(conn, settings, month, month.first_day, last, whole_month=True)
         found = pd.concat(
             [
-                source_rejects(conn, settings, month.first_day, month.last_day),
+                source_rejects(conn, settings, month.first_day, month.last_day, sources),
                 orphan_event_rejects(conn, settings),
             ],
             ignore_index=True,
@@ -176,11 +178,10 @@ def close_month(
 
         run.write(start)
 
-    # Read once for every chunk: usage aggregated by the database, what the month's
-    # daily charges and finalized invoices hold now (after the drafts were removed).
+    # Read once for every chunk: what the month's daily charges and finalized
+    # invoices hold now (after the drafts of an interrupted run were removed).
     everything = Chunk()
     with run.engine.connect() as conn:
-        sources = load_month_sources(conn, settings, month, month.first_day, last, whole_month=True)
         fingerprints = (
             None
             if run.dry_run
