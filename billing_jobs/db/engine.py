@@ -50,6 +50,9 @@ def make_engine(url: str) -> Engine:
         raise DatabaseUrlError(f"cannot use database URL {parsed!r}: {exc}") from None
 
 
+SESSION_WORK_MEM = "256MB"
+
+
 def _plan_for_whole_results(dbapi_conn, _record):  # type: ignore[no-untyped-def]
     """Plan server-side cursors (reads stream with `yield_per`) for reading every row.
 
@@ -58,11 +61,15 @@ def _plan_for_whole_results(dbapi_conn, _record):  # type: ignore[no-untyped-def
     tables that picks nested-loop plans for the aggregating reads that are
     quadratic (minutes instead of a fraction of a second for 40,000 rows). The
     jobs always read a cursor to the end.
+
+    `work_mem` is raised for the job's own sessions: the month's aggregations
+    (one group per project) otherwise spill to disk in many batches.
     """
     autocommit = dbapi_conn.autocommit
     dbapi_conn.autocommit = True
     with dbapi_conn.cursor() as cur:
         cur.execute("SET cursor_tuple_fraction = 1.0")
+        cur.execute(f"SET work_mem = '{SESSION_WORK_MEM}'")
     dbapi_conn.autocommit = autocommit
 
 

@@ -159,13 +159,29 @@ def _frame(
     timestamps: Sequence[str] = (),
     dates: Sequence[str] = (),
     ints: Sequence[str] = (),
+    aggregate: bool = False,
 ) -> pd.DataFrame:
-    result = conn.execution_options(yield_per=BATCH).execute(stmt)
-    columns = list(result.keys())
-    gathered: list[list[Any]] = [[] for _ in columns]
-    for batch in result.partitions():
-        for target, values in zip(gathered, zip(*batch, strict=True), strict=True):
-            target.extend(values)
+    """Run `stmt` into a DataFrame, column by column.
+
+    Row-level reads stream in batches (a server-side cursor on PostgreSQL).
+    `aggregate` reads, whose size is bounded by the number of projects, are
+    fetched in one go: PostgreSQL then may run them with parallel workers, which
+    it never does for a cursor.
+    """
+    gathered: list[list[Any]]
+    if aggregate:
+        result = conn.execute(stmt)
+        columns = list(result.keys())
+        rows = result.all()
+        gathered = [list(values) for values in zip(*rows, strict=True)] if rows else [[] for _ in columns]
+    else:
+        # Per statement: a connection-level option would make every later query a cursor.
+        result = conn.execute(stmt.execution_options(yield_per=BATCH))
+        columns = list(result.keys())
+        gathered = [[] for _ in columns]
+        for batch in result.partitions():
+            for target, values in zip(gathered, zip(*batch, strict=True), strict=True):
+                target.extend(values)
     df = pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in zip(columns, gathered, strict=True)})
     for col in timestamps:
         df[col] = _to_datetime(df[col])
@@ -193,10 +209,11 @@ def _to_day_numbers(values: pd.Series) -> pd.Series:
 
 def account_chunks(conn: Connection, projects_per_chunk: int) -> list[Chunk]:
     """Account ranges holding about `projects_per_chunk` projects each."""
-    counts = conn.execution_options(yield_per=BATCH).execute(
+    counts = conn.execute(
         select(projects.c.account_id, func.count())
         .group_by(projects.c.account_id)
         .order_by(projects.c.account_id)
+        .execution_options(yield_per=BATCH)
     )
     chunks: list[Chunk] = []
     lo: str | None = None
@@ -276,7 +293,7 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
         )
         .group_by(c.project_id, projects.c.account_id)
     )
-    return _frame(conn, stmt, ints=["compute_units", "bad_rows"])
+    return _frame(conn, stmt, ints=["compute_units", "bad_rows"], aggregate=True)
 
 
 def read_compute_rejects(
@@ -351,7 +368,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
         )
         .group_by(c.project_id, projects.c.account_id, raw(conn, c.usage_date), c.metric)
     )
-    return _frame(conn, stmt, dates=["day"], ints=["quantity_units"])
+    return _frame(conn, stmt, dates=["day"], ints=["quantity_units"], aggregate=True)
 
 
 def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:
@@ -434,4 +451,4 @@ def read_charge_fingerprints(conn: Connection, first: date, last: date, chunk: C
         .where(chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
         .group_by(dc.project_id, dc.charge_type, dc.account_id)
     )
-    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"])
+    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"], aggregate=True)

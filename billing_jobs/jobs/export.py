@@ -56,7 +56,7 @@ def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) 
     writer.writerow(HEADER)
     written = 0
     with engine.connect() as conn:
-        result = conn.execution_options(yield_per=batch).execute(stmt)
+        result = conn.execute(stmt.execution_options(yield_per=batch))
         for rows in result.partitions():
             writer.writerows(
                 (
