@@ -212,9 +212,7 @@ def close_month(
             all_heads.append(heads)
             all_lines.append(lines)
         else:
-            existing = (
-                None if fingerprints is None else fingerprints.loc[chunk.mask(fingerprints["account_id"])]
-            )
+            existing = None if fingerprints is None else chunk.rows_of(fingerprints)
             run.write(
                 partial(
                     _write_chunk,
