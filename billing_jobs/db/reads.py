@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.expression import BindParameter
 
-from billing_jobs.db.billing_tables import daily_charges
+from billing_jobs.db.billing_tables import charge_totals, daily_charges
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -52,6 +52,9 @@ from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.money import UNITS_PER_CREDIT
 
 BATCH = 50_000
+# The day-weighted fingerprint of a project's charges weighs each day by its amount
+# modulo a prime, so that it stays far inside BIGINT whatever the amounts.
+DW_MODULUS = 1_000_003
 
 # Reject reasons for amounts (stable codes).
 MISSING = "missing_amount"
@@ -446,9 +449,19 @@ def read_charge_fingerprints(conn: Connection, first: date, last: date, chunk: C
             func.count().label("n"),
             func.sum(dc.amount_units).label("amount"),
             func.sum(dc.quantity_units).label("quantity"),
-            func.sum(dom * dc.amount_units).label("dw"),
+            func.sum(dom * (dc.amount_units % DW_MODULUS)).label("dw"),
         )
         .where(chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
         .group_by(dc.project_id, dc.charge_type, dc.account_id)
+    )
+    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"], aggregate=True)
+
+
+def read_month_fingerprints(conn: Connection, period: str, chunk: Chunk) -> pd.DataFrame:
+    """The same fingerprints for a whole month, from `charge_totals` (one row per
+    project and charge type, kept with the charges) instead of every daily charge."""
+    ct = charge_totals.c
+    stmt = select(ct.project_id, ct.charge_type, ct.account_id, ct.n, ct.amount, ct.quantity, ct.dw).where(
+        ct.period == period, chunk.clause(ct.account_id)
     )
     return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"], aggregate=True)

@@ -20,16 +20,21 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    extract,
+    func,
+    literal,
+    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import Chunk, read_charge_fingerprints
-from billing_jobs.rules.calendar import day_from_number
+from billing_jobs.db.billing_tables import charge_totals, daily_charges, rejects
+from billing_jobs.db.reads import DW_MODULUS, Chunk, read_charge_fingerprints, read_month_fingerprints
+from billing_jobs.rules.calendar import Month, day_from_number
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
+TOTALS_BY_ID = 5_000  # more changed projects than this: refresh the chunk's totals at once
 
 
 def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -154,7 +159,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 def _fingerprints(df: pd.DataFrame) -> pd.DataFrame:
     """Per (project, charge type): count, amount, quantity and a day-weighted sum."""
     return (
-        df.assign(_dw=df["dom"] * df["amount_units"])
+        df.assign(_dw=df["dom"] * np.fmod(df["amount_units"].to_numpy(dtype=np.int64), DW_MODULUS))
         .groupby(["project_id", "charge_type"], as_index=False)
         .agg(
             n=("amount_units", "size"),
@@ -187,9 +192,15 @@ def sync_daily_charges(
     over unchanged data writes nothing. Returns (rows inserted, rows deleted).
     """
     first, last = day_from_number(first_day), day_from_number(last_day)
+    month = Month.of(first)
+    whole_month = first == month.first_day and last == month.last_day
     dc = daily_charges.c
     if existing is None:
-        existing = read_charge_fingerprints(conn, first, last, chunk)
+        existing = (
+            read_month_fingerprints(conn, str(month), chunk)
+            if whole_month
+            else read_charge_fingerprints(conn, first, last, chunk)
+        )
     dom_truth = (
         truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]")
         - truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
@@ -217,7 +228,40 @@ def sync_daily_charges(
         )
     rows = truth.loc[truth["project_id"].isin(changed)]
     inserted = insert_charges(conn, rows, run_id=run_id, now=now)
+    refresh_totals(conn, month, chunk, sorted(changed))
     return inserted, deleted
+
+
+def refresh_totals(conn: Connection, month: Month, chunk: Chunk, project_ids: Sequence[str]) -> None:
+    """Recompute `charge_totals` of these projects for the month from their daily charges."""
+    dc, ct = daily_charges.c, charge_totals.c
+    period = str(month)
+    many = len(project_ids) > TOTALS_BY_ID
+    aggregate = select(
+        dc.project_id,
+        dc.charge_type,
+        literal(period, String).label("period"),
+        dc.account_id,
+        func.count(),
+        func.sum(dc.amount_units),
+        func.sum(dc.quantity_units),
+        func.sum(extract("day", dc.charge_date) * (dc.amount_units % DW_MODULUS)),
+    ).group_by(dc.project_id, dc.charge_type, dc.account_id)
+    in_month = (dc.charge_date >= month.first_day, dc.charge_date <= month.last_day)
+    columns = ["project_id", "charge_type", "period", "account_id", "n", "amount", "quantity", "dw"]
+    if many:  # a whole chunk: one statement over its account range
+        conn.execute(delete(charge_totals).where(ct.period == period, chunk.clause(ct.account_id)))
+        conn.execute(
+            charge_totals.insert().from_select(
+                columns, aggregate.where(chunk.clause(dc.account_id), *in_month)
+            )
+        )
+        return
+    for ids in _batches(list(project_ids), 1000):
+        conn.execute(delete(charge_totals).where(ct.period == period, ct.project_id.in_(ids)))
+        conn.execute(
+            charge_totals.insert().from_select(columns, aggregate.where(dc.project_id.in_(ids), *in_month))
+        )
 
 
 # Charges travel to the database as runs of consecutive days with the same amount

@@ -182,11 +182,7 @@ def close_month(
     # invoices hold now (after the drafts of an interrupted run were removed).
     everything = Chunk()
     with run.engine.connect() as conn:
-        fingerprints = (
-            None
-            if run.dry_run
-            else reads.read_charge_fingerprints(conn, month.first_day, month.last_day, everything)
-        )
+        fingerprints = None if run.dry_run else reads.read_month_fingerprints(conn, str(month), everything)
         invoiced_all = invoiced_lines(conn, month, everything) if closed else None
         sequences = _next_sequences(conn, month, everything) if closed else {}
 

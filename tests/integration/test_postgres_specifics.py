@@ -26,21 +26,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from support import SourceData, export_rows, lines_by, run_cli
 
-from billing_jobs.db.billing_tables import billing_runs, daily_charges, rejects
+from billing_jobs.db.billing_tables import billing_metadata, billing_runs, daily_charges, rejects
 from billing_jobs.db.source_tables import SOURCE_TABLES
 from billing_jobs.demo import generate_bulk
 
 SOURCE_NAMES = [t.name for t in SOURCE_TABLES]
-JOB_TABLES = [
-    "billing_runs",
-    "billing_locks",
-    "billed_days",
-    "daily_charges",
-    "month_closes",
-    "invoices",
-    "invoice_lines",
-    "rejects",
-]
+JOB_TABLES = [t.name for t in billing_metadata.sorted_tables]
 VERSION_TABLE = "billing_alembic_version"
 BILLING_JOBS = Path(sys.executable).with_name("billing-jobs")
 
@@ -60,6 +51,7 @@ JOB_ROLE_GRANTS = [
     "GRANT USAGE ON SCHEMA public TO {job}",
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
+    " charge_totals,"
     " month_closes, invoices, invoice_lines, rejects TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
