@@ -451,6 +451,7 @@ def _cloud_rows(
         return []
     ordered = sorted(days)
     n = len(ordered)
+    # Floats only shape the random traffic; every quantity below is whole ten-thousandths.
     base_views = float(rng.lognormal(np.log(400), 1.1))
     weekday = np.array([1.0, 1.05, 1.05, 1.0, 0.95, 0.7, 0.65])[[d.weekday() for d in ordered]]
     growth = np.linspace(1.0, float(rng.uniform(0.8, 2.5)), n)
