@@ -49,13 +49,17 @@ def _parse_date(value: str) -> date:
         raise click.BadParameter(f"expected a date YYYY-MM-DD, got {value!r}") from None
 
 
-def _progress_for(label: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
-    """A progress bar on a terminal; nothing (logs only) otherwise."""
+def progress_for(label: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    """A progress bar on stderr when it is a terminal; nothing (logs only) otherwise.
+
+    Returns (update(done, total, text), stop). Stdout stays for results alone.
+    """
     if not sys.stderr.isatty():
         return (lambda done, total, text: None), (lambda: None)
+    from rich.console import Console
     from rich.progress import Progress
 
-    bar = Progress(transient=True)
+    bar = Progress(console=Console(file=sys.stderr), transient=True)
     bar.start()
     task = bar.add_task(label, total=None)
 
@@ -187,7 +191,7 @@ def nightly(
     else:
         days = job.days_to_bill_fresh(settings.effective_from, yesterday)
     period = f"{days[0]}..{days[-1]}" if days else "nothing to bill"
-    update, stop = _progress_for("nightly")
+    update, stop = progress_for("nightly")
     try:
         outcome = run_job(
             ctx.engine,
@@ -243,7 +247,7 @@ def month_end(
             f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
         )
     has_schema = _ensure_schema(ctx, dry_run=dry_run)
-    update, stop = _progress_for("month-end")
+    update, stop = progress_for("month-end")
     try:
         outcome = run_job(
             ctx.engine,
