@@ -136,6 +136,21 @@ def units(column: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(func.round(column * UNITS_PER_CREDIT), BigInteger)
 
 
+def summed_units(
+    conn: Connection, column: ColumnElement[Any], usable: ColumnElement[bool]
+) -> ColumnElement[int]:
+    """The sum, in exact units, of the usable values of a NUMERIC column in a group.
+
+    PostgreSQL's NUMERIC(18,4) is exact: it sums the values and scales the group's
+    sum once. SQLite stores NUMERIC as a float, so each value is made whole units
+    first and the integers are summed.
+    """
+    if conn.dialect.name == "postgresql":
+        total = func.coalesce(func.sum(column).filter(usable), 0)
+        return cast(func.round(total * UNITS_PER_CREDIT), BigInteger)
+    return func.coalesce(func.sum(case((usable, units(column)), else_=None)), 0)
+
+
 def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
     """NULL for a usable amount, else the reason it cannot be used."""
     if conn.dialect.name == "sqlite":
@@ -283,9 +298,7 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
         select(
             c.project_id,
             projects.c.account_id,
-            func.coalesce(func.sum(case((problem.is_(None), units(c.credits)), else_=None)), 0).label(
-                "compute_units"
-            ),
+            summed_units(conn, c.credits, problem.is_(None)).label("compute_units"),
             func.sum(case((bad, 1), else_=0)).label("bad_rows"),
         )
         .outerjoin(projects, projects.c.project_id == c.project_id)
@@ -359,7 +372,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
             projects.c.account_id,
             raw(conn, c.usage_date).label("day"),
             c.metric,
-            func.sum(units(c.quantity)).label("quantity_units"),
+            summed_units(conn, c.quantity, literal(True)).label("quantity_units"),
         )
         .join(projects, projects.c.project_id == c.project_id)
         .where(

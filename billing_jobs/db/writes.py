@@ -20,21 +20,16 @@ from sqlalchemy import (
     String,
     Table,
     delete,
-    extract,
-    func,
-    literal,
-    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing_jobs.db.billing_tables import charge_totals, daily_charges, rejects
+from billing_jobs.db.billing_tables import daily_charges, rejects
 from billing_jobs.db.reads import DW_MODULUS, Chunk, read_charge_fingerprints, read_month_fingerprints
 from billing_jobs.rules.calendar import Month, day_from_number
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
-TOTALS_BY_ID = 5_000  # more changed projects than this: refresh the chunk's totals at once
 
 
 def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -160,7 +155,7 @@ def _fingerprints(df: pd.DataFrame) -> pd.DataFrame:
     """Per (project, charge type): count, amount, quantity and a day-weighted sum."""
     return (
         df.assign(_dw=df["dom"] * np.fmod(df["amount_units"].to_numpy(dtype=np.int64), DW_MODULUS))
-        .groupby(["project_id", "charge_type"], as_index=False)
+        .groupby(["project_id", "charge_type", "account_id"], as_index=False)
         .agg(
             n=("amount_units", "size"),
             amount=("amount_units", "sum"),
@@ -228,40 +223,74 @@ def sync_daily_charges(
         )
     rows = truth.loc[truth["project_id"].isin(changed)]
     inserted = insert_charges(conn, rows, run_id=run_id, now=now)
-    refresh_totals(conn, month, chunk, sorted(changed))
+    add_to_totals(conn, str(month), _deltas(merged.loc[merged["project_id"].isin(changed)]))
     return inserted, deleted
 
 
-def refresh_totals(conn: Connection, month: Month, chunk: Chunk, project_ids: Sequence[str]) -> None:
-    """Recompute `charge_totals` of these projects for the month from their daily charges."""
-    dc, ct = daily_charges.c, charge_totals.c
-    period = str(month)
-    many = len(project_ids) > TOTALS_BY_ID
-    aggregate = select(
-        dc.project_id,
-        dc.charge_type,
-        literal(period, String).label("period"),
-        dc.account_id,
-        func.count(),
-        func.sum(dc.amount_units),
-        func.sum(dc.quantity_units),
-        func.sum(extract("day", dc.charge_date) * (dc.amount_units % DW_MODULUS)),
-    ).group_by(dc.project_id, dc.charge_type, dc.account_id)
-    in_month = (dc.charge_date >= month.first_day, dc.charge_date <= month.last_day)
-    columns = ["project_id", "charge_type", "period", "account_id", "n", "amount", "quantity", "dw"]
-    if many:  # a whole chunk: one statement over its account range
-        conn.execute(delete(charge_totals).where(ct.period == period, chunk.clause(ct.account_id)))
-        conn.execute(
-            charge_totals.insert().from_select(
-                columns, aggregate.where(chunk.clause(dc.account_id), *in_month)
-            )
+FINGERPRINT = ["n", "amount", "quantity", "dw"]
+
+
+def _deltas(merged: pd.DataFrame) -> pd.DataFrame:
+    """What the rewrite changes in each (project, charge type) fingerprint: truth - before."""
+    out = pd.DataFrame(
+        {
+            "project_id": merged["project_id"].to_numpy(dtype=object),
+            "charge_type": merged["charge_type"].to_numpy(dtype=object),
+            "account_id": merged["account_id"].fillna(merged["account_id_db"]).to_numpy(dtype=object),
+        }
+    )
+    nonzero = np.zeros(len(out), dtype=bool)
+    for col in FINGERPRINT:
+        diff = merged[col].fillna(0).to_numpy(dtype=np.int64) - merged[f"{col}_db"].fillna(0).to_numpy(
+            dtype=np.int64
         )
+        out[col] = diff
+        nonzero |= diff != 0
+    return out.loc[nonzero]
+
+
+total_deltas = Table(
+    "billing_total_deltas",
+    MetaData(),
+    Column("project_id", String(64)),
+    Column("charge_type", String(32)),
+    Column("account_id", String(64)),
+    *(Column(c, BigInteger) for c in FINGERPRINT),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+
+_ADD_TOTALS = (
+    "INSERT INTO charge_totals (project_id, charge_type, period, account_id, n, amount, quantity, dw)"
+    " SELECT project_id, charge_type, :period, account_id, n, amount, quantity, dw"
+    " FROM billing_total_deltas WHERE true"
+    " ON CONFLICT (project_id, charge_type, period) DO UPDATE SET"
+    " account_id = excluded.account_id, n = charge_totals.n + excluded.n,"
+    " amount = charge_totals.amount + excluded.amount,"
+    " quantity = charge_totals.quantity + excluded.quantity, dw = charge_totals.dw + excluded.dw"
+)
+_DROP_EMPTY_TOTALS = (
+    "DELETE FROM charge_totals WHERE period = :period AND n = 0"
+    " AND project_id IN (SELECT project_id FROM billing_total_deltas)"
+)
+
+
+def add_to_totals(conn: Connection, period: str, deltas: pd.DataFrame) -> None:
+    """Add fingerprint differences to `charge_totals` (in the charges' transaction).
+
+    Sums are additive, so a nightly run that adds one day adds that day alone,
+    without re-reading the month's charges; a total that falls to no charges is removed.
+    """
+    if deltas.empty:
         return
-    for ids in _batches(list(project_ids), 1000):
-        conn.execute(delete(charge_totals).where(ct.period == period, ct.project_id.in_(ids)))
-        conn.execute(
-            charge_totals.insert().from_select(columns, aggregate.where(dc.project_id.in_(ids), *in_month))
-        )
+    total_deltas.create(conn)
+    try:
+        bulk_insert(conn, total_deltas, deltas[["project_id", "charge_type", "account_id", *FINGERPRINT]])
+        conn.execute(text(_ADD_TOTALS), {"period": period})
+        conn.execute(text(_DROP_EMPTY_TOTALS), {"period": period})
+    finally:
+        if conn.dialect.name != "postgresql":
+            total_deltas.drop(conn)
 
 
 # Charges travel to the database as runs of consecutive days with the same amount
