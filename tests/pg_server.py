@@ -311,9 +311,7 @@ class PgServer:
     def drop_database(self, name: str) -> None:
         """Drop a database, disconnecting anything still connected to it."""
         with self.admin_connection() as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def stop(self) -> None:
         if self.cluster is not None:

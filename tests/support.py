@@ -29,6 +29,8 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, create_engine, insert
 
 from billing_jobs.cli import main
+from billing_jobs.db.billing_tables import billing_locks
+from billing_jobs.db.lock import WRITER_LOCK
 from billing_jobs.db.source_tables import (
     accounts,
     cloud_usage,
@@ -153,6 +155,25 @@ def run_cli(db_url: str | None, *args: str, env: dict[str, str] | None = None) -
         stdout = out.getvalue().decode()
         stderr = err.getvalue().decode() if err is not None else ""
     return CliResult(code, stdout, stderr)
+
+
+def hold_writer_lock(db_url: str, *, since: str = "2026-01-01", run_id: str = "other-run") -> None:
+    """Write the writer lock's lease as if another run held it for ever (until 2999)."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(billing_locks).values(
+                    name=WRITER_LOCK,
+                    run_id=run_id,
+                    host="elsewhere",
+                    pid=1,
+                    acquired_at=ts(since),
+                    expires_at=ts("2999-01-01"),
+                )
+            )
+    finally:
+        engine.dispose()
 
 
 def export_text(db_url: str, month: str) -> str:

@@ -304,9 +304,7 @@ def test_yamllint_is_the_real_linter() -> None:
     assert {"trailing-spaces", "key-duplicates"} <= rules, rules
 
 
-@pytest.mark.parametrize(
-    "path", [*DEPLOY_YAML, YAMLLINT_CONFIG], ids=lambda p: str(p.relative_to(REPO))
-)
+@pytest.mark.parametrize("path", [*DEPLOY_YAML, YAMLLINT_CONFIG], ids=lambda p: str(p.relative_to(REPO)))
 def test_yamllint(path: Path) -> None:
     conf = yamllint_config()
     problems = list(yamllint_linter.run(path.read_text(encoding="utf-8"), conf, str(path)))
@@ -416,9 +414,7 @@ def check_pod_spec(pod_spec: dict[str, Any], args: list[str]) -> None:
     assert pod_spec["restartPolicy"] == "Never"
     pod_security = pod_spec["securityContext"]
     assert pod_security["runAsNonRoot"] is True
-    uid = next(a for k, a in reversed(dockerfile_instructions(DOCKERFILE)) if k == "USER").split(
-        ":"
-    )[0]
+    uid = next(a for k, a in reversed(dockerfile_instructions(DOCKERFILE)) if k == "USER").split(":")[0]
     assert pod_security["runAsUser"] == int(uid), "runAsUser should match the image's USER"
 
     container = only_container(pod_spec)
@@ -472,9 +468,7 @@ def test_cronjob(command: str) -> None:
     if command == "nightly":
         assert spec["schedule"] == cron_fields(schedule["nightly_at"])
     else:
-        assert spec["schedule"] == cron_fields(
-            schedule["month_end_at"], str(schedule["month_end_day"])
-        )
+        assert spec["schedule"] == cron_fields(schedule["month_end_at"], str(schedule["month_end_day"]))
 
     job_spec = spec["jobTemplate"]["spec"]
     assert isinstance(job_spec["backoffLimit"], int)
@@ -557,9 +551,7 @@ def test_crontab_matches_the_settings() -> None:
     schedules = {billing_command(command)[1]: schedule for schedule, command in jobs}
     schedule = settings["schedule"]
     assert schedules["nightly"] == cron_fields(schedule["nightly_at"])
-    assert schedules["month-end"] == cron_fields(
-        schedule["month_end_at"], str(schedule["month_end_day"])
-    )
+    assert schedules["month-end"] == cron_fields(schedule["month_end_at"], str(schedule["month_end_day"]))
 
 
 def test_crontab_locking_and_logging() -> None:
@@ -581,7 +573,5 @@ def test_crontab_commands_are_valid_shell() -> None:
     _, jobs = crontab_entries()
     for _, command in jobs:
         assert re.search(r"(?<!\\)%", command) is None, f"unescaped % in: {command}"
-        proc = subprocess.run(
-            ["/bin/sh", "-n", "-c", command], capture_output=True, text=True, check=False
-        )
+        proc = subprocess.run(["/bin/sh", "-n", "-c", command], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{command}: {proc.stderr}"

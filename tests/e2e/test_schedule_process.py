@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from support import SourceData, run_cli, ts
+from support import SourceData, hold_writer_lock, run_cli
 
-from billing_jobs.db.billing_tables import billed_days, billing_locks, billing_runs
-from billing_jobs.db.lock import WRITER_LOCK
+from billing_jobs.db.billing_tables import billed_days, billing_runs
 
 START_SECONDS = 60  # a generous ceiling for the process to start and plan its jobs
 RUN_SECONDS = 180  # ... for a catch-up run of a few days of a tiny data set
@@ -257,21 +256,7 @@ def test_once_exits_75_when_another_run_holds_the_lock(source_url: str, tmp_path
     db_url = seeded(source_url)
     config = write_config(tmp_path, today_utc() - timedelta(days=3))
     assert run_cli(db_url, "db", "upgrade").code == 0
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(billing_locks).values(
-                    name=WRITER_LOCK,
-                    run_id="other-run",
-                    host="elsewhere",
-                    pid=1,
-                    acquired_at=ts("2026-01-01"),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
-    finally:
-        engine.dispose()
+    hold_writer_lock(db_url, since="2026-01-01")
 
     result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
-from support import SourceData, run_cli, ts
+from support import SourceData, hold_writer_lock, run_cli, ts
 
-from billing_jobs.db.billing_tables import billed_days, billing_locks, billing_runs
-from billing_jobs.db.lock import WRITER_LOCK
+from billing_jobs.db.billing_tables import billed_days, billing_runs
 from billing_jobs.metrics import JobMetrics, build_registry, render
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -176,21 +175,7 @@ def test_a_run_locked_out_shows_as_locked_and_keeps_the_last_success_time(
     config = write_config(tmp_path, metrics_textfile=str(textfile))
     assert run_cli(db_url, "--config", config, "nightly", "--date", "2026-05-03").code == 0
     _, _, finished_at = nightly_run(db_url)
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(billing_locks).values(
-                    name=WRITER_LOCK,
-                    run_id="other-run",
-                    host="elsewhere",
-                    pid=1,
-                    acquired_at=ts("2026-05-04"),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
-    finally:
-        engine.dispose()
+    hold_writer_lock(db_url, since="2026-05-04")
 
     locked = run_cli(db_url, "--config", config, "nightly", "--date", "2026-05-04")
 
