@@ -21,8 +21,8 @@ from sqlalchemy import (
 
 source_metadata = MetaData()
 
-# asdecimal=False: the jobs never let the driver turn these into Python numbers;
-# every read of an amount goes through the exact SQL in `db.reads`.
+# The jobs never read an amount through the driver's number conversion: every read
+# of an amount goes through the exact SQL in `db.reads` (integer units).
 accounts = Table(
     "accounts",
     source_metadata,
