@@ -321,7 +321,7 @@ def read_compute_rejects(
     """
     if project_ids is None:
         return _compute_rejects(conn, start, end, None)
-    parts = [_compute_rejects(conn, start, end, ids) for ids in _batches(sorted(project_ids), 500)]
+    parts = [_compute_rejects(conn, start, end, ids) for ids in batches(sorted(project_ids), 500)]
     return pd.concat(parts, ignore_index=True) if parts else _compute_rejects(conn, start, end, [])
 
 
@@ -425,7 +425,7 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
         return pd.DataFrame(columns=["usage_id", "project_id", "day", "metric", "value"])
     c = cloud_usage.c
     parts = []
-    for ids in _batches(sorted(set(groups["project_id"])), 500):
+    for ids in batches(sorted(set(groups["project_id"])), 500):
         stmt = select(
             c.usage_id,
             c.project_id,
@@ -444,7 +444,8 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
     return rows.merge(groups[["project_id", "day", "metric"]], on=["project_id", "day", "metric"])
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most `size` items (for IN lists of bounded length)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

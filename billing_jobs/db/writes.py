@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,27 +25,21 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import DW_MODULUS, Chunk, read_charge_fingerprints, read_month_fingerprints
+from billing_jobs.db.reads import (
+    DW_MODULUS,
+    Chunk,
+    batches,
+    read_charge_fingerprints,
+    read_month_fingerprints,
+)
 from billing_jobs.rules.calendar import Month, day_from_number
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
 
 
-def _records(df: pd.DataFrame, date_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Rows as dicts of plain Python values (for small statements)."""
-    out = df.copy()
-    for col in date_columns:
-        out[col] = [day_from_number(n) for n in out[col].to_numpy(dtype=np.int64)]
-    for col in out.columns:
-        if out[col].dtype.kind == "i":
-            out[col] = out[col].astype(object)
-    records: list[dict[str, Any]] = out.to_dict("records")
-    return records
-
-
-def _column_values(values: pd.Series, is_date: bool) -> list[Any]:
-    """One column as plain Python values; day numbers become ISO dates, instants ISO text."""
+def _column_values(values: pd.Series, *, is_date: bool, is_timestamp: bool) -> list[Any]:
+    """One column as plain Python values: day numbers become ISO dates, instants ISO text."""
     if is_date:
         days = values.to_numpy(dtype=np.int64).astype("datetime64[D]")
         iso: list[Any] = np.datetime_as_string(days, unit="D").tolist()
@@ -56,7 +50,10 @@ def _column_values(values: pd.Series, is_date: bool) -> list[Any]:
     if values.dtype.kind in "iub":
         plain: list[Any] = values.tolist()
         return plain
-    return [None if v is None or v is pd.NaT else v for v in values.tolist()]
+    out = [None if v is None or v is pd.NaT else v for v in values.tolist()]
+    if is_timestamp:
+        out = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in out]
+    return out
 
 
 def _copy_text(frame: pd.DataFrame) -> str:
@@ -89,38 +86,26 @@ def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns
         return 0
     columns = list(rows.columns)
     names = ", ".join(f'"{c}"' for c in columns)
+    data = {
+        c: _column_values(
+            rows[c], is_date=c in date_columns, is_timestamp=isinstance(table.c[c].type, DateTime)
+        )
+        for c in columns
+    }
     raw = conn.connection.driver_connection
     assert raw is not None, "an open connection has a driver connection"
     if conn.dialect.name == "postgresql":
-        ready = pd.DataFrame(
-            {
-                c: (
-                    _column_values(rows[c], True)
-                    if c in date_columns
-                    else _column_values(rows[c], False)
-                    if rows[c].dtype.kind == "M"
-                    else rows[c]
-                )
-                for c in columns
-            }
-        )
-        for c in columns:
-            if isinstance(table.c[c].type, DateTime) and ready[c].dtype == object:
-                ready[c] = [
-                    v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in ready[c]
-                ]
+        ready = pd.DataFrame(data)
         with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
             for start in range(0, len(ready), COPY_BLOCK):
                 copy.write(_copy_text(ready.iloc[start : start + COPY_BLOCK]))
         return len(rows)
-    data = [_column_values(rows[c], c in date_columns) for c in columns]
-    for i, c in enumerate(columns):
-        if isinstance(table.c[c].type, DateTime) and c not in date_columns:
-            data[i] = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in data[i]]
     marks = ", ".join("?" for _ in columns)
     cur = raw.cursor()
     try:
-        cur.executemany(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks})', zip(*data, strict=True))
+        cur.executemany(
+            f'INSERT INTO "{table.name}" ({names}) VALUES ({marks})', zip(*data.values(), strict=True)
+        )
     finally:
         cur.close()
     return len(rows)
@@ -144,11 +129,6 @@ def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]])
     for start in range(0, len(records), SQL_BATCH):
         added += len(conn.execute(stmt, records[start : start + SQL_BATCH]).all())
     return added
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _fingerprints(df: pd.DataFrame) -> pd.DataFrame:
@@ -210,7 +190,7 @@ def sync_daily_charges(
         return 0, 0
     deleted = 0
     stale = sorted(changed & set(existing["project_id"]))
-    for ids in _batches(stale, 1000):
+    for ids in batches(stale, 1000):
         deleted += (
             conn.execute(
                 delete(daily_charges).where(

@@ -121,8 +121,3 @@ def local_day_numbers_before(utc: pd.Series | pd.DatetimeIndex, zone: ZoneInfo) 
     """
     index = pd.DatetimeIndex(utc) - pd.Timedelta(microseconds=1)
     return local_day_numbers(index, zone)
-
-
-def today_in(zone: ZoneInfo, now_utc: datetime) -> date:
-    """The billing day containing the aware instant `now_utc`."""
-    return now_utc.astimezone(zone).date()
