@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,9 @@ def timed(label: str, results: dict[str, float], fn: Any) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--projects", type=int, default=100_000)
     parser.add_argument("--rows", type=int, default=1_000_000, help="compute rows in the month")
     parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 server")
@@ -107,14 +109,21 @@ def main() -> None:
                         compute_usage.c.project_id
                     )
                 ).all()
-                conn.execute(select(projects.c.project_id, projects.c.account_id, projects.c.created_at)).all()
+                conn.execute(
+                    select(projects.c.project_id, projects.c.account_id, projects.c.created_at)
+                ).all()
 
         timed("baseline", results, baseline)
         now = datetime(2026, 6, 2, 3, 0, tzinfo=UTC)
 
         def close() -> Any:
             return run_job(
-                engine, settings, "month-end", period=str(month), arguments={}, now=now,
+                engine,
+                settings,
+                "month-end",
+                period=str(month),
+                arguments={},
+                now=now,
                 body=lambda run: month_end.close_month(run, month, args.chunk),
             )
 
@@ -124,8 +133,13 @@ def main() -> None:
             "nightly",
             results,
             lambda: run_job(
-                engine, settings, "nightly", period="2026-06-01", arguments={}, now=now,
-                body=lambda run: nightly.bill_days(run, [datetime(2026, 6, 1).date()], args.chunk),
+                engine,
+                settings,
+                "nightly",
+                period="2026-06-01",
+                arguments={},
+                now=now,
+                body=lambda run: nightly.bill_days(run, [date(2026, 6, 1)], args.chunk),
             ),
         )
         out = io.StringIO()

@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
+import time_machine
 from support import SourceData, hold_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import billed_days, billing_runs
@@ -28,9 +30,17 @@ STOP_SECONDS = 30  # ... for a clean exit after the signal, the running job incl
 EFFECTIVE_DAYS_AGO = 4
 
 
-def child_env() -> dict[str, str]:
-    """The scheduler's environment: no settings or database leaking in from outside."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+CLOCK_DIR = Path(__file__).parent / "clock"
+
+
+def child_env(clock: datetime | None = None) -> dict[str, str]:
+    """The scheduler's environment: no settings or database leaking in from outside, and,
+    with `clock`, every process of the run (the scheduler and its jobs) at that instant."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    if clock is not None:
+        env["BILLING_TEST_CLOCK"] = clock.isoformat()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLOCK_DIR), env.get("PYTHONPATH")]))
+    return env
 
 
 class Logs:
@@ -82,13 +92,13 @@ def event(name: str, **fields: str) -> Callable[[dict[str, Any]], bool]:
 
 @contextmanager
 def scheduler_process(
-    db_url: str, config: str, tmp_path: Path, *args: str
+    db_url: str, config: str, tmp_path: Path, *args: str, clock: datetime
 ) -> Iterator[tuple[subprocess.Popen[str], Logs]]:
     with (tmp_path / "stdout.txt").open("w", encoding="utf-8") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "billing_jobs", "--db-url", db_url, "--config", config, "schedule", *args],
             cwd=tmp_path,
-            env=child_env(),
+            env=child_env(clock),
             stdout=out,
             stderr=subprocess.PIPE,
             text=True,
@@ -119,13 +129,22 @@ def source_url(db_url: str) -> str:
     return db_url
 
 
-def today_utc() -> date:
-    return datetime.now(UTC).date()
+# Instants the process tests run at (the clock starts there and ticks): a month's first
+# day after its month-end time, its last day, and the night after a daylight-saving change.
+FIRST_OF_MONTH = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+LAST_OF_MONTH = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+AFTER_DST_DAY = datetime(2026, 10, 26, 0, 30, tzinfo=UTC)  # 01:30 in Berlin; 25 October had 25 h
+CLOCKS = {
+    "first-day": (FIRST_OF_MONTH, "UTC"),
+    "last-day": (LAST_OF_MONTH, "UTC"),
+    "dst": (AFTER_DST_DAY, "Europe/Berlin"),
+}
 
 
-def write_config(tmp_path: Path, effective_from: date) -> str:
+def write_config(tmp_path: Path, effective_from: date, timezone: str = "UTC") -> str:
     path = tmp_path / "billing.toml"
     path.write_text(
+        f'[billing]\ntimezone = "{timezone}"\n'
         f'[storage_fee]\neffective_from = "{effective_from}"\n'
         "[promotions]\nnew_project_free_months = 0\nlegacy_free_months = 0\n",
         encoding="utf-8",
@@ -149,16 +168,16 @@ def read_billed_days(db_url: str) -> list[date]:
         engine.dispose()
 
 
-def nightly_statuses(db_url: str) -> list[str]:
+def job_statuses(db_url: str) -> dict[str, list[str]]:
     engine = sa.create_engine(db_url)
     try:
         with engine.connect() as conn:
-            return [
-                s
-                for (s,) in conn.execute(
-                    sa.select(billing_runs.c.status).where(billing_runs.c.job == "nightly")
-                )
-            ]
+            found: dict[str, list[str]] = {}
+            for job, status in conn.execute(
+                sa.select(billing_runs.c.job, billing_runs.c.status).order_by(billing_runs.c.started_at)
+            ):
+                found.setdefault(job, []).append(status)
+            return found
     finally:
         engine.dispose()
 
@@ -167,47 +186,58 @@ def days_from(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def assert_billed_through_yesterday(db_url: str, effective_from: date, yesterday_before: date) -> None:
-    """Every day from the effective date to yesterday (the clock may have passed midnight meanwhile)."""
-    days = read_billed_days(db_url)
-    yesterday_after = today_utc() - timedelta(days=1)
-    assert days in (days_from(effective_from, yesterday_before), days_from(effective_from, yesterday_after))
+def local_yesterday(clock: datetime, timezone: str) -> date:
+    return clock.astimezone(ZoneInfo(timezone)).date() - timedelta(days=1)
 
 
 # --- The real process ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("moment", list(CLOCKS), ids=list(CLOCKS))
 def test_the_scheduler_catches_up_the_missed_days_on_start_then_stops_cleanly_on_sigterm(
     source_url: str,
     tmp_path: Path,
+    moment: str,
 ) -> None:
-    yesterday = today_utc() - timedelta(days=1)
+    clock, timezone = CLOCKS[moment]
+    yesterday = local_yesterday(clock, timezone)
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
     db_url = seeded(source_url)
-    config = write_config(tmp_path, effective_from)
+    config = write_config(tmp_path, effective_from, timezone)
 
-    with scheduler_process(db_url, config, tmp_path) as (proc, logs):
+    with scheduler_process(db_url, config, tmp_path, clock=clock) as (proc, logs):
         start = logs.wait_for(event("schedule.start"), START_SECONDS)
-        assert "nightly" in start["catch_up"]
-        logs.wait_for(event("schedule.job.done", scheduled_job="nightly"), RUN_SECONDS)
+        for job in start["catch_up"]:
+            logs.wait_for(event("schedule.job.done", scheduled_job=job), RUN_SECONDS)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=STOP_SECONDS) == 0
 
     assert "schedule.stopped" in logs.events()
-    assert_billed_through_yesterday(db_url, effective_from, yesterday)
-    assert len(read_billed_days(db_url)) >= EFFECTIVE_DAYS_AGO
-    assert nightly_statuses(db_url) == ["succeeded"]
+    nightly_days = days_from(effective_from, yesterday)
+    if moment == "first-day":
+        # October ended and its month-end time (day 1, 04:00) has passed: closed on start too,
+        # which bills every day of October.
+        assert start["catch_up"] == ["nightly", "month-end"]
+        assert read_billed_days(db_url) == days_from(date(2026, 10, 1), date(2026, 10, 31))
+        assert job_statuses(db_url) == {"nightly": ["succeeded"], "month-end": ["succeeded"]}
+    else:
+        # The previous month ended before the effective date: nothing to close.
+        assert start["catch_up"] == ["nightly"]
+        assert read_billed_days(db_url) == nightly_days
+        assert job_statuses(db_url) == {"nightly": ["succeeded"]}
+    assert set(nightly_days) <= set(read_billed_days(db_url))
 
 
 def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exits(
     source_url: str, tmp_path: Path
 ) -> None:
-    yesterday = today_utc() - timedelta(days=1)
+    clock = LAST_OF_MONTH
+    yesterday = local_yesterday(clock, "UTC")
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
     db_url = seeded(source_url)
     config = write_config(tmp_path, effective_from)
 
-    with scheduler_process(db_url, config, tmp_path) as (proc, logs):
+    with scheduler_process(db_url, config, tmp_path, clock=clock) as (proc, logs):
         logs.wait_for(event("schedule.job.start", scheduled_job="nightly"), START_SECONDS)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=RUN_SECONDS) == 0
@@ -215,50 +245,56 @@ def test_sigterm_during_the_catch_up_run_lets_it_finish_before_the_scheduler_exi
     events = logs.events()
     assert events.index("schedule.stopping") < events.index("schedule.stopped")
     assert "schedule.job.done" in events  # the nightly run finished, it was not cut off
-    assert_billed_through_yesterday(db_url, effective_from, yesterday)
-    assert nightly_statuses(db_url) == ["succeeded"]
+    assert read_billed_days(db_url) == days_from(effective_from, yesterday)
+    assert job_statuses(db_url) == {"nightly": ["succeeded"]}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_an_idle_scheduler_exits_0_promptly_on_a_signal(
     source_url: str, tmp_path: Path, sig: signal.Signals
 ) -> None:
+    clock = FIRST_OF_MONTH
     db_url = seeded(source_url)
-    config = write_config(tmp_path, today_utc() - timedelta(days=3))
+    config = write_config(tmp_path, local_yesterday(clock, "UTC") - timedelta(days=2))
 
-    with scheduler_process(db_url, config, tmp_path, "--no-catch-up-on-start") as (proc, logs):
+    with scheduler_process(db_url, config, tmp_path, "--no-catch-up-on-start", clock=clock) as (proc, logs):
         planned = logs.wait_for(event("schedule.job.planned", scheduled_job="month-end"), START_SECONDS)
         proc.send_signal(sig)
         assert proc.wait(timeout=STOP_SECONDS) == 0
 
     assert "schedule.job.start" not in logs.events()
-    assert planned["next_run"].endswith("04:00:00+00:00")
+    assert planned["next_run"] == "2026-12-01 04:00:00+00:00"
     assert read_billed_days(db_url) == []
 
 
 # --- --once, in-process --------------------------------------------------------------------------
 
 
-def test_once_runs_the_nightly_now_and_exits_with_its_status(source_url: str, tmp_path: Path) -> None:
-    yesterday = today_utc() - timedelta(days=1)
+@pytest.mark.parametrize("clock", [FIRST_OF_MONTH, LAST_OF_MONTH], ids=["first-day", "last-day"])
+def test_once_runs_the_nightly_now_and_exits_with_its_status(
+    source_url: str, tmp_path: Path, clock: datetime
+) -> None:
+    yesterday = local_yesterday(clock, "UTC")
     effective_from = yesterday - timedelta(days=EFFECTIVE_DAYS_AGO - 1)
     db_url = seeded(source_url)
     config = write_config(tmp_path, effective_from)
 
-    result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
+    with time_machine.travel(clock, tick=False):
+        result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
 
     assert result.code == 0, result.stderr
     assert "schedule.job.done" in result.stderr
-    assert_billed_through_yesterday(db_url, effective_from, yesterday)
+    assert read_billed_days(db_url) == days_from(effective_from, yesterday)
 
 
 def test_once_exits_75_when_another_run_holds_the_lock(source_url: str, tmp_path: Path) -> None:
     db_url = seeded(source_url)
-    config = write_config(tmp_path, today_utc() - timedelta(days=3))
+    config = write_config(tmp_path, date(2026, 11, 27))
     assert run_cli(db_url, "db", "upgrade").code == 0
     hold_writer_lock(db_url, since="2026-01-01")
 
-    result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
+    with time_machine.travel(LAST_OF_MONTH, tick=False):
+        result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
 
     assert result.code == 75
     locked = [json.loads(line) for line in result.stderr.splitlines() if "schedule.job.locked" in line]
