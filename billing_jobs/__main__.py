@@ -2,4 +2,5 @@
 
 from billing_jobs.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes import this module too; only the command runs it
+    main()

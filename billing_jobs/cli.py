@@ -88,6 +88,21 @@ def _chunk_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _workers_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--workers` (env BILLING_WORKERS): chunks run on this many processes (None: one per CPU)."""
+    return click.option(
+        "--workers",
+        "workers",
+        envvar="BILLING_WORKERS",
+        default=None,
+        show_default="the number of CPUs",
+        type=click.IntRange(min=1),
+        help="Chunks are processed by this many worker processes, each with its own database "
+        "connection (env BILLING_WORKERS). On SQLite they read in parallel and write one at a "
+        "time. The result does not depend on it.",
+    )(command)
+
+
 def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
     """Migrate the jobs' tables before a writing run; True when they exist."""
     engine = ctx.engine
@@ -165,13 +180,20 @@ def db_upgrade(ctx: Context) -> None:
     help="With --dry-run: also write the charges as CSV to this file.",
 )
 @_chunk_option
+@_workers_option
 @click.pass_obj
 def nightly(
-    ctx: Context, day: str | None, dry_run: bool, output: str | None, projects_per_chunk: int
+    ctx: Context,
+    day: str | None,
+    dry_run: bool,
+    output: str | None,
+    projects_per_chunk: int,
+    workers: int | None,
 ) -> None:
     """Charge billing days: storage fees and cloud service fees."""
     from billing_jobs.jobs import nightly as job
     from billing_jobs.jobs.runner import run_job
+    from billing_jobs.jobs.workers import default_workers
     from billing_jobs.preview import print_nightly
 
     settings = ctx.settings
@@ -201,7 +223,7 @@ def nightly(
             arguments={"date": day, "dry_run": dry_run},
             now=now,
             dry_run=dry_run,
-            body=lambda run: job.bill_days(run, days, projects_per_chunk),
+            body=lambda run: job.bill_days(run, days, projects_per_chunk, workers or default_workers()),
             progress=update,
         )
     finally:
@@ -227,13 +249,20 @@ def nightly(
     help="With --dry-run: also write the previewed lines as CSV to this file.",
 )
 @_chunk_option
+@_workers_option
 @click.pass_obj
 def month_end(
-    ctx: Context, month_text: str | None, dry_run: bool, output: str | None, projects_per_chunk: int
+    ctx: Context,
+    month_text: str | None,
+    dry_run: bool,
+    output: str | None,
+    projects_per_chunk: int,
+    workers: int | None,
 ) -> None:
     """Close a billing month: recompute, waive, invoice (or adjust a closed month)."""
     from billing_jobs.jobs import month_end as job
     from billing_jobs.jobs.runner import run_job
+    from billing_jobs.jobs.workers import default_workers
     from billing_jobs.preview import print_month
 
     settings = ctx.settings
@@ -258,7 +287,12 @@ def month_end(
             now=now,
             dry_run=dry_run,
             body=lambda run: job.close_month(
-                run, month, projects_per_chunk, fresh_schema=not has_schema, through=through
+                run,
+                month,
+                projects_per_chunk,
+                fresh_schema=not has_schema,
+                through=through,
+                workers=workers or default_workers(),
             ),
             progress=update,
         )

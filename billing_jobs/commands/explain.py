@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from billing_jobs.commands.common import Context
+from billing_jobs.commands.common import Context, utcnow, yesterday_in
 from billing_jobs.jobs import explain as ex
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
@@ -44,7 +44,9 @@ def explain(ctx: Context, project_id: str, month_text: str, as_json: bool) -> No
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
     try:
-        found = ex.explain_project(ctx.engine, ctx.settings, project_id, month)
+        # A month in progress is explained through yesterday, as its preview is.
+        through = yesterday_in(ctx.settings, utcnow())
+        found = ex.explain_project(ctx.engine, ctx.settings, project_id, month, through=through)
     except ex.UnknownProject as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:

@@ -84,23 +84,7 @@ daily_charges = Table(
     Column("run_id", String(36), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
     Index("ix_daily_charges_charge_date", "charge_date"),
-)
-
-# Per (project, charge type, month): the sums of its daily charges, written by the same
-# transaction that writes the charges, so a month close compares one row per project
-# and charge type instead of aggregating every daily charge of the month.
-charge_totals = Table(
-    "charge_totals",
-    billing_metadata,
-    Column("project_id", String(64), primary_key=True),
-    Column("charge_type", String(32), primary_key=True),
-    Column("period", String(7), primary_key=True),
-    Column("account_id", String(64), nullable=False),
-    Column("n", BigInteger, nullable=False),  # daily charges
-    Column("amount", BigInteger, nullable=False),  # sum of amount_units
-    Column("quantity", BigInteger, nullable=False),  # sum of quantity_units
-    Column("dw", BigInteger, nullable=False),  # sum of day-of-month * amount_units
-    Index("ix_charge_totals_period_account", "period", "account_id"),
+    Index("ix_daily_charges_account_date", "account_id", "charge_date"),
 )
 
 # Month closes: a month is closed once its regular invoices are finalized.

@@ -12,6 +12,9 @@ Results stream in bounded batches (`yield_per`) into DataFrames.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -21,16 +24,16 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ColumnElement,
     Connection,
     Date,
     DateTime,
     Select,
     String,
-    and_,
+    bindparam,
     case,
     cast,
-    extract,
     func,
     literal,
     literal_column,
@@ -39,9 +42,10 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import BindParameter
 
-from billing_jobs.db.billing_tables import charge_totals, daily_charges
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -52,58 +56,125 @@ from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.money import UNITS_PER_CREDIT
 
 BATCH = 50_000
-# The day-weighted fingerprint of a project's charges weighs each day by its amount
-# modulo a prime, so that it stays far inside BIGINT whatever the amounts.
-DW_MODULUS = 1_000_003
 
 # Reject reasons for amounts (stable codes).
 MISSING = "missing_amount"
 NON_NUMERIC = "non_numeric_amount"
 NON_FINITE = "non_finite_amount"
+OUT_OF_RANGE = "amount_out_of_range"
 NEGATIVE = "negative_quantity"
 UNKNOWN_PROJECT = "unknown_project"
 UNKNOWN_METRIC = "unknown_metric"
 
+# The largest credits or quantity one usage row may hold. Far above any real row, and
+# small enough that the sums of a project's month stay exact 64-bit integers of units
+# (9.2e18 units: over 900,000 rows at this limit) on every back end.
+MAX_AMOUNT = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class Chunk:
-    """A range of accounts, `lo < account_id <= hi` (None: unbounded), or one account."""
+    """A set of accounts named one by one, or every account (`accounts` None).
 
-    lo: str | None = None
-    hi: str | None = None
-    account: str | None = None
+    The database decides membership by equality on `account_id` against the named
+    ids (one array parameter), never by comparing ids in order, so no collation is
+    involved and every chunk holds exactly the accounts it names.
+    """
+
+    accounts: tuple[str, ...] | None = None
+    index: int = 0
+    projects: int = 0
 
     @classmethod
     def only(cls, account_id: str) -> Chunk:
-        return cls(account=account_id)
-
-    def mask(self, account_ids: pd.Series) -> np.ndarray:
-        """Which of these account ids belong to the chunk (vectorized `clause`)."""
-        known: np.ndarray = np.asarray(account_ids.notna(), dtype=bool)
-        values = account_ids.astype(object).where(known, "")
-        if self.account is not None:
-            same: np.ndarray = known & np.asarray(values == self.account, dtype=bool)
-            return same
-        keep: np.ndarray = known.copy()
-        if self.lo is not None:
-            keep &= np.asarray(values > self.lo, dtype=bool)
-        if self.hi is not None:
-            keep &= np.asarray(values <= self.hi, dtype=bool)
-        return keep
-
-    def rows_of(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The rows of a frame with an `account_id` column that belong to the chunk."""
-        return frame.loc[self.mask(frame["account_id"])]
+        return cls(accounts=(account_id,))
 
     def clause(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
-        if self.account is not None:
-            return column == self.account
-        parts = []
-        if self.lo is not None:
-            parts.append(column > self.lo)
-        if self.hi is not None:
-            parts.append(column <= self.hi)
-        return and_(*parts) if parts else literal(True)
+        if self.accounts is None:
+            return literal(True)
+        return among(column, self.accounts)
+
+
+class _Among(ColumnElement[bool]):
+    """`column` is one of `values`: `= ANY(array)` on PostgreSQL, `IN (json_each(...))` on
+    SQLite; one bound parameter whatever the number of values."""
+
+    inherit_cache = False
+    type = Boolean()
+
+    def __init__(self, column: ColumnElement[Any], values: Sequence[str]) -> None:
+        self.column = column
+        self.values = list(values)
+
+
+def among(column: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bool]:
+    return _Among(column, values)
+
+
+@compiles(_Among, "postgresql")
+def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
+    values = bindparam(None, element.values, type_=postgresql.ARRAY(String))
+    return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(values, **kw)})"
+
+
+@compiles(_Among)
+def _among_default(element: _Among, compiler: Any, **kw: Any) -> str:
+    values = bindparam(None, json.dumps(element.values), type_=String)
+    return (
+        f"{compiler.process(element.column, **kw)} IN "
+        f"(SELECT value FROM json_each({compiler.process(values, **kw)}))"
+    )
+
+
+def shard_of(account_id: str, shards: int) -> int:
+    """The shard (0..shards-1) an account belongs to: a hash of its UTF-8 bytes, the same
+    on every machine, in every run and under any collation."""
+    digest = hashlib.blake2b(account_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the accounts whose `shard_of` is `index`."""
+
+    index: int = 0
+    count: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def plan_chunks(conn: Connection, projects_per_chunk: int, shard: Shard | None = None) -> list[Chunk]:
+    """The accounts with projects (of `shard`), in chunks of about `projects_per_chunk` projects.
+
+    Accounts are grouped by the database and taken in the code-point order of their
+    ids (Python's `str` order, whatever the database's collation), so the same data
+    gives the same chunks; which chunk an account is in never changes a result.
+    """
+    counts = conn.execute(
+        select(projects.c.account_id, func.count())
+        .group_by(projects.c.account_id)
+        .execution_options(yield_per=BATCH)
+    )
+    found: list[tuple[str, int]] = []
+    for batch in counts.partitions():
+        if shard is None or shard.count == 1:
+            found.extend((a, int(n)) for a, n in batch)
+        else:
+            found.extend((a, int(n)) for a, n in batch if shard_of(a, shard.count) == shard.index)
+    found.sort()
+    chunks: list[Chunk] = []
+    ids: list[str] = []
+    running = 0
+    for account_id, n in found:
+        ids.append(account_id)
+        running += n
+        if running >= projects_per_chunk:
+            chunks.append(Chunk(tuple(ids), len(chunks), running))
+            ids, running = [], 0
+    if ids:
+        chunks.append(Chunk(tuple(ids), len(chunks), running))
+    return chunks
 
 
 def ts_param(conn: Connection, value: datetime) -> BindParameter[Any]:
@@ -153,11 +224,13 @@ def summed_units(
 
 def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
     """NULL for a usable amount, else the reason it cannot be used."""
+    too_big = or_(column > MAX_AMOUNT, column < -MAX_AMOUNT)
     if conn.dialect.name == "sqlite":
         return case(
             (column.is_(None), MISSING),
             (func.typeof(column).not_in(["integer", "real"]), NON_NUMERIC),
-            (or_(column > 1e15, column < -1e15), NON_FINITE),
+            (column.in_([math.inf, -math.inf]), NON_FINITE),
+            (too_big, OUT_OF_RANGE),
             else_=None,
         )
     specials: list[ColumnElement[Any]] = [
@@ -166,6 +239,7 @@ def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElemen
     return case(
         (column.is_(None), MISSING),
         (column.in_(specials), NON_FINITE),
+        (too_big, OUT_OF_RANGE),
         else_=None,
     )
 
@@ -223,29 +297,6 @@ def _to_day_numbers(values: pd.Series) -> pd.Series:
         return pd.Series(dtype="int64")
     parsed = pd.to_datetime(values.astype(str), format="ISO8601")
     return pd.Series(parsed.to_numpy().astype("datetime64[D]").astype(np.int64), index=values.index)
-
-
-def account_chunks(conn: Connection, projects_per_chunk: int) -> list[Chunk]:
-    """Account ranges holding about `projects_per_chunk` projects each."""
-    counts = conn.execute(
-        select(projects.c.account_id, func.count())
-        .group_by(projects.c.account_id)
-        .order_by(projects.c.account_id)
-        .execution_options(yield_per=BATCH)
-    )
-    chunks: list[Chunk] = []
-    lo: str | None = None
-    running = 0
-    last: str | None = None
-    for account_id, n in counts:
-        running += n
-        last = account_id
-        if running >= projects_per_chunk:
-            chunks.append(Chunk(lo, account_id))
-            lo, running = account_id, 0
-    if running or not chunks:
-        chunks.append(Chunk(lo, None) if last is not None or lo is not None else Chunk())
-    return chunks
 
 
 def read_projects(conn: Connection, chunk: Chunk) -> pd.DataFrame:
@@ -312,17 +363,9 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
     return _frame(conn, stmt, ints=["compute_units", "bad_rows"], aggregate=True)
 
 
-def read_compute_rejects(
-    conn: Connection, start: datetime, end: datetime, project_ids: Sequence[str] | None = None
-) -> pd.DataFrame:
-    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value.
-
-    project_ids: look at these projects only (those `read_compute_totals` found bad rows for).
-    """
-    if project_ids is None:
-        return _compute_rejects(conn, start, end, None)
-    parts = [_compute_rejects(conn, start, end, ids) for ids in batches(sorted(project_ids), 500)]
-    return pd.concat(parts, ignore_index=True) if parts else _compute_rejects(conn, start, end, [])
+def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
+    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
+    return _compute_rejects(conn, start, end, None)
 
 
 def _compute_rejects(
@@ -448,34 +491,3 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of at most `size` items (for IN lists of bounded length)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def read_charge_fingerprints(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
-    """Per (project, charge type) of days first..last (one month) in `daily_charges`:
-    account_id, n (rows), amount, quantity, dw (day-of-month weighted amount)."""
-    dc = daily_charges.c
-    dom = extract("day", dc.charge_date)
-    stmt = (
-        select(
-            dc.project_id,
-            dc.charge_type,
-            dc.account_id,
-            func.count().label("n"),
-            func.sum(dc.amount_units).label("amount"),
-            func.sum(dc.quantity_units).label("quantity"),
-            func.sum(dom * (dc.amount_units % DW_MODULUS)).label("dw"),
-        )
-        .where(chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
-        .group_by(dc.project_id, dc.charge_type, dc.account_id)
-    )
-    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"], aggregate=True)
-
-
-def read_month_fingerprints(conn: Connection, period: str, chunk: Chunk) -> pd.DataFrame:
-    """The same fingerprints for a whole month, from `charge_totals` (one row per
-    project and charge type, kept with the charges) instead of every daily charge."""
-    ct = charge_totals.c
-    stmt = select(ct.project_id, ct.charge_type, ct.account_id, ct.n, ct.amount, ct.quantity, ct.dw).where(
-        ct.period == period, chunk.clause(ct.account_id)
-    )
-    return _frame(conn, stmt, ints=["n", "amount", "quantity", "dw"], aggregate=True)

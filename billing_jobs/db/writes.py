@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -19,20 +19,15 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    and_,
     delete,
+    exists,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import (
-    DW_MODULUS,
-    Chunk,
-    batches,
-    read_charge_fingerprints,
-    read_month_fingerprints,
-)
-from billing_jobs.rules.calendar import Month, day_from_number
+from billing_jobs.db.reads import Chunk, among, batches
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
@@ -131,152 +126,81 @@ def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]])
     return added
 
 
-def _fingerprints(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (project, charge type): count, amount, quantity and a day-weighted sum."""
-    return (
-        df.assign(_dw=df["dom"] * np.fmod(df["amount_units"].to_numpy(dtype=np.int64), DW_MODULUS))
-        .groupby(["project_id", "charge_type", "account_id"], as_index=False)
-        .agg(
-            n=("amount_units", "size"),
-            amount=("amount_units", "sum"),
-            quantity=("quantity_units", "sum"),
-            dw=("_dw", "sum"),
-        )
-    )
-
-
 def sync_daily_charges(
     conn: Connection,
     truth: pd.DataFrame,
-    first_day: int,
-    last_day: int,
+    first: date,
+    last: date,
     chunk: Chunk,
+    project_ids: Sequence[str],
     *,
     run_id: str,
     now: datetime,
-    existing: pd.DataFrame | None = None,
 ) -> tuple[int, int]:
-    """Make the chunk's charges on days first..last (one month) equal `truth`.
+    """Make the stored charges of days first..last of the chunk equal `truth`, exactly.
 
-    existing: the chunk's fingerprints if the caller read them already (see
-    `reads.read_charge_fingerprints`); read here otherwise.
-
-    truth: project_id, account_id, charge_type, day, quantity_units, amount_units.
-    Compares per (project, charge type) fingerprints computed by the database
-    with those of the truth; only projects that differ are rewritten, so a re-run
-    over unchanged data writes nothing. Returns (rows inserted, rows deleted).
+    truth: project_id, account_id, charge_type, day, quantity_units, amount_units, for
+    the chunk's projects (`project_ids`: every project of the chunk's accounts now).
+    The truth goes to a temporary table as runs of days; the database then deletes
+    every stored row in scope (the chunk's accounts as stored, or its projects) that
+    no truth row equals on every column, and inserts every truth row whose key
+    (project, charge type, day) is not stored. Nothing is compared by a summary, so
+    any difference on any day is corrected, and a re-run over unchanged data writes
+    nothing. Returns (rows inserted, rows deleted).
     """
-    first, last = day_from_number(first_day), day_from_number(last_day)
-    month = Month.of(first)
-    whole_month = first == month.first_day and last == month.last_day
-    dc = daily_charges.c
-    if existing is None:
-        existing = (
-            read_month_fingerprints(conn, str(month), chunk)
-            if whole_month
-            else read_charge_fingerprints(conn, first, last, chunk)
+    runs = to_runs(truth) if len(truth) else None
+    if runs is not None and int(runs["n_days"].max()) > 31:
+        raise ValueError("a run of charges spans more than one month")
+    truth_runs.create(conn)
+    try:
+        if runs is not None:
+            bulk_insert(
+                conn,
+                truth_runs,
+                runs.assign(last_day=runs["first_day"] + runs["n_days"] - 1),
+                date_columns=["first_day", "last_day"],
+            )
+        conn.execute(text(_TRUTH_INDEX))
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("ANALYZE billing_truth_runs")
+        dc, r = daily_charges.c, truth_runs.c
+        equal = exists().where(
+            r.project_id == dc.project_id,
+            r.charge_type == dc.charge_type,
+            dc.charge_date >= r.first_day,
+            dc.charge_date <= r.last_day,
+            r.account_id == dc.account_id,
+            r.quantity_units == dc.quantity_units,
+            r.amount_units == dc.amount_units,
         )
-    dom_truth = (
-        truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]")
-        - truth["day"].to_numpy(dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
-    ).astype(np.int64) + 1
-    wanted = _fingerprints(truth.assign(dom=dom_truth)) if len(truth) else existing.iloc[0:0]
-    merged = wanted.merge(existing, on=["project_id", "charge_type"], how="outer", suffixes=("", "_db"))
-    differs = np.zeros(len(merged), dtype=bool)
-    for col in ("n", "amount", "quantity", "dw"):
-        differs |= merged[col].fillna(-1).to_numpy() != merged[f"{col}_db"].fillna(-1).to_numpy()
-    changed = set(merged.loc[differs, "project_id"])
-    if not changed:
-        return 0, 0
-    deleted = 0
-    stale = sorted(changed & set(existing["project_id"]))
-    for ids in batches(stale, 1000):
-        deleted += (
-            conn.execute(
-                delete(daily_charges).where(
-                    dc.project_id.in_(ids),
-                    dc.charge_date >= first,
-                    dc.charge_date <= last,
-                )
-            ).rowcount
-            or 0
-        )
-    rows = truth.loc[truth["project_id"].isin(changed)]
-    inserted = insert_charges(conn, rows, run_id=run_id, now=now)
-    add_to_totals(conn, str(month), _deltas(merged.loc[merged["project_id"].isin(changed)]))
+        in_days = and_(dc.charge_date >= first, dc.charge_date <= last)
+        deleted = 0
+        scopes = [chunk.clause(dc.account_id)]
+        scopes += [among(dc.project_id, ids) for ids in batches(list(project_ids), PROJECT_BATCH)]
+        for scope in scopes:
+            result = conn.execute(delete(daily_charges).where(scope, in_days, ~equal))
+            deleted += result.rowcount or 0
+        inserted = 0
+        if runs is not None:
+            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
+            result = conn.execute(text(_INSERT_MISSING[conn.dialect.name]), {"run_id": run_id, "now": stamp})
+            inserted = result.rowcount or 0
+    finally:
+        # SQLite may have committed the CREATE on its own: drop it even after an error. On
+        # PostgreSQL an error aborts the transaction, whose rollback removes the table.
+        if conn.dialect.name != "postgresql":
+            truth_runs.drop(conn)
+    if conn.dialect.name == "postgresql":
+        truth_runs.drop(conn)
     return inserted, deleted
 
 
-FINGERPRINT = ["n", "amount", "quantity", "dw"]
+PROJECT_BATCH = 100_000
+_TRUTH_INDEX = "CREATE INDEX billing_truth_runs_key ON billing_truth_runs (project_id, charge_type)"
 
-
-def _deltas(merged: pd.DataFrame) -> pd.DataFrame:
-    """What the rewrite changes in each (project, charge type) fingerprint: truth - before."""
-    out = pd.DataFrame(
-        {
-            "project_id": merged["project_id"].to_numpy(dtype=object),
-            "charge_type": merged["charge_type"].to_numpy(dtype=object),
-            "account_id": merged["account_id"].fillna(merged["account_id_db"]).to_numpy(dtype=object),
-        }
-    )
-    nonzero = np.zeros(len(out), dtype=bool)
-    for col in FINGERPRINT:
-        diff = merged[col].fillna(0).to_numpy(dtype=np.int64) - merged[f"{col}_db"].fillna(0).to_numpy(
-            dtype=np.int64
-        )
-        out[col] = diff
-        nonzero |= diff != 0
-    return out.loc[nonzero]
-
-
-total_deltas = Table(
-    "billing_total_deltas",
-    MetaData(),
-    Column("project_id", String(64)),
-    Column("charge_type", String(32)),
-    Column("account_id", String(64)),
-    *(Column(c, BigInteger) for c in FINGERPRINT),
-    prefixes=["TEMPORARY"],
-    postgresql_on_commit="DROP",
-)
-
-_ADD_TOTALS = (
-    "INSERT INTO charge_totals (project_id, charge_type, period, account_id, n, amount, quantity, dw)"
-    " SELECT project_id, charge_type, :period, account_id, n, amount, quantity, dw"
-    " FROM billing_total_deltas WHERE true"
-    " ON CONFLICT (project_id, charge_type, period) DO UPDATE SET"
-    " account_id = excluded.account_id, n = charge_totals.n + excluded.n,"
-    " amount = charge_totals.amount + excluded.amount,"
-    " quantity = charge_totals.quantity + excluded.quantity, dw = charge_totals.dw + excluded.dw"
-)
-_DROP_EMPTY_TOTALS = (
-    "DELETE FROM charge_totals WHERE period = :period AND n = 0"
-    " AND project_id IN (SELECT project_id FROM billing_total_deltas)"
-)
-
-
-def add_to_totals(conn: Connection, period: str, deltas: pd.DataFrame) -> None:
-    """Add fingerprint differences to `charge_totals` (in the charges' transaction).
-
-    Sums are additive, so a nightly run that adds one day adds that day alone,
-    without re-reading the month's charges; a total that falls to no charges is removed.
-    """
-    if deltas.empty:
-        return
-    total_deltas.create(conn)
-    try:
-        bulk_insert(conn, total_deltas, deltas[["project_id", "charge_type", "account_id", *FINGERPRINT]])
-        conn.execute(text(_ADD_TOTALS), {"period": period})
-        conn.execute(text(_DROP_EMPTY_TOTALS), {"period": period})
-    finally:
-        if conn.dialect.name != "postgresql":
-            total_deltas.drop(conn)
-
-
-# Charges travel to the database as runs of consecutive days with the same amount
-# and are expanded there: a month of storage fees is one row per project, not 30.
-charge_runs = Table(
-    "billing_charge_runs",
+# The truth of a chunk's charges, as runs of consecutive days with the same amount.
+truth_runs = Table(
+    "billing_truth_runs",
     MetaData(),
     Column("project_id", String(64)),
     Column("charge_type", String(32)),
@@ -285,25 +209,32 @@ charge_runs = Table(
     Column("account_id", String(64)),
     Column("quantity_units", BigInteger),
     Column("amount_units", BigInteger),
+    Column("last_day", Date),
     prefixes=["TEMPORARY"],
-    postgresql_on_commit="DROP",
 )
 
-_EXPAND = {
+_MISSING = (
+    " WHERE NOT EXISTS (SELECT 1 FROM daily_charges d WHERE d.project_id = r.project_id"
+    " AND d.charge_type = r.charge_type AND d.charge_date = {day})"
+)
+_INSERT_MISSING = {
     "postgresql": (
         "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
         " amount_units, run_id, recorded_at)"
         " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
         " r.amount_units, :run_id, :now"
-        " FROM billing_charge_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
+        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
+        + _MISSING.format(day="r.first_day + g.n")
     ),
     "sqlite": (
-        "WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
-        " INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
+        # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT.
+        "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
         " amount_units, run_id, recorded_at)"
+        " WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
         " SELECT r.project_id, r.charge_type, date(r.first_day, '+' || g.n || ' days'), r.account_id,"
         " r.quantity_units, r.amount_units, :run_id, :now"
-        " FROM billing_charge_runs r JOIN g ON g.n < r.n_days"
+        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days"
+        + _MISSING.format(day="date(r.first_day, '+' || g.n || ' days')")
     ),
 }
 
@@ -336,24 +267,6 @@ def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
             "amount_units": a[first],
         }
     )
-
-
-def insert_charges(conn: Connection, rows: pd.DataFrame, *, run_id: str, now: datetime) -> int:
-    """Insert daily charges in bulk: runs go to a temporary table, the database expands them."""
-    if rows.empty:
-        return 0
-    runs = to_runs(rows)
-    if int(runs["n_days"].max()) > 31:
-        raise ValueError("a run of charges spans more than one month")
-    charge_runs.create(conn)
-    try:
-        bulk_insert(conn, charge_runs, runs, date_columns=["first_day"])
-        stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
-        conn.execute(text(_EXPAND[conn.dialect.name]), {"run_id": run_id, "now": stamp})
-    finally:
-        if conn.dialect.name != "postgresql":
-            charge_runs.drop(conn)
-    return int(runs["n_days"].sum())
 
 
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:

@@ -71,38 +71,6 @@ def _period_of_days(days: np.ndarray) -> np.ndarray:
     return np.datetime_as_string(months, unit="M").astype(object)
 
 
-@dataclass(frozen=True)
-class MonthSources:
-    """Usage aggregated by the database once for all chunks of a run.
-
-    Each usage table is then scanned once per run instead of once per chunk; the
-    results are bounded by the number of projects (and project-days of cloud
-    usage), not by the number of usage rows.
-    """
-
-    cloud: pd.DataFrame  # project_id, account_id, day, metric, quantity_units (days first..last)
-    compute: pd.DataFrame | None  # project_id, account_id, compute_units (the whole month)
-
-    def for_chunk(self, chunk: Chunk) -> MonthSources:
-        return MonthSources(
-            cloud=self.cloud.loc[chunk.mask(self.cloud["account_id"])],
-            compute=None
-            if self.compute is None
-            else self.compute.loc[chunk.mask(self.compute["account_id"])],
-        )
-
-
-def load_month_sources(
-    conn: Connection, settings: Settings, month: Month, first: date, last: date, *, whole_month: bool
-) -> MonthSources:
-    everything = Chunk()
-    compute = None
-    if whole_month:
-        start, end = day_bounds_utc(month.first_day, month.last_day, ZoneInfo(settings.timezone))
-        compute = reads.read_compute_totals(conn, start, end, everything)
-    return MonthSources(cloud=reads.read_cloud_usage(conn, first, last, everything), compute=compute)
-
-
 def compute_chunk(
     conn: Connection,
     settings: Settings,
@@ -112,15 +80,14 @@ def compute_chunk(
     first: date | None = None,
     last: date | None = None,
     whole_month: bool = True,
-    sources: MonthSources | None = None,
 ) -> ChunkResult:
     """Recompute billing for the chunk's projects from the source tables.
 
-    Storage days are always computed from the start of the month (the cap counts
-    from day one); charges are returned for `first..last` (default: the month).
-    With `whole_month`, compute totals, waiver refunds and invoice lines too.
-    `sources`: usage already aggregated for the run (see `load_month_sources`);
-    read for this chunk alone otherwise.
+    Every read is of the chunk's accounts alone (aggregated by the database), so
+    what this holds is bounded by the chunk, not by the platform. Storage days are
+    always computed from the start of the month (the cap counts from day one);
+    charges are returned for `first..last` (default: the month). With
+    `whole_month`, compute totals, waiver refunds and invoice lines too.
     """
     zone = ZoneInfo(settings.timezone)
     first = first or month.first_day
@@ -138,8 +105,7 @@ def compute_chunk(
     charged = storage_charges(storage)
     charged = charged.loc[(charged["day"] >= lo) & (charged["day"] <= hi)]
 
-    mine = sources.for_chunk(chunk) if sources is not None else None
-    usage = mine.cloud if mine is not None else reads.read_cloud_usage(conn, first, last, chunk)
+    usage = reads.read_cloud_usage(conn, first, last, chunk)
     pub_days = published_days(published, lo, hi, zone)
     cloud, not_billable = cloud_fees(usage, pub_days, rules.effective_day, settings.cloud_prices)
 
@@ -176,11 +142,8 @@ def compute_chunk(
 
     compute = refunds = lines = None
     if whole_month:
-        if mine is not None and mine.compute is not None:
-            compute = mine.compute
-        else:
-            start, end = day_bounds_utc(month.first_day, month.last_day, zone)
-            compute = reads.read_compute_totals(conn, start, end, chunk)
+        start, end = day_bounds_utc(month.first_day, month.last_day, zone)
+        compute = reads.read_compute_totals(conn, start, end, chunk)
         # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
             charged.groupby("project_id", as_index=False)["amount_units"].sum()
@@ -246,21 +209,14 @@ def _text(value: object) -> str:
     return "NULL" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
-def source_rejects(
-    conn: Connection, settings: Settings, first: date, last: date, sources: MonthSources | None = None
-) -> pd.DataFrame:
-    """Rows of days first..last that the database can tell are bad, any project.
+def source_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
+    """Usage rows of days first..last that the database can tell are bad, any project.
 
-    With `sources` of the whole month, compute rows are looked for only in the
-    projects whose totals counted bad rows.
+    Bounded by the number of bad rows: the database filters, only rejects come back.
     """
     zone = ZoneInfo(settings.timezone)
     start, end = day_bounds_utc(first, last, zone)
-    suspects = None
-    if sources is not None and sources.compute is not None:
-        totals = sources.compute
-        suspects = totals.loc[totals["bad_rows"] > 0, "project_id"].tolist()
-    compute = reads.read_compute_rejects(conn, start, end, suspects)
+    compute = reads.read_compute_rejects(conn, start, end)
     cloud = reads.read_cloud_rejects(conn, first, last)
     parts = []
     if len(compute):

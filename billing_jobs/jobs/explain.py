@@ -216,13 +216,20 @@ def find_account(conn: Connection, project_id: str) -> tuple[str, datetime]:
     return row.account_id, _naive(row.created_at)
 
 
-def explain_project(engine: Engine, settings: Settings, project_id: str, month: Month) -> Explanation:
-    """Explain `project_id`'s billing of `month`; raises `UnknownProject`."""
+def explain_project(
+    engine: Engine, settings: Settings, project_id: str, month: Month, *, through: date | None = None
+) -> Explanation:
+    """Explain `project_id`'s billing of `month`; raises `UnknownProject`.
+
+    through: the last billing day that has ended (yesterday): a month in progress is
+    explained up to it, as its preview is; days after it are not charged yet.
+    """
     zone = ZoneInfo(settings.timezone)
     has_jobs_tables = {"invoices", "invoice_lines", "month_closes"} <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         account_id, created_at = find_account(conn, project_id)
-        result = compute_chunk(conn, settings, month, Chunk.only(account_id))
+        last = month.last_day if through is None else min(through, month.last_day)
+        result = compute_chunk(conn, settings, month, Chunk.only(account_id), last=last)
         bad_rows = source_rejects(conn, settings, month.first_day, month.last_day)
         invoiced = _invoiced(conn, project_id, month) if has_jobs_tables else []
         closed = _is_closed(conn, month) if has_jobs_tables else False
@@ -235,14 +242,16 @@ def explain_project(engine: Engine, settings: Settings, project_id: str, month: 
     )
     intervals = result.lifecycle.intervals
     intervals = intervals.loc[intervals["project_id"] == project_id]
-    storage = result.storage.loc[result.storage["project_id"] == project_id]
+    storage = result.storage.loc[
+        (result.storage["project_id"] == project_id) & (result.storage["day"] <= day_number(last))
+    ]
     cloud = result.cloud.loc[result.cloud["project_id"] == project_id]
     lo, hi = day_number(month.first_day), day_number(month.last_day)
     published = set(
         published_days(intervals.loc[intervals["state"] == "published"], lo, hi, zone)["day"].tolist()
     )
 
-    days = _days(month, zone, created_at, events, storage, cloud, published)
+    days = _days(month, zone, created_at, events, storage, cloud, published, last)
 
     storage_units = int(storage["amount_units"].sum())
     compute = result.compute
@@ -302,6 +311,7 @@ def _days(
     storage: pd.DataFrame,
     cloud: pd.DataFrame,
     published: set[int],
+    last: date,
 ) -> list[DayView]:
     notes = [
         EventNote(
@@ -319,7 +329,7 @@ def _days(
     amount_by_day = dict(zip(storage["day"].tolist(), storage["amount_units"].tolist(), strict=True))
     created_local = _local(created_at, zone)
     out = []
-    for i in range(month.days):
+    for i in range((last - month.first_day).days + 1):  # days after `last` have not ended yet
         day = month.first_day + timedelta(days=i)
         n = day_number(day)
         start = local_midnight_utc(day, zone)

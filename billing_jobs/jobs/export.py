@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from typing import TextIO
 
-from sqlalchemy import Engine, case, select
+from sqlalchemy import ColumnElement, Engine, case, select
 
 from billing_jobs.db.billing_tables import invoice_lines, invoices
 from billing_jobs.rules.invoice import LINE_ORDER
@@ -31,8 +31,15 @@ def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) 
 
     Rows are ordered by account, invoice (regular first, then adjustments in
     order), project and line type, so the same data always gives the same bytes.
+    Ids are ordered by code point (PostgreSQL's "C" collation, SQLite's BINARY on
+    UTF-8), never by the server's linguistic collation.
     """
     il, inv = invoice_lines.c, invoices.c
+    postgres = engine.dialect.name == "postgresql"
+
+    def code_point(column: ColumnElement[str]) -> ColumnElement[str]:
+        return column.collate("C") if postgres else column
+
     line_rank = case({t: i for i, t in enumerate(LINE_ORDER)}, value=il.line_type, else_=99)
     stmt = (
         select(
@@ -50,7 +57,7 @@ def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) 
         )
         .join(invoices, inv.invoice_id == il.invoice_id)
         .where(il.period == period, inv.status == "finalized")
-        .order_by(il.account_id, inv.sequence, il.project_id, line_rank, il.line_type)
+        .order_by(code_point(il.account_id), inv.sequence, code_point(il.project_id), line_rank, il.line_type)
     )
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(HEADER)

@@ -1,10 +1,11 @@
 """Month-end: recompute the month from the source tables and close it.
 
 1. Drafts left by an interrupted run of this month are removed.
-2. Per chunk of accounts, in its own transaction: the month is recomputed from
-   the source tables; daily charges are corrected to match; the month's lines
-   are compared with what the month's finalized invoices already hold, and
-   written as draft `regular` invoices (first close) or draft `adjustment`
+2. Per chunk of accounts, one pipeline (`close_chunk`): read the chunk's
+   sources and finalized invoice lines -> rules -> exact diff -> write, in its own
+   transaction: daily charges made equal to the recomputed ones row by row, the
+   month's lines compared with what the month's finalized invoices already hold,
+   and written as draft `regular` invoices (first close) or draft `adjustment`
    invoices holding exactly the differences (re-close).
 3. One last transaction finalizes every draft of the month and records the close.
 
@@ -22,7 +23,6 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, delete, func, select, update
 
-from billing_jobs.db import reads
 from billing_jobs.db.billing_tables import (
     billed_days,
     daily_charges,
@@ -30,18 +30,18 @@ from billing_jobs.db.billing_tables import (
     invoices,
     month_closes,
 )
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.reads import Chunk, plan_chunks
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
     compute_chunk,
-    load_month_sources,
     month_days,
     orphan_event_rejects,
     source_rejects,
 )
 from billing_jobs.jobs.runner import Run
-from billing_jobs.rules.calendar import Month, day_number
+from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import KEY, adjustment_lines, empty_lines
 
 PROJECTS_PER_CHUNK = 200_000
@@ -136,8 +136,11 @@ def close_month(
     *,
     fresh_schema: bool = False,
     through: date | None = None,
+    workers: int = 1,
 ) -> MonthPreview:
     """Close `month` (or, in a dry run, compute what closing it would write).
+
+    workers: chunks run on this many processes (see `jobs.workers`).
 
     fresh_schema: the jobs' tables do not exist yet (a dry run on a new database).
     through: preview of a month that has not ended: its days up to this one only.
@@ -148,12 +151,10 @@ def close_month(
     last = month.last_day if through is None else min(through, month.last_day)
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
-        chunks = reads.account_chunks(conn, projects_per_chunk)
-        # Usage aggregated by the database once for every chunk (each table scanned once).
-        sources = load_month_sources(conn, settings, month, month.first_day, last, whole_month=True)
+        chunks = plan_chunks(conn, projects_per_chunk)
         found = pd.concat(
             [
-                source_rejects(conn, settings, month.first_day, month.last_day, sources),
+                source_rejects(conn, settings, month.first_day, month.last_day),
                 orphan_event_rejects(conn, settings),
             ],
             ignore_index=True,
@@ -178,49 +179,12 @@ def close_month(
 
         run.write(start)
 
-    # Read once for every chunk: what the month's daily charges and finalized
-    # invoices hold now (after the drafts of an interrupted run were removed).
-    everything = Chunk()
-    with run.engine.connect() as conn:
-        fingerprints = None if run.dry_run else reads.read_month_fingerprints(conn, str(month), everything)
-        invoiced_all = invoiced_lines(conn, month, everything) if closed else None
-        sequences = _next_sequences(conn, month, everything) if closed else {}
-
-    for step, chunk in enumerate(chunks, start=1):
-        with run.engine.connect() as conn:
-            result = compute_chunk(conn, settings, month, chunk, last=last, sources=sources)
-        truth = result.lines if result.lines is not None else empty_lines()
-        lines = truth if invoiced_all is None else adjustment_lines(truth, chunk.rows_of(invoiced_all))
-        heads, lines = _invoices_for(lines, month, kind, sequences)
-        refunds = result.refunds if result.refunds is not None else pd.DataFrame()
-        storage = result.charges["charge_type"] == "storage_fee"
-        run.count("storage_charges", int(storage.sum()))
-        run.count("storage_units", int(result.charges.loc[storage, "amount_units"].sum()))
-        run.count("cloud_charges", int((~storage).sum()))
-        run.count("cloud_units", int(result.charges.loc[~storage, "amount_units"].sum()))
-        run.count("refunds", len(refunds))
-        run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
-        run.saw_rejects(result.rejects)
-        run.count("invoices", len(heads))
-        run.count("invoice_lines", len(lines))
-        all_rejects.append(result.rejects)
+    done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
+    for step, (heads, lines, rejected) in enumerate(done, start=1):
+        all_rejects.append(rejected)
         if run.dry_run:
             all_heads.append(heads)
             all_lines.append(lines)
-        else:
-            existing = None if fingerprints is None else chunk.rows_of(fingerprints)
-            run.write(
-                partial(
-                    _write_chunk,
-                    run=run,
-                    month=month,
-                    result=result,
-                    chunk=chunk,
-                    heads=heads,
-                    lines=lines,
-                    existing=existing,
-                )
-            )
         run.progress(step, len(chunks), str(month))
 
     if not run.dry_run:
@@ -267,6 +231,42 @@ def close_month(
     )
 
 
+def close_chunk(
+    run: Run, chunk: Chunk, *, month: Month, kind: str, last: date
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One chunk of a month close: read -> rules -> exact diff -> write (one transaction).
+
+    Everything it reads is the chunk's own: its sources, and on a re-close its
+    finalized invoice lines. Returns the draft invoice headers and lines (written,
+    or in a dry run only computed) and the rows the rules rejected.
+    """
+    closed = kind == ADJUSTMENT
+    with run.engine.connect() as conn:
+        result = compute_chunk(conn, run.settings, month, chunk, last=last)
+        invoiced = invoiced_lines(conn, month, chunk) if closed else None
+        sequences = _next_sequences(conn, month, chunk) if closed else {}
+    truth = result.lines if result.lines is not None else empty_lines()
+    lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
+    heads, lines = _invoices_for(lines, month, kind, sequences)
+    refunds = result.refunds if result.refunds is not None else pd.DataFrame()
+    storage = result.charges["charge_type"] == "storage_fee"
+    run.count("storage_charges", int(storage.sum()))
+    run.count("storage_units", int(result.charges.loc[storage, "amount_units"].sum()))
+    run.count("cloud_charges", int((~storage).sum()))
+    run.count("cloud_units", int(result.charges.loc[~storage, "amount_units"].sum()))
+    run.count("refunds", len(refunds))
+    run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
+    run.saw_rejects(result.rejects)
+    run.count("invoices", len(heads))
+    run.count("invoice_lines", len(lines))
+    if run.dry_run:
+        return heads, lines, result.rejects
+    run.write(
+        partial(_write_chunk, run=run, month=month, result=result, chunk=chunk, heads=heads, lines=lines)
+    )
+    return heads.iloc[0:0], lines.iloc[0:0], result.rejects  # written: nothing to carry back
+
+
 def _write_chunk(
     conn: Connection,
     *,
@@ -276,12 +276,17 @@ def _write_chunk(
     chunk: Chunk,
     heads: pd.DataFrame,
     lines: pd.DataFrame,
-    existing: pd.DataFrame | None,
 ) -> None:
     """One chunk's writes: daily charges corrected, rejects recorded, draft invoices."""
-    first, last = day_number(month.first_day), day_number(month.last_day)
     inserted, deleted = sync_daily_charges(
-        conn, result.charges, first, last, chunk, run_id=run.run_id, now=run.now, existing=existing
+        conn,
+        result.charges,
+        month.first_day,
+        month.last_day,
+        chunk,
+        result.projects["project_id"].tolist(),
+        run_id=run.run_id,
+        now=run.now,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)

@@ -17,19 +17,18 @@ from itertools import groupby
 import pandas as pd
 from sqlalchemy import Connection, Engine, select
 
-from billing_jobs.db import reads
 from billing_jobs.db.billing_tables import billed_days, daily_charges
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.reads import Chunk, plan_chunks
 from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
     compute_chunk,
-    load_month_sources,
     orphan_event_rejects,
     source_rejects,
 )
 from billing_jobs.jobs.runner import Run
-from billing_jobs.rules.calendar import Month, day_number
+from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import STORAGE_FEE
 
 PROJECTS_PER_CHUNK = 200_000
@@ -84,17 +83,16 @@ def _sync_chunk(
     chunk: Chunk,
     first: date,
     last: date,
-    existing: pd.DataFrame | None,
 ) -> None:
     inserted, deleted = sync_daily_charges(
         conn,
         result.charges,
-        day_number(first),
-        day_number(last),
+        first,
+        last,
         chunk,
+        result.projects["project_id"].tolist(),
         run_id=run.run_id,
         now=run.now,
-        existing=existing,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)
@@ -105,14 +103,38 @@ def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]
     run.count("days_billed", insert_ignore(conn, billed_days, records))
 
 
-def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER_CHUNK) -> NightlyPreview:
+def bill_chunk(
+    run: Run, chunk: Chunk, *, month: Month, first: date, last: date
+) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """One chunk of nightly: read -> rules -> exact diff -> write (one transaction).
+
+    Returns the charges (in a dry run; None otherwise) and the rows the rules rejected.
+    """
+    with run.engine.connect() as conn:
+        result = compute_chunk(conn, run.settings, month, chunk, first=first, last=last, whole_month=False)
+    charges = result.charges
+    run.saw_rejects(result.rejects)
+    storage = charges["charge_type"] == STORAGE_FEE
+    run.count("storage_charges", int(storage.sum()))
+    run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))
+    run.count("cloud_charges", int((~storage).sum()))
+    run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
+    if run.dry_run:
+        return charges, result.rejects
+    run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, first=first, last=last))
+    return None, result.rejects
+
+
+def bill_days(
+    run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER_CHUNK, workers: int = 1
+) -> NightlyPreview:
     """Charge `days`; in a dry run, return what would be charged instead."""
     settings = run.settings
     preview_charges: list[pd.DataFrame] = []
     preview_rejects: list[pd.DataFrame] = []
     months = _month_runs(days)
     with run.engine.connect() as conn:
-        chunks = reads.account_chunks(conn, projects_per_chunk)
+        chunks = plan_chunks(conn, projects_per_chunk)
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:
@@ -121,41 +143,16 @@ def bill_days(run: Run, days: list[date], projects_per_chunk: int = PROJECTS_PER
                 [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
                 ignore_index=True,
             )
-            sources = load_month_sources(conn, settings, month, first, last, whole_month=False)
-            fingerprints = None if run.dry_run else reads.read_charge_fingerprints(conn, first, last, Chunk())
         run.saw_rejects(found)
         if run.dry_run:
             preview_rejects.append(found)
         else:
             run.write(partial(_keep_rejects, run=run, found=found))
-        for chunk in chunks:
-            with run.engine.connect() as conn:
-                result = compute_chunk(
-                    conn, settings, month, chunk, first=first, last=last, whole_month=False, sources=sources
-                )
-            charges = result.charges
-            run.saw_rejects(result.rejects)
-            storage = charges["charge_type"] == STORAGE_FEE
-            run.count("storage_charges", int(storage.sum()))
-            run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))
-            run.count("cloud_charges", int((~storage).sum()))
-            run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
-            if run.dry_run:
+        done = run_chunks(run, bill_chunk, chunks, workers, month=month, first=first, last=last)
+        for charges, rejected in done:
+            if charges is not None:
                 preview_charges.append(charges)
-                preview_rejects.append(result.rejects)
-            else:
-                existing = None if fingerprints is None else chunk.rows_of(fingerprints)
-                run.write(
-                    partial(
-                        _sync_chunk,
-                        run=run,
-                        result=result,
-                        chunk=chunk,
-                        first=first,
-                        last=last,
-                        existing=existing,
-                    )
-                )
+                preview_rejects.append(rejected)
             step += 1
             run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
         if not run.dry_run:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +49,8 @@ class Run:
     lease: Lease | None
     counts: dict[str, Any] = field(default_factory=dict)
     progress: Progress = _no_progress
+    # Taken around each write transaction when processes share one writer (SQLite workers).
+    write_turn: Any = None
     _reject_keys: set[tuple[str, str, str]] = field(default_factory=set)
 
     def count(self, key: str, value: int) -> None:
@@ -61,6 +64,16 @@ class Run:
             )
         self.counts["rejects"] = len(self._reject_keys)
 
+    def reject_keys(self) -> set[tuple[str, str, str]]:
+        return set(self._reject_keys)
+
+    def add_reject_keys(self, keys: set[tuple[str, str, str]]) -> None:
+        self._reject_keys.update(keys)
+        self.counts["rejects"] = len(self._reject_keys)
+
+    def clear_rejects(self) -> None:
+        self._reject_keys = set()
+
     def rejects_by_reason(self) -> dict[str, int]:
         """`table.reason` -> how many rows, for the run's log."""
         return dict(Counter(f"{table}.{reason}" for table, _, reason in self._reject_keys))
@@ -71,7 +84,8 @@ class Run:
     def write(self, work: Callable[[Connection], None]) -> None:
         """Run `work` in one transaction that also proves the lock is still ours."""
         assert not self.dry_run, "a dry run writes nothing"
-        with self.engine.begin() as conn:
+        turn = self.write_turn if self.write_turn is not None else nullcontext()
+        with turn, self.engine.begin() as conn:
             if self.lease is not None:
                 self.lease.assert_held(conn, _utcnow())
             work(conn)

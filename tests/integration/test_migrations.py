@@ -30,7 +30,6 @@ JOB_TABLES = {
     "billing_locks",
     "billed_days",
     "daily_charges",
-    "charge_totals",
     "month_closes",
     "invoices",
     "invoice_lines",

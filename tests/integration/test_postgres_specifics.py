@@ -51,7 +51,6 @@ JOB_ROLE_GRANTS = [
     "GRANT USAGE ON SCHEMA public TO {job}",
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
-    " charge_totals,"
     " month_closes, invoices, invoice_lines, rejects TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
@@ -416,27 +415,28 @@ def test_concurrent_and_repeated_nightly_runs_write_each_charge_once(pg_db_url: 
 # ---------------------------------------------------------------------------
 
 MAX_NUMERIC = "99999999999999.9999"  # the largest NUMERIC(18,4)
+MAX_ROW = "1000000000.0000"  # the largest amount one usage row may hold (reads.MAX_AMOUNT)
 
 
-def test_numeric_amounts_near_their_limits_sum_exactly(pg_db_url: str) -> None:
+def test_numeric_amounts_up_to_the_row_limit_sum_exactly(pg_db_url: str) -> None:
     data = SourceData()
     # Compute: K = 29.9999 (no waiver) and K = 30.0000 (waiver), each reached through
-    # amounts that a float cannot tell apart.
+    # amounts at the row limit.
     data.project("p-short", created="2025-11-02")
-    data.compute("p-short", "2026-06-02 10:00", MAX_NUMERIC)
-    data.compute("p-short", "2026-06-03 10:00", "-99999999999999.9990")
-    data.compute("p-short", "2026-06-04 10:00", "29.9990")
+    data.compute("p-short", "2026-06-02 10:00", MAX_ROW)
+    data.compute("p-short", "2026-06-03 10:00", "-999999999.9990")
+    data.compute("p-short", "2026-06-04 10:00", "29.9989")
     data.project("p-exact", created="2025-11-02")
-    data.compute("p-exact", "2026-06-02 10:00", MAX_NUMERIC)
-    data.compute("p-exact", "2026-06-03 10:00", "-99999999999999.9990")
-    data.compute("p-exact", "2026-06-04 10:00", "29.9991")
-    # Cloud: 400 rows on one day sum to about 4e17 units, far past 2^53.
+    data.compute("p-exact", "2026-06-02 10:00", MAX_ROW)
+    data.compute("p-exact", "2026-06-03 10:00", "-999999999.9990")
+    data.compute("p-exact", "2026-06-04 10:00", "29.9990")
+    # Cloud: 1,000 rows on one day sum to about 1e16 units, past 2^53.
     data.project("p-site", created="2025-11-02")
     data.event("p-site", "2026-05-20 08:00", "published")
-    quantities = [Decimal("999999999999.9999") - Decimal(i) / 10_000 for i in range(400)]
+    quantities = [Decimal("999999999.9999") - Decimal(i) / 10_000 for i in range(1000)]
     for q in quantities:
         data.cloud("p-site", "2026-06-15", "bandwidth_gb", str(q))
-    data.cloud("p-site", "2026-06-16", "domains", MAX_NUMERIC)
+    data.cloud("p-site", "2026-06-16", "domains", MAX_ROW)
     data.write_url(pg_db_url)
 
     result = run_cli(pg_db_url, "month-end", "--month", "2026-06")
@@ -450,7 +450,42 @@ def test_numeric_amounts_near_their_limits_sum_exactly(pg_db_url: str) -> None:
     bandwidth = sum(quantities, Decimal(0))
     assert bandwidth * 10_000 > 2**53
     assert float(bandwidth) != bandwidth  # a float sum could not have got it right
-    assert quantity[("p-site", "cloud_bandwidth")] == bandwidth == Decimal("399999999999991.9800")
+    assert quantity[("p-site", "cloud_bandwidth")] == bandwidth == Decimal("999999999949.9500")
     assert totals[("p-site", "cloud_bandwidth")] == bandwidth / 2
-    assert quantity[("p-site", "cloud_domains")] == Decimal(MAX_NUMERIC)
-    assert totals[("p-site", "cloud_domains")] == Decimal("10000000000000.0000")  # 0.1 each, half up
+    assert quantity[("p-site", "cloud_domains")] == Decimal(MAX_ROW)
+    assert totals[("p-site", "cloud_domains")] == Decimal("100000000.0000")  # 0.1 each
+
+
+def test_amounts_past_the_row_limit_are_rejected_never_wrapped_or_crashed(pg_db_url: str) -> None:
+    """Ten rows of the largest NUMERIC(18,4) would leave BIGINT's range of units together."""
+    data = SourceData()
+    data.project("p-big", created="2025-11-02")
+    for i in range(10):
+        data.compute("p-big", "2026-06-02 10:00", MAX_NUMERIC, usage_id=f"cu-big-{i}")
+    data.compute("p-big", "2026-06-03 10:00", "-1000000000.0001", usage_id="cu-big-neg")
+    data.compute("p-big", "2026-06-04 10:00", "30", usage_id="cu-ok")
+    data.event("p-big", "2026-05-20 08:00", "published")
+    for i in range(10):
+        data.cloud("p-big", "2026-06-15", "page_views", MAX_NUMERIC, usage_id=f"cl-big-{i}")
+    data.cloud("p-big", "2026-06-15", "page_views", "1000", usage_id="cl-ok")
+    data.write_url(pg_db_url)
+
+    result = run_cli(pg_db_url, "month-end", "--month", "2026-06")
+
+    assert result.code == 0, result.stderr
+    totals = lines_by(export_rows(pg_db_url, "2026-06"), "project_id", "line_type")
+    assert totals[("p-big", "storage_refund")] == Decimal(-29)  # K = 30 from the one good row
+    assert totals[("p-big", "cloud_page_views")] == Decimal(1)
+    engine = sa.create_engine(pg_db_url)
+    try:
+        with engine.connect() as conn:
+            found = {
+                (r.source_id, r.reason)
+                for r in conn.execute(sa.select(rejects.c.source_id, rejects.c.reason))
+            }
+    finally:
+        engine.dispose()
+    expected = {(f"cu-big-{i}", "amount_out_of_range") for i in range(10)}
+    expected |= {(f"cl-big-{i}", "amount_out_of_range") for i in range(10)}
+    expected.add(("cu-big-neg", "amount_out_of_range"))
+    assert found == expected

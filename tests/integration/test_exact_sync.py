@@ -1,0 +1,224 @@
+"""Stored charges are compared with the truth row by row, reads are per chunk, and
+amounts out of range are rejected rows (both back ends, through the commands)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+import time_machine
+from support import SourceData, export_rows, lines_by, run_cli
+
+from billing_jobs.db.billing_tables import daily_charges, rejects
+from billing_jobs.db.engine import make_engine
+from billing_jobs.db.reads import plan_chunks
+from billing_jobs.jobs.compute import compute_chunk
+from billing_jobs.rules.calendar import Month
+from billing_jobs.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clock() -> Iterator[None]:
+    """June 2026, ticking: the runs of a test start at different instants."""
+    with time_machine.travel(datetime(2026, 6, 1, 3, 0, tzinfo=UTC), tick=True):
+        yield
+
+
+def _charges(db_url: str) -> dict[tuple[str, str, str], tuple[int, int]]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            dc = daily_charges.c
+            return {
+                (r.project_id, r.charge_type, str(r.charge_date)): (r.quantity_units, r.amount_units)
+                for r in conn.execute(
+                    sa.select(
+                        dc.project_id, dc.charge_type, dc.charge_date, dc.quantity_units, dc.amount_units
+                    )
+                )
+            }
+    finally:
+        engine.dispose()
+
+
+def _sql(db_url: str, *statements: str) -> None:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
+
+
+def _last_counts(db_url: str) -> dict[str, int]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            text = conn.execute(
+                sa.text("SELECT counts FROM billing_runs ORDER BY started_at DESC LIMIT 1")
+            ).scalar()
+    finally:
+        engine.dispose()
+    counts: dict[str, int] = json.loads(str(text))
+    return counts
+
+
+def test_stored_charges_that_keep_count_sum_and_day_weighted_sum_but_differ_are_corrected(
+    db_url: str,
+) -> None:
+    """Days 1, 2, 3 moved by +0.25, -0.5, +0.25 credits: the same count, sum and
+    day-weighted sum (1*0.25 - 2*0.5 + 3*0.25 = 0), different charges."""
+    data = SourceData()
+    data.project("p1", created="2025-11-02")
+    data.project("p2", created="2025-11-02")
+    data.write_url(db_url)
+    assert run_cli(db_url, "month-end", "--month", "2026-05").code == 0
+    truth = _charges(db_url)
+    assert truth[("p1", "storage_fee", "2026-05-02")] == (10_000, 10_000)
+
+    update = "UPDATE daily_charges SET amount_units = {} WHERE project_id = 'p1' AND charge_date = '{}'"
+    _sql(
+        db_url,
+        update.format(12500, "2026-05-01"),
+        update.format(5000, "2026-05-02"),
+        update.format(12500, "2026-05-03"),
+    )
+    tampered = _charges(db_url)
+    assert tampered != truth
+    days = [(dom, tampered[("p1", "storage_fee", f"2026-05-0{dom}")][1]) for dom in (1, 2, 3)]
+    assert sum(a for _, a in days) == 30_000  # as before
+    assert sum(d * a for d, a in days) == 60_000  # as before
+
+    assert run_cli(db_url, "month-end", "--month", "2026-05").code == 0
+
+    assert _charges(db_url) == truth
+    counts = _last_counts(db_url)
+    assert counts["rows_deleted"] == counts["rows_inserted"] == 3
+    assert counts["invoices"] == 0  # the invoices were right all along
+
+
+def test_nightly_corrects_exactly_the_day_it_bills(db_url: str) -> None:
+    data = SourceData()
+    data.project("p1", created="2025-11-02")
+    data.write_url(db_url)
+    for day in ("2026-05-01", "2026-05-02", "2026-05-03"):
+        assert run_cli(db_url, "nightly", "--date", day).code == 0
+    truth = _charges(db_url)
+    update = "UPDATE daily_charges SET amount_units = {} WHERE charge_date = '{}'"
+    _sql(db_url, update.format(12500, "2026-05-01"), update.format(5000, "2026-05-02"))
+
+    assert run_cli(db_url, "nightly", "--date", "2026-05-02").code == 0
+
+    now = _charges(db_url)
+    assert now[("p1", "storage_fee", "2026-05-02")] == truth[("p1", "storage_fee", "2026-05-02")]
+    assert now[("p1", "storage_fee", "2026-05-01")] == (10_000, 12_500)  # another day: not this run's
+
+
+def test_a_repeated_run_over_unchanged_data_deletes_and_inserts_nothing(db_url: str) -> None:
+    data = SourceData()
+    data.project("p1", created="2025-11-02")
+    data.event("p1", "2026-05-02 00:00", "published")
+    data.cloud("p1", "2026-05-03", "page_views", "1234")
+    data.write_url(db_url)
+    assert run_cli(db_url, "month-end", "--month", "2026-05").code == 0
+
+    assert run_cli(db_url, "month-end", "--month", "2026-05").code == 0
+
+    counts = _last_counts(db_url)
+    assert counts["rows_deleted"] == counts["rows_inserted"] == counts["invoices"] == 0
+
+
+def test_amounts_out_of_range_are_rejected_with_their_reason_on_both_back_ends(db_url: str) -> None:
+    """Two compute rows of 5e14 credits on SQLite (of the largest NUMERIC(18,4) on
+    PostgreSQL): together past the 64-bit range of units."""
+    huge = "500000000000000" if db_url.startswith("sqlite") else "99999999999999.9999"
+    data = SourceData()
+    data.project("p1", created="2025-11-02")
+    data.compute("p1", "2026-05-02 10:00", huge, usage_id="cu-huge-1")
+    data.compute("p1", "2026-05-03 10:00", huge, usage_id="cu-huge-2")
+    data.compute("p1", "2026-05-04 10:00", "-2000000000", usage_id="cu-huge-neg")
+    data.compute("p1", "2026-05-05 10:00", "30", usage_id="cu-fine")
+    data.event("p1", "2026-05-01 00:00", "published")
+    data.cloud("p1", "2026-05-06", "bandwidth_gb", "1000000000.0001", usage_id="cl-huge")
+    data.cloud("p1", "2026-05-06", "bandwidth_gb", "2", usage_id="cl-fine")
+    data.write_url(db_url)
+
+    result = run_cli(db_url, "month-end", "--month", "2026-05")
+
+    assert result.code == 0, result.stderr
+    totals = lines_by(export_rows(db_url, "2026-05"), "line_type")
+    assert totals[("storage_refund",)] == -29  # the waiver from the one usable row of 30
+    assert totals[("cloud_bandwidth",)] == 1
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            found = {
+                (r.source_id, r.reason)
+                for r in conn.execute(sa.select(rejects.c.source_id, rejects.c.reason))
+            }
+    finally:
+        engine.dispose()
+    assert found == {
+        ("cu-huge-1", "amount_out_of_range"),
+        ("cu-huge-2", "amount_out_of_range"),
+        ("cu-huge-neg", "amount_out_of_range"),
+        ("cl-huge", "amount_out_of_range"),
+    }
+
+
+def test_a_chunk_reads_only_its_own_accounts_rows(db_url: str) -> None:
+    """Memory is bounded by the chunk by construction: whatever else the database holds,
+    every frame a chunk's computation reads holds the chunk's accounts' rows alone."""
+    data = SourceData()
+    for a in range(6):
+        for p in range(2):
+            pid = f"a{a}-p{p}"
+            data.project(pid, created="2026-01-05", account=f"acct-{a}")
+            data.event(pid, "2026-05-01 00:00", "published")
+            data.cloud(pid, "2026-05-02", "page_views", "10")
+            data.compute(pid, "2026-05-03 00:00", "1")
+    data.write_url(db_url)
+    settings = load_settings(None)
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            chunks = plan_chunks(conn, 4)
+            assert [c.projects for c in chunks] == [4, 4, 4]
+            month = Month(2026, 5)
+            seen: set[str] = set()
+            for chunk in chunks:
+                assert chunk.accounts is not None
+                mine = set(chunk.accounts)
+                result = compute_chunk(conn, settings, month, chunk)
+                assert result.compute is not None
+                assert result.lines is not None
+                projects = set(result.projects["project_id"])
+                assert len(projects) == chunk.projects == 4
+                assert set(result.projects["account_id"]) == mine
+                for frame in (result.storage, result.cloud, result.charges, result.compute, result.lines):
+                    assert set(frame["project_id"]) <= projects
+                assert len(result.storage) <= 4 * month.days
+                assert not seen & mine
+                seen |= mine
+            assert len(seen) == 6
+    finally:
+        engine.dispose()
+
+
+def test_explain_on_a_month_in_progress_stops_at_yesterday(db_url: str) -> None:
+    data = SourceData()
+    data.project("p1", created="2025-11-02")
+    data.write_url(db_url)
+
+    with time_machine.travel(datetime(2026, 6, 11, 9, 0, tzinfo=UTC), tick=False):
+        result = run_cli(db_url, "explain", "--project", "p1", "--month", "2026-06", "--json")
+
+    assert result.code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert [d["date"] for d in record["days"]] == [f"2026-06-{d:02d}" for d in range(1, 11)]
+    storage = [t for t in record["totals"] if t["line_type"] == "storage_fee"]
+    assert [(t["quantity"], t["amount"]) for t in storage] == [("10", "10")]
