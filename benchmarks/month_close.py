@@ -1,56 +1,65 @@
-"""Benchmark: month close at platform scale, on SQLite or a throwaway PostgreSQL.
+"""Benchmark: nightly and month close at platform scale, on SQLite or a throwaway PostgreSQL.
 
-Generates N projects and M compute rows for one month (billing_jobs.demo.generate_bulk),
-then times, in one process and one run:
+Generates N projects (about 20 compute rows per project-month, a share of them
+published with daily cloud usage) for May 2026 with `billing_jobs.demo.generate_bulk`,
+then runs each step as the real command (`python -m billing_jobs ...`, a process
+of its own, so its peak RSS is its own) and times, in one run:
 
-  baseline      the database alone: GROUP BY over the month's compute rows and a
-                scan of projects (what any month close must at least read)
-  month-end     first close of the month from scratch (every daily charge written)
-  month-end #2  the same month again (nothing to change: compare only)
-  nightly       one more day billed in the next month
-  export        the month's CSV
+  floor              one SQL statement that aggregates the month's compute per
+                     project, joins projects and writes one row per project
+  naive loop         the per-project loop a naive user would write (a query per
+                     project and an INSERT per project-day), on 10k projects, scaled to N
+  month-end (first)  first close of May from scratch: every daily charge written
+  nightly x31        the nightly run catching up every day of May (one run), on a
+                     database without charges: the state "nightly ran every day"
+  month-end (after)  close of May after nightly ran every day
+  re-close           May again, nothing changed: compare only, writes nothing
+  export             May's invoice CSV
+  nightly (1 day)    June 1 billed: one day of every active project
 
-and prints seconds and ratios to the baseline measured in the same run (the
-machines are shared and noisy: compare ratios, not seconds).
+and prints wall seconds, rows per second, the peak RSS of the step's largest
+process, and ratios to the floor measured in the same run (the machines are shared
+and noisy: compare ratios, not seconds).
 
-    .venv/bin/python benchmarks/month_close.py --projects 200000 --rows 2000000
-    .venv/bin/python benchmarks/month_close.py --postgres --projects 1000000 --rows 10000000
+    .venv/bin/python benchmarks/month_close.py --projects 100000
+    BILLING_PG_USER=billing-ci .venv/bin/python benchmarks/month_close.py --postgres --projects 1000000
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from billing_jobs import logs  # noqa: E402
+from billing_jobs.db.billing_tables import billed_days, billing_metadata  # noqa: E402
 from billing_jobs.db.engine import make_engine, upgrade  # noqa: E402
-from billing_jobs.db.source_tables import compute_usage, projects  # noqa: E402
 from billing_jobs.demo import generate_bulk  # noqa: E402
-from billing_jobs.jobs import month_end, nightly  # noqa: E402
-from billing_jobs.jobs.export import export_month  # noqa: E402
-from billing_jobs.jobs.runner import run_job  # noqa: E402
-from billing_jobs.rules.calendar import Month  # noqa: E402
-from billing_jobs.settings import load_settings  # noqa: E402
+
+NAIVE_PROJECTS = 10_000
+BILLED_AT = datetime(2026, 6, 1, tzinfo=UTC).replace(tzinfo=None)  # naive UTC, as the jobs store it
+MONTH_START, MONTH_END = "2026-05-01 00:00:00", "2026-06-01 00:00:00"
 
 
 @contextmanager
-def database(use_postgres: bool, path: str | None):
+def database(use_postgres: bool, path: str | None) -> Iterator[str]:
     if not use_postgres:
-        folder = tempfile.TemporaryDirectory()
-        yield f"sqlite:///{path or Path(folder.name) / 'bench.db'}"
-        folder.cleanup()
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{path or Path(folder) / 'bench.db'}"
         return
     from pg_server import start_or_connect
 
@@ -63,12 +72,115 @@ def database(use_postgres: bool, path: str | None):
         server.stop()
 
 
-def timed(label: str, results: dict[str, float], fn: Any) -> Any:
+@dataclass
+class Step:
+    label: str
+    seconds: float
+    rows: int
+    peak_rss_mib: float | None
+
+
+def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
+    """Run `billing-jobs ARGS` as its own process; wall time, rows written, peak RSS."""
+    argv = [sys.executable, "-m", "billing_jobs", "--db-url", url, "--log-level", "INFO", *args]
+    if args[0] in ("nightly", "month-end"):
+        argv += ["--workers", str(workers), "--projects-per-chunk", str(chunk)]
+    env = dict(os.environ)  # stderr is a file: JSON logs, the run.summary line parsed below
+    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        log = err.read()
+        out.seek(0)
+        lines = sum(1 for _ in out) - 1
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{log[-3000:]}")
+    counts: dict[str, Any] = {}
+    for line in log.splitlines():
+        if '"run.summary"' in line:
+            counts = json.loads(line)
+    rows = (
+        lines
+        if args[0] == "export"
+        else int(counts.get("rows_inserted", 0)) + int(counts.get("invoice_lines", 0))
+    )
+    # ru_maxrss (KiB) covers the process and the workers it waited for: the largest of them.
+    return Step(" ".join(args), seconds, rows, usage.ru_maxrss / 1024)
+
+
+def floor(engine: Engine) -> Step:
+    """One statement: the month's compute per project, joined to projects, one row each."""
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bench_floor"))
+        conn.execute(
+            text("CREATE TABLE bench_floor (project_id VARCHAR(64), account_id VARCHAR(64), credits NUMERIC)")
+        )
     start = time.perf_counter()
-    value = fn()
-    results[label] = time.perf_counter() - start
-    print(f"  {label:<14} {results[label]:8.2f} s", flush=True)
-    return value
+    with engine.begin() as conn:
+        rows = conn.execute(
+            text(
+                "INSERT INTO bench_floor SELECT p.project_id, p.account_id, SUM(c.credits)"
+                " FROM compute_usage c JOIN projects p ON p.project_id = c.project_id"
+                " WHERE c.occurred_at >= :start AND c.occurred_at < :end"
+                " GROUP BY p.project_id, p.account_id"
+            ),
+            {"start": MONTH_START, "end": MONTH_END},
+        ).rowcount
+    return Step("floor (one statement)", time.perf_counter() - start, rows, None)
+
+
+def naive(engine: Engine, total_projects: int) -> Step:
+    """A query per project and an INSERT per project-day, on NAIVE_PROJECTS, scaled."""
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bench_naive"))
+        conn.execute(text("CREATE TABLE bench_naive (project_id VARCHAR(64), day INTEGER, credits NUMERIC)"))
+        ids = [r[0] for r in conn.execute(text(f"SELECT project_id FROM projects LIMIT {NAIVE_PROJECTS}"))]
+    start = time.perf_counter()
+    with engine.begin() as conn:
+        for project_id in ids:
+            conn.execute(
+                text(
+                    "SELECT kind, occurred_at FROM project_events WHERE project_id = :p ORDER BY occurred_at"
+                ),
+                {"p": project_id},
+            ).all()
+            compute = conn.execute(
+                text(
+                    "SELECT SUM(credits) FROM compute_usage WHERE project_id = :p"
+                    " AND occurred_at >= :start AND occurred_at < :end"
+                ),
+                {"p": project_id, "start": MONTH_START, "end": MONTH_END},
+            ).scalar()
+            conn.execute(
+                text("SELECT usage_date, metric, quantity FROM cloud_usage WHERE project_id = :p"),
+                {"p": project_id},
+            ).all()
+            charged = 0
+            for day in range(1, 32):
+                amount = 1 if charged < 29 else 0
+                charged += amount
+                if amount:
+                    conn.execute(
+                        text("INSERT INTO bench_naive VALUES (:p, :d, :c)"),
+                        {"p": project_id, "d": day, "c": 0 if (compute or 0) >= 30 else amount},
+                    )
+    seconds = (time.perf_counter() - start) * total_projects / max(len(ids), 1)
+    return Step(f"naive loop ({len(ids):,} projects, scaled)", seconds, 29 * total_projects, None)
+
+
+def days_until_yesterday() -> list[date]:
+    """From the default effective date to yesterday (UTC, the default billing timezone)."""
+    first, last = date(2026, 3, 24), datetime.now(UTC).date() - timedelta(days=1)
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def reset_jobs_tables(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for table in reversed(billing_metadata.sorted_tables):
+            if table.name not in ("billing_runs", "billing_locks"):
+                conn.execute(table.delete())
 
 
 def main() -> None:
@@ -76,86 +188,70 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--projects", type=int, default=100_000)
-    parser.add_argument("--rows", type=int, default=1_000_000, help="compute rows in the month")
+    parser.add_argument("--rows-per-project", type=int, default=20, help="compute rows per project-month")
+    parser.add_argument("--published", type=float, default=0.2, help="share of projects published")
     parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 server")
     parser.add_argument("--sqlite-path", default=None)
-    parser.add_argument("--chunk", type=int, default=month_end.PROJECTS_PER_CHUNK, help="projects per chunk")
+    parser.add_argument("--chunk", type=int, default=100_000, help="projects per chunk")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
-    logs.configure("WARNING", json=True)
-    settings = load_settings(None)
-    month = Month(2026, 5)
-    results: dict[str, float] = {}
+    steps: list[Step] = []
 
     with database(args.postgres, args.sqlite_path) as url:
         engine = make_engine(url)
-        print(f"database: {engine.dialect.name}; projects={args.projects:,} compute rows={args.rows:,}")
-        summary = timed(
-            "generate",
-            results,
-            lambda: generate_bulk(
-                engine, projects=args.projects, usage_rows_per_month=args.rows, months=[(2026, 5)]
-            ),
+        print(
+            f"database: {engine.dialect.name}; projects={args.projects:,}; "
+            f"compute rows={args.projects * args.rows_per_project:,}; published={args.published:.0%}; "
+            f"workers={args.workers}; chunk={args.chunk:,}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            flush=True,
         )
-        print(f"  generated: {summary}")
+        start = time.perf_counter()
+        summary = generate_bulk(
+            engine,
+            projects=args.projects,
+            usage_rows_per_month=args.projects * args.rows_per_project,
+            months=[(2026, 5), (2026, 6)],
+            published_share=args.published,
+        )
+        print(f"  generated in {time.perf_counter() - start:.0f} s: {summary}", flush=True)
         upgrade(engine)
         if engine.dialect.name == "postgresql":
             with engine.begin() as conn:
                 conn.execute(text("ANALYZE"))
 
-        def baseline() -> None:
-            with engine.connect() as conn:
-                conn.execute(
-                    select(compute_usage.c.project_id, func.sum(compute_usage.c.credits)).group_by(
-                        compute_usage.c.project_id
-                    )
-                ).all()
-                conn.execute(
-                    select(projects.c.project_id, projects.c.account_id, projects.c.created_at)
-                ).all()
+        def run(step: Step) -> Step:
+            steps.append(step)
+            rss = f"{step.peak_rss_mib:7.0f} MiB" if step.peak_rss_mib is not None else "          -"
+            rate = step.rows / step.seconds if step.seconds else 0.0
+            print(f"  {step.label:<44} {step.seconds:8.1f} s {rate:12,.0f} rows/s {rss}", flush=True)
+            return step
 
-        timed("baseline", results, baseline)
-        now = datetime(2026, 6, 2, 3, 0, tzinfo=UTC)
-
-        def close() -> Any:
-            return run_job(
-                engine,
-                settings,
-                "month-end",
-                period=str(month),
-                arguments={},
-                now=now,
-                body=lambda run: month_end.close_month(run, month, args.chunk),
+        kw = {"workers": args.workers, "chunk": args.chunk}
+        base = run(floor(engine))
+        if not args.skip_naive:
+            run(naive(engine, args.projects))
+        run(command(url, "month-end", "--month", "2026-05", **kw))
+        reset_jobs_tables(engine)
+        run(command(url, "nightly", "--date", "2026-05-01", **kw))
+        # The other days of May in one catch-up run (`nightly` with no date): the state after
+        # a month of nightly runs. Every other day up to yesterday is marked billed first.
+        others = [d for d in days_until_yesterday() if d.month != 5 or d.year != 2026]
+        with engine.begin() as conn:
+            conn.execute(
+                billed_days.insert(),
+                [{"billing_day": d, "run_id": "bench", "billed_at": BILLED_AT} for d in others],
             )
-
-        first = timed("month-end", results, close)
-        again = timed("month-end #2", results, close)
-        timed(
-            "nightly",
-            results,
-            lambda: run_job(
-                engine,
-                settings,
-                "nightly",
-                period="2026-06-01",
-                arguments={},
-                now=now,
-                body=lambda run: nightly.bill_days(run, [date(2026, 6, 1)], args.chunk),
-            ),
-        )
-        out = io.StringIO()
-        lines = timed("export", results, lambda: export_month(engine, str(month), out))
+        run(command(url, "nightly", **kw))
+        run(command(url, "month-end", "--month", "2026-05", **kw))
+        run(command(url, "month-end", "--month", "2026-05", **kw))
+        run(command(url, "export", "--month", "2026-05"))
+        run(command(url, "nightly", "--date", "2026-06-01", **kw))
         engine.dispose()
 
-    print(
-        f"  month-end wrote {first.counts.get('rows_inserted', 0):,} daily charges, "
-        f"{first.counts.get('invoices', 0):,} invoices, {first.counts.get('invoice_lines', 0):,} lines; "
-        f"re-run wrote {again.counts.get('rows_inserted', 0) + again.counts.get('invoice_lines', 0)} rows; "
-        f"export {lines:,} lines"
-    )
-    base = results["baseline"]
-    print("ratios to the baseline (same run):")
-    for label in ("month-end", "month-end #2", "nightly", "export"):
-        print(f"  {label:<14} {results[label] / base:8.1f} x")
+    print(f"ratios to the floor ({base.seconds:.1f} s, same run):")
+    for step in steps[1:]:
+        print(f"  {step.label:<44} {step.seconds / base.seconds:8.1f} x")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ daily_charges = Table(
     Column("amount_units", BigInteger, nullable=False),
     Column("run_id", String(36), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
-    Index("ix_daily_charges_charge_date", "charge_date"),
     Index("ix_daily_charges_account_date", "account_id", "charge_date"),
 )
 

@@ -51,7 +51,8 @@ MONTH = "2026-05"
 ACCOUNTS = 3
 # Each account has 3 projects: 3 chunks, so a run commits in at least 5 steps
 # (its first step, one per chunk, its last steps).
-CHUNK_ENV = {"BILLING_PROJECTS_PER_CHUNK": "3"}
+# One process: the fault hook counts the writes of this process (workers would write elsewhere).
+CHUNK_ENV = {"BILLING_PROJECTS_PER_CHUNK": "3", "BILLING_WORKERS": "1"}
 MIN_WRITES = 5
 SOURCE = busy_month(ACCOUNTS)
 LATE = late_changes()

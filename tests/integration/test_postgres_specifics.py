@@ -341,7 +341,7 @@ def test_a_month_end_of_20k_projects_writes_its_charges_with_copy(
     assert written > 15_000 * 20  # most projects are charged most days
     # The charges travel by COPY (straight into daily_charges, or as runs of days into a
     # temporary table that one INSERT .. SELECT expands), and so do the invoice lines.
-    assert any(re.match(r'COPY "?(daily_charges|billing_charge_runs)"? ', s) for s in copies), copies
+    assert any(re.match(r'COPY "?(daily_charges|billing_truth_runs)"? ', s) for s in copies), copies
     assert any(re.match(r'COPY "?invoice_lines"? ', s) for s in copies), copies
     # The invoices say the same as the charges, project by project.
     mismatches = _scalar(

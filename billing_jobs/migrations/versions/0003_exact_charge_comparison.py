@@ -6,7 +6,8 @@ Revises: 0002
 Runs compare the stored daily charges with the recomputed ones row by row on their
 natural key, in the database, so the per-project sums of `charge_totals` (which
 could agree while the days differ) are no longer kept. A chunk's stored charges are
-found through `(account_id, charge_date)`.
+found through `(account_id, charge_date)`, which replaces the index on `charge_date`
+alone (no query reads charges by day for every account).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def upgrade() -> None:
         batch_op.drop_index("ix_charge_totals_period_account")
     op.drop_table("charge_totals")
     with op.batch_alter_table("daily_charges", schema=None) as batch_op:
+        batch_op.drop_index("ix_daily_charges_charge_date")
         batch_op.create_index("ix_daily_charges_account_date", ["account_id", "charge_date"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("daily_charges", schema=None) as batch_op:
         batch_op.drop_index("ix_daily_charges_account_date")
+        batch_op.create_index("ix_daily_charges_charge_date", ["charge_date"], unique=False)
     op.create_table(
         "charge_totals",
         sa.Column("project_id", sa.String(length=64), nullable=False),
