@@ -101,6 +101,7 @@ class _Among(ColumnElement[bool]):
 
     inherit_cache = False
     type = Boolean()
+    _is_implicitly_boolean = True  # a condition itself: never rendered as `(...) = 1`
 
     def __init__(self, column: ColumnElement[Any], values: Sequence[str]) -> None:
         self.column = column
@@ -144,25 +145,35 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def plan_chunks(conn: Connection, projects_per_chunk: int, shard: Shard | None = None) -> list[Chunk]:
+def plan_chunks(
+    conn: Connection,
+    projects_per_chunk: int,
+    shard: Shard | None = None,
+    *,
+    also: Sequence[Select[Any]] = (),
+) -> list[Chunk]:
     """The accounts with projects (of `shard`), in chunks of about `projects_per_chunk` projects.
 
+    also: queries of more account ids to include though they may have no project
+    now (accounts with charges or invoices to correct, whose projects moved or went).
     Accounts are grouped by the database and taken in the code-point order of their
     ids (Python's `str` order, whatever the database's collation), so the same data
     gives the same chunks; which chunk an account is in never changes a result.
     """
-    counts = conn.execute(
-        select(projects.c.account_id, func.count())
-        .group_by(projects.c.account_id)
-        .execution_options(yield_per=BATCH)
-    )
-    found: list[tuple[str, int]] = []
-    for batch in counts.partitions():
-        if shard is None or shard.count == 1:
-            found.extend((a, int(n)) for a, n in batch)
-        else:
-            found.extend((a, int(n)) for a, n in batch if shard_of(a, shard.count) == shard.index)
-    found.sort()
+
+    def mine(account_id: str) -> bool:
+        return shard is None or shard.count == 1 or shard_of(account_id, shard.count) == shard.index
+
+    counts: dict[str, int] = {}
+    query = select(projects.c.account_id, func.count()).group_by(projects.c.account_id)
+    for batch in conn.execute(query.execution_options(yield_per=BATCH)).partitions():
+        counts.update((a, int(n)) for a, n in batch if mine(a))
+    for extra in also:
+        for batch in conn.execute(extra.execution_options(yield_per=BATCH)).partitions():
+            for (account_id,) in batch:
+                if account_id not in counts and mine(account_id):
+                    counts[account_id] = 1
+    found = sorted(counts.items())
     chunks: list[Chunk] = []
     ids: list[str] = []
     running = 0

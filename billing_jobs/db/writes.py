@@ -19,7 +19,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    and_,
     delete,
     exists,
     text,
@@ -27,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import Chunk, among, batches
+from billing_jobs.db.reads import Chunk
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
@@ -132,7 +131,6 @@ def sync_daily_charges(
     first: date,
     last: date,
     chunk: Chunk,
-    project_ids: Sequence[str],
     *,
     run_id: str,
     now: datetime,
@@ -140,13 +138,17 @@ def sync_daily_charges(
     """Make the stored charges of days first..last of the chunk equal `truth`, exactly.
 
     truth: project_id, account_id, charge_type, day, quantity_units, amount_units, for
-    the chunk's projects (`project_ids`: every project of the chunk's accounts now).
-    The truth goes to a temporary table as runs of days; the database then deletes
-    every stored row in scope (the chunk's accounts as stored, or its projects) that
-    no truth row equals on every column, and inserts every truth row whose key
-    (project, charge type, day) is not stored. Nothing is compared by a summary, so
-    any difference on any day is corrected, and a re-run over unchanged data writes
-    nothing. Returns (rows inserted, rows deleted).
+    every project of the chunk's accounts. It goes to a temporary table as runs of
+    days; then, in the database:
+
+    1. every stored row of the chunk's accounts in those days that no truth row
+       equals on every column is deleted;
+    2. every truth row is inserted, and where its key (project, charge type, day) is
+       already stored with other values (a project that moved here from another
+       account), that row is set to the truth.
+
+    Nothing is compared by a summary, so any difference on any day is corrected; a
+    re-run over unchanged data writes nothing. Returns (rows written, rows deleted).
     """
     runs = to_runs(truth) if len(truth) else None
     if runs is not None and int(runs["n_days"].max()) > 31:
@@ -173,18 +175,15 @@ def sync_daily_charges(
             r.quantity_units == dc.quantity_units,
             r.amount_units == dc.amount_units,
         )
-        in_days = and_(dc.charge_date >= first, dc.charge_date <= last)
-        deleted = 0
-        scopes = [chunk.clause(dc.account_id)]
-        scopes += [among(dc.project_id, ids) for ids in batches(list(project_ids), PROJECT_BATCH)]
-        for scope in scopes:
-            result = conn.execute(delete(daily_charges).where(scope, in_days, ~equal))
-            deleted += result.rowcount or 0
-        inserted = 0
+        stale = delete(daily_charges).where(
+            chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last, ~equal
+        )
+        deleted = conn.execute(stale).rowcount or 0
+        written = 0
         if runs is not None:
             stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
-            result = conn.execute(text(_INSERT_MISSING[conn.dialect.name]), {"run_id": run_id, "now": stamp})
-            inserted = result.rowcount or 0
+            result = conn.execute(text(_WRITE_TRUTH[conn.dialect.name]), {"run_id": run_id, "now": stamp})
+            written = result.rowcount or 0
     finally:
         # SQLite may have committed the CREATE on its own: drop it even after an error. On
         # PostgreSQL an error aborts the transaction, whose rollback removes the table.
@@ -192,10 +191,9 @@ def sync_daily_charges(
             truth_runs.drop(conn)
     if conn.dialect.name == "postgresql":
         truth_runs.drop(conn)
-    return inserted, deleted
+    return written, deleted
 
 
-PROJECT_BATCH = 100_000
 _TRUTH_INDEX = "CREATE INDEX billing_truth_runs_key ON billing_truth_runs (project_id, charge_type)"
 
 # The truth of a chunk's charges, as runs of consecutive days with the same amount.
@@ -213,28 +211,31 @@ truth_runs = Table(
     prefixes=["TEMPORARY"],
 )
 
-_MISSING = (
-    " WHERE NOT EXISTS (SELECT 1 FROM daily_charges d WHERE d.project_id = r.project_id"
-    " AND d.charge_type = r.charge_type AND d.charge_date = {day})"
+_COLUMNS = (
+    "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
+    " amount_units, run_id, recorded_at)"
 )
-_INSERT_MISSING = {
+_UPSERT = (
+    " ON CONFLICT (project_id, charge_type, charge_date) DO UPDATE SET account_id = excluded.account_id,"
+    " quantity_units = excluded.quantity_units, amount_units = excluded.amount_units,"
+    " run_id = excluded.run_id, recorded_at = excluded.recorded_at"
+    " WHERE daily_charges.account_id <> excluded.account_id"
+    " OR daily_charges.quantity_units <> excluded.quantity_units"
+    " OR daily_charges.amount_units <> excluded.amount_units"
+)
+_WRITE_TRUTH = {
     "postgresql": (
-        "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
-        " amount_units, run_id, recorded_at)"
-        " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
+        _COLUMNS + " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
         " r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
-        + _MISSING.format(day="r.first_day + g.n")
+        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)" + _UPSERT
     ),
+    # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT;
+    # `WHERE true` keeps SQLite from reading ON CONFLICT as part of the join.
     "sqlite": (
-        # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT.
-        "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
-        " amount_units, run_id, recorded_at)"
-        " WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
+        _COLUMNS + " WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
         " SELECT r.project_id, r.charge_type, date(r.first_day, '+' || g.n || ' days'), r.account_id,"
         " r.quantity_units, r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days"
-        + _MISSING.format(day="date(r.first_day, '+' || g.n || ' days')")
+        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days WHERE true" + _UPSERT
     ),
 }
 
@@ -242,8 +243,9 @@ _INSERT_MISSING = {
 def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
     """Charges (project_id, account_id, charge_type, day, quantity_units, amount_units)
     as runs of consecutive days with equal quantity and amount: ..., first_day, n_days."""
-    pcode, _ = pd.factorize(rows["project_id"])
-    tcode, _ = pd.factorize(rows["charge_type"])
+    # Sorted codes: the runs (and the rows the database expands from them) come in key order.
+    pcode, _ = pd.factorize(rows["project_id"], sort=True)
+    tcode, _ = pd.factorize(rows["charge_type"], sort=True)
     day = rows["day"].to_numpy(dtype=np.int64)
     order = np.lexsort((day, tcode, pcode))
     p, t, d = pcode[order], tcode[order], day[order]

@@ -151,7 +151,19 @@ def close_month(
     last = month.last_day if through is None else min(through, month.last_day)
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
-        chunks = plan_chunks(conn, projects_per_chunk)
+        # Accounts with charges or invoices of the month are planned even if no project
+        # of theirs is left: what they were charged is corrected too.
+        also = (
+            []
+            if fresh_schema
+            else [
+                select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
+                select(daily_charges.c.account_id)
+                .where(daily_charges.c.charge_date.between(month.first_day, month.last_day))
+                .distinct(),
+            ]
+        )
+        chunks = plan_chunks(conn, projects_per_chunk, also=also)
         found = pd.concat(
             [
                 source_rejects(conn, settings, month.first_day, month.last_day),
@@ -284,7 +296,6 @@ def _write_chunk(
         month.first_day,
         month.last_day,
         chunk,
-        result.projects["project_id"].tolist(),
         run_id=run.run_id,
         now=run.now,
     )

@@ -15,7 +15,7 @@ from functools import partial
 from itertools import groupby
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, inspect, select
 
 from billing_jobs.db.billing_tables import billed_days, daily_charges
 from billing_jobs.db.reads import Chunk, plan_chunks
@@ -90,7 +90,6 @@ def _sync_chunk(
         first,
         last,
         chunk,
-        result.projects["project_id"].tolist(),
         run_id=run.run_id,
         now=run.now,
     )
@@ -134,7 +133,14 @@ def bill_days(
     preview_rejects: list[pd.DataFrame] = []
     months = _month_runs(days)
     with run.engine.connect() as conn:
-        chunks = plan_chunks(conn, projects_per_chunk)
+        # Accounts with charges on these days are planned even if no project of theirs is left.
+        charged = (
+            select(daily_charges.c.account_id)
+            .where(daily_charges.c.charge_date.between(min(days), max(days)))
+            .distinct()
+        )
+        has_charges = not run.dry_run or inspect(conn).has_table(daily_charges.name)
+        chunks = plan_chunks(conn, projects_per_chunk, also=[charged] if days and has_charges else [])
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:

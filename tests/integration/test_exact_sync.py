@@ -222,3 +222,31 @@ def test_explain_on_a_month_in_progress_stops_at_yesterday(db_url: str) -> None:
     assert [d["date"] for d in record["days"]] == [f"2026-06-{d:02d}" for d in range(1, 11)]
     storage = [t for t in record["totals"] if t["line_type"] == "storage_fee"]
     assert [(t["quantity"], t["amount"]) for t in storage] == [("10", "10")]
+
+
+@pytest.mark.parametrize(("source", "target"), [("acct-a", "acct-b"), ("acct-b", "acct-a")])
+def test_a_project_moved_to_an_account_in_another_chunk_has_its_charges_moved_with_it(
+    db_url: str, source: str, target: str
+) -> None:
+    """Whichever chunk runs first (the one it left or the one it joined)."""
+    data = SourceData()
+    data.project("p-moved", created="2025-11-02", account=source)
+    data.project("p-stays", created="2025-11-02", account=target)
+    data.write_url(db_url)
+    chunks = ("--projects-per-chunk", "1", "--workers", "1")
+    assert run_cli(db_url, "month-end", "--month", "2026-05", *chunks).code == 0
+    _sql(db_url, f"UPDATE projects SET account_id = '{target}' WHERE project_id = 'p-moved'")
+
+    result = run_cli(db_url, "month-end", "--month", "2026-05", *chunks)
+
+    assert result.code == 0, result.stderr
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            owners = set(conn.execute(sa.text("SELECT DISTINCT project_id, account_id FROM daily_charges")))
+    finally:
+        engine.dispose()
+    assert owners == {("p-moved", target), ("p-stays", target)}
+    totals = lines_by(export_rows(db_url, "2026-05"), "account_id", "project_id")
+    assert totals[(source, "p-moved")] == 0  # invoiced, then adjusted away
+    assert totals[(target, "p-moved")] == 29
