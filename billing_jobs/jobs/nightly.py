@@ -134,13 +134,14 @@ def bill_days(
     months = _month_runs(days)
     with run.engine.connect() as conn:
         # Accounts with charges on these days are planned even if no project of theirs is left.
-        charged = (
-            select(daily_charges.c.account_id)
-            .where(daily_charges.c.charge_date.between(min(days), max(days)))
-            .distinct()
-        )
-        has_charges = not run.dry_run or inspect(conn).has_table(daily_charges.name)
-        chunks = plan_chunks(conn, projects_per_chunk, also=[charged] if days and has_charges else [])
+        also = []
+        if days and (not run.dry_run or inspect(conn).has_table(daily_charges.name)):
+            also.append(
+                select(daily_charges.c.account_id)
+                .where(daily_charges.c.charge_date.between(min(days), max(days)))
+                .distinct()
+            )
+        chunks = plan_chunks(conn, projects_per_chunk, also=also)
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:
