@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from sqlalchemy import inspect
@@ -27,9 +27,12 @@ from billing_jobs.db.engine import (
     schema_is_current,
     upgrade,
 )
-from billing_jobs.db.lock import LockHeld, LockLost
+from billing_jobs.db.lock import LockHeld, LockLost, writer_lock_name
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import SettingsError
+
+if TYPE_CHECKING:
+    from billing_jobs.db.reads import Shard
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
@@ -101,6 +104,30 @@ def _workers_option(command: Callable[..., Any]) -> Callable[..., Any]:
         "connection (env BILLING_WORKERS). On SQLite they read in parallel and write one at a "
         "time. The result does not depend on it.",
     )(command)
+
+
+def _shard_from(text: str | None) -> Shard | None:
+    """`--shard I/N`, else BILLING_SHARD, else JOB_COMPLETION_INDEX with BILLING_SHARDS; None: all."""
+    from billing_jobs.db.reads import Shard
+
+    source = "--shard"
+    if text is None and os.environ.get("BILLING_SHARD"):
+        text, source = os.environ["BILLING_SHARD"], "BILLING_SHARD"
+    if text is None and os.environ.get("JOB_COMPLETION_INDEX") is not None:
+        count = os.environ.get("BILLING_SHARDS")
+        if not count:
+            raise click.UsageError("JOB_COMPLETION_INDEX is set but BILLING_SHARDS (the shard count) is not")
+        text, source = f"{os.environ['JOB_COMPLETION_INDEX']}/{count}", "JOB_COMPLETION_INDEX/BILLING_SHARDS"
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    try:
+        shard = Shard(int(index), int(count))
+    except ValueError:
+        raise click.UsageError(f"{source} {text!r}: expected I/N, for example 0/4") from None
+    if not 0 <= shard.index < shard.count:
+        raise click.UsageError(f"{source} {text!r}: need 0 <= I < N")
+    return shard
 
 
 def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
@@ -248,6 +275,21 @@ def nightly(
     default=None,
     help="With --dry-run: also write the previewed lines as CSV to this file.",
 )
+@click.option(
+    "--shard",
+    "shard_text",
+    default=None,
+    metavar="I/N",
+    help="Close only shard I (0-based) of N of the accounts and leave its invoices as drafts "
+    "for --finalize; N shards run at once (each its own run record and lock). Default: "
+    "BILLING_SHARD, or JOB_COMPLETION_INDEX of N=BILLING_SHARDS (a Kubernetes Indexed Job).",
+)
+@click.option(
+    "--finalize",
+    is_flag=True,
+    help="Finalize a sharded close: exit 0 once every shard's drafts are complete and consistent "
+    "(nothing to do if already final), 75 while a shard still runs, 1 naming missing shards.",
+)
 @_chunk_option
 @_workers_option
 @click.pass_obj
@@ -256,10 +298,17 @@ def month_end(
     month_text: str | None,
     dry_run: bool,
     output: str | None,
+    shard_text: str | None,
+    finalize: bool,
     projects_per_chunk: int,
     workers: int | None,
 ) -> None:
-    """Close a billing month: recompute, waive, invoice (or adjust a closed month)."""
+    """Close a billing month: recompute, waive, invoice (or adjust a closed month).
+
+    At scale the accounts can be closed in shards on several machines: run
+    `month-end --month M --shard I/N` for I = 0..N-1 (at the same time), then
+    `month-end --month M --finalize`.
+    """
     from billing_jobs.jobs import month_end as job
     from billing_jobs.jobs.runner import run_job
     from billing_jobs.jobs.workers import default_workers
@@ -275,7 +324,15 @@ def month_end(
         raise click.UsageError(
             f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
         )
+    shard = _shard_from(shard_text) if not finalize else None
+    if finalize and (dry_run or shard_text):
+        raise click.UsageError("--finalize takes neither --dry-run nor --shard")
     has_schema = _ensure_schema(ctx, dry_run=dry_run)
+    arguments: dict[str, object] = {"month": str(month), "dry_run": dry_run}
+    if shard is not None:
+        arguments["shard"] = str(shard)
+    if finalize:
+        arguments["finalize"] = True
     update, stop = progress_for("month-end")
     try:
         outcome = run_job(
@@ -283,19 +340,27 @@ def month_end(
             settings,
             "month-end",
             period=str(month),
-            arguments={"month": str(month), "dry_run": dry_run},
+            arguments=arguments,
             now=now,
             dry_run=dry_run,
-            body=lambda run: job.close_month(
-                run,
-                month,
-                projects_per_chunk,
-                fresh_schema=not has_schema,
-                through=through,
-                workers=workers or default_workers(),
+            body=lambda run: (
+                job.finalize_shards(run, month)
+                if finalize
+                else job.close_month(
+                    run,
+                    month,
+                    projects_per_chunk,
+                    fresh_schema=not has_schema,
+                    through=through,
+                    workers=workers or default_workers(),
+                    shard=shard,
+                )
             ),
             progress=update,
+            lock_name=writer_lock_name(*((shard.index, shard.count) if shard else ())),
         )
+    except job.ShardsIncomplete as exc:
+        _fail(f"error: {exc}", 1)
     finally:
         stop()
     print_month(outcome, dry_run=dry_run, output=output)

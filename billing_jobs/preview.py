@@ -141,7 +141,7 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
         )
         console.print(f"month-end {month} preview ({state})")
     else:
-        state = "adjustments written" if preview.closed_before else "closed"
+        state = preview.note or ("adjustments written" if preview.closed_before else "closed")
         console.print(f"month-end {month}: {state}")
     lines = preview.lines
     if preview.invoices is not None and len(preview.invoices):

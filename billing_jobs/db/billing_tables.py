@@ -98,6 +98,23 @@ month_closes = Table(
     Column("adjustments", Integer, nullable=False, default=0),
 )
 
+# Shards of a sharded month close (`month-end --shard I/N`): which run wrote each shard's
+# drafts and whether it completed; `month-end --finalize` finalizes only a complete set.
+month_shards = Table(
+    "month_shards",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("shard_count", Integer, primary_key=True),
+    Column("shard_index", Integer, primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("kind", String(16), nullable=False),  # regular | adjustment: what its drafts are
+    Column("status", String(16), nullable=False),  # running | complete
+    Column("settings_hash", String(64), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("invoices", Integer),
+)
+
 invoices = Table(
     "invoices",
     billing_metadata,

@@ -26,19 +26,47 @@ writing it) must take less than `[lock] lease_seconds`. A run that overruns it
 is not unsafe: its next write raises `LockLost` if another run took over in the
 meantime, and commits nothing. Timestamps come from each host's clock; hosts
 sharing a database need clocks that agree to well within `lease_seconds`.
+
+Shards: a sharded month-end (`--shard I/N`) holds `billing-writer/shard-I-of-N`.
+The shards of one split run at once; any other writer (a whole run, `--finalize`,
+a shard of another split) is excluded. Whoever takes a lease checks, in the same
+transaction, that no excluding lease is live, and otherwise gives it back and
+reports the holder; two runs racing for excluding leases may both back off (exit
+75, try again), never both proceed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import billing_locks
 
 WRITER_LOCK = "billing-writer"
+SHARD_LOCK_PREFIX = WRITER_LOCK + "/shard-"
+ACQUIRE_KEY = 0x62696C6C  # the advisory lock that serializes lease takers on PostgreSQL
+
+
+def writer_lock_name(shard_index: int | None = None, shard_count: int = 1) -> str:
+    """The writer lock of a whole run, or of one shard of a sharded month-end (`I-of-N`)."""
+    if shard_index is None:
+        return WRITER_LOCK
+    return f"{SHARD_LOCK_PREFIX}{shard_index}-of-{shard_count}"
+
+
+def _shard_count(name: str) -> int | None:
+    return int(name.rsplit("-of-", 1)[1]) if name.startswith(SHARD_LOCK_PREFIX) else None
+
+
+def compatible(mine: str, other: str) -> bool:
+    """Whether two writer leases may be held at once: shards of the same split of the
+    accounts (same N, different I) may; anything else excludes the other."""
+    a, b = _shard_count(mine), _shard_count(other)
+    return a is not None and a == b and mine != other
 
 
 class LockHeld(RuntimeError):
@@ -83,6 +111,10 @@ class Lease:
         }
         for _attempt in range(3):
             with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Takers of writer leases one at a time, so each sees the leases of the
+                    # others (SQLite's single writer does the same by itself).
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ACQUIRE_KEY})
                 dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
                 ins = dialect.insert(billing_locks).values(**values)
                 stmt = ins.on_conflict_do_update(
@@ -91,12 +123,31 @@ class Lease:
                     where=billing_locks.c.expires_at < now,
                 ).returning(billing_locks.c.run_id)
                 if conn.execute(stmt).first() is not None:
-                    return
+                    blocker = self._blocker(conn, now)
+                    if blocker is None:
+                        return
+                    # Raising rolls the transaction back: the lease just taken is given back.
+                    raise LockHeld(
+                        blocker.name, blocker.run_id, blocker.host, blocker.pid, blocker.expires_at
+                    )
                 row = conn.execute(select(billing_locks).where(billing_locks.c.name == self.name)).first()
             if row is not None:
                 raise LockHeld(self.name, row.run_id, row.host, row.pid, row.expires_at)
             # PostgreSQL: the holder released the lease between the two statements; try again.
         raise LockHeld(self.name, "unknown", "unknown", 0, now)
+
+    def _blocker(self, conn: Connection, now: datetime) -> Any:
+        """A live writer lease of another name that excludes this one (see `compatible`)."""
+        others = conn.execute(
+            select(billing_locks).where(
+                billing_locks.c.name.like(WRITER_LOCK + "%"),
+                billing_locks.c.name != self.name,
+                billing_locks.c.expires_at >= now,
+            )
+        ).all()
+        if not self.name.startswith(WRITER_LOCK):
+            return None
+        return next((row for row in others if not compatible(self.name, row.name)), None)
 
     def assert_held(self, conn: Connection, now: datetime) -> None:
         """Renew the lease inside the caller's transaction; raise `LockLost` if it is gone."""

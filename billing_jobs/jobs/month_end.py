@@ -15,6 +15,7 @@ removes; the finalized invoices are never changed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from functools import partial
@@ -29,8 +30,9 @@ from billing_jobs.db.billing_tables import (
     invoice_lines,
     invoices,
     month_closes,
+    month_shards,
 )
-from billing_jobs.db.reads import Chunk, plan_chunks
+from billing_jobs.db.reads import Chunk, Shard, plan_chunks
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
@@ -60,6 +62,7 @@ class MonthPreview:
     lines: pd.DataFrame
     rejects: pd.DataFrame
     through: date | None = None  # a preview of a month not ended: its days up to this one
+    note: str = ""  # what a shard run or --finalize did, instead of "closed"
 
 
 def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
@@ -137,11 +140,12 @@ def close_month(
     fresh_schema: bool = False,
     through: date | None = None,
     workers: int = 1,
+    shard: Shard | None = None,
 ) -> MonthPreview:
     """Close `month` (or, in a dry run, compute what closing it would write).
 
     workers: chunks run on this many processes (see `jobs.workers`).
-
+    shard: only this shard of the accounts; its drafts wait for `finalize_shards`.
     fresh_schema: the jobs' tables do not exist yet (a dry run on a new database).
     through: preview of a month that has not ended: its days up to this one only.
     """
@@ -163,7 +167,7 @@ def close_month(
                 .distinct(),
             ]
         )
-        chunks = plan_chunks(conn, projects_per_chunk, also=also)
+        chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
         found = pd.concat(
             [
                 source_rejects(conn, settings, month.first_day, month.last_day),
@@ -178,18 +182,7 @@ def close_month(
     all_rejects: list[pd.DataFrame] = [found]
 
     if not run.dry_run:
-
-        def start(conn: Connection) -> None:
-            drafts = select(invoices.c.invoice_id).where(
-                invoices.c.period == str(month), invoices.c.status == "draft"
-            )
-            conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
-            conn.execute(
-                delete(invoices).where(invoices.c.period == str(month), invoices.c.status == "draft")
-            )
-            run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
-
-        run.write(start)
+        run.write(partial(_start, run=run, month=month, found=found, shard=shard, kind=kind))
 
     done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
     for step, (heads, lines, rejected) in enumerate(done, start=1):
@@ -200,47 +193,192 @@ def close_month(
         run.progress(step, len(chunks), str(month))
 
     if not run.dry_run:
-
-        def finish(conn: Connection) -> None:
-            conn.execute(
-                update(invoices)
-                .where(invoices.c.period == str(month), invoices.c.status == "draft")
-                .values(status="finalized", finalized_at=run.now)
-            )
-            days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
-            insert_ignore(conn, billed_days, days)
-            if closed and run.counts.get("invoices"):
-                conn.execute(
-                    update(month_closes)
-                    .where(month_closes.c.period == str(month))
-                    .values(
-                        last_run_id=run.run_id,
-                        last_run_at=run.now,
-                        adjustments=month_closes.c.adjustments + 1,
-                    )
-                )
-            elif not closed:
-                conn.execute(
-                    month_closes.insert().values(
-                        period=str(month),
-                        closed_at=run.now,
-                        close_run_id=run.run_id,
-                        last_run_id=run.run_id,
-                        last_run_at=run.now,
-                        adjustments=0,
-                    )
-                )
-
-        run.write(finish)
+        if shard is None:
+            run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None))
+        else:
+            run.write(partial(_shard_done, run=run, month=month, shard=shard))
         if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
             run.write(lambda conn: analyze(conn, daily_charges, invoices, invoice_lines))
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
     lines = pd.concat(all_lines, ignore_index=True) if all_lines else pd.DataFrame()
+    note = ""
+    if shard is not None and not run.dry_run:
+        note = f"shard {shard} drafts written; then: month-end --month {month} --finalize"
     return MonthPreview(
-        month, kind, closed, heads, lines, pd.concat(all_rejects, ignore_index=True), through=through
+        month,
+        kind,
+        closed,
+        heads,
+        lines,
+        pd.concat(all_rejects, ignore_index=True),
+        through=through,
+        note=note,
     )
+
+
+def _start(
+    conn: Connection, *, run: Run, month: Month, found: pd.DataFrame, shard: Shard | None, kind: str
+) -> None:
+    """A close's first write: drafts of an interrupted run removed, rejects recorded.
+
+    A whole run removes every draft of the month; a shard records that it runs (each
+    chunk then replaces its own accounts' drafts).
+    """
+    if shard is None:
+        _delete_drafts(conn, month, None)
+    else:
+        ms = month_shards.c
+        key = (ms.period == str(month), ms.shard_count == shard.count, ms.shard_index == shard.index)
+        conn.execute(delete(month_shards).where(*key))
+        conn.execute(
+            month_shards.insert().values(
+                period=str(month),
+                shard_count=shard.count,
+                shard_index=shard.index,
+                run_id=run.run_id,
+                kind=kind,
+                status="running",
+                settings_hash=run.settings.digest(),
+                started_at=run.now,
+            )
+        )
+    run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+
+
+def _delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs: Sequence[str] = ()) -> int:
+    """Remove the month's draft invoices (of the chunk's accounts), except those of `keep_runs`."""
+    inv = invoices.c
+    where = [inv.period == str(month), inv.status == "draft"]
+    if chunk is not None:
+        where.append(chunk.clause(inv.account_id))
+    if keep_runs:
+        where.append(inv.run_id.not_in(list(keep_runs)))
+    drafts = select(inv.invoice_id).where(*where)
+    conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
+    return conn.execute(delete(invoices).where(*where)).rowcount or 0
+
+
+def _shard_done(conn: Connection, *, run: Run, month: Month, shard: Shard) -> None:
+    ms = month_shards.c
+    conn.execute(
+        update(month_shards)
+        .where(
+            ms.period == str(month),
+            ms.shard_count == shard.count,
+            ms.shard_index == shard.index,
+            ms.run_id == run.run_id,
+        )
+        .values(status="complete", finished_at=run.now, invoices=int(run.counts.get("invoices", 0)))
+    )
+
+
+def _finalize(
+    conn: Connection, *, run: Run, month: Month, closed: bool, drafts: Sequence[str] | None
+) -> None:
+    """Finalize the month's drafts (of the runs `drafts`, or all) and record the close."""
+    inv = invoices.c
+    where = [inv.period == str(month), inv.status == "draft"]
+    if drafts is not None:
+        where.append(inv.run_id.in_(list(drafts)))
+    finalized = conn.execute(update(invoices).where(*where).values(status="finalized", finalized_at=run.now))
+    written = finalized.rowcount or 0
+    days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
+    insert_ignore(conn, billed_days, days)
+    if closed and written:
+        conn.execute(
+            update(month_closes)
+            .where(month_closes.c.period == str(month))
+            .values(last_run_id=run.run_id, last_run_at=run.now, adjustments=month_closes.c.adjustments + 1)
+        )
+    elif not closed:
+        conn.execute(
+            month_closes.insert().values(
+                period=str(month),
+                closed_at=run.now,
+                close_run_id=run.run_id,
+                last_run_id=run.run_id,
+                last_run_at=run.now,
+                adjustments=0,
+            )
+        )
+
+
+class ShardsIncomplete(RuntimeError):
+    """`--finalize` found a shard missing, failed or inconsistent: nothing was finalized."""
+
+
+def finalize_shards(run: Run, month: Month) -> MonthPreview:
+    """Finalize a sharded close of `month` once every shard of its split is complete.
+
+    The split is the one of the shard that started last. Every shard 0..N-1 of it
+    must have completed, with the same settings as this run and for the month's
+    state (first close or re-close); otherwise `ShardsIncomplete` names what is
+    missing and nothing changes. Drafts of other runs (an abandoned split) are
+    removed. When the month has no shard drafts left to finalize, nothing changes.
+    (A shard still running holds its lease, so this run meets `LockHeld` first.)
+    """
+    ms = month_shards.c
+    with run.engine.connect() as conn:
+        closed = is_closed(conn, month)
+        rows = conn.execute(select(month_shards).where(ms.period == str(month))).all()
+    if not rows:
+        if closed:
+            run.counts.update(invoices=0, invoice_lines=0, shards=0)
+            empty = pd.DataFrame()
+            return MonthPreview(
+                month, ADJUSTMENT, True, empty, empty, empty, note="nothing to finalize: already final"
+            )
+        raise ShardsIncomplete(
+            f"no shard of {month} has run: run month-end --month {month} --shard I/N first"
+        )
+    latest = max(rows, key=lambda r: r.started_at)
+    count = int(latest.shard_count)
+    split = {int(r.shard_index): r for r in rows if int(r.shard_count) == count}
+    missing = sorted(i for i in range(count) if i not in split or split[i].status != "complete")
+    if missing:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise ShardsIncomplete(
+            f"shard(s) {names} of {month} have not completed: run month-end --month {month} "
+            f"--shard I/{count} for each, then --finalize"
+        )
+    kind = ADJUSTMENT if closed else REGULAR
+    stale = sorted(f"{i}/{count}" for i, r in split.items() if r.kind != kind)
+    if stale:
+        raise ShardsIncomplete(
+            f"shard(s) {', '.join(stale)} of {month} wrote {'regular' if closed else 'adjustment'} drafts "
+            f"but the month is {'closed' if closed else 'open'} now: run them again, then --finalize"
+        )
+    digest = run.settings.digest()
+    changed = sorted(f"{i}/{count}" for i, r in split.items() if r.settings_hash != digest)
+    if changed:
+        raise ShardsIncomplete(
+            f"shard(s) {', '.join(changed)} of {month} ran with other settings than this run: "
+            "run them again with these settings, then --finalize"
+        )
+    runs = [str(r.run_id) for r in split.values()]
+
+    def finalize(conn: Connection) -> None:
+        run.count("drafts_removed", _delete_drafts(conn, month, None, keep_runs=runs))
+        inv = invoices.c
+        mine = [inv.period == str(month), inv.status == "draft", inv.run_id.in_(runs)]
+        run.count("invoices", conn.execute(select(func.count()).where(*mine)).scalar_one())
+        lines = select(inv.invoice_id).where(*mine)
+        run.count(
+            "invoice_lines",
+            conn.execute(
+                select(func.count()).select_from(invoice_lines).where(invoice_lines.c.invoice_id.in_(lines))
+            ).scalar_one(),
+        )
+        _finalize(conn, run=run, month=month, closed=closed, drafts=runs)
+        conn.execute(delete(month_shards).where(ms.period == str(month)))
+
+    run.write(finalize)
+    run.counts["shards"] = count
+    empty = pd.DataFrame()
+    note = f"{count} shard(s) finalized: {'adjustments' if closed else 'closed'}"
+    return MonthPreview(month, kind, closed, empty, empty, empty, note=note)
 
 
 def close_chunk(
@@ -302,6 +440,7 @@ def _write_chunk(
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)
     run.count("rejects_new", record_rejects(conn, result.rejects, run_id=run.run_id, now=run.now))
+    _delete_drafts(conn, month, chunk)  # left by an interrupted run of this chunk's accounts
     _write_invoices(conn, heads, lines, month, run)
 
 

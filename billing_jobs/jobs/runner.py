@@ -115,6 +115,7 @@ def run_job(
     now: datetime,
     dry_run: bool = False,
     progress: Progress = _no_progress,
+    lock_name: str = WRITER_LOCK,
 ) -> Outcome:
     """Run `body` as job `job`; raises `LockHeld` when another run holds the lock."""
     run_id = str(uuid.uuid4())
@@ -123,7 +124,7 @@ def run_job(
     log = get_logger(job=job, run_id=run_id, period=period, dry_run=dry_run)
     lease = None
     if not dry_run:
-        lease = Lease(engine, WRITER_LOCK, run_id, host, pid, settings.lock_lease_seconds)
+        lease = Lease(engine, lock_name, run_id, host, pid, settings.lock_lease_seconds)
         _record_start(engine, run_id, job, period, arguments, settings, host, pid, now_naive)
         try:
             lease.acquire(_utcnow())

@@ -31,6 +31,7 @@ JOB_TABLES = {
     "billed_days",
     "daily_charges",
     "month_closes",
+    "month_shards",
     "invoices",
     "invoice_lines",
     "rejects",

@@ -51,7 +51,7 @@ JOB_ROLE_GRANTS = [
     "GRANT USAGE ON SCHEMA public TO {job}",
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
-    " month_closes, invoices, invoice_lines, rejects TO {job}",
+    " month_closes, month_shards, invoices, invoice_lines, rejects TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
 
