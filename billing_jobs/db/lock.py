@@ -8,11 +8,13 @@ commit anything.
 
 Why a renewal and a takeover cannot both win:
 
-- PostgreSQL: the renewal is an UPDATE of the lease row, which row-locks it until
-  the write transaction ends. A concurrent takeover (the upsert) waits for that
-  lock and then re-checks `expires_at < now` against the renewed row, so it finds
-  the lease held. The other way round, a renewal that waits for an uncommitted
-  takeover re-checks `run_id` and finds the row is no longer its own.
+- PostgreSQL: every write transaction holds the lease row `FOR KEY SHARE` until it
+  ends (after renewing the lease in a short transaction of its own), so the
+  workers of one run write at the same time. A takeover DELETEs the expired row,
+  which waits for every such transaction and then re-checks `expires_at < now`
+  against the row as renewed meanwhile, so it finds the lease held. The other way
+  round, a write transaction that waits for an uncommitted takeover re-checks
+  `run_id` and finds the row is no longer its own.
 - SQLite: every write transaction holds the database's single write lock, so the
   renewal, the takeover and the work they guard are serialized as wholes; the
   busy timeout set in `db.engine.make_engine` makes the second writer wait.
@@ -115,13 +117,28 @@ class Lease:
                     # Takers of writer leases one at a time, so each sees the leases of the
                     # others (SQLite's single writer does the same by itself).
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ACQUIRE_KEY})
-                dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-                ins = dialect.insert(billing_locks).values(**values)
-                stmt = ins.on_conflict_do_update(
-                    index_elements=["name"],
-                    set_={k: ins.excluded[k] for k in values if k != "name"},
-                    where=billing_locks.c.expires_at < now,
-                ).returning(billing_locks.c.run_id)
+                if conn.dialect.name == "postgresql":
+                    # An expired lease is deleted, then a new one inserted: the DELETE waits
+                    # for any write transaction still holding the old lease (FOR KEY SHARE,
+                    # see `assert_held`) and re-checks the expiry after it.
+                    conn.execute(
+                        delete(billing_locks).where(
+                            billing_locks.c.name == self.name, billing_locks.c.expires_at < now
+                        )
+                    )
+                    stmt = (
+                        postgresql.insert(billing_locks)
+                        .values(**values)
+                        .on_conflict_do_nothing()
+                        .returning(billing_locks.c.run_id)
+                    )
+                else:
+                    ins = sqlite.insert(billing_locks).values(**values)
+                    stmt = ins.on_conflict_do_update(
+                        index_elements=["name"],
+                        set_={k: ins.excluded[k] for k in values if k != "name"},
+                        where=billing_locks.c.expires_at < now,
+                    ).returning(billing_locks.c.run_id)
                 if conn.execute(stmt).first() is not None:
                     blocker = self._blocker(conn, now)
                     if blocker is None:
@@ -150,13 +167,43 @@ class Lease:
         return next((row for row in others if not compatible(self.name, row.name)), None)
 
     def assert_held(self, conn: Connection, now: datetime) -> None:
-        """Renew the lease inside the caller's transaction; raise `LockLost` if it is gone."""
+        """Prove the lease is ours inside the caller's write transaction (and renew it);
+        raise `LockLost` if it is gone.
+
+        PostgreSQL: the lease is renewed in a short transaction of its own, then this
+        transaction holds the lease row `FOR KEY SHARE` until it commits. Many write
+        transactions of one run (its worker processes) hold that lock at once, and so
+        does a renewal (an UPDATE of a non-key column); a takeover's DELETE waits for all
+        of them. SQLite: the renewal is an UPDATE in this transaction (its writes are
+        serialized anyway).
+        """
+        if conn.dialect.name == "postgresql":
+            self._renew(now)
+            held = conn.execute(
+                select(billing_locks.c.name)
+                .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
+                .with_for_update(read=True, key_share=True)
+            ).first()
+            if held is None:
+                raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
+            return
         renewed = conn.execute(
             update(billing_locks)
             .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
             .values(expires_at=now + timedelta(seconds=self.seconds))
             .returning(billing_locks.c.name)
         ).first()
+        if renewed is None:
+            raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
+
+    def _renew(self, now: datetime) -> None:
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(billing_locks)
+                .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
+                .values(expires_at=now + timedelta(seconds=self.seconds))
+                .returning(billing_locks.c.name)
+            ).first()
         if renewed is None:
             raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
 

@@ -575,3 +575,54 @@ def test_crontab_commands_are_valid_shell() -> None:
         assert re.search(r"(?<!\\)%", command) is None, f"unescaped % in: {command}"
         proc = subprocess.run(["/bin/sh", "-n", "-c", command], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{command}: {proc.stderr}"
+
+
+# ---------------------------------------------------------------- sharded month close
+
+SHARDED = DEPLOY / "sharded"
+SHARDED_MANIFESTS = sorted(p for p in SHARDED.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(SHARDED.glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_sharded_files_pass_yamllint(path: Path) -> None:
+    problems = list(yamllint_linter.run(path.read_text(encoding="utf-8"), yamllint_config(), str(path)))
+    assert problems == [], "\n".join(f"{path.name}:{p.line}: {p.message} ({p.rule})" for p in problems)
+
+
+@pytest.mark.parametrize("path", SHARDED_MANIFESTS, ids=lambda p: p.name)
+def test_sharded_manifests_validate_strictly(path: Path) -> None:
+    for doc in load_yaml_docs(path):
+        kv.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_the_shards_are_an_indexed_job_whose_count_is_passed_to_each_pod() -> None:
+    cronjob = load_one(SHARDED / "cronjob-month-end-shards.yaml")
+    job_spec = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job_spec["completionMode"] == "Indexed"
+    assert job_spec["completions"] == job_spec["parallelism"]
+    container = job_spec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BILLING_SHARDS"] == str(job_spec["completions"])
+    assert container["args"] == ["month-end"]  # the shard comes from JOB_COMPLETION_INDEX
+    actions = failure_policy_actions(job_spec)
+    assert actions[EXIT_LOCKED] == "Ignore"
+    assert actions[EXIT_BAD_ARGS] == "FailJob"
+
+
+def test_finalize_runs_after_the_shards_and_retries_while_they_run() -> None:
+    shards = load_one(SHARDED / "cronjob-month-end-shards.yaml")
+    finalize = load_one(SHARDED / "cronjob-month-end-finalize.yaml")
+    container = finalize["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["month-end", "--finalize"]
+    assert finalize["spec"]["schedule"].split()[1] > shards["spec"]["schedule"].split()[1]
+    assert failure_policy_actions(finalize["spec"]["jobTemplate"]["spec"])[EXIT_LOCKED] == "Ignore"
+    assert finalize["spec"]["jobTemplate"]["spec"]["backoffLimit"] >= 3
+
+
+def test_the_sharded_overlay_replaces_the_single_month_end() -> None:
+    kustomization = load_one(SHARDED / "kustomization.yaml")
+    assert "../" in kustomization["resources"]
+    for resource in kustomization["resources"]:
+        assert (SHARDED / resource).exists(), resource
+    deleted = [p["patch"] for p in kustomization["patches"]]
+    assert any("$patch: delete" in p and "name: billing-jobs-month-end\n" in p + "\n" for p in deleted)

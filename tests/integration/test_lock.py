@@ -159,13 +159,20 @@ def test_a_holder_whose_expired_lease_nobody_took_renews_it_and_commits(engine: 
     assert lock_row(engine).run_id == "run-a"
 
 
-def test_a_renewal_in_a_transaction_that_rolls_back_does_not_extend_the_lease(engine: sa.Engine) -> None:
+def test_a_write_that_rolls_back_commits_nothing_and_its_renewal_only_on_postgresql(
+    engine: sa.Engine,
+) -> None:
+    """SQLite renews inside the write transaction; PostgreSQL renews in a transaction of its
+    own (so that a run's workers can write at once), which stands after a rollback."""
     a = lease(engine, "run-a")
     a.acquire(T0)
+    at = T0 + timedelta(seconds=LEASE - 10)
     with pytest.raises(ZeroDivisionError):
-        write_as(a, T0 + timedelta(seconds=LEASE - 10), "2026-05-01", fail_after_renewal=True)
-    assert lock_row(engine).expires_at == T0 + timedelta(seconds=LEASE)
-    lease(engine, "run-b").acquire(T0 + timedelta(seconds=LEASE + 1))
+        write_as(a, at, "2026-05-01", fail_after_renewal=True)
+    renewed = engine.dialect.name == "postgresql"
+    expires = (at if renewed else T0) + timedelta(seconds=LEASE)
+    assert lock_row(engine).expires_at == expires
+    lease(engine, "run-b").acquire(expires + timedelta(seconds=1))
     assert lock_row(engine).run_id == "run-b"
     assert days_marked(engine) == []
 
@@ -244,7 +251,7 @@ def wait_until_blocked(engine: sa.Engine, attempt: Attempt) -> None:
     raise AssertionError("the competing statement never waited for the open transaction")
 
 
-def test_a_takeover_waits_for_an_open_renewal_and_then_finds_the_lease_held(db_url: str) -> None:
+def test_a_takeover_waits_for_an_open_write_and_then_finds_the_lease_held_or_expired(db_url: str) -> None:
     holder_engine, rival_engine = make_engine(db_url), make_engine(db_url)
     try:
         upgrade(holder_engine)
@@ -253,6 +260,22 @@ def test_a_takeover_waits_for_an_open_renewal_and_then_finds_the_lease_held(db_u
         expired = T0 + timedelta(seconds=LEASE + 5)
         rival = Attempt(lambda: lease(rival_engine, "run-b").acquire(expired + timedelta(seconds=1)))
         watch_statements(rival_engine, rival)
+        if holder_engine.dialect.name == "postgresql":
+            # The write transaction holds the lease row FOR KEY SHARE: a takeover of the
+            # lease (expired meanwhile) waits until the write commits, then takes it.
+            later = expired + timedelta(seconds=LEASE + 1)  # past the renewal of the write below
+            rival = Attempt(lambda: lease(rival_engine, "run-b").acquire(later))
+            watch_statements(rival_engine, rival)
+            with holder_engine.begin() as conn:
+                a.assert_held(conn, expired)
+                mark_day(conn, "2026-05-01", "run-a")
+                rival.start()
+                wait_until_blocked(holder_engine, rival)
+            rival.join(60)
+            assert rival.error is None, rival.error
+            assert lock_row(holder_engine).run_id == "run-b"
+            assert days_marked(holder_engine) == ["2026-05-01"]  # written while run-a held it
+            return
         with holder_engine.begin() as conn:
             a.assert_held(conn, expired)  # the lease had expired; nobody took it yet
             mark_day(conn, "2026-05-01", "run-a")
