@@ -143,9 +143,10 @@ def sync_daily_charges(
 
     1. every stored row of the chunk's accounts in those days that no truth row
        equals on every column is deleted;
-    2. every truth row is inserted, and where its key (project, charge type, day) is
-       already stored with other values (a project that moved here from another
-       account), that row is set to the truth.
+    2. every stored row on a truth row's key (project, charge type, day) with other
+       values (a project that moved here from another account) is deleted;
+    3. the truth rows not stored yet are inserted: all of them with a plain INSERT
+       when none is stored (a first close), none when all are (a re-run).
 
     Nothing is compared by a summary, so any difference on any day is corrected; a
     re-run over unchanged data writes nothing. Returns (rows written, rows deleted).
@@ -181,9 +182,16 @@ def sync_daily_charges(
         deleted = conn.execute(stale).rowcount or 0
         written = 0
         if runs is not None:
-            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
-            result = conn.execute(text(_WRITE_TRUTH[conn.dialect.name]), {"run_id": run_id, "now": stamp})
-            written = result.rowcount or 0
+            # Rows on the truth's keys that differ from it (a project that moved here from
+            # another account): removed, so every stored row left on those keys is the truth.
+            deleted += conn.execute(text(_DELETE_COVERED_DIFFERENT[conn.dialect.name])).rowcount or 0
+            kept = int(conn.execute(text(_COUNT_COVERED)).scalar_one())
+            wanted = int(runs["n_days"].sum())
+            if kept < wanted:
+                # None stored (a first close): a plain insert; some: only the missing ones.
+                sql = _EXPAND[conn.dialect.name] + (_MISSING[conn.dialect.name] if kept else "")
+                stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
+                written = conn.execute(text(sql), {"run_id": run_id, "now": stamp}).rowcount or 0
     finally:
         # SQLite may have committed the CREATE on its own: drop it even after an error. On
         # PostgreSQL an error aborts the transaction, whose rollback removes the table.
@@ -215,29 +223,47 @@ _COLUMNS = (
     "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
     " amount_units, run_id, recorded_at)"
 )
-_UPSERT = (
-    " ON CONFLICT (project_id, charge_type, charge_date) DO UPDATE SET account_id = excluded.account_id,"
-    " quantity_units = excluded.quantity_units, amount_units = excluded.amount_units,"
-    " run_id = excluded.run_id, recorded_at = excluded.recorded_at"
-    " WHERE daily_charges.account_id <> excluded.account_id"
-    " OR daily_charges.quantity_units <> excluded.quantity_units"
-    " OR daily_charges.amount_units <> excluded.amount_units"
-)
-_WRITE_TRUTH = {
+_DAY = {"postgresql": "r.first_day + g.n", "sqlite": "date(r.first_day, '+' || g.n || ' days')"}
+_EXPAND = {
     "postgresql": (
         _COLUMNS + " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
         " r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)" + _UPSERT
+        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
     ),
-    # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT;
-    # `WHERE true` keeps SQLite from reading ON CONFLICT as part of the join.
+    # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT.
     "sqlite": (
         _COLUMNS + " WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
         " SELECT r.project_id, r.charge_type, date(r.first_day, '+' || g.n || ' days'), r.account_id,"
         " r.quantity_units, r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days WHERE true" + _UPSERT
+        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days"
     ),
 }
+_MISSING = {
+    name: " WHERE NOT EXISTS (SELECT 1 FROM daily_charges d WHERE d.project_id = r.project_id"
+    f" AND d.charge_type = r.charge_type AND d.charge_date = {day})"
+    for name, day in _DAY.items()
+}
+# Stored rows on the keys of the truth's runs, found from the runs (a join driven by the
+# small temporary table through daily_charges' primary key).
+_ON_COVERED = (
+    " d.project_id = r.project_id AND d.charge_type = r.charge_type"
+    " AND d.charge_date >= r.first_day AND d.charge_date <= r.last_day"
+)
+_DIFFERENT = (
+    " (r.account_id <> d.account_id OR r.quantity_units <> d.quantity_units"
+    " OR r.amount_units <> d.amount_units)"
+)
+_DELETE_COVERED_DIFFERENT = {
+    "postgresql": "DELETE FROM daily_charges d USING billing_truth_runs r WHERE"
+    + _ON_COVERED
+    + " AND"
+    + _DIFFERENT,
+    "sqlite": (
+        "DELETE FROM daily_charges WHERE rowid IN (SELECT d.rowid FROM billing_truth_runs r"
+        " JOIN daily_charges d ON" + _ON_COVERED + " WHERE" + _DIFFERENT + ")"
+    ),
+}
+_COUNT_COVERED = "SELECT count(*) FROM billing_truth_runs r JOIN daily_charges d ON" + _ON_COVERED
 
 
 def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
