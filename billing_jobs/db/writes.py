@@ -21,6 +21,8 @@ from sqlalchemy import (
     Table,
     delete,
     exists,
+    func,
+    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -148,6 +150,10 @@ def sync_daily_charges(
     3. the truth rows not stored yet are inserted: all of them with a plain INSERT
        when none is stored (a first close), none when all are (a re-run).
 
+    Two counts first (stored rows equal to the truth; stored rows of the chunk's
+    accounts in those days) tell which of these passes can change anything: over
+    unchanged data, none runs.
+
     Nothing is compared by a summary, so any difference on any day is corrected; a
     re-run over unchanged data writes nothing. Returns (rows written, rows deleted).
     """
@@ -176,22 +182,27 @@ def sync_daily_charges(
             r.quantity_units == dc.quantity_units,
             r.amount_units == dc.amount_units,
         )
-        stale = delete(daily_charges).where(
-            chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last, ~equal
+        in_scope = (chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
+        # Two counts decide which passes are needed: a re-run over unchanged data (every
+        # stored row equal to the truth, nothing else stored) needs no other pass.
+        kept = int(conn.execute(text(_COUNT_EQUAL)).scalar_one())
+        stored = int(
+            conn.execute(select(func.count()).select_from(daily_charges).where(*in_scope)).scalar_one()
         )
-        deleted = conn.execute(stale).rowcount or 0
+        wanted = int(runs["n_days"].sum()) if runs is not None else 0
+        deleted = 0
+        if stored > kept:
+            # Stored rows of the chunk's accounts that no truth row equals.
+            deleted += conn.execute(delete(daily_charges).where(*in_scope, ~equal)).rowcount or 0
         written = 0
-        if runs is not None:
+        if kept < wanted:
             # Rows on the truth's keys that differ from it (a project that moved here from
-            # another account): removed, so every stored row left on those keys is the truth.
+            # another account): removed, so the rows left on those keys are the `kept` ones.
             deleted += conn.execute(text(_DELETE_COVERED_DIFFERENT[conn.dialect.name])).rowcount or 0
-            kept = int(conn.execute(text(_COUNT_COVERED)).scalar_one())
-            wanted = int(runs["n_days"].sum())
-            if kept < wanted:
-                # None stored (a first close): a plain insert; some: only the missing ones.
-                sql = _EXPAND[conn.dialect.name] + (_MISSING[conn.dialect.name] if kept else "")
-                stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
-                written = conn.execute(text(sql), {"run_id": run_id, "now": stamp}).rowcount or 0
+            # None kept (a first close): a plain insert; some: only the missing ones.
+            sql = _EXPAND[conn.dialect.name] + (_MISSING[conn.dialect.name] if kept else "")
+            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
+            written = conn.execute(text(sql), {"run_id": run_id, "now": stamp}).rowcount or 0
     finally:
         # SQLite may have committed the CREATE on its own: drop it even after an error. On
         # PostgreSQL an error aborts the transaction, whose rollback removes the table.
@@ -263,7 +274,12 @@ _DELETE_COVERED_DIFFERENT = {
         " JOIN daily_charges d ON" + _ON_COVERED + " WHERE" + _DIFFERENT + ")"
     ),
 }
-_COUNT_COVERED = "SELECT count(*) FROM billing_truth_runs r JOIN daily_charges d ON" + _ON_COVERED
+_COUNT_EQUAL = (
+    "SELECT count(*) FROM billing_truth_runs r JOIN daily_charges d ON"
+    + _ON_COVERED
+    + " AND r.account_id = d.account_id AND r.quantity_units = d.quantity_units"
+    " AND r.amount_units = d.amount_units"
+)
 
 
 def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
