@@ -18,10 +18,10 @@ of its own, so its peak RSS is its own) and times, in one run:
   nightly (1 day)    June 1 billed: one day of every active project
 
 The source tables get the indexes `docs/postgresql.md` recommends. It prints wall
-seconds, rows per second, the peak RSS of the step (the largest sum over the
-command's process and its workers, sampled from /proc), and ratios to the floor
-measured in the same run (the machines are shared and noisy: compare ratios, not
-seconds).
+seconds, rows per second, the peak memory of the step (the largest sum of the
+proportional set sizes of the command's process and its workers, sampled from
+/proc), and ratios to the floor measured in the same run (the machines are shared
+and noisy: compare ratios, not seconds).
 
     .venv/bin/python benchmarks/month_close.py --projects 100000
     BILLING_PG_USER=billing-ci .venv/bin/python benchmarks/month_close.py --postgres --projects 1000000
@@ -92,8 +92,8 @@ class Step:
 
 
 class TreeMemory(threading.Thread):
-    """The largest sum of resident memory of a process and all its descendants (its
-    workers, their fork server), sampled from /proc every 50 ms."""
+    """The largest sum of the memory of a process and all its descendants (its workers,
+    their fork server), sampled from /proc every 50 ms."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -126,9 +126,11 @@ def _tree(root: int) -> list[int]:
 
 
 def _rss_kib(pid: int) -> int:
+    """The process's proportional set size: its resident memory, with pages shared with
+    other processes (the fork server's modules in every worker) counted once overall."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -249,7 +251,7 @@ def main() -> None:
     parser.add_argument("--published", type=float, default=0.2, help="share of projects published")
     parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 server")
     parser.add_argument("--sqlite-path", default=None)
-    parser.add_argument("--chunk", type=int, default=100_000, help="projects per chunk")
+    parser.add_argument("--chunk", type=int, default=20_000, help="projects per chunk (the default)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
