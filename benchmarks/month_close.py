@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--published", type=float, default=0.2, help="share of projects published")
     parser.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL 15 server")
     parser.add_argument("--sqlite-path", default=None)
-    parser.add_argument("--chunk", type=int, default=20_000, help="projects per chunk (the default)")
+    parser.add_argument("--chunk", type=int, default=10_000, help="projects per chunk (the default)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()

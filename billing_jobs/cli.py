@@ -83,7 +83,7 @@ def _chunk_option(command: Callable[..., Any]) -> Callable[..., Any]:
         "--projects-per-chunk",
         "projects_per_chunk",
         envvar="BILLING_PROJECTS_PER_CHUNK",
-        default=20_000,
+        default=10_000,
         show_default=True,
         type=click.IntRange(min=1),
         help="Accounts are processed in chunks of about this many projects, one transaction "

@@ -46,7 +46,7 @@ from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import KEY, adjustment_lines, empty_lines
 
-PROJECTS_PER_CHUNK = 20_000
+PROJECTS_PER_CHUNK = 10_000
 REGULAR, ADJUSTMENT = "regular", "adjustment"
 
 
