@@ -178,32 +178,24 @@ class Lease:
         serialized anyway).
         """
         if conn.dialect.name == "postgresql":
-            self._renew(now)
+            with self.engine.begin() as own:
+                self._renew(own, now)
+            mine = billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id
             held = conn.execute(
-                select(billing_locks.c.name)
-                .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
-                .with_for_update(read=True, key_share=True)
+                select(billing_locks.c.name).where(*mine).with_for_update(read=True, key_share=True)
             ).first()
             if held is None:
                 raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
             return
+        self._renew(conn, now)
+
+    def _renew(self, conn: Connection, now: datetime) -> None:
         renewed = conn.execute(
             update(billing_locks)
             .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
             .values(expires_at=now + timedelta(seconds=self.seconds))
             .returning(billing_locks.c.name)
         ).first()
-        if renewed is None:
-            raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
-
-    def _renew(self, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            renewed = conn.execute(
-                update(billing_locks)
-                .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
-                .values(expires_at=now + timedelta(seconds=self.seconds))
-                .returning(billing_locks.c.name)
-            ).first()
         if renewed is None:
             raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
 

@@ -65,6 +65,25 @@ def _sharded(db_url: str, count: int, order: list[int]) -> None:
     assert "finalized" in _ok(db_url, "--finalize")
 
 
+def hold_shard_lease(db_url: str, index: int, count: int) -> None:
+    """Write shard index/count's lease as if its pod were still running (until 2999)."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(billing_locks).values(
+                    name=writer_lock_name(index, count),
+                    run_id=f"shard-{index}-of-{count}",
+                    host=f"pod-{index}",
+                    pid=7,
+                    acquired_at=ts("2026-06-02 03:00"),
+                    expires_at=ts("2999-01-01"),
+                )
+            )
+    finally:
+        engine.dispose()
+
+
 _REFERENCE: dict[str, dict[str, object]] = {}
 
 
@@ -139,21 +158,7 @@ def test_finalize_exits_75_while_a_shard_still_runs(db_url: str) -> None:
     _platform(db_url)
     _ok(db_url, "--shard", "0/2")
     _ok(db_url, "--shard", "1/2")
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(billing_locks).values(
-                    name=writer_lock_name(1, 2),
-                    run_id="shard-1-again",
-                    host="pod-1",
-                    pid=7,
-                    acquired_at=ts("2026-06-02 03:00"),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
-    finally:
-        engine.dispose()
+    hold_shard_lease(db_url, 1, 2)
 
     result = run_cli(db_url, "month-end", "--month", MONTH, "--finalize")
 
@@ -164,21 +169,7 @@ def test_finalize_exits_75_while_a_shard_still_runs(db_url: str) -> None:
 def test_shards_of_one_split_run_at_once_and_exclude_any_other_writer(db_url: str) -> None:
     _platform(db_url)
     assert run_cli(db_url, "db", "upgrade").code == 0
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(billing_locks).values(
-                    name=writer_lock_name(0, 2),
-                    run_id="shard-0",
-                    host="pod-0",
-                    pid=7,
-                    acquired_at=ts("2026-06-02 03:00"),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
-    finally:
-        engine.dispose()
+    hold_shard_lease(db_url, 0, 2)
 
     assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/2").code == 0  # the same split
     assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/3").code == 75  # another split
