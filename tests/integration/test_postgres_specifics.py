@@ -329,7 +329,8 @@ def test_a_month_end_of_20k_projects_writes_its_charges_with_copy(
 
     monkeypatch.setattr(psycopg.Cursor, "copy", spy)
 
-    result = run_cli(pg_db_url, "month-end", "--month", "2026-06")
+    # One process: the statements are watched in this one (workers would send them elsewhere).
+    result = run_cli(pg_db_url, "month-end", "--month", "2026-06", "--workers", "1")
     assert result.code == 0, result.stderr
 
     counts = _last_counts(pg_db_url, "month-end")
