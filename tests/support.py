@@ -26,10 +26,10 @@ from decimal import Decimal
 from typing import Any
 
 from click.testing import CliRunner
-from sqlalchemy import Engine, create_engine, insert
+from sqlalchemy import Engine, create_engine, insert, select
 
 from billing_jobs.cli import main
-from billing_jobs.db.billing_tables import billing_locks
+from billing_jobs.db.billing_tables import billing_locks, rejects
 from billing_jobs.db.lock import WRITER_LOCK
 from billing_jobs.db.source_tables import (
     accounts,
@@ -172,6 +172,17 @@ def hold_writer_lock(db_url: str, *, since: str = "2026-01-01", run_id: str = "o
                     expires_at=ts("2999-01-01"),
                 )
             )
+    finally:
+        engine.dispose()
+
+
+def reject_reasons(db_url: str) -> set[tuple[str, str, str]]:
+    """The rejects recorded: (source_table, source_id, reason)."""
+    engine = create_engine(db_url)
+    r = rejects.c
+    try:
+        with engine.connect() as conn:
+            return {tuple(row) for row in conn.execute(select(r.source_table, r.source_id, r.reason))}
     finally:
         engine.dispose()
 

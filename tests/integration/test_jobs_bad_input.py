@@ -15,10 +15,8 @@ from datetime import UTC, datetime
 
 import pytest
 import time_machine
-from sqlalchemy import create_engine, exc, select, text
-from support import CliResult, SourceData, export_rows, run_cli
-
-from billing_jobs.db.billing_tables import rejects
+from sqlalchemy import create_engine, exc, text
+from support import CliResult, SourceData, export_rows, reject_reasons, run_cli
 
 LEGACY = "2025-11-02"
 
@@ -35,16 +33,6 @@ def sql(db_url: str, *statements: str) -> None:
         with engine.begin() as conn:
             for statement in statements:
                 conn.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
-def reject_reasons(db_url: str) -> set[tuple[str, str, str]]:
-    engine = create_engine(db_url)
-    r = rejects.c
-    try:
-        with engine.connect() as conn:
-            return {tuple(row) for row in conn.execute(select(r.source_table, r.source_id, r.reason))}
     finally:
         engine.dispose()
 

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from support import SourceData, export_rows, lines_by, run_cli
+from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 
 from billing_jobs.db.billing_tables import billing_metadata, billing_runs, daily_charges, rejects
 from billing_jobs.db.source_tables import SOURCE_TABLES
@@ -277,17 +277,7 @@ def test_nan_amounts_are_rejected_and_the_projects_valid_rows_are_billed(pg_db_u
     month_end = run_cli(pg_db_url, "month-end", "--month", "2026-06")
     assert month_end.code == 0, month_end.stderr
 
-    engine = _engine(pg_db_url)
-    try:
-        with engine.connect() as conn:
-            found = {
-                (r.source_table, r.source_id, r.reason)
-                for r in conn.execute(
-                    sa.select(rejects.c.source_table, rejects.c.source_id, rejects.c.reason)
-                )
-            }
-    finally:
-        engine.dispose()
+    found = reject_reasons(pg_db_url)
     assert found == {
         ("compute_usage", "cu-nan", "non_finite_amount"),
         ("cloud_usage", "cl-nan-1", "non_finite_amount"),
@@ -477,15 +467,7 @@ def test_amounts_past_the_row_limit_are_rejected_never_wrapped_or_crashed(pg_db_
     totals = lines_by(export_rows(pg_db_url, "2026-06"), "project_id", "line_type")
     assert totals[("p-big", "storage_refund")] == Decimal(-29)  # K = 30 from the one good row
     assert totals[("p-big", "cloud_page_views")] == Decimal(1)
-    engine = sa.create_engine(pg_db_url)
-    try:
-        with engine.connect() as conn:
-            found = {
-                (r.source_id, r.reason)
-                for r in conn.execute(sa.select(rejects.c.source_id, rejects.c.reason))
-            }
-    finally:
-        engine.dispose()
+    found = {(row_id, reason) for _, row_id, reason in reject_reasons(pg_db_url)}
     expected = {(f"cu-big-{i}", "amount_out_of_range") for i in range(10)}
     expected |= {(f"cl-big-{i}", "amount_out_of_range") for i in range(10)}
     expected.add(("cu-big-neg", "amount_out_of_range"))
