@@ -31,6 +31,7 @@ from sqlalchemy import (
     DateTime,
     Select,
     String,
+    and_,
     bindparam,
     case,
     cast,
@@ -218,8 +219,15 @@ def units(column: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(func.round(column * UNITS_PER_CREDIT), BigInteger)
 
 
+def day_number(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[int]:
+    """A DATE as the number of days since 1970-01-01, computed by the database."""
+    if conn.dialect.name == "sqlite":
+        return cast(func.julianday(column) - 2440587.5, BigInteger)
+    return cast(column - literal_column("DATE '1970-01-01'"), BigInteger)
+
+
 def summed_units(
-    conn: Connection, column: ColumnElement[Any], usable: ColumnElement[bool]
+    conn: Connection, column: ColumnElement[Any], usable: ColumnElement[bool] | None
 ) -> ColumnElement[int]:
     """The sum, in exact units, of the usable values of a NUMERIC column in a group.
 
@@ -228,8 +236,10 @@ def summed_units(
     first and the integers are summed.
     """
     if conn.dialect.name == "postgresql":
-        total = func.coalesce(func.sum(column).filter(usable), 0)
-        return cast(func.round(total * UNITS_PER_CREDIT), BigInteger)
+        summed = func.sum(column) if usable is None else func.sum(column).filter(usable)
+        return cast(func.round(func.coalesce(summed, 0) * UNITS_PER_CREDIT), BigInteger)
+    if usable is None:
+        return func.coalesce(func.sum(units(column)), 0)
     return func.coalesce(func.sum(case((usable, units(column)), else_=None)), 0)
 
 
@@ -255,6 +265,18 @@ def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElemen
     )
 
 
+def usable_amount(column: ColumnElement[Any], *, signed: bool) -> ColumnElement[bool]:
+    """True exactly for the rows `amount_problem` finds nothing wrong with (and, unless
+    `signed`, that are not negative), never NULL; a few plain comparisons per row.
+
+    Both back ends order every other value outside the range: PostgreSQL sorts NaN
+    above every number and the infinities beyond it; SQLite sorts text and blobs above
+    every number, and stores no NaN. `test_usable_rows_and_rejects_partition_...`
+    checks the two definitions against each other on every kind of bad value.
+    """
+    return and_(column.is_not(None), column >= (-MAX_AMOUNT if signed else 0), column <= MAX_AMOUNT)
+
+
 def _frame(
     conn: Connection,
     stmt: Select[Any],
@@ -271,27 +293,35 @@ def _frame(
     fetched in one go: PostgreSQL then may run them with parallel workers, which
     it never does for a cursor.
     """
-    gathered: list[list[Any]]
+    gathered: list[Sequence[Any]]
     if aggregate:
         result = conn.execute(stmt)
         columns = list(result.keys())
-        rows = result.all()
-        gathered = [list(values) for values in zip(*rows, strict=True)] if rows else [[] for _ in columns]
+        # The driver's own tuples: aggregates are plain integers and text, with no type to
+        # process, and a Row object per group would cost more than the group itself.
+        cursor = result.cursor
+        rows = cursor.fetchall() if cursor is not None else result.all()
+        result.close()
+        gathered = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
     else:
         # Per statement: a connection-level option would make every later query a cursor.
         result = conn.execute(stmt.execution_options(yield_per=BATCH))
         columns = list(result.keys())
-        gathered = [[] for _ in columns]
+        streamed: list[list[Any]] = [[] for _ in columns]
         for batch in result.partitions():
-            for target, values in zip(gathered, zip(*batch, strict=True), strict=True):
+            for target, values in zip(streamed, zip(*batch, strict=True), strict=True):
                 target.extend(values)
-    df = pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in zip(columns, gathered, strict=True)})
+        gathered = list(streamed)
+    df = pd.DataFrame(
+        {
+            c: np.array(v, dtype=np.int64 if c in ints else object)
+            for c, v in zip(columns, gathered, strict=True)
+        }
+    )
     for col in timestamps:
         df[col] = _to_datetime(df[col])
     for col in dates:
         df[col] = _to_day_numbers(df[col])
-    for col in ints:
-        df[col] = df[col].astype(np.int64) if len(df) else pd.Series(dtype=np.int64)
     return df
 
 
@@ -354,13 +384,13 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
     project), compute_units (sum of the usable rows) and bad_rows (rows that cannot
     count), in one scan; `read_compute_rejects` then needs to look at those projects only."""
     c = compute_usage.c
-    problem = amount_problem(conn, c.credits)
-    bad = or_(projects.c.project_id.is_(None), problem.is_not(None))
+    usable = usable_amount(c.credits, signed=True)
+    bad = or_(projects.c.project_id.is_(None), not_(usable))
     stmt = (
         select(
             c.project_id,
             projects.c.account_id,
-            summed_units(conn, c.credits, problem.is_(None)).label("compute_units"),
+            summed_units(conn, c.credits, usable).label("compute_units"),
             func.sum(case((bad, 1), else_=0)).label("bad_rows"),
         )
         .outerjoin(projects, projects.c.project_id == c.project_id)
@@ -419,26 +449,25 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     Also carries each row's account_id, so a frame read for many chunks can be split.
     """
     c = cloud_usage.c
-    problem = _quantity_problem(conn)
     stmt = (
         select(
             c.project_id,
             projects.c.account_id,
-            raw(conn, c.usage_date).label("day"),
+            day_number(conn, c.usage_date).label("day"),
             c.metric,
-            summed_units(conn, c.quantity, literal(True)).label("quantity_units"),
+            summed_units(conn, c.quantity, None).label("quantity_units"),
         )
         .join(projects, projects.c.project_id == c.project_id)
         .where(
             chunk.clause(projects.c.account_id),
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
-            problem.is_(None),
-            not_(c.quantity < 0),
+            c.metric.in_(list(LINE_TYPES)),
+            usable_amount(c.quantity, signed=False),
         )
         .group_by(c.project_id, projects.c.account_id, raw(conn, c.usage_date), c.metric)
     )
-    return _frame(conn, stmt, dates=["day"], ints=["quantity_units"], aggregate=True)
+    return _frame(conn, stmt, ints=["day", "quantity_units"], aggregate=True)
 
 
 def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:
@@ -490,8 +519,8 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
             c.project_id.in_(ids),
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
-            _quantity_problem(conn).is_(None),
-            not_(c.quantity < 0),
+            c.metric.in_(list(LINE_TYPES)),
+            usable_amount(c.quantity, signed=False),
         )
         parts.append(_frame(conn, stmt, dates=["day"]))
     rows = pd.concat(parts, ignore_index=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
@@ -26,6 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
 from billing_jobs.db.reads import Chunk
@@ -52,22 +55,28 @@ def _column_values(values: pd.Series, *, is_date: bool, is_timestamp: bool) -> l
     return out
 
 
+_COPY_SPECIALS = re.compile(r"[\\\t\n\r]")
+
+
 def _copy_text(frame: pd.DataFrame) -> str:
     """Rows in PostgreSQL's COPY text format (tab-separated, \\N for NULL)."""
     out = frame.copy()
     for col in out.columns:
         if out[col].dtype.kind not in "iufbM":
             text = out[col]
+            present = [v for v in text.tolist() if v is not None and v is not pd.NaT]
+            # One search over the whole column (ids and codes rarely hold any of these).
+            if not _COPY_SPECIALS.search("".join(map(str, present))):
+                continue
             needs = text.notna() & text.astype(str).str.contains(r"[\\\t\n\r]", regex=True)
-            if needs.any():
-                text = text.where(
-                    ~needs,
-                    text.astype(str)
-                    .str.replace("\\", "\\\\", regex=False)
-                    .str.replace("\t", "\\t", regex=False)
-                    .str.replace("\n", "\\n", regex=False)
-                    .str.replace("\r", "\\r", regex=False),
-                )
+            text = text.where(
+                ~needs,
+                text.astype(str)
+                .str.replace("\\", "\\\\", regex=False)
+                .str.replace("\t", "\\t", regex=False)
+                .str.replace("\n", "\\n", regex=False)
+                .str.replace("\r", "\\r", regex=False),
+            )
             out[col] = text
     return str(out.to_csv(sep="\t", header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_NONE))
 
@@ -145,14 +154,15 @@ def sync_daily_charges(
 
     1. every stored row of the chunk's accounts in those days that no truth row
        equals on every column is deleted;
-    2. every stored row on a truth row's key (project, charge type, day) with other
-       values (a project that moved here from another account) is deleted;
-    3. the truth rows not stored yet are inserted: all of them with a plain INSERT
-       when none is stored (a first close), none when all are (a re-run).
+    2. the truth rows not stored yet are inserted: all of them with a plain INSERT
+       when none is stored (a first close), none when all are (a re-run);
+    3. only if a truth row's key (project, charge type, day) turned out to be stored
+       with other values (a project that moved here from another account), those
+       rows are deleted and the missing truth rows inserted.
 
-    Two counts first (stored rows equal to the truth; stored rows of the chunk's
-    accounts in those days) tell which of these passes can change anything: over
-    unchanged data, none runs.
+    Counts first (stored rows of the chunk's accounts in those days; of them, the
+    ones equal to the truth) tell which of these passes can change anything: over
+    unchanged data none runs, and with nothing stored the truth is inserted as it is.
 
     Nothing is compared by a summary, so any difference on any day is corrected; a
     re-run over unchanged data writes nothing. Returns (rows written, rows deleted).
@@ -160,6 +170,7 @@ def sync_daily_charges(
     runs = to_runs(truth) if len(truth) else None
     if runs is not None and int(runs["n_days"].max()) > 31:
         raise ValueError("a run of charges spans more than one month")
+    dialect = conn.dialect.name
     truth_runs.create(conn)
     try:
         if runs is not None:
@@ -169,48 +180,91 @@ def sync_daily_charges(
                 runs.assign(last_day=runs["first_day"] + runs["n_days"] - 1),
                 date_columns=["first_day", "last_day"],
             )
-        conn.execute(text(_TRUTH_INDEX))
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("ANALYZE billing_truth_runs")
         dc, r = daily_charges.c, truth_runs.c
-        equal = exists().where(
-            r.project_id == dc.project_id,
-            r.charge_type == dc.charge_type,
-            dc.charge_date >= r.first_day,
-            dc.charge_date <= r.last_day,
-            r.account_id == dc.account_id,
-            r.quantity_units == dc.quantity_units,
-            r.amount_units == dc.amount_units,
-        )
         in_scope = (chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
-        # Two counts decide which passes are needed: a re-run over unchanged data (every
-        # stored row equal to the truth, nothing else stored) needs no other pass.
-        kept = int(conn.execute(text(_COUNT_EQUAL)).scalar_one())
         stored = int(
             conn.execute(select(func.count()).select_from(daily_charges).where(*in_scope)).scalar_one()
         )
         wanted = int(runs["n_days"].sum()) if runs is not None else 0
+        joined = False
+
+        def join_ready() -> None:
+            # The index and statistics only the joins below need: a first close skips them.
+            nonlocal joined
+            if not joined:
+                conn.execute(text(_TRUTH_INDEX))
+                if dialect == "postgresql":
+                    conn.exec_driver_sql("ANALYZE billing_truth_runs")
+                joined = True
+
+        # Counts decide which passes are needed. Every stored row equal to a truth row is
+        # in scope (the truth holds the chunk's accounts and days first..last), so with
+        # nothing stored in scope nothing is kept; a re-run over unchanged data (every
+        # stored row equal to the truth, nothing else stored) needs no other pass.
+        kept = 0
+        if stored and wanted:
+            join_ready()
+            kept = int(conn.execute(text(_COUNT_EQUAL)).scalar_one())
         deleted = 0
         if stored > kept:
             # Stored rows of the chunk's accounts that no truth row equals.
+            equal = exists().where(
+                r.project_id == dc.project_id,
+                r.charge_type == dc.charge_type,
+                dc.charge_date >= r.first_day,
+                dc.charge_date <= r.last_day,
+                r.account_id == dc.account_id,
+                r.quantity_units == dc.quantity_units,
+                r.amount_units == dc.amount_units,
+            )
+            if wanted:
+                join_ready()
             deleted += conn.execute(delete(daily_charges).where(*in_scope, ~equal)).rowcount or 0
         written = 0
         if kept < wanted:
-            # Rows on the truth's keys that differ from it (a project that moved here from
-            # another account): removed, so the rows left on those keys are the `kept` ones.
-            deleted += conn.execute(text(_DELETE_COVERED_DIFFERENT[conn.dialect.name])).rowcount or 0
-            # None kept (a first close): a plain insert; some: only the missing ones.
-            sql = _EXPAND[conn.dialect.name] + (_MISSING[conn.dialect.name] if kept else "")
-            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
-            written = conn.execute(text(sql), {"run_id": run_id, "now": stamp}).rowcount or 0
+            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if dialect == "sqlite" else now
+            params = {"run_id": run_id, "now": stamp}
+
+            def insert(missing_only: bool) -> int:
+                sql = _EXPAND[dialect] + (_MISSING[dialect] if missing_only else "")
+                if missing_only:
+                    join_ready()
+                return conn.execute(text(sql), params).rowcount or 0
+
+            # None kept (a first close): a plain insert; some: only the missing ones. Rows
+            # still stored on the truth's keys can only be other accounts' (a project that
+            # moved here): the plain insert then fails on the key, the other inserts fewer
+            # rows than are missing. Only then are those rows found and removed (a join
+            # driven by the truth through daily_charges' primary key) and the rest inserted.
+            try:
+                with _undo_on_error(conn):
+                    written = insert(missing_only=kept > 0)
+                complete = written == wanted - kept
+            except IntegrityError:
+                written, complete = 0, False
+            if not complete:
+                join_ready()
+                deleted += conn.execute(text(_DELETE_COVERED_DIFFERENT[dialect])).rowcount or 0
+                written += insert(missing_only=True)
     finally:
         # SQLite may have committed the CREATE on its own: drop it even after an error. On
         # PostgreSQL an error aborts the transaction, whose rollback removes the table.
-        if conn.dialect.name != "postgresql":
+        if dialect != "postgresql":
             truth_runs.drop(conn)
-    if conn.dialect.name == "postgresql":
+    if dialect == "postgresql":
         truth_runs.drop(conn)
     return written, deleted
+
+
+@contextmanager
+def _undo_on_error(conn: Connection) -> Iterator[None]:
+    """A statement that fails leaves the transaction usable: on PostgreSQL through a
+    savepoint; SQLite undoes only the failed statement (its ABORT conflict resolution)."""
+    if conn.dialect.name == "postgresql":
+        with conn.begin_nested():
+            yield
+    else:
+        yield
 
 
 _TRUTH_INDEX = "CREATE INDEX billing_truth_runs_key ON billing_truth_runs (project_id, charge_type)"

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 import time_machine
@@ -15,6 +16,7 @@ from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 from billing_jobs.db.billing_tables import daily_charges
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.reads import plan_chunks
+from billing_jobs.db.writes import bulk_insert
 from billing_jobs.jobs.compute import compute_chunk
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import load_settings
@@ -40,6 +42,17 @@ def _charges(db_url: str) -> dict[tuple[str, str, str], tuple[int, int]]:
                     )
                 )
             }
+    finally:
+        engine.dispose()
+
+
+def _owners(db_url: str) -> set[tuple[str, str]]:
+    """The (project, account) pairs that daily charges are stored under."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT DISTINCT project_id, account_id FROM daily_charges"))
+            return {(p, a) for p, a in rows}
     finally:
         engine.dispose()
 
@@ -232,13 +245,60 @@ def test_a_project_moved_to_an_account_in_another_chunk_has_its_charges_moved_wi
     result = run_cli(db_url, "month-end", "--month", "2026-05", *chunks)
 
     assert result.code == 0, result.stderr
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            owners = set(conn.execute(sa.text("SELECT DISTINCT project_id, account_id FROM daily_charges")))
-    finally:
-        engine.dispose()
+    owners = _owners(db_url)
     assert owners == {("p-moved", target), ("p-stays", target)}
     totals = lines_by(export_rows(db_url, "2026-05"), "account_id", "project_id")
     assert totals[(source, "p-moved")] == 0  # invoiced, then adjusted away
     assert totals[(target, "p-moved")] == 29
+
+
+def test_a_project_moved_to_an_account_with_nothing_billed_yet_has_its_charges_moved_with_it(
+    db_url: str,
+) -> None:
+    """The new account's chunk comes first and has nothing stored: its plain insert meets
+    the old account's rows on the same keys, which are then replaced, not doubled."""
+    data = SourceData()
+    data.project("p-moved", created="2025-11-02", account="acct-old")
+    data.project("p-other", created="2025-11-02", account="acct-zzz")
+    data.account("acct-0new")
+    data.write_url(db_url)
+    chunks = ("--projects-per-chunk", "1", "--workers", "1")
+    assert run_cli(db_url, "month-end", "--month", "2026-05", *chunks).code == 0
+    _sql(db_url, "UPDATE projects SET account_id = 'acct-0new' WHERE project_id = 'p-moved'")
+
+    result = run_cli(db_url, "month-end", "--month", "2026-05", *chunks)
+
+    assert result.code == 0, result.stderr
+    charges = _charges(db_url)
+    assert len(charges) == 2 * 29
+    owners = _owners(db_url)
+    assert owners == {("p-moved", "acct-0new"), ("p-other", "acct-zzz")}
+    totals = lines_by(export_rows(db_url, "2026-05"), "account_id", "project_id")
+    assert totals[("acct-old", "p-moved")] == 0
+    assert totals[("acct-0new", "p-moved")] == 29
+    assert run_cli(db_url, "month-end", "--month", "2026-05", *chunks).code == 0
+    assert _charges(db_url) == charges
+
+
+def test_bulk_insert_keeps_tabs_newlines_and_backslashes_in_text_exactly(db_url: str) -> None:
+    """COPY's text format escapes them (PostgreSQL); a column without any is sent as it is."""
+    table = sa.Table(
+        "copy_probe",
+        sa.MetaData(),
+        sa.Column("k", sa.Integer, primary_key=True),
+        sa.Column("plain", sa.String(32)),
+        sa.Column("odd", sa.Text),
+    )
+    odd = ["a\tb", "line\nnext", "back\\slash\\N", "cr\r", None, "plain", "\\"]
+    frame = pd.DataFrame(
+        {"k": list(range(len(odd))), "plain": [f"p-{i}" for i in range(len(odd))], "odd": odd}
+    )
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            table.create(conn)
+            assert bulk_insert(conn, table, frame) == len(frame)
+            got = conn.execute(sa.select(table.c.k, table.c.plain, table.c.odd).order_by(table.c.k)).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in got] == [(i, f"p-{i}", v) for i, v in enumerate(odd)]
