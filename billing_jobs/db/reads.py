@@ -277,7 +277,7 @@ def usable_amount(column: ColumnElement[Any], *, signed: bool) -> ColumnElement[
     return and_(column.is_not(None), column >= (-MAX_AMOUNT if signed else 0), column <= MAX_AMOUNT)
 
 
-def _frame(
+def read_frame(
     conn: Connection,
     stmt: Select[Any],
     *,
@@ -347,7 +347,7 @@ def read_projects(conn: Connection, chunk: Chunk) -> pd.DataFrame:
         .where(chunk.clause(projects.c.account_id))
         .order_by(projects.c.project_id)
     )
-    return _frame(conn, stmt, timestamps=["created_at"])
+    return read_frame(conn, stmt, timestamps=["created_at"])
 
 
 def _event_columns(conn: Connection) -> Select[Any]:
@@ -366,7 +366,7 @@ def read_events(conn: Connection, chunk: Chunk) -> pd.DataFrame:
         .join(projects, projects.c.project_id == project_events.c.project_id)
         .where(chunk.clause(projects.c.account_id))
     )
-    return _frame(conn, stmt, timestamps=["occurred_at"])
+    return read_frame(conn, stmt, timestamps=["occurred_at"])
 
 
 def read_orphan_events(conn: Connection) -> pd.DataFrame:
@@ -376,7 +376,7 @@ def read_orphan_events(conn: Connection) -> pd.DataFrame:
         .outerjoin(projects, projects.c.project_id == project_events.c.project_id)
         .where(projects.c.project_id.is_(None))
     )
-    return _frame(conn, stmt, timestamps=["occurred_at"])
+    return read_frame(conn, stmt, timestamps=["occurred_at"])
 
 
 def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk: Chunk) -> pd.DataFrame:
@@ -401,7 +401,7 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
         )
         .group_by(c.project_id, projects.c.account_id)
     )
-    return _frame(conn, stmt, ints=["compute_units", "bad_rows"], aggregate=True)
+    return read_frame(conn, stmt, ints=["compute_units", "bad_rows"], aggregate=True)
 
 
 def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
@@ -432,7 +432,7 @@ def _compute_rejects(
     )
     if project_ids is not None:
         stmt = stmt.where(c.project_id.in_(list(project_ids)))
-    return _frame(conn, stmt, timestamps=["occurred_at"])
+    return read_frame(conn, stmt, timestamps=["occurred_at"])
 
 
 def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
@@ -467,7 +467,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
         )
         .group_by(c.project_id, projects.c.account_id, raw(conn, c.usage_date), c.metric)
     )
-    return _frame(conn, stmt, ints=["day", "quantity_units"], aggregate=True)
+    return read_frame(conn, stmt, ints=["day", "quantity_units"], aggregate=True)
 
 
 def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:
@@ -499,7 +499,7 @@ def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFram
             ),
         )
     )
-    return _frame(conn, stmt, dates=["day"])
+    return read_frame(conn, stmt, dates=["day"])
 
 
 def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: date) -> pd.DataFrame:
@@ -522,7 +522,7 @@ def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: d
             c.metric.in_(list(LINE_TYPES)),
             usable_amount(c.quantity, signed=False),
         )
-        parts.append(_frame(conn, stmt, dates=["day"]))
+        parts.append(read_frame(conn, stmt, dates=["day"]))
     rows = pd.concat(parts, ignore_index=True)
     return rows.merge(groups[["project_id", "day", "metric"]], on=["project_id", "day", "metric"])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -49,36 +48,40 @@ def _column_values(values: pd.Series, *, is_date: bool, is_timestamp: bool) -> l
     if values.dtype.kind in "iub":
         plain: list[Any] = values.tolist()
         return plain
-    out = [None if v is None or v is pd.NaT else v for v in values.tolist()]
+    missing = values.isna().to_numpy()
+    out = [None if m else v for v, m in zip(values.tolist(), missing, strict=True)]
     if is_timestamp:
         out = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in out]
     return out
 
 
 _COPY_SPECIALS = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(frame: pd.DataFrame) -> str:
-    """Rows in PostgreSQL's COPY text format (tab-separated, \\N for NULL)."""
-    out = frame.copy()
-    for col in out.columns:
-        if out[col].dtype.kind not in "iufbM":
-            text = out[col]
-            present = [v for v in text.tolist() if v is not None and v is not pd.NaT]
-            # One search over the whole column (ids and codes rarely hold any of these).
-            if not _COPY_SPECIALS.search("".join(map(str, present))):
-                continue
-            needs = text.notna() & text.astype(str).str.contains(r"[\\\t\n\r]", regex=True)
-            text = text.where(
-                ~needs,
-                text.astype(str)
-                .str.replace("\\", "\\\\", regex=False)
-                .str.replace("\t", "\\t", regex=False)
-                .str.replace("\n", "\\n", regex=False)
-                .str.replace("\r", "\\r", regex=False),
-            )
-            out[col] = text
-    return str(out.to_csv(sep="\t", header=False, index=False, na_rep="\\N", quoting=csv.QUOTE_NONE))
+def _copy_field_texts(values: list[Any]) -> list[str]:
+    """One column's fields in PostgreSQL's COPY text format: \\N for NULL, and a
+    backslash, tab, newline or carriage return escaped (one search over the whole
+    column first: ids and codes rarely hold any)."""
+    kinds = set(map(type, values))
+    if kinds <= {int}:
+        return list(map(str, values))  # digits and a sign: nothing to escape, no NULL
+    texts = (
+        values
+        if kinds <= {str}
+        else [v if isinstance(v, str) else "" if v is None else str(v) for v in values]
+    )
+    if _COPY_SPECIALS.search("".join(texts)):
+        texts = [t.translate(_COPY_ESCAPES) for t in texts]
+    if type(None) in kinds:
+        texts = ["\\N" if v is None else t for v, t in zip(values, texts, strict=True)]
+    return texts
+
+
+def _copy_text(columns: list[list[Any]]) -> str:
+    """Rows in PostgreSQL's COPY text format (tab-separated, one line per row)."""
+    fields = [_copy_field_texts(values) for values in columns]
+    return "\n".join(map("\t".join, zip(*fields, strict=True))) + "\n" if fields and fields[0] else ""
 
 
 def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns: Sequence[str] = ()) -> int:
@@ -100,10 +103,9 @@ def bulk_insert(conn: Connection, table: Table, rows: pd.DataFrame, date_columns
     raw = conn.connection.driver_connection
     assert raw is not None, "an open connection has a driver connection"
     if conn.dialect.name == "postgresql":
-        ready = pd.DataFrame(data)
         with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
-            for start in range(0, len(ready), COPY_BLOCK):
-                copy.write(_copy_text(ready.iloc[start : start + COPY_BLOCK]))
+            for start in range(0, len(rows), COPY_BLOCK):
+                copy.write(_copy_text([values[start : start + COPY_BLOCK] for values in data.values()]))
         return len(rows)
     marks = ", ".join("?" for _ in columns)
     cur = raw.cursor()

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from datetime import date
 from functools import partial
 
-import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import BigInteger, Connection, cast, delete, func, select, update
 
 from billing_jobs.db.billing_tables import (
     billed_days,
@@ -32,7 +31,7 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     month_shards,
 )
-from billing_jobs.db.reads import Chunk, Shard, plan_chunks
+from billing_jobs.db.reads import Chunk, Shard, plan_chunks, read_frame
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
@@ -44,7 +43,7 @@ from billing_jobs.jobs.compute import (
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import Month
-from billing_jobs.rules.invoice import KEY, adjustment_lines, empty_lines
+from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 
 PROJECTS_PER_CHUNK = 10_000
 REGULAR, ADJUSTMENT = "regular", "adjustment"
@@ -88,16 +87,13 @@ def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame
             il.account_id,
             il.project_id,
             il.line_type,
-            func.sum(il.quantity_units).label("quantity_units"),
-            func.sum(il.amount_units).label("amount_units"),
+            cast(func.sum(il.quantity_units), BigInteger).label("quantity_units"),
+            cast(func.sum(il.amount_units), BigInteger).label("amount_units"),
         )
         .where(il.period == str(month), chunk.clause(il.account_id))
         .group_by(il.account_id, il.project_id, il.line_type)
     )
-    df = pd.DataFrame(conn.execute(stmt).all(), columns=[*KEY, "quantity_units", "amount_units"])
-    for col in ("quantity_units", "amount_units"):
-        df[col] = df[col].astype(np.int64)
-    return df
+    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
 
 
 def _next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, int]:
