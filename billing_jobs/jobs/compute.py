@@ -7,13 +7,15 @@ and `explain` all call `compute_chunk`, so they cannot disagree.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from billing_jobs.db import reads
 from billing_jobs.db.reads import Chunk
@@ -251,3 +253,40 @@ def orphan_event_rejects(conn: Connection, settings: Settings) -> pd.DataFrame:
 
 def month_days(month: Month) -> list[date]:
     return [month.first_day + timedelta(days=i) for i in range(month.days)]
+
+
+def platform_rejects(engine: Engine, settings: Settings, first: date, last: date) -> pd.DataFrame:
+    """Rows of days first..last rejected whatever the chunk: bad amounts, unknown
+    projects, events of unknown projects. Platform-wide scans, so a job runs them
+    beside its chunks (`InBackground`), not before them."""
+    with engine.connect() as conn:
+        return pd.concat(
+            [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
+            ignore_index=True,
+        )
+
+
+class InBackground:
+    """`work()` on a thread of its own (a read on its own connection: the database does
+    the work while this process runs the chunks); `result()` waits for it and raises
+    what it raised. A daemon thread: a run that fails or is stopped does not wait."""
+
+    def __init__(self, work: Callable[[], pd.DataFrame]) -> None:
+        self._work = work
+        self._value: pd.DataFrame | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="billing-side-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._work()
+        except BaseException as exc:  # handed to result(), in the job's own thread
+            self._error = exc
+
+    def result(self) -> pd.DataFrame:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None, "a finished read has its value"
+        return self._value

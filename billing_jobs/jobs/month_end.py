@@ -35,10 +35,10 @@ from billing_jobs.db.reads import Chunk, Shard, plan_chunks, read_frame
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
+    InBackground,
     compute_chunk,
     month_days,
-    orphan_event_rejects,
-    source_rejects,
+    platform_rejects,
 )
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -149,6 +149,7 @@ def close_month(
         raise ValueError("only a dry run may stop before the end of the month")
     settings = run.settings
     last = month.last_day if through is None else min(through, month.last_day)
+    side = InBackground(partial(platform_rejects, run.engine, settings, month.first_day, month.last_day))
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
         # Accounts with charges or invoices of the month are planned even if no project
@@ -164,21 +165,13 @@ def close_month(
             ]
         )
         chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
-        found = pd.concat(
-            [
-                source_rejects(conn, settings, month.first_day, month.last_day),
-                orphan_event_rejects(conn, settings),
-            ],
-            ignore_index=True,
-        )
     kind = ADJUSTMENT if closed else REGULAR
-    run.saw_rejects(found)
     all_heads: list[pd.DataFrame] = []
     all_lines: list[pd.DataFrame] = []
-    all_rejects: list[pd.DataFrame] = [found]
+    all_rejects: list[pd.DataFrame] = []
 
     if not run.dry_run:
-        run.write(partial(_start, run=run, month=month, found=found, shard=shard, kind=kind))
+        run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
     done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
     for step, (heads, lines, rejected) in enumerate(done, start=1):
@@ -187,12 +180,15 @@ def close_month(
             all_heads.append(heads)
             all_lines.append(lines)
         run.progress(step, len(chunks), str(month))
+    found = side.result()
+    run.saw_rejects(found)
+    all_rejects.insert(0, found)
 
     if not run.dry_run:
         if shard is None:
-            run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None))
+            run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None, found=found))
         else:
-            run.write(partial(_shard_done, run=run, month=month, shard=shard))
+            run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
         if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
             run.write(lambda conn: analyze(conn, daily_charges, invoices, invoice_lines))
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
@@ -214,10 +210,8 @@ def close_month(
     )
 
 
-def _start(
-    conn: Connection, *, run: Run, month: Month, found: pd.DataFrame, shard: Shard | None, kind: str
-) -> None:
-    """A close's first write: drafts of an interrupted run removed, rejects recorded.
+def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kind: str) -> None:
+    """A close's first write: drafts of an interrupted run removed.
 
     A whole run removes every draft of the month; a shard records that it runs (each
     chunk then replaces its own accounts' drafts).
@@ -240,7 +234,6 @@ def _start(
                 started_at=run.now,
             )
         )
-    run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
 
 
 def _delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs: Sequence[str] = ()) -> int:
@@ -256,7 +249,9 @@ def _delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_run
     return conn.execute(delete(invoices).where(*where)).rowcount or 0
 
 
-def _shard_done(conn: Connection, *, run: Run, month: Month, shard: Shard) -> None:
+def _shard_done(conn: Connection, *, run: Run, month: Month, shard: Shard, found: pd.DataFrame) -> None:
+    """A shard's last write: the platform's rejects recorded, the shard complete."""
+    run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
     ms = month_shards.c
     conn.execute(
         update(month_shards)
@@ -271,9 +266,18 @@ def _shard_done(conn: Connection, *, run: Run, month: Month, shard: Shard) -> No
 
 
 def _finalize(
-    conn: Connection, *, run: Run, month: Month, closed: bool, drafts: Sequence[str] | None
+    conn: Connection,
+    *,
+    run: Run,
+    month: Month,
+    closed: bool,
+    drafts: Sequence[str] | None,
+    found: pd.DataFrame | None = None,
 ) -> None:
-    """Finalize the month's drafts (of the runs `drafts`, or all) and record the close."""
+    """Finalize the month's drafts (of the runs `drafts`, or all) and record the close,
+    with the platform's rejects (`found`) that the run met beside its chunks."""
+    if found is not None:
+        run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
     inv = invoices.c
     where = [inv.period == str(month), inv.status == "draft"]
     if drafts is not None:

@@ -20,12 +20,7 @@ from sqlalchemy import Connection, Engine, inspect, select
 from billing_jobs.db.billing_tables import billed_days, daily_charges
 from billing_jobs.db.reads import Chunk, plan_chunks
 from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
-from billing_jobs.jobs.compute import (
-    ChunkResult,
-    compute_chunk,
-    orphan_event_rejects,
-    source_rejects,
-)
+from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import Month
@@ -145,23 +140,21 @@ def bill_days(
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:
-        with run.engine.connect() as conn:
-            found = pd.concat(
-                [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
-                ignore_index=True,
-            )
-        run.saw_rejects(found)
-        if run.dry_run:
-            preview_rejects.append(found)
-        else:
-            run.write(partial(_keep_rejects, run=run, found=found))
+        side = InBackground(partial(platform_rejects, run.engine, settings, first, last))
+        month_rejects: list[pd.DataFrame] = []
         done = run_chunks(run, bill_chunk, chunks, workers, month=month, first=first, last=last)
         for charges, rejected in done:
             if charges is not None:
                 preview_charges.append(charges)
-                preview_rejects.append(rejected)
+                month_rejects.append(rejected)
             step += 1
             run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
+        found = side.result()
+        run.saw_rejects(found)
+        if run.dry_run:
+            preview_rejects.extend([found, *month_rejects])
+        else:
+            run.write(partial(_keep_rejects, run=run, found=found))
         if not run.dry_run:
             span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
             records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]
