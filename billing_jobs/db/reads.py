@@ -35,6 +35,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     func,
     literal,
     literal_column,
@@ -47,6 +48,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import BindParameter
 
+from billing_jobs.db.billing_tables import daily_charges
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -187,6 +189,23 @@ def plan_chunks(
     if ids:
         chunks.append(Chunk(tuple(ids), len(chunks), running))
     return chunks
+
+
+def accounts_charged(first: date, last: date) -> Select[Any]:
+    """The accounts with daily charges on days first..last, without reading the charges.
+
+    A loose index scan of `(account_id, charge_date)`: each step jumps to the next
+    account id in the index and looks up whether it has a charge in those days. Its
+    work grows with the number of accounts, not with the charges of all history (a
+    `SELECT DISTINCT` has no index to filter days with, and reads every stored row).
+    The ids come in the index's order, which no result depends on.
+    """
+    dc = daily_charges.c
+    walk = select(func.min(dc.account_id).label("account_id")).cte("account_walk", recursive=True)
+    following = select(func.min(dc.account_id)).where(dc.account_id > walk.c.account_id).scalar_subquery()
+    walk = walk.union_all(select(following).where(walk.c.account_id.is_not(None)))
+    charged = exists().where(dc.account_id == walk.c.account_id, dc.charge_date.between(first, last))
+    return select(walk.c.account_id).where(walk.c.account_id.is_not(None), charged)
 
 
 def ts_param(conn: Connection, value: datetime) -> BindParameter[Any]:

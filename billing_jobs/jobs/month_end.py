@@ -31,7 +31,7 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     month_shards,
 )
-from billing_jobs.db.reads import Chunk, Shard, plan_chunks, read_frame
+from billing_jobs.db.reads import Chunk, Shard, accounts_charged, plan_chunks, read_frame
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import (
     ChunkResult,
@@ -159,9 +159,7 @@ def close_month(
             if fresh_schema
             else [
                 select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
-                select(daily_charges.c.account_id)
-                .where(daily_charges.c.charge_date.between(month.first_day, month.last_day))
-                .distinct(),
+                accounts_charged(month.first_day, month.last_day),
             ]
         )
         chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)

@@ -18,7 +18,7 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, inspect, select
 
 from billing_jobs.db.billing_tables import billed_days, daily_charges
-from billing_jobs.db.reads import Chunk, plan_chunks
+from billing_jobs.db.reads import Chunk, accounts_charged, plan_chunks
 from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
@@ -131,11 +131,7 @@ def bill_days(
         # Accounts with charges on these days are planned even if no project of theirs is left.
         also = []
         if days and (not run.dry_run or inspect(conn).has_table(daily_charges.name)):
-            also.append(
-                select(daily_charges.c.account_id)
-                .where(daily_charges.c.charge_date.between(min(days), max(days)))
-                .distinct()
-            )
+            also.append(accounts_charged(min(days), max(days)))
         chunks = plan_chunks(conn, projects_per_chunk, also=also)
     total_steps = len(months) * len(chunks)
     step = 0

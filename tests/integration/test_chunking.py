@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
+
 import pytest
 import sqlalchemy as sa
 from support import SourceData, export_text, run_cli
 
 from billing_jobs.db.billing_tables import billing_metadata, daily_charges, invoice_lines, rejects
+from billing_jobs.db.engine import make_engine, upgrade
+from billing_jobs.db.reads import accounts_charged
 
 
 def _platform(db_url: str) -> None:
@@ -74,3 +78,56 @@ def test_any_chunk_size_gives_the_same_charges_invoices_and_rejects_as_one_chunk
     assert chunked == whole
     assert len(chunked["invoice_lines"]) > 10
     assert {r[2] for r in chunked["rejects"]} >= {"not_published_that_day", "unknown_project"}
+
+
+def test_the_accounts_charged_in_a_period_are_found_by_index_jumps_exactly(db_url: str) -> None:
+    """`accounts_charged` walks the (account, day) index; it names exactly the accounts a
+    `SELECT DISTINCT` over the period's charges names, whatever the ids look like."""
+    engine = make_engine(db_url)
+    ids = ["Acc-1", "acc-2", "_acc 3", "Zed-4", "zed-5", "é-6", "acct-7"]
+    days = {  # per account, the days it was charged
+        "Acc-1": [date(2026, 4, 30), date(2026, 5, 1)],
+        "acc-2": [date(2026, 4, 12)],
+        "_acc 3": [date(2026, 5, 31)],
+        "Zed-4": [date(2026, 6, 1)],
+        "zed-5": [date(2026, 5, 15), date(2026, 5, 16)],
+        "é-6": [date(2026, 3, 1), date(2026, 7, 1)],
+        "acct-7": [],
+    }
+    rows = [
+        {
+            "project_id": f"p-{ids.index(a)}",
+            "charge_type": "storage_fee",
+            "charge_date": d,
+            "account_id": a,
+            "quantity_units": 10_000,
+            "amount_units": 10_000,
+            "run_id": "r",
+            "recorded_at": datetime(2026, 6, 1),  # noqa: DTZ001  # naive UTC, as the jobs store it
+        }
+        for a in ids
+        for d in days[a]
+    ]
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(daily_charges.insert(), rows)
+        with engine.connect() as conn:
+            for first, last in [
+                (date(2026, 5, 1), date(2026, 5, 31)),
+                (date(2026, 4, 1), date(2026, 4, 30)),
+                (date(2026, 1, 1), date(2026, 12, 31)),
+                (date(2025, 1, 1), date(2025, 12, 31)),
+            ]:
+                found = [a for (a,) in conn.execute(accounts_charged(first, last))]
+                distinct = conn.execute(
+                    sa.select(daily_charges.c.account_id)
+                    .where(daily_charges.c.charge_date.between(first, last))
+                    .distinct()
+                )
+                assert sorted(found) == sorted(a for (a,) in distinct)
+                assert len(found) == len(set(found))
+                expected = {a for a in ids if any(first <= d <= last for d in days[a])}
+                assert set(found) == expected
+    finally:
+        engine.dispose()
