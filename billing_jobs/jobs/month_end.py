@@ -188,7 +188,7 @@ def close_month(
         else:
             run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
         if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
-            run.write(lambda conn: analyze(conn, daily_charges, invoices, invoice_lines))
+            run.write(partial(_analyze, run=run))
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
@@ -206,6 +206,13 @@ def close_month(
         through=through,
         note=note,
     )
+
+
+def _analyze(conn: Connection, *, run: Run) -> None:
+    """Statistics refreshed where the run changed a large share of a table."""
+    charges = run.counts.get("rows_inserted", 0) + run.counts.get("rows_deleted", 0)
+    analyze(conn, daily_charges, changed=charges)
+    analyze(conn, invoices, invoice_lines, changed=run.counts.get("invoice_lines", 0))
 
 
 def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kind: str) -> None:

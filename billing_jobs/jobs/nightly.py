@@ -93,6 +93,10 @@ def _sync_chunk(
     _keep_rejects(conn, run=run, found=result.rejects)
 
 
+def _analyze(conn: Connection, *, changed: int) -> None:
+    analyze(conn, daily_charges, changed=changed)
+
+
 def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]) -> None:
     run.count("days_billed", insert_ignore(conn, billed_days, records))
 
@@ -156,8 +160,9 @@ def bill_days(
             records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]
 
             run.write(partial(_mark_billed, run=run, records=records))
-    if not run.dry_run and run.counts.get("rows_inserted"):
-        run.write(lambda conn: analyze(conn, daily_charges))
+    changed = run.counts.get("rows_inserted", 0) + run.counts.get("rows_deleted", 0)
+    if not run.dry_run and changed:
+        run.write(partial(_analyze, changed=changed))
     run.counts.setdefault("days_billed", 0)
     for key in ("storage_charges", "storage_units", "cloud_charges", "cloud_units", "rejects"):
         run.counts.setdefault(key, 0)

@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from sqlalchemy.engine import make_url
 from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 
 from billing_jobs.db.billing_tables import billing_metadata, billing_runs, daily_charges, rejects
+from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.source_tables import SOURCE_TABLES
+from billing_jobs.db.writes import analyze
 from billing_jobs.demo import generate_bulk
 
 SOURCE_NAMES = [t.name for t in SOURCE_TABLES]
@@ -472,3 +475,34 @@ def test_amounts_past_the_row_limit_are_rejected_never_wrapped_or_crashed(pg_db_
     expected |= {(f"cl-big-{i}", "amount_out_of_range") for i in range(10)}
     expected.add(("cu-big-neg", "amount_out_of_range"))
     assert found == expected
+
+
+def test_statistics_are_refreshed_only_after_a_large_share_of_a_table_changed(pg_db_url: str) -> None:
+    """A night's charges are a small part of a month's: ANALYZE runs when the written rows
+    reach a tenth of what the statistics count (or the table was never analyzed)."""
+    engine = make_engine(pg_db_url)
+    try:
+        upgrade(engine)
+        rows = [
+            {
+                "project_id": f"p-{i:04d}",
+                "charge_type": "storage_fee",
+                "charge_date": date(2026, 5, 1),
+                "account_id": "a",
+                "quantity_units": 10_000,
+                "amount_units": 10_000,
+                "run_id": "r",
+                "recorded_at": datetime(2026, 5, 2),  # noqa: DTZ001  # naive UTC, as stored
+            }
+            for i in range(1000)
+        ]
+        with engine.begin() as conn:
+            conn.execute(daily_charges.insert(), rows)
+        with engine.begin() as conn:
+            assert analyze(conn, daily_charges, changed=1000) == 1  # never analyzed: always
+        with engine.begin() as conn:
+            assert analyze(conn, daily_charges, changed=99) == 0  # 99 < 10% of 1,000
+            assert analyze(conn, daily_charges, changed=100) == 1
+            assert analyze(conn, daily_charges) == 1  # no count given: always
+    finally:
+        engine.dispose()
