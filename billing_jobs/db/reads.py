@@ -290,7 +290,7 @@ def usable_amount(column: ColumnElement[Any], *, signed: bool) -> ColumnElement[
 
     Both back ends order every other value outside the range: PostgreSQL sorts NaN
     above every number and the infinities beyond it; SQLite sorts text and blobs above
-    every number, and stores no NaN. `test_usable_rows_and_rejects_partition_...`
+    every number, and stores no NaN. `tests/integration/test_usable_amounts.py`
     checks the two definitions against each other on every kind of bad value.
     """
     return and_(column.is_not(None), column >= (-MAX_AMOUNT if signed else 0), column <= MAX_AMOUNT)
