@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from billing_jobs.rules.credits import TopUpTerms
 from billing_jobs.rules.money import MAX_FRACTION_DIGITS
 
 DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default_billing.toml")).read_text("utf-8")
@@ -171,6 +172,48 @@ class MonitoringSection(_Section):
     close_overdue_days: Count = 3
 
 
+def _tier_list(value: Any) -> tuple[tuple[Decimal, Decimal], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of { min_credits, price } tables")
+    tiers: list[tuple[Decimal, Decimal]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"min_credits", "price"}:
+            raise ValueError(f"tier {i + 1}: expected a table {{ min_credits = ..., price = ... }}")
+        try:
+            minimum, price = _amount(item["min_credits"]), _amount(item["price"])
+        except ValueError as exc:
+            raise ValueError(f"tier {i + 1}: {exc}") from None
+        if minimum <= 0 or price <= 0:
+            raise ValueError(f"tier {i + 1}: min_credits and price must be positive")
+        if tiers and minimum <= tiers[-1][0]:
+            raise ValueError(f"tier {i + 1}: min_credits must be strictly increasing")
+        if tiers and price > tiers[-1][1]:
+            raise ValueError(f"tier {i + 1}: price must not increase with min_credits")
+        tiers.append((minimum, price))
+    return tuple(tiers)
+
+
+def _currency(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 3 or not value.isalpha() or not value.isupper():
+        raise ValueError(f"expected an ISO 4217 code such as 'USD', got {value!r}")
+    return value
+
+
+DEFAULT_TIERS = (
+    (Decimal("100"), Decimal("0.10")),
+    (Decimal("1000"), Decimal("0.095")),
+    (Decimal("5000"), Decimal("0.09")),
+    (Decimal("20000"), Decimal("0.085")),
+)
+
+
+class TopUpSection(_Section):
+    currency: Annotated[str, BeforeValidator(_currency)] = "USD"
+    validity_days: Annotated[int, BeforeValidator(_count), Field(ge=1)] = 365
+    tiers_from: Day = date(2026, 3, 26)
+    tiers: Annotated[tuple[tuple[Decimal, Decimal], ...], BeforeValidator(_tier_list)] = DEFAULT_TIERS
+
+
 class _SettingsModel(_Section):
     billing: BillingSection = BillingSection()
     storage_fee: StorageFeeSection = StorageFeeSection()
@@ -179,6 +222,7 @@ class _SettingsModel(_Section):
     schedule: ScheduleSection = ScheduleSection()
     lock: LockSection = LockSection()
     monitoring: MonitoringSection = MonitoringSection()
+    top_up: TopUpSection = TopUpSection()
 
 
 @dataclass(frozen=True)
@@ -209,10 +253,17 @@ class Settings:
     metrics_textfile: str = ""
     pushgateway_url: str = ""
     close_overdue_days: int = 3
+    currency: str = "USD"
+    validity_days: int = 365
+    tiers_from: date = date(2026, 3, 26)
+    tiers: tuple[tuple[Decimal, Decimal], ...] = DEFAULT_TIERS
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def top_up_terms(self) -> TopUpTerms:
+        return TopUpTerms.of(self.tiers, self.tiers_from, self.validity_days, self.currency)
 
     def billing_values(self) -> dict[str, str]:
         """The values that change what is billed, as strings (for hashing and run records)."""
@@ -232,6 +283,10 @@ class Settings:
                 else str(self.active_waiver_compute_threshold)
             ),
             **{f"cloud_fees.{k}": str(v) for k, v in sorted(self.cloud_prices.items())},
+            "top_up.currency": self.currency,
+            "top_up.validity_days": str(self.validity_days),
+            "top_up.tiers_from": self.tiers_from.isoformat(),
+            "top_up.tiers": ";".join(f"{m}:{p}" for m, p in self.tiers),
         }
 
     def digest(self) -> str:
@@ -259,6 +314,10 @@ def _from_model(model: _SettingsModel) -> Settings:
         metrics_textfile=model.monitoring.metrics_textfile,
         pushgateway_url=model.monitoring.pushgateway_url,
         close_overdue_days=model.monitoring.close_overdue_days,
+        currency=model.top_up.currency,
+        validity_days=model.top_up.validity_days,
+        tiers_from=model.top_up.tiers_from,
+        tiers=model.top_up.tiers,
     )
 
 
