@@ -19,7 +19,7 @@ from billing_jobs.jobs.export import HEADER
 from billing_jobs.jobs.runner import Outcome
 from billing_jobs.rules.calendar import day_from_number
 from billing_jobs.rules.invoice import LINE_ORDER
-from billing_jobs.rules.money import format_units
+from billing_jobs.rules.money import format_cents, format_units
 
 # The export's own columns, so a preview opens like the export in a spreadsheet.
 PREVIEW_HEADER = HEADER[: HEADER.index("amount") + 1]
@@ -162,6 +162,7 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
         )
     if dry_run and len(lines):
         console.print(_totals_table("by line type", lines, "line_type"))
+    _print_ledger(console, preview.ledger, dry_run=dry_run)
     c = outcome.counts
     if not dry_run:
         console.print(
@@ -178,3 +179,37 @@ def print_month(outcome: Outcome, *, dry_run: bool, output: str | None) -> None:
                 if len(lines):
                     writer.writerows(preview_rows(lines, month, kind))
             console.print(f"preview lines written to {output}")
+
+
+def _print_ledger(console: Console, ledger: Any, *, dry_run: bool) -> None:
+    """The credits ledger a month-end wrote (or would write), by kind."""
+    if ledger is None:
+        return
+    if ledger.skipped:
+        console.print(f"credits ledger: not written ({ledger.skipped})")
+        return
+    entries = ledger.entries
+    verb = "would write" if dry_run else "wrote"
+    if entries.empty:
+        console.print(f"credits ledger: no new entries (top-ups rejected: {ledger.counts.get('topups_rejected', 0)})")
+        return
+    table = Table(title=f"credits ledger ({verb})", title_justify="left")
+    for col in ("kind", "entries", "corrections", "credits", "money"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for kind in ("fund", "draw", "restore", "repay", "expire", "refund", "arrears"):
+        part = entries[entries["kind"] == kind]
+        if part.empty:
+            continue
+        money = part["money_cents"].dropna()
+        table.add_row(
+            kind,
+            str(len(part)),
+            str(int((part["corrects"] != "").sum())),
+            format_units(int(part["credit_units"].astype("int64").sum())),
+            format_cents(sum(int(m) for m in money)) if len(money) else "",
+        )
+    console.print(table)
+    console.print(
+        f"top-ups rejected: {ledger.counts.get('topups_rejected', 0)}; "
+        f"price exceptions: {ledger.counts.get('price_exceptions', 0)}"
+    )

@@ -37,7 +37,10 @@ from billing_jobs.db.source_tables import (
     compute_usage,
     project_events,
     projects,
+    redemption_codes,
+    refund_requests,
     source_metadata,
+    top_ups,
 )
 
 _ids = itertools.count(1)
@@ -50,13 +53,16 @@ def ts(text: str) -> datetime:
 
 @dataclass
 class SourceData:
-    """Rows for the five source tables, written with the project's own schema."""
+    """Rows for the source tables, written with the project's own schema."""
 
     accounts: list[dict[str, Any]] = field(default_factory=list)
     projects: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     compute_rows: list[dict[str, Any]] = field(default_factory=list)
     cloud_rows: list[dict[str, Any]] = field(default_factory=list)
+    top_up_rows: list[dict[str, Any]] = field(default_factory=list)
+    code_rows: list[dict[str, Any]] = field(default_factory=list)
+    refund_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def account(self, account_id: str = "acct-1", kind: str = "personal") -> SourceData:
         if not any(a["account_id"] == account_id for a in self.accounts):
@@ -112,6 +118,50 @@ class SourceData:
         )
         return self
 
+    def top_up(
+        self,
+        top_up_id: str,
+        when: str,
+        channel: str = "online",
+        *,
+        account: str = "acct-1",
+        credits: str | None = None,
+        amount: str | None = None,
+        code: str | None = None,
+        known: bool = True,
+    ) -> SourceData:
+        """A top-up; `known=False` leaves its account out of `accounts`."""
+        if known:
+            self.account(account)
+        self.top_up_rows.append(
+            {
+                "top_up_id": top_up_id,
+                "account_id": account,
+                "channel": channel,
+                "credits": None if credits is None else Decimal(credits),
+                "amount_paid": None if amount is None else Decimal(amount),
+                "paid_at": ts(when),
+                "code": code,
+            }
+        )
+        return self
+
+    def code(self, code: str, credits: str, redeem_by: str, valid_days: int, batch: str = "event-1") -> SourceData:
+        self.code_rows.append(
+            {
+                "code": code,
+                "batch_id": batch,
+                "credits": Decimal(credits),
+                "redeem_by": ts(redeem_by),
+                "valid_days": valid_days,
+            }
+        )
+        return self
+
+    def refund_request(self, request_id: str, when: str, account: str = "acct-1") -> SourceData:
+        self.refund_rows.append({"request_id": request_id, "account_id": account, "requested_at": ts(when)})
+        return self
+
     def write(self, engine: Engine) -> None:
         """Create the source tables if needed and insert the rows."""
         source_metadata.create_all(engine)
@@ -122,10 +172,14 @@ class SourceData:
                 (project_events, self.events),
                 (compute_usage, self.compute_rows),
                 (cloud_usage, self.cloud_rows),
+                (top_ups, self.top_up_rows),
+                (redemption_codes, self.code_rows),
+                (refund_requests, self.refund_rows),
             ):
                 if rows:
                     conn.execute(insert(table), rows)
         self.accounts, self.projects, self.events, self.compute_rows, self.cloud_rows = [], [], [], [], []
+        self.top_up_rows, self.code_rows, self.refund_rows = [], [], []
 
     def write_url(self, db_url: str) -> None:
         engine = create_engine(db_url)

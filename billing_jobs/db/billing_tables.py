@@ -167,3 +167,81 @@ rejects = Table(
     Column("status", String(16), nullable=False),  # open | reviewed
     Index("ix_rejects_period", "period"),
 )
+
+
+# --- The credits ledger (credits.md) ---------------------------------------------------
+
+# Lots as the ledger last saw them: one per valid top-up, and one per restore lot.
+credit_lots = Table(
+    "credit_lots",
+    billing_metadata,
+    Column("lot_id", String(128), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("channel", String(16), nullable=False),  # online | wire | code | restore
+    Column("credit_units", BigInteger, nullable=False),
+    Column("money_cents", BigInteger, nullable=False),
+    Column("paid_at", DateTime, nullable=False),
+    Column("valid_from", Date, nullable=False),
+    Column("valid_until", Date, nullable=False),  # exclusive
+    Column("run_id", String(36), nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Index("ix_credit_lots_account", "account_id"),
+)
+
+# Ledger entries: never changed or deleted. One per natural key; a correction of a
+# written period is a further entry (revision 1, 2, ...) in the period of the run.
+credit_entries = Table(
+    "credit_entries",
+    billing_metadata,
+    Column("entry_id", String(40), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("lot_id", String(128), nullable=False),  # "" for arrears
+    Column("kind", String(16), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("cause", String(16), nullable=False),  # top_up | compute | invoice | refund | expiry
+    Column("period", String(7), nullable=False),
+    Column("corrects", String(7), nullable=False),  # "" or the closed month it corrects
+    Column("revision", Integer, nullable=False),
+    Column("credit_units", BigInteger, nullable=False),
+    Column("money_cents", BigInteger),  # fund and refund only
+    Column("run_id", String(36), nullable=False),
+    Column("recorded_at", DateTime, nullable=False),
+    UniqueConstraint("account_id", "lot_id", "kind", "day", "cause", "period", "corrects", "revision"),
+    Index("ix_credit_entries_period", "period"),
+)
+
+# Each account's arrears and credits held at the end of each written period.
+credit_balances = Table(
+    "credit_balances",
+    billing_metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("period", String(7), primary_key=True),
+    Column("held_units", BigInteger, nullable=False),
+    Column("arrears_units", BigInteger, nullable=False),
+    Column("run_id", String(36), nullable=False),
+)
+
+# Periods whose ledger a month-end has written through their last day.
+credit_periods = Table(
+    "credit_periods",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("written_at", DateTime, nullable=False),
+    Column("last_run_id", String(36), nullable=False),
+    Column("last_written_at", DateTime, nullable=False),
+)
+
+# Refunds paid out: final once written (lot_id "" for a request that found nothing).
+credit_refunds = Table(
+    "credit_refunds",
+    billing_metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("lot_id", String(128), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("credit_units", BigInteger, nullable=False),
+    Column("money_cents", BigInteger, nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("written_at", DateTime, nullable=False),
+)

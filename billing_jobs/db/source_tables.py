@@ -1,4 +1,4 @@
-"""The platform's five source tables, exactly as `contract.md` defines them.
+"""The platform's source tables (five for billing, three for credits), exactly as `contract.md` defines them.
 
 The jobs only ever read these tables. The project keeps this definition so that
 reads are typed, and so that tests and the demo can create a source database.
@@ -13,6 +13,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Integer,
     MetaData,
     Numeric,
     String,
@@ -69,4 +70,44 @@ cloud_usage = Table(
     Column("quantity", Numeric(18, 4), nullable=True),
 )
 
-SOURCE_TABLES = (accounts, projects, project_events, compute_usage, cloud_usage)
+# Credits (contract.md, section Credits).
+top_ups = Table(
+    "top_ups",
+    source_metadata,
+    Column("top_up_id", String(64), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("credits", Numeric(18, 4), nullable=True),
+    Column("amount_paid", Numeric(18, 2), nullable=True),
+    Column("paid_at", DateTime, nullable=False),
+    Column("code", String(64), nullable=True),
+)
+
+redemption_codes = Table(
+    "redemption_codes",
+    source_metadata,
+    Column("code", String(64), primary_key=True),
+    Column("batch_id", String(64), nullable=False),
+    Column("credits", Numeric(18, 4), nullable=False),
+    Column("redeem_by", DateTime, nullable=False),
+    Column("valid_days", Integer, nullable=False),
+)
+
+refund_requests = Table(
+    "refund_requests",
+    source_metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("account_id", String(64), nullable=False),
+    Column("requested_at", DateTime, nullable=False),
+)
+
+SOURCE_TABLES = (
+    accounts,
+    projects,
+    project_events,
+    compute_usage,
+    cloud_usage,
+    top_ups,
+    redemption_codes,
+    refund_requests,
+)

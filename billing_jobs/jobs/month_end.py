@@ -40,12 +40,15 @@ from billing_jobs.jobs.compute import (
     month_days,
     platform_rejects,
 )
+from billing_jobs.jobs.ledger import LedgerOutcome, write_ledger
 from billing_jobs.jobs.runner import Run
+from billing_jobs.logs import get_logger
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 
 PROJECTS_PER_CHUNK = 10_000
+log = get_logger()
 REGULAR, ADJUSTMENT = "regular", "adjustment"
 
 
@@ -62,6 +65,7 @@ class MonthPreview:
     rejects: pd.DataFrame
     through: date | None = None  # a preview of a month not ended: its days up to this one
     note: str = ""  # what a shard run or --finalize did, instead of "closed"
+    ledger: LedgerOutcome | None = None  # the credits ledger written (or previewed)
 
 
 def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
@@ -189,6 +193,10 @@ def close_month(
             run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
         if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
             run.write(partial(_analyze, run=run))
+    ledger = None
+    if shard is None:
+        heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
+        ledger = credits_ledger(run, month, heads=heads_now if run.dry_run else None, through=through)
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
@@ -205,7 +213,35 @@ def close_month(
         pd.concat(all_rejects, ignore_index=True),
         through=through,
         note=note,
+        ledger=ledger,
     )
+
+
+def credits_ledger(
+    run: Run, month: Month, *, heads: pd.DataFrame | None = None, through: date | None = None
+) -> LedgerOutcome:
+    """Write (or in a dry run preview) the credits ledger through the month's end, after
+    its invoices. heads: a dry run's previewed invoices (not in the database)."""
+    extra: dict[tuple[str, str], int] = {}
+    if heads is not None and not heads.empty:
+        for account, total in zip(heads["account_id"], heads["total_units"], strict=True):
+            extra[(account, str(month))] = extra.get((account, str(month)), 0) + int(total)
+    outcome = write_ledger(
+        run.engine,
+        run.settings,
+        month,
+        run_id=run.run_id,
+        now=run.now,
+        dry_run=run.dry_run,
+        write=run.write,
+        extra_invoices=extra,
+        through=through,
+    )
+    if outcome.skipped:
+        log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
+    for key, value in outcome.counts.items():
+        run.counts[key] = run.counts.get(key, 0) + value
+    return outcome
 
 
 def _analyze(conn: Connection, *, run: Run) -> None:
@@ -381,9 +417,10 @@ def finalize_shards(run: Run, month: Month) -> MonthPreview:
 
     run.write(finalize)
     run.counts["shards"] = count
+    ledger = credits_ledger(run, month)
     empty = pd.DataFrame()
     note = f"{count} shard(s) finalized: {'adjustments' if closed else 'closed'}"
-    return MonthPreview(month, kind, closed, empty, empty, empty, note=note)
+    return MonthPreview(month, kind, closed, empty, empty, empty, note=note, ledger=ledger)
 
 
 def close_chunk(

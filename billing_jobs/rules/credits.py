@@ -39,6 +39,8 @@ FUND, DRAW, RESTORE, EXPIRE, REFUND, REPAY, ARREARS = (
 )
 KINDS = (FUND, DRAW, RESTORE, EXPIRE, REFUND, REPAY, ARREARS)
 ONLINE, WIRE, CODE, RESTORED = "online", "wire", "code", "restore"
+# causes: what moved the credits of an entry
+TOP_UP, COMPUTE, INVOICE, EXPIRY = "top_up", "compute", "invoice", "expiry"
 CHANNELS = (ONLINE, WIRE, CODE)
 REFUNDABLE = (ONLINE, WIRE)
 
@@ -222,17 +224,19 @@ class AccountEvents:
 
 @dataclass
 class Ledger:
-    """Entries of a replay: (lot_id, kind, day) -> [credits, money]; lot_id "" for arrears."""
+    """Entries of a replay: (lot_id, kind, day, cause) -> [credits, money]; lot_id "" for
+    arrears. The cause says what moved the credits: top_up, compute, invoice, refund,
+    expiry or restore."""
 
-    entries: dict[tuple[str, str, int], list[int]] = field(default_factory=dict)
+    entries: dict[tuple[str, str, int, str], list[int]] = field(default_factory=dict)
     refunds: list[Refund] = field(default_factory=list)
     state: AccountState = field(default_factory=AccountState)
     restore_lots: list[LotSpec] = field(default_factory=list)
 
-    def add(self, lot_id: str, kind: str, day: int, credits: int, money: int = 0) -> None:
+    def add(self, lot_id: str, kind: str, day: int, cause: str, credits: int, money: int = 0) -> None:
         if credits == 0 and money == 0:
             return
-        cell = self.entries.setdefault((lot_id, kind, day), [0, 0])
+        cell = self.entries.setdefault((lot_id, kind, day, cause), [0, 0])
         cell[0] += credits
         cell[1] += money
 
@@ -282,11 +286,11 @@ def run_account(
             _fund(ledger, pending[next_lot], day)
             next_lot += 1
         # 2. compute, 3. invoices
-        for amount in (events.compute.get(day, 0), events.invoices.get(day, 0)):
+        for cause, amount in ((COMPUTE, events.compute.get(day, 0)), (INVOICE, events.invoices.get(day, 0))):
             if amount > 0:
-                _draw(ledger, day, amount)
+                _draw(ledger, day, amount, cause)
             elif amount < 0:
-                lot = _restore(ledger, events.account_id, day, -amount, validity_days)
+                lot = _restore(ledger, events.account_id, day, -amount, validity_days, cause)
                 if lot is not None and lot.valid_until - 1 <= through:
                     heapq.heappush(queue, lot.valid_until - 1)
         # 4. refunds, by request id
@@ -295,7 +299,7 @@ def run_account(
         # 5. expiry
         for lot_state in sorted(state.lots.values(), key=lambda s: s.spec.lot_id):
             if lot_state.spec.valid_until == day + 1 and lot_state.held > 0:
-                ledger.add(lot_state.spec.lot_id, EXPIRE, day, lot_state.held)
+                ledger.add(lot_state.spec.lot_id, EXPIRE, day, EXPIRY, lot_state.held)
                 lot_state.held = 0
     return ledger
 
@@ -307,21 +311,21 @@ def _fund(ledger: Ledger, spec: LotSpec, day: int) -> None:
         lot = state.lots[spec.lot_id] = LotState(spec)
     lot.held += spec.credits
     lot.funded += spec.credits
-    ledger.add(spec.lot_id, FUND, day, spec.credits, spec.money)
+    ledger.add(spec.lot_id, FUND, day, TOP_UP, spec.credits, spec.money)
     if state.arrears > 0 and lot.held > 0:
         repaid = min(state.arrears, lot.held)
         lot.held -= repaid
         lot.drawn += repaid
         state.arrears -= repaid
-        ledger.add(spec.lot_id, REPAY, day, repaid)
-        ledger.add("", ARREARS, day, -repaid)
+        ledger.add(spec.lot_id, REPAY, day, TOP_UP, repaid)
+        ledger.add("", ARREARS, day, TOP_UP, -repaid)
 
 
 def _draw_order(state: AccountState, day: int) -> list[LotState]:
     return sorted((lot for lot in state.lots.values() if lot.valid_on(day)), key=LotState.order)
 
 
-def _draw(ledger: Ledger, day: int, amount: int) -> None:
+def _draw(ledger: Ledger, day: int, amount: int, cause: str) -> None:
     needed = amount
     for lot in _draw_order(ledger.state, day):
         if needed == 0:
@@ -331,13 +335,15 @@ def _draw(ledger: Ledger, day: int, amount: int) -> None:
             lot.held -= given
             lot.drawn += given
             needed -= given
-            ledger.add(lot.spec.lot_id, DRAW, day, given)
+            ledger.add(lot.spec.lot_id, DRAW, day, cause, given)
     if needed > 0:
         ledger.state.arrears += needed
-        ledger.add("", ARREARS, day, needed)
+        ledger.add("", ARREARS, day, cause, needed)
 
 
-def _restore(ledger: Ledger, account_id: str, day: int, amount: int, validity_days: int) -> LotSpec | None:
+def _restore(
+    ledger: Ledger, account_id: str, day: int, amount: int, validity_days: int, cause: str
+) -> LotSpec | None:
     """Give back `amount`: arrears first, then lots in the reverse draw order, then a new lot."""
     state = ledger.state
     rest = amount
@@ -345,7 +351,7 @@ def _restore(ledger: Ledger, account_id: str, day: int, amount: int, validity_da
     if paid_back:
         state.arrears -= paid_back
         rest -= paid_back
-        ledger.add("", ARREARS, day, -paid_back)
+        ledger.add("", ARREARS, day, cause, -paid_back)
     for lot in reversed(_draw_order(state, day)):
         if rest == 0:
             break
@@ -354,7 +360,7 @@ def _restore(ledger: Ledger, account_id: str, day: int, amount: int, validity_da
             lot.held += back
             lot.drawn -= back
             rest -= back
-            ledger.add(lot.spec.lot_id, RESTORE, day, back)
+            ledger.add(lot.spec.lot_id, RESTORE, day, cause, back)
     if rest == 0:
         return None
     lot_id = restore_lot_id(account_id, day)
@@ -375,7 +381,7 @@ def _restore(ledger: Ledger, account_id: str, day: int, amount: int, validity_da
         spec = existing.spec
     existing.held += rest
     existing.funded += rest
-    ledger.add(lot_id, FUND, day, rest)
+    ledger.add(lot_id, FUND, day, cause, rest)
     return spec
 
 
@@ -391,10 +397,10 @@ def _refund(ledger: Ledger, day: int, request_id: str, written: Sequence[Written
             taken = min(held, item.credits)
             if lot is not None:
                 lot.held -= taken
-            ledger.add(item.lot_id, REFUND, day, taken, item.money)
+            ledger.add(item.lot_id, REFUND, day, REFUND, taken, item.money)
             if item.credits > taken:
                 state.arrears += item.credits - taken
-                ledger.add("", ARREARS, day, item.credits - taken)
+                ledger.add("", ARREARS, day, REFUND, item.credits - taken)
             ledger.refunds.append(Refund(request_id, day, item.lot_id, item.credits, item.money))
         return
     found = False
@@ -402,21 +408,9 @@ def _refund(ledger: Ledger, day: int, request_id: str, written: Sequence[Written
         spec = lot.spec
         if spec.channel in REFUNDABLE and lot.valid_on(day) and lot.held > 0:
             money = refund_money(lot.held, spec.money, spec.credits)
-            ledger.add(spec.lot_id, REFUND, day, lot.held, money)
+            ledger.add(spec.lot_id, REFUND, day, REFUND, lot.held, money)
             ledger.refunds.append(Refund(request_id, day, spec.lot_id, lot.held, money))
             lot.held = 0
             found = True
     if not found:
         ledger.refunds.append(Refund(request_id, day, "", 0, 0))
-
-
-def lot_for_top_up(
-    top_up_id: str,
-    channel: str,
-    credits: int,
-    money: int,
-    paid_at: datetime,
-    day: int,
-    valid_days: int,
-) -> LotSpec:
-    return LotSpec(top_up_id, channel, credits, money, paid_at, day, day + valid_days)

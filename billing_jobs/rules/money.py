@@ -43,6 +43,13 @@ def format_units(units: int) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def format_cents(cents: int) -> str:
+    """Money in cents as a plain decimal with two fractional digits: 1999 -> "19.99"."""
+    sign = "-" if cents < 0 else ""
+    whole, part = divmod(abs(int(cents)), 100)
+    return f"{sign}{whole}.{part:02d}"
+
+
 def format_decimal(value: Decimal) -> str:
     """A plain decimal string for any exact decimal (used for unit prices)."""
     text = f"{value.normalize():f}"

@@ -1,0 +1,305 @@
+"""Reads for the credits ledger: top-ups, codes, refund requests, compute per account
+and billing day, invoice totals, and what the ledger already holds.
+
+Amounts are read as exact integers computed by the database (credit units of
+1/10,000, money in cents), only where the value is usable; the reason a value is
+not usable is read beside it (`reads.amount_problem`).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Integer,
+    and_,
+    case,
+    cast,
+    func,
+    inspect,
+    literal,
+    select,
+)
+
+from billing_jobs.db.billing_tables import (
+    credit_entries,
+    credit_lots,
+    credit_periods,
+    credit_refunds,
+    invoices,
+)
+from billing_jobs.db.reads import (
+    Chunk,
+    amount_problem,
+    day_number,
+    raw,
+    read_frame,
+    summed_units,
+    ts_param,
+    units,
+    usable_amount,
+)
+from billing_jobs.db.source_tables import (
+    accounts,
+    compute_usage,
+    projects,
+    redemption_codes,
+    refund_requests,
+    top_ups,
+)
+from billing_jobs.rules.calendar import local_midnight_utc
+
+CREDIT_SOURCES = ("top_ups", "redemption_codes", "refund_requests")
+LEDGER_TABLES = ("credit_entries", "credit_lots", "credit_periods", "credit_refunds", "credit_balances")
+
+
+def credit_sources_exist(conn: Connection) -> bool:
+    names = set(inspect(conn).get_table_names())
+    return set(CREDIT_SOURCES) <= names
+
+
+def ledger_exists(conn: Connection) -> bool:
+    return set(LEDGER_TABLES) <= set(inspect(conn).get_table_names())
+
+
+def cents(column: ColumnElement[Any]) -> ColumnElement[int]:
+    return cast(func.round(column * 100), BigInteger)
+
+
+def _epoch_seconds(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    if conn.dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), BigInteger)
+    return func.floor(func.extract("epoch", column))
+
+
+def billing_day(
+    conn: Connection, column: ColumnElement[Any], first: date, last: date, zone: ZoneInfo
+) -> ColumnElement[int]:
+    """The billing day number (days since 1970-01-01 in `zone`) of a naive UTC timestamp
+    column, for instants in days first..last, computed by the database.
+
+    Days are grouped into runs of 24-hour days, where the day is the run's first day
+    plus whole days elapsed since its start; a day of another length (a DST change)
+    is a run of its own. A few WHEN branches per year, whatever the number of rows.
+    """
+    branches: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
+    epoch0 = datetime(1970, 1, 1)
+    run_first = first
+    d = first
+    while d <= last:
+        start = local_midnight_utc(d, zone)
+        end = local_midnight_utc(d + timedelta(days=1), zone)
+        regular = end - start == timedelta(days=1)
+        following = d + timedelta(days=1)
+        next_regular = following <= last and (
+            local_midnight_utc(following + timedelta(days=1), zone) - end == timedelta(days=1)
+        )
+        if not regular:
+            branches.append((raw(conn, column) < ts_param(conn, end), literal((d - date(1970, 1, 1)).days)))
+            run_first = following
+        elif not next_regular or following > last:
+            run_start = local_midnight_utc(run_first, zone)
+            base = (run_first - date(1970, 1, 1)).days
+            offset = int((run_start - epoch0).total_seconds())
+            elapsed = (_epoch_seconds(conn, column) - offset) / 86400
+            if conn.dialect.name == "postgresql":
+                elapsed = func.floor(elapsed)
+            branches.append((raw(conn, column) < ts_param(conn, end), base + cast(elapsed, BigInteger)))
+            run_first = following
+        d = following
+    return cast(case(*branches, else_=None), BigInteger)
+
+
+def read_code_redemptions(conn: Connection, end: datetime) -> pd.DataFrame:
+    """Every redemption of a code by a known account before `end`, with the code's terms:
+    top_up_id, code, paid_at, known_code, code_units, redeem_by, valid_days."""
+    t, rc = top_ups.c, redemption_codes.c
+    stmt = (
+        select(
+            t.top_up_id,
+            t.code,
+            raw(conn, t.paid_at).label("paid_at"),
+            rc.code.is_not(None).label("known_code"),
+            units(rc.credits).label("code_units"),
+            raw(conn, rc.redeem_by).label("redeem_by"),
+            cast(rc.valid_days, Integer).label("valid_days"),
+        )
+        .join(accounts, accounts.c.account_id == t.account_id)
+        .outerjoin(redemption_codes, rc.code == t.code)
+        .where(t.channel == "code", raw(conn, t.paid_at) < ts_param(conn, end))
+    )
+    df = read_frame(conn, stmt, timestamps=["paid_at"])
+    if not df.empty:
+        known = df["redeem_by"].notna()
+        df["redeem_by"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us]")
+        if known.any():
+            df.loc[known, "redeem_by"] = pd.to_datetime(
+                df.loc[known, "redeem_by"].astype(str), format="ISO8601"
+            ).astype("datetime64[us]")
+    return df
+
+
+def _top_up_columns(conn: Connection) -> list[ColumnElement[Any]]:
+    t = top_ups.c
+    return [
+        t.top_up_id,
+        t.account_id,
+        t.channel,
+        raw(conn, t.paid_at).label("paid_at"),
+        t.code,
+        amount_problem(conn, t.credits).label("credits_problem"),
+        case((usable_amount(t.credits, signed=True), units(t.credits)), else_=None).label("credit_units"),
+        amount_problem(conn, t.amount_paid).label("amount_problem"),
+        case((usable_amount(t.amount_paid, signed=True), cents(t.amount_paid)), else_=None).label(
+            "amount_cents"
+        ),
+    ]
+
+
+def read_top_ups(conn: Connection, end: datetime, chunk: Chunk) -> pd.DataFrame:
+    """The top-ups of the chunk's accounts paid before `end`."""
+    t = top_ups.c
+    stmt = select(*_top_up_columns(conn)).where(
+        chunk.clause(t.account_id), raw(conn, t.paid_at) < ts_param(conn, end)
+    )
+    return read_frame(conn, stmt, timestamps=["paid_at"])
+
+
+def read_unknown_account_top_ups(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
+    """Top-ups paid in [start, end) naming an account that does not exist."""
+    t = top_ups.c
+    stmt = (
+        select(*_top_up_columns(conn))
+        .outerjoin(accounts, accounts.c.account_id == t.account_id)
+        .where(
+            accounts.c.account_id.is_(None),
+            raw(conn, t.paid_at) >= ts_param(conn, start),
+            raw(conn, t.paid_at) < ts_param(conn, end),
+        )
+    )
+    return read_frame(conn, stmt, timestamps=["paid_at"])
+
+
+def read_refund_requests(conn: Connection, end: datetime, chunk: Chunk) -> pd.DataFrame:
+    r = refund_requests.c
+    stmt = select(r.request_id, r.account_id, raw(conn, r.requested_at).label("requested_at")).where(
+        chunk.clause(r.account_id), raw(conn, r.requested_at) < ts_param(conn, end)
+    )
+    return read_frame(conn, stmt, timestamps=["requested_at"])
+
+
+def read_unknown_account_refunds(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
+    r = refund_requests.c
+    stmt = (
+        select(r.request_id, r.account_id, raw(conn, r.requested_at).label("requested_at"))
+        .outerjoin(accounts, accounts.c.account_id == r.account_id)
+        .where(
+            accounts.c.account_id.is_(None),
+            raw(conn, r.requested_at) >= ts_param(conn, start),
+            raw(conn, r.requested_at) < ts_param(conn, end),
+        )
+    )
+    return read_frame(conn, stmt, timestamps=["requested_at"])
+
+
+def read_compute_per_day(conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk) -> pd.DataFrame:
+    """account_id, day, compute_units: the usable compute rows of the chunk's projects
+    summed per account and billing day, days first..last."""
+    if first > last:
+        return pd.DataFrame({"account_id": [], "day": [], "compute_units": []})
+    c = compute_usage.c
+    start = local_midnight_utc(first, zone)
+    end = local_midnight_utc(last + timedelta(days=1), zone)
+    day = billing_day(conn, c.occurred_at, first, last, zone).label("day")
+    usable = usable_amount(c.credits, signed=True)
+    stmt = (
+        select(projects.c.account_id, day, summed_units(conn, c.credits, None).label("compute_units"))
+        .join(projects, projects.c.project_id == c.project_id)
+        .where(
+            chunk.clause(projects.c.account_id),
+            raw(conn, c.occurred_at) >= ts_param(conn, start),
+            raw(conn, c.occurred_at) < ts_param(conn, end),
+            usable,
+        )
+        .group_by(projects.c.account_id, day)
+    )
+    return read_frame(conn, stmt, ints=["day", "compute_units"], aggregate=True)
+
+
+def read_invoice_totals(conn: Connection, chunk: Chunk, last_period: str) -> pd.DataFrame:
+    """account_id, period, total_units of finalized invoices (regular and adjustments)."""
+    inv = invoices.c
+    stmt = (
+        select(inv.account_id, inv.period, cast(func.sum(inv.total_units), BigInteger).label("total_units"))
+        .where(chunk.clause(inv.account_id), inv.status == "finalized", inv.period <= last_period)
+        .group_by(inv.account_id, inv.period)
+    )
+    return read_frame(conn, stmt, ints=["total_units"], aggregate=True)
+
+
+def read_written_entries(conn: Connection, chunk: Chunk, last: date) -> pd.DataFrame:
+    """The ledger's entries of the chunk's accounts for days up to `last`, summed per
+    (account, lot, kind, day, cause, period, corrects), with how many there are."""
+    e = credit_entries.c
+    stmt = (
+        select(
+            e.account_id,
+            e.lot_id,
+            e.kind,
+            day_number(conn, e.day).label("day"),
+            e.cause,
+            e.period,
+            e.corrects,
+            cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
+            cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
+            cast(func.count(), BigInteger).label("entries"),
+        )
+        .where(chunk.clause(e.account_id), e.day <= last)
+        .group_by(e.account_id, e.lot_id, e.kind, e.day, e.cause, e.period, e.corrects)
+    )
+    return read_frame(conn, stmt, ints=["day", "credit_units", "money_cents", "entries"], aggregate=True)
+
+
+def read_written_refunds(conn: Connection, chunk: Chunk) -> pd.DataFrame:
+    r = credit_refunds.c
+    stmt = select(
+        r.request_id, r.lot_id, r.account_id, day_number(conn, r.day).label("day"), r.credit_units, r.money_cents
+    ).where(chunk.clause(r.account_id))
+    return read_frame(conn, stmt, ints=["day", "credit_units", "money_cents"])
+
+
+def read_lots(conn: Connection, chunk: Chunk) -> pd.DataFrame:
+    lo = credit_lots.c
+    stmt = select(
+        lo.lot_id,
+        lo.account_id,
+        lo.channel,
+        lo.credit_units,
+        lo.money_cents,
+        raw(conn, lo.paid_at).label("paid_at"),
+        day_number(conn, lo.valid_from).label("valid_from"),
+        day_number(conn, lo.valid_until).label("valid_until"),
+    ).where(chunk.clause(lo.account_id))
+    return read_frame(
+        conn, stmt, ints=["credit_units", "money_cents", "valid_from", "valid_until"], timestamps=["paid_at"]
+    )
+
+
+def written_periods(conn: Connection) -> list[str]:
+    return sorted(p for (p,) in conn.execute(select(credit_periods.c.period)))
+
+
+def ledger_accounts(conn: Connection) -> list[str]:
+    """Every account the ledger may concern: the known accounts (in code-point order)."""
+    ids = [a for (a,) in conn.execute(select(accounts.c.account_id))]
+    return sorted(ids)
+
+
+def between(column: ColumnElement[Any], first: Any, last: Any) -> ColumnElement[bool]:
+    return and_(column >= first, column <= last)

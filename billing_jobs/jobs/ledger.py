@@ -1,0 +1,648 @@
+"""The credits ledger (`credits.md`): what happened to each account's credits.
+
+Month-end for M writes the ledger through M's last day, after M's invoices, in the
+same run and under the same lock. Per chunk of accounts, in one transaction:
+
+1. read the chunk's top-ups, codes, refund requests, compute per billing day,
+   invoice totals, and what the ledger already holds (entries and refunds);
+2. validate the top-ups (rejects with their reasons) and make their lots;
+3. replay each account with the rules (`rules.credits.run_account`), written refunds
+   taken as given;
+4. write what differs from the written entries: an entry of a period not yet
+   written goes into its own period; a difference in a written period is a
+   correction in M's period, marking the period it corrects. A repeated run finds
+   no difference and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Connection, Engine, and_, delete, select
+
+from billing_jobs.db.billing_tables import (
+    credit_balances,
+    credit_entries,
+    credit_lots,
+    credit_periods,
+    credit_refunds,
+)
+from billing_jobs.db.credit_reads import (
+    credit_sources_exist,
+    ledger_accounts,
+    ledger_exists,
+    read_code_redemptions,
+    read_compute_per_day,
+    read_invoice_totals,
+    read_refund_requests,
+    read_top_ups,
+    read_unknown_account_refunds,
+    read_unknown_account_top_ups,
+    read_written_entries,
+    read_written_refunds,
+    written_periods,
+)
+from billing_jobs.db.reads import Chunk, among
+from billing_jobs.db.writes import bulk_insert, record_rejects
+from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_day_numbers, local_midnight_utc
+from billing_jobs.rules.credits import (
+    CHANNELS,
+    CODE,
+    FUND,
+    ONLINE,
+    REFUND,
+    WIRE,
+    AccountEvents,
+    AccountState,
+    Ledger,
+    LotSpec,
+    TopUpTerms,
+    WrittenRefund,
+    price_cents,
+    run_account,
+    wire_credits,
+)
+from billing_jobs.settings import Settings
+
+ACCOUNTS_PER_CHUNK = 2_000
+
+# Reject reasons of top-ups and refund requests (stable codes).
+UNKNOWN_ACCOUNT = "unknown_account"
+UNKNOWN_CHANNEL = "unknown_channel"
+INVALID_CREDITS = "invalid_credits"
+INVALID_AMOUNT = "invalid_amount"
+BELOW_SMALLEST = "below_smallest_top_up"
+UNKNOWN_CODE = "unknown_code"
+CODE_EXPIRED = "code_expired"
+CODE_ALREADY_REDEEMED = "code_already_redeemed"
+
+ENTRY_COLUMNS = ["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents"]
+KEY = ["account_id", "lot_id", "kind", "day", "cause"]
+
+
+@dataclass
+class LedgerOutcome:
+    """What a ledger write wrote (or, in a dry run, would write)."""
+
+    entries: pd.DataFrame  # entry_id, account_id, lot_id, kind, day, cause, period, corrects, ...
+    refunds: pd.DataFrame
+    rejects: pd.DataFrame
+    exceptions: pd.DataFrame  # online top-ups paid at another price than their tier's
+    lots: pd.DataFrame
+    balances: pd.DataFrame  # account_id, held_units, arrears_units at the end
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: str = ""
+
+
+def _empty_entries() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in ENTRY_COLUMNS})
+
+
+def _day_of(values: pd.Series, settings: Settings) -> np.ndarray[Any, np.dtype[np.int64]]:
+    if values.empty:
+        return np.array([], dtype=np.int64)
+    return local_day_numbers(values, settings.zone)
+
+
+def _period_of_days(days: pd.Series) -> pd.Series:
+    return pd.Series(
+        [str(Month.of(day_from_number(int(d)))) for d in days], index=days.index, dtype=object
+    )
+
+
+def decide_codes(redemptions: pd.DataFrame) -> dict[str, str | None]:
+    """top_up_id -> None (the code gives its credits) or the reason it does not.
+
+    Redemptions of one code are taken by (paid_at, top_up_id): the first one before the
+    code's `redeem_by` redeems it; any later one is `code_already_redeemed`.
+    """
+    decided: dict[str, str | None] = {}
+    if redemptions.empty:
+        return decided
+    ordered = sorted(
+        redemptions.itertuples(index=False), key=lambda r: (r.paid_at, str(r.top_up_id))
+    )
+    redeemed: set[str] = set()
+    for r in ordered:
+        if not r.known_code:
+            decided[r.top_up_id] = UNKNOWN_CODE
+        elif r.paid_at >= r.redeem_by:
+            decided[r.top_up_id] = CODE_EXPIRED
+        elif r.code in redeemed:
+            decided[r.top_up_id] = CODE_ALREADY_REDEEMED
+        else:
+            redeemed.add(r.code)
+            decided[r.top_up_id] = None
+    return decided
+
+
+def validate_top_ups(
+    top: pd.DataFrame,
+    settings: Settings,
+    terms: TopUpTerms,
+    codes: pd.DataFrame,
+    code_decisions: Mapping[str, str | None],
+    *,
+    known_accounts: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Split top-ups into lots, rejects and price exceptions (whole columns at a time).
+
+    Returns (lots: lot_id, account_id, channel, credit_units, money_cents, paid_at,
+    valid_from, valid_until), (rejects in the `rejects` table's shape), (exceptions).
+    """
+    df = top.copy()
+    df["day"] = _day_of(df["paid_at"], settings)
+    reason = pd.Series(None, index=df.index, dtype=object)
+    detail = pd.Series("", index=df.index, dtype=object)
+
+    def reject(mask: pd.Series, why: str, text: pd.Series | str) -> None:
+        new = mask & reason.isna()
+        reason[new] = why
+        detail[new] = text if isinstance(text, str) else text[new]
+
+    if not known_accounts:
+        reject(pd.Series(True, index=df.index), UNKNOWN_ACCOUNT, "account_id " + df["account_id"].astype(str))
+    channel = df["channel"]
+    reject(~channel.isin(CHANNELS), UNKNOWN_CHANNEL, "channel " + channel.astype(str))
+    credit_units = df["credit_units"]
+    amount = df["amount_cents"]
+    online, wire, code = channel == ONLINE, channel == WIRE, channel == CODE
+    bad_credits = credit_units.isna() | (pd.to_numeric(credit_units, errors="coerce").fillna(0) <= 0)
+    reject(
+        online & bad_credits,
+        INVALID_CREDITS,
+        "credits " + df["credits_problem"].fillna("not positive").astype(str),
+    )
+    amount_num = pd.to_numeric(amount, errors="coerce")
+    reject(
+        online & (amount.isna() | (amount_num < 0)),
+        INVALID_AMOUNT,
+        "amount_paid " + df["amount_problem"].fillna("negative").astype(str),
+    )
+    reject(
+        wire & (amount.isna() | (amount_num.fillna(0) <= 0)),
+        INVALID_AMOUNT,
+        "amount_paid " + df["amount_problem"].fillna("not positive").astype(str),
+    )
+    wire_rows = wire & reason.isna()
+    bought = pd.Series(-1, index=df.index, dtype=object)
+    if wire_rows.any():
+        bought[wire_rows] = wire_credits(terms, amount[wire_rows].astype(object), df.loc[wire_rows, "day"])
+    smallest = terms.smallest_amount_cents
+    reject(
+        wire_rows & (bought == -1),
+        BELOW_SMALLEST,
+        f"amount_paid below the smallest top-up ({smallest // 100}.{smallest % 100:02d})",
+    )
+    code_reason = df["top_up_id"].map(lambda i: code_decisions.get(i, UNKNOWN_CODE))
+    code_rejected = code & code_reason.notna() & reason.isna()
+    reason[code_rejected] = code_reason[code_rejected]
+    detail[code_rejected] = "code " + df.loc[code_rejected, "code"].astype(str)
+
+    ok = reason.isna()
+    period = _period_of_days(df["day"])
+    rejects = pd.DataFrame(
+        {
+            "source_table": "top_ups",
+            "source_id": df.loc[~ok, "top_up_id"],
+            "reason": reason[~ok],
+            "project_id": None,
+            "period": period[~ok],
+            "detail": detail[~ok],
+            "account_id": df.loc[~ok, "account_id"],
+        }
+    )
+    good = df[ok].copy()
+    lots = pd.DataFrame(
+        {
+            "lot_id": good["top_up_id"],
+            "account_id": good["account_id"],
+            "channel": good["channel"],
+            "paid_at": good["paid_at"],
+            "valid_from": good["day"].astype(np.int64),
+        }
+    )
+    credits = pd.Series(0, index=good.index, dtype=object)
+    money = pd.Series(0, index=good.index, dtype=object)
+    valid_days = pd.Series(settings.validity_days, index=good.index, dtype=np.int64)
+    g_online, g_wire, g_code = good["channel"] == ONLINE, good["channel"] == WIRE, good["channel"] == CODE
+    credits[g_online] = good.loc[g_online, "credit_units"]
+    money[g_online] = good.loc[g_online, "amount_cents"]
+    credits[g_wire] = bought[good.index[g_wire]]
+    money[g_wire] = good.loc[g_wire, "amount_cents"]
+    if g_code.any():
+        terms_of = codes.set_index("top_up_id")
+        ids = good.loc[g_code, "top_up_id"]
+        credits[g_code] = ids.map(terms_of["code_units"]).to_numpy()
+        valid_days[g_code] = ids.map(terms_of["valid_days"]).astype(np.int64).to_numpy()
+    lots["credit_units"] = credits.map(int)
+    lots["money_cents"] = money.map(int)
+    lots["valid_until"] = lots["valid_from"] + valid_days
+    # Price exceptions: online top-ups funded as recorded at another price than the tier's.
+    exceptions = pd.DataFrame(columns=["top_up_id", "account_id", "day", "credit_units", "amount_cents", "tier_cents"])
+    if g_online.any():
+        on = good[g_online]
+        expected = price_cents(terms, on["credit_units"].astype(object), on["day"])
+        differs = np.array([int(e) != int(a) for e, a in zip(expected, on["amount_cents"], strict=True)], dtype=bool)
+        if differs.any():
+            exceptions = pd.DataFrame(
+                {
+                    "top_up_id": on["top_up_id"].to_numpy()[differs],
+                    "account_id": on["account_id"].to_numpy()[differs],
+                    "day": on["day"].to_numpy()[differs],
+                    "credit_units": on["credit_units"].to_numpy()[differs],
+                    "amount_cents": on["amount_cents"].to_numpy()[differs],
+                    "tier_cents": np.asarray(expected, dtype=object)[differs],
+                }
+            )
+    return lots.reset_index(drop=True), rejects.reset_index(drop=True), exceptions
+
+
+def _refund_rejects(requests: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    days = pd.Series(_day_of(requests["requested_at"], settings), index=requests.index)
+    return pd.DataFrame(
+        {
+            "source_table": "refund_requests",
+            "source_id": requests["request_id"],
+            "reason": UNKNOWN_ACCOUNT,
+            "project_id": None,
+            "period": _period_of_days(days),
+            "detail": "account_id " + requests["account_id"].astype(str),
+            "account_id": requests["account_id"],
+        }
+    )
+
+
+@dataclass(frozen=True)
+class ChunkTruth:
+    """One chunk's ledger recomputed from the source data."""
+
+    entries: pd.DataFrame
+    refunds: pd.DataFrame
+    lots: pd.DataFrame
+    balances: pd.DataFrame
+    rejects: pd.DataFrame
+    exceptions: pd.DataFrame
+
+
+def compute_chunk_ledger(
+    conn: Connection,
+    settings: Settings,
+    chunk: Chunk,
+    through: date,
+    *,
+    codes: pd.DataFrame,
+    code_decisions: Mapping[str, str | None],
+    extra_invoices: Mapping[tuple[str, str], int] | None = None,
+    has_ledger: bool = True,
+) -> ChunkTruth:
+    """Replay the chunk's accounts through day `through` on the source data."""
+    zone = settings.zone
+    terms = settings.top_up_terms()
+    end = local_midnight_utc(through + timedelta(days=1), zone)
+    top = read_top_ups(conn, end, chunk)
+    lots, rejects, exceptions = validate_top_ups(top, settings, terms, codes, code_decisions)
+    requests = read_refund_requests(conn, end, chunk)
+    requests["day"] = _day_of(requests["requested_at"], settings)
+    effective = settings.effective_from
+    compute = read_compute_per_day(conn, effective, through, zone, chunk)
+    last_period = str(Month.of(through))
+    totals = read_invoice_totals(conn, chunk, last_period) if has_ledger else pd.DataFrame(
+        {"account_id": [], "period": [], "total_units": []}
+    )
+    invoice_totals: dict[tuple[str, str], int] = {
+        (a, p): int(t) for a, p, t in totals.itertuples(index=False)
+    }
+    for key, value in (extra_invoices or {}).items():
+        invoice_totals[key] = invoice_totals.get(key, 0) + value
+    written = read_written_refunds(conn, chunk) if has_ledger else pd.DataFrame(
+        columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
+    )
+    per_account: dict[str, dict[str, Any]] = {}
+
+    def slot(account: str) -> dict[str, Any]:
+        return per_account.setdefault(
+            account, {"lots": [], "compute": {}, "invoices": {}, "requests": [], "written": {}}
+        )
+
+    for lot in lots.itertuples(index=False):
+        slot(lot.account_id)["lots"].append(
+            LotSpec(
+                lot.lot_id,
+                lot.channel,
+                int(lot.credit_units),
+                int(lot.money_cents),
+                lot.paid_at.to_pydatetime(),
+                int(lot.valid_from),
+                int(lot.valid_until),
+            )
+        )
+    for account, day, amount in compute.itertuples(index=False):
+        slot(account)["compute"][int(day)] = int(amount)
+    effective_day = day_number(effective)
+    for (account, period), total in invoice_totals.items():
+        last = day_number(Month.parse(period).last_day)
+        if last >= effective_day and period <= last_period:
+            slot(account)["invoices"][last] = total
+    for r in requests.itertuples(index=False):
+        slot(r.account_id)["requests"].append((int(r.day), r.request_id))
+    for r in written.itertuples(index=False):
+        slot(r.account_id)["written"].setdefault(r.request_id, []).append(
+            WrittenRefund(r.lot_id, int(r.credit_units), int(r.money_cents))
+        )
+    through_day = day_number(through)
+    rows: list[tuple[str, str, str, int, str, int, int]] = []
+    refunds: list[tuple[str, str, str, int, int, int]] = []
+    restore_lots: list[dict[str, Any]] = []
+    balances: list[tuple[str, int, int]] = []
+    for account in sorted(per_account):
+        s = per_account[account]
+        events = AccountEvents(
+            account, s["lots"], s["compute"], s["invoices"], s["requests"], s["written"]
+        )
+        ledger = run_account(events, through_day, settings.validity_days)
+        rows.extend(
+            (account, lot, kind, day, cause, credits, money)
+            for (lot, kind, day, cause), (credits, money) in ledger.entries.items()
+        )
+        refunds.extend((r.request_id, r.lot_id, account, r.day, r.credits, r.money) for r in ledger.refunds)
+        restore_lots.extend(_lot_record(account, spec) for spec in ledger.restore_lots)
+        balances.append(_balance(account, ledger.state))
+    entries = pd.DataFrame(rows, columns=ENTRY_COLUMNS) if rows else _empty_entries()
+    refund_frame = pd.DataFrame(
+        refunds, columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
+    )
+    all_lots = pd.concat([lots, pd.DataFrame(restore_lots, columns=list(lots.columns))], ignore_index=True)
+    return ChunkTruth(
+        entries,
+        refund_frame,
+        all_lots,
+        pd.DataFrame(balances, columns=["account_id", "held_units", "arrears_units"]),
+        rejects,
+        exceptions,
+    )
+
+
+def _lot_record(account: str, spec: LotSpec) -> dict[str, Any]:
+    return {
+        "lot_id": spec.lot_id,
+        "account_id": account,
+        "channel": spec.channel,
+        "paid_at": pd.Timestamp(spec.paid_at),
+        "valid_from": spec.valid_from,
+        "credit_units": spec.credits,
+        "money_cents": spec.money,
+        "valid_until": spec.valid_until,
+    }
+
+
+def _balance(account: str, state: AccountState) -> tuple[str, int, int]:
+    return account, sum(lot.held for lot in state.lots.values()), state.arrears
+
+
+def entry_id(account: str, lot: str, kind: str, day: int, cause: str, period: str, corrects: str, revision: int) -> str:
+    key = "\x1f".join((account, lot, kind, str(day), cause, period, corrects, str(revision)))
+    return "E" + hashlib.blake2b(key.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def ledger_diff(
+    truth: pd.DataFrame, written: pd.DataFrame, month: Month, written_through: str | None
+) -> pd.DataFrame:
+    """The entries to write so that the ledger's sums per key equal the truth.
+
+    written: sums per (account, lot, kind, day, cause, period, corrects) with counts.
+    """
+    if written.empty:
+        sums = pd.DataFrame({c: pd.Series(dtype=object) for c in KEY}).assign(w_credits=0, w_money=0)
+    else:
+        sums = written.groupby(KEY, as_index=False, sort=False).agg(
+            w_credits=("credit_units", "sum"), w_money=("money_cents", "sum")
+        )
+    t = truth.copy()
+    t["credit_units"] = t["credit_units"].astype(np.int64)
+    t["money_cents"] = t["money_cents"].astype(np.int64)
+    for frame in (t, sums):
+        frame["day"] = frame["day"].astype(np.int64)
+    merged = t.merge(sums, on=KEY, how="outer")
+    merged[["credit_units", "money_cents", "w_credits", "w_money"]] = (
+        merged[["credit_units", "money_cents", "w_credits", "w_money"]].fillna(0).astype(np.int64)
+    )
+    merged["d_credits"] = merged["credit_units"] - merged["w_credits"]
+    merged["d_money"] = merged["money_cents"] - merged["w_money"]
+    out = merged[(merged["d_credits"] != 0) | (merged["d_money"] != 0)].copy()
+    if out.empty:
+        return pd.DataFrame(
+            columns=[*KEY, "period", "corrects", "revision", "credit_units", "money_cents", "entry_id"]
+        )
+    own = _period_of_days(out["day"])
+    closed = own <= written_through if written_through else pd.Series(False, index=out.index)
+    out["period"] = np.where(closed, str(month), own)
+    out["corrects"] = np.where(closed, own, "")
+    if written.empty:
+        out["revision"] = 0
+    else:
+        revisions = written.groupby([*KEY, "period", "corrects"], as_index=False, sort=False).agg(
+            revision=("entries", "sum")
+        )
+        revisions["day"] = revisions["day"].astype(np.int64)
+        out = out.merge(revisions, on=[*KEY, "period", "corrects"], how="left")
+        out["revision"] = out["revision"].fillna(0).astype(np.int64)
+    out["credit_units"] = out["d_credits"]
+    has_money = out["kind"].isin([FUND, REFUND])
+    out["money_cents"] = pd.Series(
+        [int(m) if h else None for m, h in zip(out["d_money"], has_money, strict=True)],
+        index=out.index,
+        dtype=object,
+    )
+    out["entry_id"] = [
+        entry_id(a, lo, k, int(d), c, p, co, int(r))
+        for a, lo, k, d, c, p, co, r in zip(
+            out["account_id"], out["lot_id"], out["kind"], out["day"], out["cause"], out["period"],
+            out["corrects"], out["revision"], strict=True,
+        )
+    ]
+    cols = [*KEY, "period", "corrects", "revision", "credit_units", "money_cents", "entry_id"]
+    return out[cols].reset_index(drop=True)
+
+
+def write_ledger(
+    engine: Engine,
+    settings: Settings,
+    month: Month,
+    *,
+    run_id: str,
+    now: datetime,
+    dry_run: bool,
+    write: Callable[[Callable[[Connection], None]], None],
+    extra_invoices: Mapping[tuple[str, str], int] | None = None,
+    through: date | None = None,
+    accounts_per_chunk: int = ACCOUNTS_PER_CHUNK,
+) -> LedgerOutcome:
+    """Write (or preview) the ledger through the last day of `month` (or `through`)."""
+    last = through or month.last_day
+    with engine.connect() as conn:
+        if not credit_sources_exist(conn):
+            empty = pd.DataFrame()
+            return LedgerOutcome(
+                _empty_entries(), empty, empty, empty, empty, empty,
+                skipped="the credits source tables (top_ups, redemption_codes, refund_requests) do not exist",
+            )
+        has_ledger = ledger_exists(conn)
+        periods = written_periods(conn) if has_ledger else []
+        written_through = periods[-1] if periods else None
+        end = local_midnight_utc(last + timedelta(days=1), settings.zone)
+        codes = read_code_redemptions(conn, end)
+        decisions = decide_codes(codes)
+        ids = ledger_accounts(conn)
+        # Top-ups and refund requests of accounts that do not exist: rejected.
+        start = local_midnight_utc(month.first_day, settings.zone)
+        orphans = read_unknown_account_top_ups(conn, start, end)
+        orphan_rejects = pd.DataFrame()
+        if not orphans.empty:
+            _, orphan_rejects, _ = validate_top_ups(
+                orphans, settings, settings.top_up_terms(), codes, decisions, known_accounts=False
+            )
+        orphan_requests = read_unknown_account_refunds(conn, start, end)
+        if not orphan_requests.empty:
+            orphan_rejects = pd.concat([orphan_rejects, _refund_rejects(orphan_requests, settings)], ignore_index=True)
+    chunks = [
+        Chunk(tuple(ids[i : i + accounts_per_chunk]), n)
+        for n, i in enumerate(range(0, len(ids), accounts_per_chunk))
+    ]
+    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("entries", "refunds", "rejects", "exceptions", "lots", "balances")}
+    counts = {"ledger_entries": 0, "ledger_corrections": 0, "refunds_written": 0, "lots_written": 0}
+    for chunk in chunks:
+        with engine.connect() as conn:
+            truth = compute_chunk_ledger(
+                conn, settings, chunk, last, codes=codes, code_decisions=decisions,
+                extra_invoices=extra_invoices, has_ledger=has_ledger,
+            )
+            written = read_written_entries(conn, chunk, last) if has_ledger else pd.DataFrame()
+            written_refunds = read_written_refunds(conn, chunk) if has_ledger else pd.DataFrame(
+                columns=["request_id", "lot_id"]
+            )
+        new = ledger_diff(truth.entries, written, month, written_through)
+        seen = set(zip(written_refunds["request_id"], written_refunds["lot_id"], strict=True))
+        refunds = truth.refunds[
+            [(r, lo) not in seen for r, lo in zip(truth.refunds["request_id"], truth.refunds["lot_id"], strict=True)]
+        ] if not truth.refunds.empty else truth.refunds
+        parts["entries"].append(new)
+        parts["refunds"].append(refunds)
+        parts["rejects"].append(truth.rejects)
+        parts["exceptions"].append(truth.exceptions)
+        parts["lots"].append(truth.lots)
+        parts["balances"].append(truth.balances)
+        counts["ledger_entries"] += len(new)
+        counts["ledger_corrections"] += int((new["corrects"] != "").sum()) if len(new) else 0
+        counts["refunds_written"] += len(refunds)
+        if not dry_run:
+            write(_writer(chunk, new, refunds, truth, month, run_id=run_id, now=now, counts=counts))
+    all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
+    if not dry_run:
+        write(_period_writer(month, all_rejects if not all_rejects.empty else pd.DataFrame(), run_id=run_id, now=now, counts=counts))
+    frames = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}
+    counts["topups_rejected"] = int((all_rejects["source_table"] == "top_ups").sum()) if len(all_rejects) else 0
+    counts["price_exceptions"] = len(frames["exceptions"])
+    return LedgerOutcome(
+        frames["entries"], frames["refunds"], all_rejects, frames["exceptions"], frames["lots"],
+        frames["balances"], counts,
+    )
+
+
+def _writer(
+    chunk: Chunk,
+    entries: pd.DataFrame,
+    refunds: pd.DataFrame,
+    truth: ChunkTruth,
+    month: Month,
+    *,
+    run_id: str,
+    now: datetime,
+    counts: dict[str, int],
+) -> Callable[[Connection], None]:
+    def work(conn: Connection) -> None:
+        if len(entries):
+            rows = entries.drop(columns=[]).assign(run_id=run_id, recorded_at=now)
+            bulk_insert(conn, credit_entries, rows, date_columns=["day"])
+        if len(refunds):
+            bulk_insert(conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"])
+        counts["lots_written"] += _sync_lots(conn, chunk, truth.lots, run_id=run_id, now=now)
+        _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
+
+    return work
+
+
+def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: str, now: datetime) -> int:
+    """Make the chunk's stored lots equal to `lots`; returns how many rows changed."""
+    lo = credit_lots.c
+    stored = {
+        r.lot_id: (r.account_id, r.channel, int(r.credit_units), int(r.money_cents), r.valid_from, r.valid_until)
+        for r in conn.execute(select(credit_lots).where(among(lo.account_id, list(chunk.accounts or ()))))
+    }
+    wanted = {}
+    for r in lots.itertuples(index=False):
+        wanted[r.lot_id] = (
+            r.account_id, r.channel, int(r.credit_units), int(r.money_cents),
+            day_from_number(int(r.valid_from)), day_from_number(int(r.valid_until)),
+        )
+    changed = [k for k, v in wanted.items() if stored.get(k) != v]
+    gone = [k for k in stored if k not in wanted]
+    if changed or gone:
+        conn.execute(delete(credit_lots).where(lo.lot_id.in_(changed + gone)))
+    if changed:
+        rows = lots[lots["lot_id"].isin(changed)].assign(run_id=run_id, updated_at=now)
+        rows = rows.assign(paid_at=rows["paid_at"].astype("datetime64[us]"))
+        bulk_insert(conn, credit_lots, rows, date_columns=["valid_from", "valid_until"])
+    return len(changed) + len(gone)
+
+
+def _sync_balances(conn: Connection, chunk: Chunk, balances: pd.DataFrame, month: Month, *, run_id: str) -> None:
+    b = credit_balances.c
+    stored = {
+        r.account_id: (int(r.held_units), int(r.arrears_units))
+        for r in conn.execute(
+            select(b.account_id, b.held_units, b.arrears_units).where(
+                b.period == str(month), among(b.account_id, list(chunk.accounts or ()))
+            )
+        )
+    }
+    changed = [
+        (a, int(h), int(ar)) for a, h, ar in balances.itertuples(index=False) if stored.get(a) != (int(h), int(ar))
+    ]
+    if not changed:
+        return
+    conn.execute(
+        delete(credit_balances).where(
+            and_(b.period == str(month), b.account_id.in_([a for a, _, _ in changed]))
+        )
+    )
+    conn.execute(
+        credit_balances.insert(),
+        [
+            {"account_id": a, "period": str(month), "held_units": h, "arrears_units": ar, "run_id": run_id}
+            for a, h, ar in changed
+        ],
+    )
+
+
+def _period_writer(
+    month: Month, rejects: pd.DataFrame, *, run_id: str, now: datetime, counts: dict[str, int]
+) -> Callable[[Connection], None]:
+    def work(conn: Connection) -> None:
+        if not rejects.empty:
+            counts["rejects_new"] = record_rejects(conn, rejects, run_id=run_id, now=now)
+        exists = conn.execute(select(credit_periods.c.period).where(credit_periods.c.period == str(month))).first()
+        if exists is None:
+            conn.execute(
+                credit_periods.insert().values(
+                    period=str(month), run_id=run_id, written_at=now, last_run_id=run_id, last_written_at=now
+                )
+            )
+
+    return work
