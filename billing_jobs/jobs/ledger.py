@@ -291,7 +291,17 @@ class ChunkTruth:
     exceptions: pd.DataFrame
 
 
-def compute_chunk_ledger(
+@dataclass(frozen=True)
+class SourceEvents:
+    """What the source data say happened to a chunk's accounts' credits through a day."""
+
+    events: dict[str, AccountEvents]
+    lots: pd.DataFrame
+    rejects: pd.DataFrame
+    exceptions: pd.DataFrame
+
+
+def read_events(
     conn: Connection,
     settings: Settings,
     chunk: Chunk,
@@ -301,8 +311,8 @@ def compute_chunk_ledger(
     code_decisions: Mapping[str, str | None],
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
-) -> ChunkTruth:
-    """Replay the chunk's accounts through day `through` on the source data."""
+) -> SourceEvents:
+    """The chunk's lots, compute per day, invoice totals and refund requests through `through`."""
     zone = settings.zone
     terms = settings.top_up_terms()
     end = local_midnight_utc(through + timedelta(days=1), zone)
@@ -356,17 +366,37 @@ def compute_chunk_ledger(
         slot(r.account_id)["written"].setdefault(r.request_id, []).append(
             WrittenRefund(r.lot_id, int(r.credit_units), int(r.money_cents))
         )
+    events = {
+        account: AccountEvents(account, s["lots"], s["compute"], s["invoices"], s["requests"], s["written"])
+        for account, s in per_account.items()
+    }
+    return SourceEvents(events, lots, rejects, exceptions)
+
+
+def compute_chunk_ledger(
+    conn: Connection,
+    settings: Settings,
+    chunk: Chunk,
+    through: date,
+    *,
+    codes: pd.DataFrame,
+    code_decisions: Mapping[str, str | None],
+    extra_invoices: Mapping[tuple[str, str], int] | None = None,
+    has_ledger: bool = True,
+) -> ChunkTruth:
+    """Replay the chunk's accounts through day `through` on the source data."""
+    source = read_events(
+        conn, settings, chunk, through, codes=codes, code_decisions=code_decisions,
+        extra_invoices=extra_invoices, has_ledger=has_ledger,
+    )
+    lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
     rows: list[tuple[str, str, str, int, str, int, int]] = []
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
-    for account in sorted(per_account):
-        s = per_account[account]
-        events = AccountEvents(
-            account, s["lots"], s["compute"], s["invoices"], s["requests"], s["written"]
-        )
-        ledger = run_account(events, through_day, settings.validity_days)
+    for account in sorted(source.events):
+        ledger = run_account(source.events[account], through_day, settings.validity_days)
         rows.extend(
             (account, lot, kind, day, cause, credits, money)
             for (lot, kind, day, cause), (credits, money) in ledger.entries.items()

@@ -1,0 +1,426 @@
+"""What finance and support ask of the credits ledger: the export, an account's
+balance and history, the month's roll-forward, and its exceptions.
+
+Written periods are read from the ledger; days after the last written period are
+computed from the source data as a preview (marked so), never written.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from fractions import Fraction
+from typing import Any, TextIO
+
+import pandas as pd
+from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
+
+from billing_jobs.db.billing_tables import credit_entries, credit_lots, rejects
+from billing_jobs.db.credit_reads import (
+    credit_sources_exist,
+    ledger_exists,
+    read_code_redemptions,
+    read_lots,
+    read_top_ups,
+    written_periods,
+)
+from billing_jobs.db.reads import Chunk, day_number, read_frame
+from billing_jobs.jobs.ledger import decide_codes, read_events, validate_top_ups
+from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
+from billing_jobs.rules.credits import (
+    ARREARS,
+    DRAW,
+    EXPIRE,
+    FUND,
+    REFUND,
+    REFUNDABLE,
+    REPAY,
+    RESTORE,
+    AccountState,
+    LotSpec,
+    LotState,
+    refund_money,
+    run_account,
+)
+from billing_jobs.rules.money import format_cents, format_units
+from billing_jobs.settings import Settings
+
+EXPORT_HEADER = ["entry_id", "account_id", "lot_id", "kind", "day", "period", "corrects", "credits", "money"]
+HELD_SIGN = {FUND: 1, RESTORE: 1, DRAW: -1, REPAY: -1, EXPIRE: -1, REFUND: -1}
+DRAWN_SIGN = {DRAW: 1, REPAY: 1, RESTORE: -1}
+
+
+class LedgerMissing(RuntimeError):
+    """The jobs' tables or the credits source tables do not exist."""
+
+
+def _entries(conn: Connection, *where: Any) -> pd.DataFrame:
+    e = credit_entries.c
+    stmt = select(
+        e.entry_id,
+        e.account_id,
+        e.lot_id,
+        e.kind,
+        day_number(conn, e.day).label("day"),
+        e.cause,
+        e.period,
+        e.corrects,
+        e.revision,
+        e.credit_units,
+        e.money_cents,
+    ).where(*where)
+    df = read_frame(conn, stmt, ints=["day", "revision", "credit_units"])
+    return df
+
+
+def export_ledger(engine: Engine, period: str, out: TextIO) -> int:
+    """The ledger entries of `period` as CSV, ordered by day, account, lot, kind (code points)."""
+    with engine.connect() as conn:
+        if not ledger_exists(conn):
+            raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
+        df = _entries(conn, credit_entries.c.period == period)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EXPORT_HEADER)
+    if df.empty:
+        return 0
+    rows = sorted(
+        df.itertuples(index=False),
+        key=lambda r: (r.day, r.account_id, r.lot_id, r.kind, r.cause, r.corrects, r.revision, r.entry_id),
+    )
+    writer.writerows(
+        (
+            r.entry_id,
+            r.account_id,
+            r.lot_id,
+            r.kind,
+            day_from_number(r.day).isoformat(),
+            r.period,
+            r.corrects,
+            format_units(r.credit_units),
+            "" if r.money_cents is None or pd.isna(r.money_cents) else format_cents(int(r.money_cents)),
+        )
+        for r in rows
+    )
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Balance:
+    account_id: str
+    day: date
+    written_through: date | None  # the ledger's last written day; later days are a preview
+    lots: list[dict[str, Any]]
+    arrears: int
+    entries: pd.DataFrame  # account's entries (written and previewed), with a `source` column
+
+    @property
+    def held(self) -> int:
+        return sum(int(lot["held_units"]) for lot in self.lots)
+
+    def as_json(self, currency: str) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "date": self.day.isoformat(),
+            "written_through": self.written_through.isoformat() if self.written_through else None,
+            "held": format_units(self.held),
+            "arrears": format_units(self.arrears),
+            "balance": format_units(self.held - self.arrears),
+            "currency": currency,
+            "refundable_money": format_cents(sum(int(lot["refundable_cents"]) for lot in self.lots)),
+            "lots": [
+                {
+                    "lot_id": lot["lot_id"],
+                    "channel": lot["channel"],
+                    "held": format_units(lot["held_units"]),
+                    "credits": format_units(lot["credit_units"]),
+                    "money_paid": format_cents(lot["money_cents"]),
+                    "valid_from": lot["valid_from"],
+                    "valid_until": lot["valid_until"],
+                    "refundable_money": format_cents(lot["refundable_cents"]),
+                }
+                for lot in self.lots
+            ],
+        }
+
+
+def _state_from_ledger(conn: Connection, account: str, cutoff: int) -> tuple[AccountState, pd.DataFrame]:
+    """The account's lots and arrears at the end of day `cutoff`, summed from its entries."""
+    chunk = Chunk.only(account)
+    lots = read_lots(conn, chunk)
+    entries = _entries(conn, credit_entries.c.account_id == account)
+    entries = entries[entries["day"] <= cutoff]
+    state = AccountState()
+    for r in lots.itertuples(index=False):
+        spec = LotSpec(
+            r.lot_id, r.channel, int(r.credit_units), int(r.money_cents), r.paid_at.to_pydatetime(),
+            int(r.valid_from), int(r.valid_until),
+        )
+        if spec.valid_from <= cutoff:
+            state.lots[spec.lot_id] = LotState(spec)
+    for r in entries.itertuples(index=False):
+        if r.kind == ARREARS:
+            state.arrears += int(r.credit_units)
+            continue
+        lot = state.lots.get(r.lot_id)
+        if lot is None:
+            continue
+        lot.held += HELD_SIGN.get(r.kind, 0) * int(r.credit_units)
+        lot.drawn += DRAWN_SIGN.get(r.kind, 0) * int(r.credit_units)
+        if r.kind == FUND:
+            lot.funded += int(r.credit_units)
+    return state, entries
+
+
+def account_balance(engine: Engine, settings: Settings, account: str, day: date) -> Balance:
+    """The account's lots and arrears at the end of `day`: the ledger's written days, then
+    the source data replayed for the days after them."""
+    with engine.connect() as conn:
+        if not credit_sources_exist(conn):
+            raise LedgerMissing("the credits source tables (top_ups, redemption_codes, refund_requests) do not exist")
+        has_ledger = ledger_exists(conn)
+        periods = written_periods(conn) if has_ledger else []
+        written_through = Month.parse(periods[-1]).last_day if periods else None
+        cutoff = min(day, written_through) if written_through else None
+        if cutoff is not None:
+            state, written = _state_from_ledger(conn, account, day_number_of(cutoff))
+            written = written.assign(source="ledger")
+        else:
+            state, written = AccountState(), pd.DataFrame()
+        preview = pd.DataFrame()
+        if cutoff is None or day > cutoff:
+            end = local_midnight_utc(day + pd.Timedelta(days=1), settings.zone)
+            codes = read_code_redemptions(conn, end)
+            source = read_events(
+                conn, settings, Chunk.only(account), day, codes=codes, code_decisions=decide_codes(codes),
+                has_ledger=has_ledger,
+            )
+            events = source.events.get(account)
+            if events is not None:
+                after = day_number_of(cutoff) if cutoff is not None else None
+                ledger = run_account(events, day_number_of(day), settings.validity_days, start=state, after=after)
+                state = ledger.state
+                preview = pd.DataFrame(
+                    [
+                        (account, lot, kind, d, cause, credits, money)
+                        for (lot, kind, d, cause), (credits, money) in ledger.entries.items()
+                    ],
+                    columns=["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents"],
+                ).assign(source="preview")
+    d = day_number_of(day)
+    lots = []
+    for lot in sorted(state.lots.values(), key=LotState.order):
+        s = lot.spec
+        if s.valid_until <= d and lot.held == 0:
+            continue
+        refundable = s.channel in REFUNDABLE and s.valid_from <= d < s.valid_until
+        lots.append(
+            {
+                "lot_id": s.lot_id,
+                "channel": s.channel,
+                "held_units": lot.held,
+                "credit_units": s.credits,
+                "money_cents": s.money,
+                "valid_from": day_from_number(s.valid_from).isoformat(),
+                "valid_until": day_from_number(s.valid_until).isoformat(),
+                "refundable_cents": refund_money(lot.held, s.money, s.credits) if refundable else 0,
+            }
+        )
+    entries = pd.concat([f for f in (written, preview) if not f.empty], ignore_index=True) if (
+        not written.empty or not preview.empty
+    ) else pd.DataFrame(columns=["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents", "source"])
+    return Balance(account, day, written_through, lots, state.arrears, entries)
+
+
+def day_number_of(d: date) -> int:
+    return (d - date(1970, 1, 1)).days
+
+
+def history_rows(balance: Balance, month: Month) -> list[dict[str, str]]:
+    """The account's entries of days in `month`, day by day (written, then previewed)."""
+    first, last = day_number_of(month.first_day), day_number_of(month.last_day)
+    df = balance.entries
+    df = df[(df["day"] >= first) & (df["day"] <= last)]
+    rows = sorted(
+        df.itertuples(index=False),
+        key=lambda r: (int(r.day), r.source != "ledger", str(r.lot_id), r.kind, r.cause),
+    )
+    out = []
+    for r in rows:
+        money = r.money_cents
+        out.append(
+            {
+                "day": day_from_number(int(r.day)).isoformat(),
+                "kind": r.kind,
+                "lot_id": r.lot_id,
+                "cause": r.cause,
+                "credits": format_units(int(r.credit_units)),
+                "money": "" if money is None or pd.isna(money) or r.kind not in (FUND, REFUND) else format_cents(int(money)),
+                "source": r.source,
+                "corrects": getattr(r, "corrects", "") or "",
+            }
+        )
+    return out
+
+
+REPORT_COLUMNS = [
+    "account_id",
+    "opening_credits",
+    "funded_online",
+    "funded_wire",
+    "funded_code",
+    "funded_restore",
+    "drawn_compute",
+    "drawn_invoices",
+    "restored",
+    "repaid",
+    "expired",
+    "refunded",
+    "closing_credits",
+    "opening_arrears",
+    "arrears_change",
+    "closing_arrears",
+    "funded_money",
+    "refunded_money",
+    "opening_money_at_cost",
+    "drawn_money_at_cost",
+    "expired_money_at_cost",
+    "closing_money_at_cost",
+]
+
+
+def month_report(engine: Engine, period: str) -> pd.DataFrame:
+    """The month's roll-forward per account (credit units and cents), from the ledger: what
+    the entries of periods before `period` left (opening), the movements booked in
+    `period` (corrections of earlier months included), and the closing."""
+    with engine.connect() as conn:
+        if not ledger_exists(conn):
+            raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
+        e = credit_entries.c
+        stmt = (
+            select(
+                e.account_id,
+                e.lot_id,
+                e.kind,
+                e.cause,
+                (e.period < period).label("before"),
+                cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
+                cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
+            )
+            .where(e.period <= period)
+            .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period < period)
+        )
+        df = read_frame(conn, stmt, ints=["credit_units", "money_cents"], aggregate=True)
+        lots = read_frame(
+            conn,
+            select(credit_lots.c.lot_id, credit_lots.c.channel, credit_lots.c.credit_units, credit_lots.c.money_cents),
+            ints=["credit_units", "money_cents"],
+        )
+    if df.empty:
+        return pd.DataFrame(columns=REPORT_COLUMNS)
+    cost = {r.lot_id: (r.channel, int(r.credit_units), int(r.money_cents)) for r in lots.itertuples(index=False)}
+    df["before"] = df["before"].astype(bool)
+    acc: dict[str, dict[str, int]] = {}
+    held_lot: dict[tuple[str, str, bool], int] = {}
+    for r in df.itertuples(index=False):
+        row = acc.setdefault(r.account_id, dict.fromkeys(REPORT_COLUMNS[1:], 0))
+        units = int(r.credit_units)
+        channel, credits, money = cost.get(r.lot_id, ("", 0, 0))
+
+        def at_cost(n: int, credits: int = credits, money: int = money) -> int:
+            return int(round(Fraction(n * money, credits))) if credits else 0
+
+        if r.kind == ARREARS:
+            row["opening_arrears" if r.before else "arrears_change"] += units
+            continue
+        sign = HELD_SIGN.get(r.kind, 0)
+        key = (r.account_id, r.lot_id, bool(r.before))
+        held_lot[key] = held_lot.get(key, 0) + sign * units
+        if r.before:
+            continue
+        if r.kind == FUND:
+            row[f"funded_{channel or 'restore'}"] += units
+            row["funded_money"] += int(r.money_cents)
+        elif r.kind == DRAW:
+            row["drawn_invoices" if r.cause == "invoice" else "drawn_compute"] += units
+            row["drawn_money_at_cost"] += at_cost(units)
+        elif r.kind == RESTORE:
+            row["restored"] += units
+            row["drawn_money_at_cost"] -= at_cost(units)
+        elif r.kind == REPAY:
+            row["repaid"] += units
+            row["drawn_money_at_cost"] += at_cost(units)
+        elif r.kind == EXPIRE:
+            row["expired"] += units
+            row["expired_money_at_cost"] += at_cost(units)
+        elif r.kind == REFUND:
+            row["refunded"] += units
+            row["refunded_money"] += int(r.money_cents)
+    for (account, lot_id, before), held in held_lot.items():
+        row = acc[account]
+        _, credits, money = cost.get(lot_id, ("", 0, 0))
+        value = int(round(Fraction(held * money, credits))) if credits else 0
+        if before:
+            row["opening_credits"] += held
+            row["opening_money_at_cost"] += value
+            row["closing_credits"] += held
+            row["closing_money_at_cost"] += value
+        else:
+            row["closing_credits"] += held
+    for row in acc.values():
+        row["closing_arrears"] = row["opening_arrears"] + row["arrears_change"]
+    # closing money at cost per lot from the lot's closing holding
+    closing_value: dict[str, int] = {}
+    per_lot: dict[tuple[str, str], int] = {}
+    for (account, lot_id, _before), held in held_lot.items():
+        per_lot[(account, lot_id)] = per_lot.get((account, lot_id), 0) + held
+    for (account, lot_id), held in per_lot.items():
+        _, credits, money = cost.get(lot_id, ("", 0, 0))
+        closing_value[account] = closing_value.get(account, 0) + (
+            int(round(Fraction(held * money, credits))) if credits else 0
+        )
+    for account, row in acc.items():
+        row["closing_money_at_cost"] = closing_value.get(account, 0)
+    out = pd.DataFrame([{"account_id": a, **v} for a, v in sorted(acc.items())], columns=REPORT_COLUMNS)
+    return out
+
+
+MONEY_COLUMNS = {c for c in REPORT_COLUMNS if c.endswith("money") or c.endswith("at_cost")}
+
+
+def format_report_row(row: Mapping[str, Any]) -> list[str]:
+    out = []
+    for c in REPORT_COLUMNS:
+        v = row[c]
+        if c == "account_id":
+            out.append(str(v))
+        elif c in MONEY_COLUMNS:
+            out.append(format_cents(int(v)))
+        else:
+            out.append(format_units(int(v)))
+    return out
+
+
+def month_exceptions(engine: Engine, settings: Settings, month: Month) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The month's price exceptions (from the source) and rejected top-ups and refund
+    requests (as recorded by the runs)."""
+    with engine.connect() as conn:
+        if not credit_sources_exist(conn):
+            raise LedgerMissing("the credits source tables (top_ups, redemption_codes, refund_requests) do not exist")
+        start = local_midnight_utc(month.first_day, settings.zone)
+        end = local_midnight_utc(month.last_day + pd.Timedelta(days=1), settings.zone)
+        top = read_top_ups(conn, end, Chunk())
+        top = top[top["paid_at"] >= pd.Timestamp(start)]
+        codes = read_code_redemptions(conn, end)
+        _, _, exceptions = validate_top_ups(top, settings, settings.top_up_terms(), codes, decide_codes(codes))
+        recorded = pd.DataFrame(columns=["source_table", "source_id", "reason", "detail"])
+        if ledger_exists(conn):
+            r = rejects.c
+            recorded = read_frame(
+                conn,
+                select(r.source_table, r.source_id, r.reason, r.detail, r.status).where(
+                    r.period == str(month), r.source_table.in_(["top_ups", "refund_requests"])
+                ),
+            )
+    return exceptions, recorded
