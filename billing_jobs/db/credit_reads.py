@@ -135,13 +135,12 @@ def read_code_redemptions(conn: Connection, end: datetime) -> pd.DataFrame:
         .where(t.channel == "code", raw(conn, t.paid_at) < ts_param(conn, end))
     )
     df = read_frame(conn, stmt, timestamps=["paid_at"])
-    if not df.empty:
-        known = df["redeem_by"].notna()
-        df["redeem_by"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us]")
-        if known.any():
-            df.loc[known, "redeem_by"] = pd.to_datetime(
-                df.loc[known, "redeem_by"].astype(str), format="ISO8601"
-            ).astype("datetime64[us]")
+    original = df["redeem_by"]
+    parsed = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us]")
+    known = original.notna()
+    if known.any():
+        parsed[known] = pd.to_datetime(original[known].astype(str), format="ISO8601").astype("datetime64[us]")
+    df["redeem_by"] = parsed
     return df
 
 
