@@ -191,7 +191,9 @@ def _print_ledger(console: Console, ledger: Any, *, dry_run: bool) -> None:
     entries = ledger.entries
     verb = "would write" if dry_run else "wrote"
     if entries.empty:
-        console.print(f"credits ledger: no new entries (top-ups rejected: {ledger.counts.get('topups_rejected', 0)})")
+        console.print(
+            f"credits ledger: no new entries (top-ups rejected: {ledger.counts.get('topups_rejected', 0)})"
+        )
         return
     table = Table(title=f"credits ledger ({verb})", title_justify="left")
     for col in ("kind", "entries", "corrections", "credits", "money"):

@@ -146,7 +146,9 @@ class SourceData:
         )
         return self
 
-    def code(self, code: str, credits: str, redeem_by: str, valid_days: int, batch: str = "event-1") -> SourceData:
+    def code(
+        self, code: str, credits: str, redeem_by: str, valid_days: int, batch: str = "event-1"
+    ) -> SourceData:
         self.code_rows.append(
             {
                 "code": code,

@@ -10,12 +10,12 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import click
 from rich.console import Console
@@ -25,8 +25,10 @@ from sqlalchemy import inspect, select
 from billing_jobs.commands import common
 from billing_jobs.commands.common import Context
 from billing_jobs.rules.calendar import Month, day_number
-from billing_jobs.rules.credits import PRICE_SCALE, price_cents, tier_prices, wire_credits
+from billing_jobs.rules.credits import PRICE_SCALE, TopUpTerms, price_cents, tier_prices, wire_credits
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_cents, format_decimal, format_units
+
+T = TypeVar("T")
 
 
 def _console() -> Console:
@@ -79,7 +81,7 @@ def _output(path: str | None) -> Iterator[TextIO]:
     os.replace(tmp, path)
 
 
-def _ledger_call(call):  # type: ignore[no-untyped-def]
+def _ledger_call(call: Callable[[], T]) -> T:
     from billing_jobs.jobs.credits import LedgerMissing
 
     try:
@@ -99,7 +101,9 @@ def credits_group() -> None:
 @click.option("--date", "date_text", default=None, metavar="YYYY-MM-DD", help="The day (default: today).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def quote(ctx: Context, credits_text: str | None, amount_text: str | None, date_text: str | None, as_json: bool) -> None:
+def quote(
+    ctx: Context, credits_text: str | None, amount_text: str | None, date_text: str | None, as_json: bool
+) -> None:
     """The tier price of N credits, or the credits a wire of X buys, on a day."""
     if (credits_text is None) == (amount_text is None):
         raise click.UsageError("give exactly one of --credits N or --amount X")
@@ -115,27 +119,43 @@ def quote(ctx: Context, credits_text: str | None, amount_text: str | None, date_
         amount = int(price_cents(terms, [units], [n])[0])
         if amount < 0:
             raise click.UsageError(
-                f"--credits {credits_text}: below the smallest top-up of {format_units(smallest.min_units)} credits"
+                f"--credits {credits_text}: below the smallest top-up of "
+                f"{format_units(smallest.min_units)} credits"
             )
         price = Decimal(int(tier_prices(terms, [units], [n])[0])) / PRICE_SCALE
-        result = {"credits": format_units(units), "price": format_decimal(price), "amount": format_cents(amount)}
-        text = f"{format_units(units)} credits cost {format_cents(amount)} {currency} ({format_decimal(price)} per credit, {day})"
+        result = {
+            "credits": format_units(units),
+            "price": format_decimal(price),
+            "amount": format_cents(amount),
+        }
+        text = (
+            f"{format_units(units)} credits cost {format_cents(amount)} {currency} "
+            f"({format_decimal(price)} per credit, {day})"
+        )
     else:
         a = _decimal(amount_text or "", "--amount", 2)
         cents = int(a * 100)
         units = int(wire_credits(terms, [cents], [n])[0])
         if units < 0:
             raise click.UsageError(
-                f"--amount {amount_text}: below the smallest top-up of {format_cents(terms.smallest_amount_cents)} {currency}"
+                f"--amount {amount_text}: below the smallest top-up of "
+                f"{format_cents(terms.smallest_amount_cents)} {currency}"
             )
         price = _wire_price(terms, cents, n)
-        result = {"amount": format_cents(cents), "price": format_decimal(price), "credits": format_units(units)}
-        text = f"a wire of {format_cents(cents)} {currency} buys {format_units(units)} credits ({format_decimal(price)} per credit, {day})"
+        result = {
+            "amount": format_cents(cents),
+            "price": format_decimal(price),
+            "credits": format_units(units),
+        }
+        text = (
+            f"a wire of {format_cents(cents)} {currency} buys {format_units(units)} credits "
+            f"({format_decimal(price)} per credit, {day})"
+        )
     result.update(currency=currency, date=day.isoformat())
     click.echo(json.dumps(result) if as_json else text)
 
 
-def _wire_price(terms, cents: int, day: int) -> Decimal:  # type: ignore[no-untyped-def]
+def _wire_price(terms: TopUpTerms, cents: int, day: int) -> Decimal:
     amounts = terms.tier_amounts_cents()
     reached = [i for i, floor in enumerate(amounts) if cents >= floor]
     index = 0 if day < terms.tiers_from else max(reached)
@@ -144,7 +164,9 @@ def _wire_price(terms, cents: int, day: int) -> Decimal:  # type: ignore[no-unty
 
 @credits_group.command("export")
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The ledger period.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to this file.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to this file."
+)
 @click.pass_obj
 def export(ctx: Context, month_text: str, output: str | None) -> None:
     """Write the ledger entries of a month's period as CSV."""
@@ -157,7 +179,9 @@ def export(ctx: Context, month_text: str, output: str | None) -> None:
 
 @credits_group.command("balance")
 @click.option("--account", "account", required=True, help="The account id.")
-@click.option("--date", "date_text", default=None, metavar="YYYY-MM-DD", help="End of this day (default: yesterday).")
+@click.option(
+    "--date", "date_text", default=None, metavar="YYYY-MM-DD", help="End of this day (default: yesterday)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def balance(ctx: Context, account: str, date_text: str | None, as_json: bool) -> None:
@@ -173,14 +197,22 @@ def balance(ctx: Context, account: str, date_text: str | None, as_json: bool) ->
     data = b.as_json(settings.currency)
     console = _console()
     through = data["written_through"] or "nothing written yet"
-    console.print(f"account {account} at the end of {day} (ledger written through {through}; later days: preview)")
+    console.print(
+        f"account {account} at the end of {day} (ledger written through {through}; later days: preview)"
+    )
     table = Table(title="lots", title_justify="left")
     for col in ("lot", "channel", "held", "of credits", "paid", "valid from", "valid until", "refundable"):
         table.add_column(col, justify="left" if col in ("lot", "channel") else "right")
     for lot in data["lots"]:
         table.add_row(
-            lot["lot_id"], lot["channel"], lot["held"], lot["credits"], lot["money_paid"],
-            lot["valid_from"], lot["valid_until"], lot["refundable_money"],
+            lot["lot_id"],
+            lot["channel"],
+            lot["held"],
+            lot["credits"],
+            lot["money_paid"],
+            lot["valid_from"],
+            lot["valid_until"],
+            lot["refundable_money"],
         )
     console.print(table)
     console.print(
@@ -219,12 +251,16 @@ def history(ctx: Context, account: str, month_text: str, as_csv: bool) -> None:
     console = _console()
     console.print(table)
     data = b.as_json(settings.currency)
-    console.print(f"at the end of {last}: held {data['held']}, arrears {data['arrears']}, balance {data['balance']}")
+    console.print(
+        f"at the end of {last}: held {data['held']}, arrears {data['arrears']}, balance {data['balance']}"
+    )
 
 
 @credits_group.command("report")
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The ledger period.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Per-account CSV file.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Per-account CSV file."
+)
 @click.pass_obj
 def report(ctx: Context, month_text: str, output: str | None) -> None:
     """The month's roll-forward, platform-wide (and per account with --output): opening,
@@ -233,7 +269,7 @@ def report(ctx: Context, month_text: str, output: str | None) -> None:
 
     month = _month(month_text)
     df = _ledger_call(lambda: month_report(ctx.engine, str(month)))
-    total = {c: int(df[c].sum()) if len(df) else 0 for c in REPORT_COLUMNS[1:]}
+    total: dict[str, int | str] = {c: int(df[c].sum()) if len(df) else 0 for c in REPORT_COLUMNS[1:]}
     total["account_id"] = "platform"
     formatted = dict(zip(REPORT_COLUMNS, format_report_row(total), strict=True))
     console = _console()
@@ -271,8 +307,11 @@ def exceptions(ctx: Context, month_text: str) -> None:
     for r in sorted(priced.itertuples(index=False), key=lambda r: str(r.top_up_id)):
         tier = int(r.tier_cents)
         table.add_row(
-            str(r.top_up_id), str(r.account_id), day_from_number(int(r.day)).isoformat(),
-            format_units(int(r.credit_units)), format_cents(int(r.amount_cents)),
+            str(r.top_up_id),
+            str(r.account_id),
+            day_from_number(int(r.day)).isoformat(),
+            format_units(int(r.credit_units)),
+            format_cents(int(r.amount_cents)),
             format_cents(tier) if tier >= 0 else "below the smallest top-up",
         )
     console.print(table)
@@ -289,12 +328,32 @@ def exceptions(ctx: Context, month_text: str) -> None:
 @click.option("--batch", "batch", required=True, help="The batch id (an event, a campaign).")
 @click.option("--count", "count", required=True, type=click.IntRange(1, 1_000_000), help="How many codes.")
 @click.option("--credits", "credits_text", required=True, help="Credits each code gives.")
-@click.option("--redeem-by", "redeem_by", required=True, metavar="TIMESTAMP", help="UTC instant; a redemption at or after it does not count.")
-@click.option("--valid-days", "valid_days", required=True, type=click.IntRange(min=1), help="Validity of the credits from redemption.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to this file.")
+@click.option(
+    "--redeem-by",
+    "redeem_by",
+    required=True,
+    metavar="TIMESTAMP",
+    help="UTC instant; a redemption at or after it does not count.",
+)
+@click.option(
+    "--valid-days",
+    "valid_days",
+    required=True,
+    type=click.IntRange(min=1),
+    help="Validity of the credits from redemption.",
+)
+@click.option(
+    "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to this file."
+)
 @click.pass_obj
 def codes(
-    ctx: Context, batch: str, count: int, credits_text: str, redeem_by: str, valid_days: int, output: str | None
+    ctx: Context,
+    batch: str,
+    count: int,
+    credits_text: str,
+    redeem_by: str,
+    valid_days: int,
+    output: str | None,
 ) -> None:
     """New redemption codes as CSV rows of `redemption_codes`, for the platform to load.
 
@@ -311,7 +370,9 @@ def codes(
     try:
         deadline = datetime.fromisoformat(redeem_by.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"expected YYYY-MM-DD[ HH:MM[:SS]], got {redeem_by!r}", param_hint="--redeem-by") from None
+        raise click.BadParameter(
+            f"expected YYYY-MM-DD[ HH:MM[:SS]], got {redeem_by!r}", param_hint="--redeem-by"
+        ) from None
     if deadline.tzinfo is not None:
         deadline = deadline.astimezone(UTC).replace(tzinfo=None)
     taken: set[str] = set()

@@ -89,7 +89,7 @@ def billing_day(
     is a run of its own. A few WHEN branches per year, whatever the number of rows.
     """
     branches: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
-    epoch0 = datetime(1970, 1, 1)
+    epoch0 = datetime(1970, 1, 1)  # noqa: DTZ001 - naive UTC, as every instant inside the jobs
     run_first = first
     d = first
     while d <= last:
@@ -207,7 +207,9 @@ def read_unknown_account_refunds(conn: Connection, start: datetime, end: datetim
     return read_frame(conn, stmt, timestamps=["requested_at"])
 
 
-def read_compute_per_day(conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk) -> pd.DataFrame:
+def read_compute_per_day(
+    conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk
+) -> pd.DataFrame:
     """account_id, day, compute_units: the usable compute rows of the chunk's projects
     summed per account and billing day, days first..last."""
     if first > last:
@@ -268,7 +270,12 @@ def read_written_entries(conn: Connection, chunk: Chunk, last: date) -> pd.DataF
 def read_written_refunds(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     r = credit_refunds.c
     stmt = select(
-        r.request_id, r.lot_id, r.account_id, day_number(conn, r.day).label("day"), r.credit_units, r.money_cents
+        r.request_id,
+        r.lot_id,
+        r.account_id,
+        day_number(conn, r.day).label("day"),
+        r.credit_units,
+        r.money_cents,
     ).where(chunk.clause(r.account_id))
     return read_frame(conn, stmt, ints=["day", "credit_units", "money_cents"])
 

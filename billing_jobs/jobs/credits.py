@@ -71,8 +71,7 @@ def _entries(conn: Connection, *where: Any) -> pd.DataFrame:
         e.credit_units,
         e.money_cents,
     ).where(*where)
-    df = read_frame(conn, stmt, ints=["day", "revision", "credit_units"])
-    return df
+    return read_frame(conn, stmt, ints=["day", "revision", "credit_units"])
 
 
 def export_ledger(engine: Engine, period: str, out: TextIO) -> int:
@@ -154,8 +153,13 @@ def _state_from_ledger(conn: Connection, account: str, cutoff: int) -> tuple[Acc
     state = AccountState()
     for r in lots.itertuples(index=False):
         spec = LotSpec(
-            r.lot_id, r.channel, int(r.credit_units), int(r.money_cents), r.paid_at.to_pydatetime(),
-            int(r.valid_from), int(r.valid_until),
+            r.lot_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            r.paid_at.to_pydatetime(),
+            int(r.valid_from),
+            int(r.valid_until),
         )
         if spec.valid_from <= cutoff:
             state.lots[spec.lot_id] = LotState(spec)
@@ -178,7 +182,9 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
     the source data replayed for the days after them."""
     with engine.connect() as conn:
         if not credit_sources_exist(conn):
-            raise LedgerMissing("the credits source tables (top_ups, redemption_codes, refund_requests) do not exist")
+            raise LedgerMissing(
+                "the credits source tables (top_ups, redemption_codes, refund_requests) do not exist"
+            )
         has_ledger = ledger_exists(conn)
         periods = written_periods(conn) if has_ledger else []
         written_through = Month.parse(periods[-1]).last_day if periods else None
@@ -193,13 +199,20 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
             end = local_midnight_utc(day + pd.Timedelta(days=1), settings.zone)
             codes = read_code_redemptions(conn, end)
             source = read_events(
-                conn, settings, Chunk.only(account), day, codes=codes, code_decisions=decide_codes(codes),
+                conn,
+                settings,
+                Chunk.only(account),
+                day,
+                codes=codes,
+                code_decisions=decide_codes(codes),
                 has_ledger=has_ledger,
             )
             events = source.events.get(account)
             if events is not None:
                 after = day_number_of(cutoff) if cutoff is not None else None
-                ledger = run_account(events, day_number_of(day), settings.validity_days, start=state, after=after)
+                ledger = run_account(
+                    events, day_number_of(day), settings.validity_days, start=state, after=after
+                )
                 state = ledger.state
                 preview = pd.DataFrame(
                     [
@@ -227,9 +240,13 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
                 "refundable_cents": refund_money(lot.held, s.money, s.credits) if refundable else 0,
             }
         )
-    entries = pd.concat([f for f in (written, preview) if not f.empty], ignore_index=True) if (
-        not written.empty or not preview.empty
-    ) else pd.DataFrame(columns=["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents", "source"])
+    entries = (
+        pd.concat([f for f in (written, preview) if not f.empty], ignore_index=True)
+        if (not written.empty or not preview.empty)
+        else pd.DataFrame(
+            columns=["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents", "source"]
+        )
+    )
     return Balance(account, day, written_through, lots, state.arrears, entries)
 
 
@@ -256,7 +273,9 @@ def history_rows(balance: Balance, month: Month) -> list[dict[str, str]]:
                 "lot_id": r.lot_id,
                 "cause": r.cause,
                 "credits": format_units(int(r.credit_units)),
-                "money": "" if money is None or pd.isna(money) or r.kind not in (FUND, REFUND) else format_cents(int(money)),
+                "money": ""
+                if money is None or pd.isna(money) or r.kind not in (FUND, REFUND)
+                else format_cents(int(money)),
                 "source": r.source,
                 "corrects": getattr(r, "corrects", "") or "",
             }
@@ -290,21 +309,46 @@ REPORT_COLUMNS = [
 ]
 
 
-def month_report(engine: Engine, period: str) -> pd.DataFrame:
-    """The month's roll-forward per account (credit units and cents), from the ledger: what
-    the entries of periods before `period` left (opening), the movements booked in
-    `period` (corrections of earlier months included), and the closing."""
+def _at_cost(units: int, lot: tuple[str, int, int]) -> int:
+    """Cents of `units` credits of a lot at its cost per credit, rounded half up."""
+    _, credits, money = lot
+    if credits <= 0:
+        return 0
+    value = Fraction(abs(units) * money, credits)
+    cents = int(value + Fraction(1, 2))
+    return cents if units >= 0 else -cents
+
+
+# (kind, cause) -> the report column its credits go to (None: by the lot's channel)
+_MOVES = {
+    (DRAW, "compute"): "drawn_compute",
+    (DRAW, "invoice"): "drawn_invoices",
+    RESTORE: "restored",
+    REPAY: "repaid",
+    EXPIRE: "expired",
+    REFUND: "refunded",
+}
+_COST_SIGN = {
+    DRAW: ("drawn_money_at_cost", 1),
+    RESTORE: ("drawn_money_at_cost", -1),
+    REPAY: ("drawn_money_at_cost", 1),
+    EXPIRE: ("expired_money_at_cost", 1),
+}
+
+
+def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[str, tuple[str, int, int]]]:
     with engine.connect() as conn:
         if not ledger_exists(conn):
             raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
         e = credit_entries.c
+        before = (e.period < period).label("before")
         stmt = (
             select(
                 e.account_id,
                 e.lot_id,
                 e.kind,
                 e.cause,
-                (e.period < period).label("before"),
+                before,
                 cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
                 cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
             )
@@ -312,78 +356,61 @@ def month_report(engine: Engine, period: str) -> pd.DataFrame:
             .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period < period)
         )
         df = read_frame(conn, stmt, ints=["credit_units", "money_cents"], aggregate=True)
+        lo = credit_lots.c
         lots = read_frame(
             conn,
-            select(credit_lots.c.lot_id, credit_lots.c.channel, credit_lots.c.credit_units, credit_lots.c.money_cents),
+            select(lo.lot_id, lo.channel, lo.credit_units, lo.money_cents),
             ints=["credit_units", "money_cents"],
         )
+    cost = {
+        r.lot_id: (r.channel, int(r.credit_units), int(r.money_cents)) for r in lots.itertuples(index=False)
+    }
+    return df, cost
+
+
+def month_report(engine: Engine, period: str) -> pd.DataFrame:
+    """The month's roll-forward per account (credit units and cents), from the ledger: what
+    the entries of periods before `period` left (opening), the movements booked in
+    `period` (corrections of earlier months included), and the closing. Money at cost
+    is each lot's cost per credit, rounded half up per lot."""
+    df, cost = _read_report_rows(engine, period)
     if df.empty:
         return pd.DataFrame(columns=REPORT_COLUMNS)
-    cost = {r.lot_id: (r.channel, int(r.credit_units), int(r.money_cents)) for r in lots.itertuples(index=False)}
-    df["before"] = df["before"].astype(bool)
     acc: dict[str, dict[str, int]] = {}
-    held_lot: dict[tuple[str, str, bool], int] = {}
+    held: dict[tuple[str, str], list[int]] = {}  # (account, lot) -> [opening, closing]
     for r in df.itertuples(index=False):
         row = acc.setdefault(r.account_id, dict.fromkeys(REPORT_COLUMNS[1:], 0))
-        units = int(r.credit_units)
-        channel, credits, money = cost.get(r.lot_id, ("", 0, 0))
-
-        def at_cost(n: int, credits: int = credits, money: int = money) -> int:
-            return int(round(Fraction(n * money, credits))) if credits else 0
-
+        units, earlier = int(r.credit_units), bool(r.before)
         if r.kind == ARREARS:
-            row["opening_arrears" if r.before else "arrears_change"] += units
+            row["opening_arrears" if earlier else "arrears_change"] += units
             continue
-        sign = HELD_SIGN.get(r.kind, 0)
-        key = (r.account_id, r.lot_id, bool(r.before))
-        held_lot[key] = held_lot.get(key, 0) + sign * units
-        if r.before:
+        change = HELD_SIGN.get(r.kind, 0) * units
+        cell = held.setdefault((r.account_id, r.lot_id), [0, 0])
+        cell[1] += change
+        if earlier:
+            cell[0] += change
             continue
+        lot = cost.get(r.lot_id, ("", 0, 0))
         if r.kind == FUND:
-            row[f"funded_{channel or 'restore'}"] += units
+            row[f"funded_{lot[0] or 'restore'}"] += units
             row["funded_money"] += int(r.money_cents)
-        elif r.kind == DRAW:
-            row["drawn_invoices" if r.cause == "invoice" else "drawn_compute"] += units
-            row["drawn_money_at_cost"] += at_cost(units)
-        elif r.kind == RESTORE:
-            row["restored"] += units
-            row["drawn_money_at_cost"] -= at_cost(units)
-        elif r.kind == REPAY:
-            row["repaid"] += units
-            row["drawn_money_at_cost"] += at_cost(units)
-        elif r.kind == EXPIRE:
-            row["expired"] += units
-            row["expired_money_at_cost"] += at_cost(units)
-        elif r.kind == REFUND:
-            row["refunded"] += units
-            row["refunded_money"] += int(r.money_cents)
-    for (account, lot_id, before), held in held_lot.items():
-        row = acc[account]
-        _, credits, money = cost.get(lot_id, ("", 0, 0))
-        value = int(round(Fraction(held * money, credits))) if credits else 0
-        if before:
-            row["opening_credits"] += held
-            row["opening_money_at_cost"] += value
-            row["closing_credits"] += held
-            row["closing_money_at_cost"] += value
         else:
-            row["closing_credits"] += held
+            row[_MOVES.get((r.kind, r.cause)) or _MOVES.get(r.kind) or "drawn_compute"] += units
+        if r.kind == REFUND:
+            row["refunded_money"] += int(r.money_cents)
+        if r.kind in _COST_SIGN:
+            column, sign = _COST_SIGN[r.kind]
+            row[column] += sign * _at_cost(units, lot)
+    for (account, lot_id), (opening, closing) in held.items():
+        row = acc[account]
+        lot = cost.get(lot_id, ("", 0, 0))
+        row["opening_credits"] += opening
+        row["closing_credits"] += closing
+        row["opening_money_at_cost"] += _at_cost(opening, lot)
+        row["closing_money_at_cost"] += _at_cost(closing, lot)
     for row in acc.values():
         row["closing_arrears"] = row["opening_arrears"] + row["arrears_change"]
-    # closing money at cost per lot from the lot's closing holding
-    closing_value: dict[str, int] = {}
-    per_lot: dict[tuple[str, str], int] = {}
-    for (account, lot_id, _before), held in held_lot.items():
-        per_lot[(account, lot_id)] = per_lot.get((account, lot_id), 0) + held
-    for (account, lot_id), held in per_lot.items():
-        _, credits, money = cost.get(lot_id, ("", 0, 0))
-        closing_value[account] = closing_value.get(account, 0) + (
-            int(round(Fraction(held * money, credits))) if credits else 0
-        )
-    for account, row in acc.items():
-        row["closing_money_at_cost"] = closing_value.get(account, 0)
-    out = pd.DataFrame([{"account_id": a, **v} for a, v in sorted(acc.items())], columns=REPORT_COLUMNS)
-    return out
+    return pd.DataFrame([{"account_id": a, **v} for a, v in sorted(acc.items())], columns=REPORT_COLUMNS)
 
 
 MONEY_COLUMNS = {c for c in REPORT_COLUMNS if c.endswith("money") or c.endswith("at_cost")}
@@ -407,13 +434,17 @@ def month_exceptions(engine: Engine, settings: Settings, month: Month) -> tuple[
     requests (as recorded by the runs)."""
     with engine.connect() as conn:
         if not credit_sources_exist(conn):
-            raise LedgerMissing("the credits source tables (top_ups, redemption_codes, refund_requests) do not exist")
+            raise LedgerMissing(
+                "the credits source tables (top_ups, redemption_codes, refund_requests) do not exist"
+            )
         start = local_midnight_utc(month.first_day, settings.zone)
         end = local_midnight_utc(month.last_day + pd.Timedelta(days=1), settings.zone)
         top = read_top_ups(conn, end, Chunk())
         top = top[top["paid_at"] >= pd.Timestamp(start)]
         codes = read_code_redemptions(conn, end)
-        _, _, exceptions = validate_top_ups(top, settings, settings.top_up_terms(), codes, decide_codes(codes))
+        _, _, exceptions = validate_top_ups(
+            top, settings, settings.top_up_terms(), codes, decide_codes(codes)
+        )
         recorded = pd.DataFrame(columns=["source_table", "source_id", "reason", "detail"])
         if ledger_exists(conn):
             r = rejects.c

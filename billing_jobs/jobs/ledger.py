@@ -50,7 +50,13 @@ from billing_jobs.db.credit_reads import (
 )
 from billing_jobs.db.reads import Chunk, among
 from billing_jobs.db.writes import bulk_insert, record_rejects
-from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_day_numbers, local_midnight_utc
+from billing_jobs.rules.calendar import (
+    Month,
+    day_from_number,
+    day_number,
+    local_day_numbers,
+    local_midnight_utc,
+)
 from billing_jobs.rules.credits import (
     CHANNELS,
     CODE,
@@ -60,7 +66,6 @@ from billing_jobs.rules.credits import (
     WIRE,
     AccountEvents,
     AccountState,
-    Ledger,
     LotSpec,
     TopUpTerms,
     WrittenRefund,
@@ -111,9 +116,7 @@ def _day_of(values: pd.Series, settings: Settings) -> np.ndarray[Any, np.dtype[n
 
 
 def _period_of_days(days: pd.Series) -> pd.Series:
-    return pd.Series(
-        [str(Month.of(day_from_number(int(d)))) for d in days], index=days.index, dtype=object
-    )
+    return pd.Series([str(Month.of(day_from_number(int(d)))) for d in days], index=days.index, dtype=object)
 
 
 def decide_codes(redemptions: pd.DataFrame) -> dict[str, str | None]:
@@ -125,9 +128,7 @@ def decide_codes(redemptions: pd.DataFrame) -> dict[str, str | None]:
     decided: dict[str, str | None] = {}
     if redemptions.empty:
         return decided
-    ordered = sorted(
-        redemptions.itertuples(index=False), key=lambda r: (r.paid_at, str(r.top_up_id))
-    )
+    ordered = sorted(redemptions.itertuples(index=False), key=lambda r: (r.paid_at, str(r.top_up_id)))
     redeemed: set[str] = set()
     for r in ordered:
         if not r.known_code:
@@ -245,11 +246,15 @@ def validate_top_ups(
     lots["money_cents"] = money.map(int)
     lots["valid_until"] = lots["valid_from"] + valid_days
     # Price exceptions: online top-ups funded as recorded at another price than the tier's.
-    exceptions = pd.DataFrame(columns=["top_up_id", "account_id", "day", "credit_units", "amount_cents", "tier_cents"])
+    exceptions = pd.DataFrame(
+        columns=["top_up_id", "account_id", "day", "credit_units", "amount_cents", "tier_cents"]
+    )
     if g_online.any():
         on = good[g_online]
         expected = price_cents(terms, on["credit_units"].astype(object), on["day"])
-        differs = np.array([int(e) != int(a) for e, a in zip(expected, on["amount_cents"], strict=True)], dtype=bool)
+        differs = np.array(
+            [int(e) != int(a) for e, a in zip(expected, on["amount_cents"], strict=True)], dtype=bool
+        )
         if differs.any():
             exceptions = pd.DataFrame(
                 {
@@ -323,16 +328,22 @@ def read_events(
     effective = settings.effective_from
     compute = read_compute_per_day(conn, effective, through, zone, chunk)
     last_period = str(Month.of(through))
-    totals = read_invoice_totals(conn, chunk, last_period) if has_ledger else pd.DataFrame(
-        {"account_id": [], "period": [], "total_units": []}
+    totals = (
+        read_invoice_totals(conn, chunk, last_period)
+        if has_ledger
+        else pd.DataFrame({"account_id": [], "period": [], "total_units": []})
     )
     invoice_totals: dict[tuple[str, str], int] = {
         (a, p): int(t) for a, p, t in totals.itertuples(index=False)
     }
     for key, value in (extra_invoices or {}).items():
         invoice_totals[key] = invoice_totals.get(key, 0) + value
-    written = read_written_refunds(conn, chunk) if has_ledger else pd.DataFrame(
-        columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
+    written = (
+        read_written_refunds(conn, chunk)
+        if has_ledger
+        else pd.DataFrame(
+            columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
+        )
     )
     per_account: dict[str, dict[str, Any]] = {}
 
@@ -386,8 +397,14 @@ def compute_chunk_ledger(
 ) -> ChunkTruth:
     """Replay the chunk's accounts through day `through` on the source data."""
     source = read_events(
-        conn, settings, chunk, through, codes=codes, code_decisions=code_decisions,
-        extra_invoices=extra_invoices, has_ledger=has_ledger,
+        conn,
+        settings,
+        chunk,
+        through,
+        codes=codes,
+        code_decisions=code_decisions,
+        extra_invoices=extra_invoices,
+        has_ledger=has_ledger,
     )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
@@ -436,7 +453,9 @@ def _balance(account: str, state: AccountState) -> tuple[str, int, int]:
     return account, sum(lot.held for lot in state.lots.values()), state.arrears
 
 
-def entry_id(account: str, lot: str, kind: str, day: int, cause: str, period: str, corrects: str, revision: int) -> str:
+def entry_id(
+    account: str, lot: str, kind: str, day: int, cause: str, period: str, corrects: str, revision: int
+) -> str:
     key = "\x1f".join((account, lot, kind, str(day), cause, period, corrects, str(revision)))
     return "E" + hashlib.blake2b(key.encode("utf-8"), digest_size=12).hexdigest()
 
@@ -493,8 +512,15 @@ def ledger_diff(
     out["entry_id"] = [
         entry_id(a, lo, k, int(d), c, p, co, int(r))
         for a, lo, k, d, c, p, co, r in zip(
-            out["account_id"], out["lot_id"], out["kind"], out["day"], out["cause"], out["period"],
-            out["corrects"], out["revision"], strict=True,
+            out["account_id"],
+            out["lot_id"],
+            out["kind"],
+            out["day"],
+            out["cause"],
+            out["period"],
+            out["corrects"],
+            out["revision"],
+            strict=True,
         )
     ]
     cols = [*KEY, "period", "corrects", "revision", "credit_units", "money_cents", "entry_id"]
@@ -520,7 +546,12 @@ def write_ledger(
         if not credit_sources_exist(conn):
             empty = pd.DataFrame()
             return LedgerOutcome(
-                _empty_entries(), empty, empty, empty, empty, empty,
+                _empty_entries(),
+                empty,
+                empty,
+                empty,
+                empty,
+                empty,
                 skipped="the credits source tables (top_ups, redemption_codes, refund_requests) do not exist",
             )
         has_ledger = ledger_exists(conn)
@@ -540,28 +571,47 @@ def write_ledger(
             )
         orphan_requests = read_unknown_account_refunds(conn, start, end)
         if not orphan_requests.empty:
-            orphan_rejects = pd.concat([orphan_rejects, _refund_rejects(orphan_requests, settings)], ignore_index=True)
+            orphan_rejects = pd.concat(
+                [orphan_rejects, _refund_rejects(orphan_requests, settings)], ignore_index=True
+            )
     chunks = [
         Chunk(tuple(ids[i : i + accounts_per_chunk]), n)
         for n, i in enumerate(range(0, len(ids), accounts_per_chunk))
     ]
-    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("entries", "refunds", "rejects", "exceptions", "lots", "balances")}
+    parts: dict[str, list[pd.DataFrame]] = {
+        k: [] for k in ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
+    }
     counts = {"ledger_entries": 0, "ledger_corrections": 0, "refunds_written": 0, "lots_written": 0}
     for chunk in chunks:
         with engine.connect() as conn:
             truth = compute_chunk_ledger(
-                conn, settings, chunk, last, codes=codes, code_decisions=decisions,
-                extra_invoices=extra_invoices, has_ledger=has_ledger,
+                conn,
+                settings,
+                chunk,
+                last,
+                codes=codes,
+                code_decisions=decisions,
+                extra_invoices=extra_invoices,
+                has_ledger=has_ledger,
             )
             written = read_written_entries(conn, chunk, last) if has_ledger else pd.DataFrame()
-            written_refunds = read_written_refunds(conn, chunk) if has_ledger else pd.DataFrame(
-                columns=["request_id", "lot_id"]
+            written_refunds = (
+                read_written_refunds(conn, chunk)
+                if has_ledger
+                else pd.DataFrame(columns=["request_id", "lot_id"])
             )
         new = ledger_diff(truth.entries, written, month, written_through)
         seen = set(zip(written_refunds["request_id"], written_refunds["lot_id"], strict=True))
-        refunds = truth.refunds[
-            [(r, lo) not in seen for r, lo in zip(truth.refunds["request_id"], truth.refunds["lot_id"], strict=True)]
-        ] if not truth.refunds.empty else truth.refunds
+        refunds = (
+            truth.refunds[
+                [
+                    (r, lo) not in seen
+                    for r, lo in zip(truth.refunds["request_id"], truth.refunds["lot_id"], strict=True)
+                ]
+            ]
+            if not truth.refunds.empty
+            else truth.refunds
+        )
         parts["entries"].append(new)
         parts["refunds"].append(refunds)
         parts["rejects"].append(truth.rejects)
@@ -575,13 +625,28 @@ def write_ledger(
             write(_writer(chunk, new, refunds, truth, month, run_id=run_id, now=now, counts=counts))
     all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
     if not dry_run:
-        write(_period_writer(month, all_rejects if not all_rejects.empty else pd.DataFrame(), run_id=run_id, now=now, counts=counts))
+        write(
+            _period_writer(
+                month,
+                all_rejects if not all_rejects.empty else pd.DataFrame(),
+                run_id=run_id,
+                now=now,
+                counts=counts,
+            )
+        )
     frames = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}
-    counts["topups_rejected"] = int((all_rejects["source_table"] == "top_ups").sum()) if len(all_rejects) else 0
+    counts["topups_rejected"] = (
+        int((all_rejects["source_table"] == "top_ups").sum()) if len(all_rejects) else 0
+    )
     counts["price_exceptions"] = len(frames["exceptions"])
     return LedgerOutcome(
-        frames["entries"], frames["refunds"], all_rejects, frames["exceptions"], frames["lots"],
-        frames["balances"], counts,
+        frames["entries"],
+        frames["refunds"],
+        all_rejects,
+        frames["exceptions"],
+        frames["lots"],
+        frames["balances"],
+        counts,
     )
 
 
@@ -601,7 +666,9 @@ def _writer(
             rows = entries.drop(columns=[]).assign(run_id=run_id, recorded_at=now)
             bulk_insert(conn, credit_entries, rows, date_columns=["day"])
         if len(refunds):
-            bulk_insert(conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"])
+            bulk_insert(
+                conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
+            )
         counts["lots_written"] += _sync_lots(conn, chunk, truth.lots, run_id=run_id, now=now)
         _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
 
@@ -612,14 +679,25 @@ def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: st
     """Make the chunk's stored lots equal to `lots`; returns how many rows changed."""
     lo = credit_lots.c
     stored = {
-        r.lot_id: (r.account_id, r.channel, int(r.credit_units), int(r.money_cents), r.valid_from, r.valid_until)
+        r.lot_id: (
+            r.account_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            r.valid_from,
+            r.valid_until,
+        )
         for r in conn.execute(select(credit_lots).where(among(lo.account_id, list(chunk.accounts or ()))))
     }
     wanted = {}
     for r in lots.itertuples(index=False):
         wanted[r.lot_id] = (
-            r.account_id, r.channel, int(r.credit_units), int(r.money_cents),
-            day_from_number(int(r.valid_from)), day_from_number(int(r.valid_until)),
+            r.account_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            day_from_number(int(r.valid_from)),
+            day_from_number(int(r.valid_until)),
         )
     changed = [k for k, v in wanted.items() if stored.get(k) != v]
     gone = [k for k in stored if k not in wanted]
@@ -632,7 +710,9 @@ def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: st
     return len(changed) + len(gone)
 
 
-def _sync_balances(conn: Connection, chunk: Chunk, balances: pd.DataFrame, month: Month, *, run_id: str) -> None:
+def _sync_balances(
+    conn: Connection, chunk: Chunk, balances: pd.DataFrame, month: Month, *, run_id: str
+) -> None:
     b = credit_balances.c
     stored = {
         r.account_id: (int(r.held_units), int(r.arrears_units))
@@ -643,7 +723,9 @@ def _sync_balances(conn: Connection, chunk: Chunk, balances: pd.DataFrame, month
         )
     }
     changed = [
-        (a, int(h), int(ar)) for a, h, ar in balances.itertuples(index=False) if stored.get(a) != (int(h), int(ar))
+        (a, int(h), int(ar))
+        for a, h, ar in balances.itertuples(index=False)
+        if stored.get(a) != (int(h), int(ar))
     ]
     if not changed:
         return
@@ -667,7 +749,9 @@ def _period_writer(
     def work(conn: Connection) -> None:
         if not rejects.empty:
             counts["rejects_new"] = record_rejects(conn, rejects, run_id=run_id, now=now)
-        exists = conn.execute(select(credit_periods.c.period).where(credit_periods.c.period == str(month))).first()
+        exists = conn.execute(
+            select(credit_periods.c.period).where(credit_periods.c.period == str(month))
+        ).first()
         if exists is None:
             conn.execute(
                 credit_periods.insert().values(

@@ -42,8 +42,8 @@ from billing_jobs.jobs.compute import (
 )
 from billing_jobs.jobs.ledger import LedgerOutcome, write_ledger
 from billing_jobs.jobs.runner import Run
-from billing_jobs.logs import get_logger
 from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 

@@ -87,7 +87,9 @@ class TopUpTerms:
 
     def tier_amounts_cents(self) -> list[int]:
         """Each tier's smallest top-up in cents: round_half_up(min_credits * price, 2)."""
-        return [_round_div(t.min_units * t.price, UNITS_PER_CREDIT * PRICE_SCALE // CENTS) for t in self.tiers]
+        return [
+            _round_div(t.min_units * t.price, UNITS_PER_CREDIT * PRICE_SCALE // CENTS) for t in self.tiers
+        ]
 
 
 def _round_div(numerator: int, denominator: int) -> int:
@@ -133,9 +135,9 @@ def wire_credits(terms: TopUpTerms, amount_cents: npt.ArrayLike, days: npt.Array
     prices = np.array([t.price for t in terms.tiers], dtype=object)
     reached = a.reshape(-1, 1) >= floors.reshape(1, -1)
     # the highest tier reached (tier amounts need not increase with the tier)
-    highest = np.where(
-        reached.any(axis=1), len(floors) - 1 - np.argmax(reached[:, ::-1], axis=1), -1
-    ).astype(np.int64)
+    highest = np.where(reached.any(axis=1), len(floors) - 1 - np.argmax(reached[:, ::-1], axis=1), -1).astype(
+        np.int64
+    )
     index = np.where((d < terms.tiers_from) & (highest >= 0), 0, highest)
     p = prices[np.maximum(index, 0)]
     credits = (a * (UNITS_PER_CREDIT * PRICE_SCALE // CENTS)) // p
@@ -261,7 +263,10 @@ def run_account(
     ledger = Ledger(state=start if start is not None else AccountState())
     state = ledger.state
     first = -(10**9) if after is None else after + 1
-    pending = sorted((lot for lot in events.lots if first <= lot.valid_from <= through), key=lambda s: (s.valid_from, s.lot_id))
+    pending = sorted(
+        (lot for lot in events.lots if first <= lot.valid_from <= through),
+        key=lambda s: (s.valid_from, s.lot_id),
+    )
     refunds: dict[int, list[str]] = {}
     for day, request_id in events.refund_requests:
         if first <= day <= through:
@@ -270,7 +275,9 @@ def run_account(
     days.update(d for d in events.compute if first <= d <= through)
     days.update(d for d in events.invoices if first <= d <= through)
     days.update(refunds)
-    days.update(s.spec.valid_until - 1 for s in state.lots.values() if first <= s.spec.valid_until - 1 <= through)
+    days.update(
+        s.spec.valid_until - 1 for s in state.lots.values() if first <= s.spec.valid_until - 1 <= through
+    )
     days.update(lot.valid_until - 1 for lot in pending if lot.valid_until - 1 <= through)
     queue = sorted(days)
     heapq.heapify(queue)

@@ -51,7 +51,14 @@ def balance(db_url: str, account: str, day: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     ("credits", "amount"),
-    [("100", "10.00"), ("999", "99.90"), ("1000", "95.00"), ("4999", "474.91"), ("5000", "450.00"), ("25000", "2125.00")],
+    [
+        ("100", "10.00"),
+        ("999", "99.90"),
+        ("1000", "95.00"),
+        ("4999", "474.91"),
+        ("5000", "450.00"),
+        ("25000", "2125.00"),
+    ],
 )
 def test_c1_quote_prices_a_top_up_at_its_tier(credits: str, amount: str) -> None:
     result = run_cli(None, "credits", "quote", "--credits", credits, "--date", "2026-05-01", "--json")
@@ -62,12 +69,17 @@ def test_c1_quote_prices_a_top_up_at_its_tier(credits: str, amount: str) -> None
 def test_c1_quote_below_the_smallest_top_up_exits_2_with_one_line() -> None:
     result = run_cli(None, "credits", "quote", "--credits", "50")
     assert result.code == 2
-    assert "below the smallest top-up" in result.stderr and result.stderr.count("\n") == 1
+    assert "below the smallest top-up" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
     ("amount", "day", "credits"),
-    [("460.00", "2026-05-01", "5111.1111"), ("449.99", "2026-05-01", "4736.7368"), ("460.00", "2026-03-25", "4600")],
+    [
+        ("460.00", "2026-05-01", "5111.1111"),
+        ("449.99", "2026-05-01", "4736.7368"),
+        ("460.00", "2026-03-25", "4600"),
+    ],
 )
 def test_c2_to_c4_quote_what_a_wire_buys(amount: str, day: str, credits: str) -> None:
     result = run_cli(None, "credits", "quote", "--amount", amount, "--date", day, "--json")
@@ -83,7 +95,9 @@ def test_c2_to_c5_wires_become_lots_or_are_rejected(db_url: str) -> None:
     data.top_up("W5", "2026-05-01 09:00", "wire", account="a", amount="9.99")
     data.write_url(db_url)
     close(db_url, "2026-05")
-    funds = {(r["lot_id"], r["credits"], r["money"]) for r in ledger(db_url, "2026-05") if r["kind"] == "fund"}
+    funds = {
+        (r["lot_id"], r["credits"], r["money"]) for r in ledger(db_url, "2026-05") if r["kind"] == "fund"
+    }
     assert ("W2", "5111.1111", "460.00") in funds
     assert ("W3", "4736.7368", "449.99") in funds
     # W4 was paid in March: its fund entry is in March's period, written by the same close.
@@ -196,7 +210,9 @@ def test_c12_a_code_gives_credits_once_and_not_after_its_redeem_by(db_url: str) 
     funds = [r["lot_id"] for r in ledger(db_url, "2026-05") if r["kind"] == "fund"]
     assert funds == ["first"]
     listed = run_cli(db_url, "credits", "exceptions", "--month", "2026-05")
-    assert listed.code == 0 and "code_already_redeemed" in listed.stdout and "code_expired" in listed.stdout
+    assert listed.code == 0
+    assert "code_already_redeemed" in listed.stdout
+    assert "code_expired" in listed.stdout
 
 
 def test_c13_a_reversal_restores_in_the_reverse_draw_order(db_url: str) -> None:
@@ -226,7 +242,9 @@ def test_c14_a_refund_request_with_only_a_code_lot_refunds_nothing(db_url: str) 
 
         with engine.connect() as conn:
             rows = conn.execute(
-                select(credit_refunds.c.request_id, credit_refunds.c.credit_units, credit_refunds.c.money_cents)
+                select(
+                    credit_refunds.c.request_id, credit_refunds.c.credit_units, credit_refunds.c.money_cents
+                )
             ).all()
     finally:
         engine.dispose()
@@ -247,7 +265,9 @@ def test_c15_days_are_billing_days_in_the_billing_timezone(db_url: str, tmp_path
     assert result.code == 0, result.stderr
     result = run_cli(db_url, "credits", "export", "--month", "2026-11")
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert [(r["lot_id"], r["kind"], r["day"]) for r in rows if r["kind"] == "fund"] == [("T", "fund", "2026-11-01")]
+    assert [(r["lot_id"], r["kind"], r["day"]) for r in rows if r["kind"] == "fund"] == [
+        ("T", "fund", "2026-11-01")
+    ]
     draws = [r for r in rows if r["kind"] == "draw" and r["day"] < "2026-11-30"]  # 11-30: the invoice
     assert [(r["day"], r["credits"]) for r in draws] == [("2026-11-01", "5")]
 
@@ -256,7 +276,8 @@ def test_a_repeated_month_end_writes_no_entry_and_a_dry_run_writes_nothing(db_ur
     _c6(SourceData()).write_url(db_url)
     assert run_cli(db_url, "db", "upgrade").code == 0
     preview = run_cli(db_url, "month-end", "--month", "2026-05", "--dry-run")
-    assert preview.code == 0 and "credits ledger (would write)" in preview.stdout
+    assert preview.code == 0
+    assert "credits ledger (would write)" in preview.stdout
     assert ledger(db_url, "2026-05") == []
     close(db_url, "2026-05")
     first = ledger(db_url, "2026-05")
@@ -303,12 +324,26 @@ def test_codes_load_into_redemption_codes_and_redeem(db_url: str, tmp_path: Path
     SourceData().account("a").write_url(db_url)
     out = tmp_path / "codes.csv"
     result = run_cli(
-        db_url, "credits", "codes", "--batch", "launch", "--count", "20", "--credits", "25",
-        "--redeem-by", "2026-06-01", "--valid-days", "30", "--output", str(out),
+        db_url,
+        "credits",
+        "codes",
+        "--batch",
+        "launch",
+        "--count",
+        "20",
+        "--credits",
+        "25",
+        "--redeem-by",
+        "2026-06-01",
+        "--valid-days",
+        "30",
+        "--output",
+        str(out),
     )
     assert result.code == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert len(rows) == 20 and all(is_valid(r["code"]) for r in rows)
+    assert len(rows) == 20
+    assert all(is_valid(r["code"]) for r in rows)
     engine = create_engine(db_url)
     try:
         source_metadata.create_all(engine)
@@ -317,7 +352,9 @@ def test_codes_load_into_redemption_codes_and_redeem(db_url: str, tmp_path: Path
                 insert(redemption_codes),
                 [
                     {
-                        "code": r["code"], "batch_id": r["batch_id"], "credits": Decimal(r["credits"]),
+                        "code": r["code"],
+                        "batch_id": r["batch_id"],
+                        "credits": Decimal(r["credits"]),
                         "redeem_by": datetime.fromisoformat(r["redeem_by"]),
                         "valid_days": int(r["valid_days"]),
                     }
@@ -327,10 +364,22 @@ def test_codes_load_into_redemption_codes_and_redeem(db_url: str, tmp_path: Path
     finally:
         engine.dispose()
     again = run_cli(
-        db_url, "credits", "codes", "--batch", "launch", "--count", "1", "--credits", "25",
-        "--redeem-by", "2026-06-01", "--valid-days", "30",
+        db_url,
+        "credits",
+        "codes",
+        "--batch",
+        "launch",
+        "--count",
+        "1",
+        "--credits",
+        "25",
+        "--redeem-by",
+        "2026-06-01",
+        "--valid-days",
+        "30",
     )
-    assert again.code == 2 and "already has this batch" in again.stderr
+    assert again.code == 2
+    assert "already has this batch" in again.stderr
     SourceData().top_up(
         "redeem", "2026-05-03 10:00", "code", account="a", code=rows[0]["code"], known=False
     ).write_url(db_url)

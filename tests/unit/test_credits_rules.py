@@ -163,8 +163,8 @@ def test_c11_of_two_lots_ending_the_same_day_the_cheaper_is_drawn_first() -> Non
     free = code("F", "100", "2026-05-01 00:00:00", 40)
     events = AccountEvents("acc", [paid, free], compute={d("2026-05-02"): units("30")})
     ledger = run_account(events, d("2026-05-31"), 365)
-    assert (has(ledger, "F", "draw", d("2026-05-02")))
-    assert (not has(ledger, "P", "draw", d("2026-05-02")))
+    assert has(ledger, "F", "draw", d("2026-05-02"))
+    assert not has(ledger, "P", "draw", d("2026-05-02"))
 
 
 def test_c13_a_reversal_goes_back_in_the_reverse_of_the_draw_order() -> None:
@@ -175,17 +175,20 @@ def test_c13_a_reversal_goes_back_in_the_reverse_of_the_draw_order() -> None:
     )
     ledger = run_account(events, d("2026-05-31"), 365)
     assert entry(ledger, "A", "restore", d("2026-05-20"))[0] == units("5")
-    assert (not has(ledger, "B", "restore", d("2026-05-20")))
+    assert not has(ledger, "B", "restore", d("2026-05-20"))
     assert ledger.state.lots["A"].held == units("995")
 
 
 def test_a_restore_beyond_what_was_drawn_becomes_a_lot_of_its_own() -> None:
-    events = AccountEvents("acc", [LOT_A], compute={d("2026-05-15"): units("10"), d("2026-05-16"): -units("25")})
+    events = AccountEvents(
+        "acc", [LOT_A], compute={d("2026-05-15"): units("10"), d("2026-05-16"): -units("25")}
+    )
     ledger = run_account(events, d("2026-05-31"), 365)
     assert entry(ledger, "A", "restore", d("2026-05-16"))[0] == units("10")
     assert entry(ledger, "restore-acc-2026-05-16", "fund", d("2026-05-16"))[0] == units("15")
     spec = ledger.state.lots["restore-acc-2026-05-16"].spec
-    assert spec.money == 0 and spec.valid_until == d("2026-05-16") + 365
+    assert spec.money == 0
+    assert spec.valid_until == d("2026-05-16") + 365
 
 
 def test_a_restore_pays_arrears_first() -> None:
