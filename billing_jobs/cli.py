@@ -429,7 +429,11 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> Non
     for name, value in summary.counts().items():
         click.echo(f"  {name}: {value:,} rows")
     click.echo(f"  deliberately bad rows (to be rejected): {len(summary.bad_rows)}")
-    click.echo("next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10")
+    click.echo(f"  deliberately bad top-ups (to be rejected): {len(summary.bad_top_ups)}")
+    click.echo(
+        "next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10 "
+        "&& billing-jobs credits report --month 2026-10"
+    )
 
 
 register_commands(cli)

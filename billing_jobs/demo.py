@@ -39,9 +39,14 @@ from billing_jobs.db.source_tables import (
     compute_usage,
     project_events,
     projects,
+    redemption_codes,
+    refund_requests,
     source_metadata,
+    top_ups,
 )
 from billing_jobs.db.source_tables import accounts as accounts_table
+from billing_jobs.rules.credits import TopUpTerms, price_cents
+from billing_jobs.settings import DEFAULT_TIERS
 
 # The default `storage_fee.effective_from`; the demo spreads projects on both sides.
 EFFECTIVE_DATE = dt.date(2026, 3, 24)
@@ -107,6 +112,10 @@ class DemoSummary:
     compute_usage: int
     cloud_usage: int
     bad_rows: tuple[BadRow, ...] = field(default=())
+    top_ups: int = 0
+    redemption_codes: int = 0
+    refund_requests: int = 0
+    bad_top_ups: tuple[BadRow, ...] = field(default=())
 
     def counts(self) -> dict[str, int]:
         return {
@@ -115,6 +124,9 @@ class DemoSummary:
             "project_events": self.project_events,
             "compute_usage": self.compute_usage,
             "cloud_usage": self.cloud_usage,
+            "top_ups": self.top_ups,
+            "redemption_codes": self.redemption_codes,
+            "refund_requests": self.refund_requests,
         }
 
 
@@ -645,6 +657,10 @@ def generate_demo(
         _insert(conn, project_events, event_rows)
         _insert(conn, compute_usage, compute_rows)
         _insert(conn, cloud_usage, cloud_rows)
+        credit = _credit_rows(rng, [a["account_id"] for a in account_rows], as_of)
+        _insert(conn, top_ups, credit.top_ups)
+        _insert(conn, redemption_codes, credit.codes)
+        _insert(conn, refund_requests, credit.refunds)
 
     return DemoSummary(
         seed=seed,
@@ -655,7 +671,126 @@ def generate_demo(
         compute_usage=len(compute_rows),
         cloud_usage=len(cloud_rows),
         bad_rows=bad,
+        top_ups=len(credit.top_ups),
+        redemption_codes=len(credit.codes),
+        refund_requests=len(credit.refunds),
+        bad_top_ups=credit.bad,
     )
+
+
+# Top-ups the ledger must reject, one of each kind (see `_credit_rows`).
+DEMO_BAD_TOP_UPS: tuple[tuple[str, str, str], ...] = (
+    ("top_ups", "tu-bad-01", "unknown_account"),
+    ("top_ups", "tu-bad-02", "below_smallest_top_up"),
+    ("top_ups", "tu-bad-03", "code_already_redeemed"),
+    ("top_ups", "tu-bad-04", "code_expired"),
+)
+DEMO_TIERS = TopUpTerms.of(DEFAULT_TIERS, dt.date(2026, 3, 26))
+_TOP_UP_SIZES = (100, 250, 500, 1000, 2000, 5000, 20000)
+TIERS_FROM = dt.date(2026, 3, 26)
+
+
+@dataclass(frozen=True)
+class _CreditRows:
+    top_ups: list[dict[str, Any]]
+    codes: list[dict[str, Any]]
+    refunds: list[dict[str, Any]]
+    bad: tuple[BadRow, ...]
+
+
+def _credit_rows(rng: np.random.Generator, account_ids: list[str], as_of: dt.date) -> _CreditRows:
+    """Top-ups from the launch of tiered pricing to `as_of`: online ones across the tiers
+    (about one account in two buys in a month, one in fifteen of them at another price
+    than the tier's), a few wires, a batch of event codes redeemed (one twice, one
+    late), and refund requests; plus the bad top-ups of `DEMO_BAD_TOP_UPS`."""
+    first = dt.datetime.combine(TIERS_FROM, dt.time())
+    end = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
+    span = int((end - first).total_seconds())
+
+    def when(low: dt.datetime = first, high: dt.datetime = end) -> dt.datetime:
+        seconds = int(rng.integers(0, max(1, int((high - low).total_seconds()))))
+        return low + dt.timedelta(seconds=seconds)
+
+    rows: list[dict[str, Any]] = []
+
+    def top_up(i: str, account: str, channel: str, at: dt.datetime, **values: Any) -> None:
+        rows.append(
+            {
+                "top_up_id": i,
+                "account_id": account,
+                "channel": channel,
+                "credits": None,
+                "amount_paid": None,
+                "paid_at": at,
+                "code": None,
+                **values,
+            }
+        )
+
+    months = max(1, span // (30 * 86400))
+    n = 0
+    for account in account_ids:
+        for _ in range(int(rng.binomial(months, 0.5))):
+            n += 1
+            size = int(rng.choice(_TOP_UP_SIZES))
+            at = when()
+            day = (at.date() - dt.date(1970, 1, 1)).days
+            cents = int(price_cents(DEMO_TIERS, [size * 10_000], [day])[0])
+            if rng.random() < 1 / 15:
+                cents += 100  # paid one more unit of money than the tier's price: an exception
+            top_up(
+                f"tu-{n:06d}",
+                account,
+                "online",
+                at,
+                credits=Decimal(size),
+                amount_paid=Decimal(cents).scaleb(-2),
+            )
+    for k, account in enumerate(account_ids[:: max(1, len(account_ids) // 4)]):
+        top_up(
+            f"tu-wire-{k + 1:02d}", account, "wire", when(), amount_paid=Decimal(int(rng.integers(500, 3000)))
+        )
+    redeem_by = first + dt.timedelta(days=120)
+    codes = [
+        {
+            "code": f"EVT-{k + 1:03d}",
+            "batch_id": "launch-event",
+            "credits": Decimal(50),
+            "redeem_by": redeem_by,
+            "valid_days": 60,
+        }
+        for k in range(12)
+    ]
+    redeemers = account_ids[:10]
+    for k, account in enumerate(redeemers):
+        top_up(
+            f"tu-code-{k + 1:02d}",
+            account,
+            "code",
+            when(first, first + dt.timedelta(days=100)),
+            code=codes[k]["code"],
+        )
+    refunds = [
+        {
+            "request_id": f"rr-{k + 1:03d}",
+            "account_id": account,
+            "requested_at": when(first + dt.timedelta(days=60)),
+        }
+        for k, account in enumerate(account_ids[1 :: max(1, len(account_ids) // 3)])
+    ]
+    top_up("tu-bad-01", "acct-unknown", "online", when(), credits=Decimal(100), amount_paid=Decimal("10.00"))
+    top_up("tu-bad-02", account_ids[0], "wire", when(), amount_paid=Decimal("9.99"))
+    top_up(
+        "tu-bad-03", account_ids[-1], "code", when(first + dt.timedelta(days=110), redeem_by), code="EVT-001"
+    )
+    top_up("tu-bad-04", account_ids[-1], "code", redeem_by + dt.timedelta(days=3), code="EVT-012")
+    reasons = {row_id: reason for _, row_id, reason in DEMO_BAD_TOP_UPS}
+    bad = tuple(
+        BadRow("top_ups", r["top_up_id"], r["account_id"], reasons[r["top_up_id"]])
+        for r in rows
+        if r["top_up_id"] in reasons
+    )
+    return _CreditRows(rows, codes, refunds, bad)
 
 
 def _bad_rows(

@@ -561,8 +561,9 @@ def write_ledger(
         codes = read_code_redemptions(conn, end)
         decisions = decide_codes(codes)
         ids = ledger_accounts(conn)
-        # Top-ups and refund requests of accounts that do not exist: rejected.
-        start = local_midnight_utc(month.first_day, settings.zone)
+        # Top-ups and refund requests of accounts that do not exist: rejected (every one up
+        # to the month's end: they are few, and a reject already recorded stays as it is).
+        start = datetime(1, 1, 1)  # noqa: DTZ001 - naive UTC, as every instant inside the jobs
         orphans = read_unknown_account_top_ups(conn, start, end)
         orphan_rejects = pd.DataFrame()
         if not orphans.empty:
