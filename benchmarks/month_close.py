@@ -99,6 +99,7 @@ class Step:
     seconds: float
     rows: int
     peak_rss_mib: float | None
+    ledger_seconds: float | None = None  # of which the credits ledger (month-end)
 
 
 class TreeMemory(threading.Thread):
@@ -168,15 +169,18 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{log[-3000:]}")
     counts: dict[str, Any] = {}
+    ledger_seconds = None
     for line in log.splitlines():
         if '"run.summary"' in line:
             counts = json.loads(line)
+        if '"ledger.done"' in line:
+            ledger_seconds = float(json.loads(line)["seconds"])
     rows = (
         lines
         if args[0] == "export"
         else int(counts.get("rows_inserted", 0)) + int(counts.get("invoice_lines", 0))
     )
-    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024)
+    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds)
 
 
 def floor(engine: Engine) -> Step:
@@ -264,6 +268,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=10_000, help="projects per chunk (the default)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--projects-per-account", type=int, default=8)
+    parser.add_argument(
+        "--top-ups", type=float, default=2.0, help="online top-ups per account and month (the ledger's input)"
+    )
     args = parser.parse_args()
     steps: list[Step] = []
 
@@ -282,6 +290,8 @@ def main() -> None:
             usage_rows_per_month=args.projects * args.rows_per_project,
             months=[(2026, 5), (2026, 6)],
             published_share=args.published,
+            projects_per_account=args.projects_per_account,
+            top_ups_per_account_month=args.top_ups,
         )
         print(f"  generated in {time.perf_counter() - start:.0f} s: {summary}", flush=True)
         upgrade(engine)
@@ -297,6 +307,8 @@ def main() -> None:
             rss = f"{step.peak_rss_mib:7.0f} MiB" if step.peak_rss_mib is not None else "          -"
             rate = step.rows / step.seconds if step.seconds else 0.0
             print(f"  {step.label:<44} {step.seconds:8.1f} s {rate:12,.0f} rows/s {rss}", flush=True)
+            if step.ledger_seconds is not None:
+                print(f"    of which the credits ledger {step.ledger_seconds:17.1f} s", flush=True)
             return step
 
         kw = {"workers": args.workers, "chunk": args.chunk}

@@ -140,6 +140,7 @@ class BulkSummary:
     project_events: int
     compute_usage: int
     cloud_usage: int
+    top_ups: int = 0
 
     def counts(self) -> dict[str, int]:
         return {
@@ -148,6 +149,7 @@ class BulkSummary:
             "project_events": self.project_events,
             "compute_usage": self.compute_usage,
             "cloud_usage": self.cloud_usage,
+            "top_ups": self.top_ups,
         }
 
 
@@ -1133,6 +1135,7 @@ def generate_bulk(
     seed: int = 7,
     projects_per_account: int = 8,
     published_share: float = 0.01,
+    top_ups_per_account_month: float = 0.0,
 ) -> BulkSummary:
     """Create the source tables and fill them fast with benchmark volumes.
 
@@ -1142,7 +1145,9 @@ def generate_bulk(
     later), 3% deleted and `published_share` published, with one `cloud_usage`
     row per metric and day while published within `months`. Each month gets
     `usage_rows_per_month` compute rows (0.0125..3.5 credits; 0.1% negative
-    reversals) on projects that exist by then. No bad rows. SQLite or
+    reversals) on projects that exist by then; each account buys about
+    `top_ups_per_account_month` online top-ups a month at the tier prices. No bad
+    rows. SQLite or
     PostgreSQL (psycopg) only. Refuses a database whose source tables hold
     rows; the data is written in one transaction.
     """
@@ -1165,6 +1170,7 @@ def generate_bulk(
         n_events, published, publish_at = _write_bulk_events(rng, writer, bp, end_us, published_share)
         n_compute = _write_bulk_compute(rng, writer, bp, bounds, usage_rows_per_month)
         n_cloud = _write_bulk_cloud(rng, writer, bp, bounds, published=published, publish_at=publish_at)
+        n_top_ups = _write_bulk_top_ups(rng, writer, bp, bounds, top_ups_per_account_month)
         writer.commit()
     finally:
         writer.close()
@@ -1175,4 +1181,55 @@ def generate_bulk(
         project_events=n_events,
         compute_usage=n_compute,
         cloud_usage=n_cloud,
+        top_ups=n_top_ups,
     )
+
+
+def _write_bulk_top_ups(
+    rng: np.random.Generator,
+    writer: _Writer,
+    bp: _BulkProjects,
+    bounds: list[tuple[int, int]],
+    per_account_month: float,
+) -> int:
+    """Online top-ups: a Poisson number per account and month, sizes across the tiers."""
+    if per_account_month <= 0:
+        return 0
+    accounts = len(bp.account_ids)
+    written = 0
+    sizes = np.array(_TOP_UP_SIZES, dtype=np.int64)
+    for m_start, m_end in bounds:
+        counts = rng.poisson(per_account_month, size=accounts)
+        who = np.repeat(np.arange(accounts), counts)
+        n = len(who)
+        at = m_start + (rng.random(n) * (m_end - m_start)).astype(np.int64)
+        size = sizes[rng.integers(0, len(sizes), size=n)]
+        days = at // _DAY_US
+        cents = price_cents(DEMO_TIERS, size * 10_000, days)
+        rows = [
+            (
+                f"tu-{written + i + 1:09d}",
+                acct,
+                "online",
+                str(int(c)),
+                f"{int(m) // 100}.{int(m) % 100:02d}",
+                t,
+            )
+            for i, (acct, c, m, t) in enumerate(
+                zip(
+                    bp.account_ids[who].tolist(),
+                    size.tolist(),
+                    cents.tolist(),
+                    _timestamp_strings(at),
+                    strict=True,
+                )
+            )
+        ]
+        for start in range(0, n, _BULK_CHUNK_ROWS):
+            writer.write(
+                "top_ups",
+                ("top_up_id", "account_id", "channel", "credits", "amount_paid", "paid_at"),
+                rows[start : start + _BULK_CHUNK_ROWS],
+            )
+        written += n
+    return written

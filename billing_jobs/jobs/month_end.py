@@ -15,6 +15,7 @@ removes; the finalized invoices are never changed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -222,6 +223,7 @@ def credits_ledger(
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the credits ledger through the month's end, after
     its invoices. heads: a dry run's previewed invoices (not in the database)."""
+    started = time.perf_counter()
     extra: dict[tuple[str, str], int] = {}
     if heads is not None and not heads.empty:
         for account, total in zip(heads["account_id"], heads["total_units"], strict=True):
@@ -239,6 +241,14 @@ def credits_ledger(
     )
     if outcome.skipped:
         log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
+    else:
+        log.info(
+            "ledger.done",
+            period=str(month),
+            seconds=round(time.perf_counter() - started, 3),
+            dry_run=run.dry_run,
+            **outcome.counts,
+        )
     for key, value in outcome.counts.items():
         run.counts[key] = run.counts.get(key, 0) + value
     return outcome

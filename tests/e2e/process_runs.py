@@ -26,6 +26,11 @@ from support import CliResult, SourceData, export_rows
 from billing_jobs.db.billing_tables import (
     billed_days,
     billing_locks,
+    credit_balances,
+    credit_entries,
+    credit_lots,
+    credit_periods,
+    credit_refunds,
     daily_charges,
     invoice_lines,
     invoices,
@@ -162,6 +167,16 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                     conn, month_closes, "closed_at", "close_run_id", "last_run_id", "last_run_at"
                 ),
             }
+            if "credit_entries" in sa.inspect(conn).get_table_names():
+                state.update(
+                    credit_entries=_rows(conn, credit_entries, "run_id", "recorded_at"),
+                    credit_lots=_rows(conn, credit_lots, "run_id", "updated_at"),
+                    credit_refunds=_rows(conn, credit_refunds, "run_id", "written_at"),
+                    credit_balances=_rows(conn, credit_balances, "run_id"),
+                    credit_periods=_rows(
+                        conn, credit_periods, "run_id", "written_at", "last_run_id", "last_written_at"
+                    ),
+                )
     finally:
         engine.dispose()
     for month in months:
@@ -222,6 +237,13 @@ def busy_month(accounts: int) -> SourceData:
             data.cloud(site, f"2026-05-{day:02d}", "bandwidth_gb", "0.3333")
         data.cloud(site, "2026-05-01", "domains", "1")  # before publication: rejected
     data.compute("p-000-new", "2026-05-06 12:00", None)  # missing amount: rejected
+    # Credits: a top-up on odd accounts (even ones run into arrears), a refund request.
+    for i in range(1, accounts, 2):
+        data.top_up(
+            f"tu-{i:03d}", "2026-05-02 09:00", account=f"acct-{i:03d}", credits="1000", amount="95.00"
+        )
+    if accounts > 1:
+        data.refund_request("rr-001", "2026-05-25 09:00", account="acct-001")
     data.event("p-unknown", "2026-05-07 12:00", "archived")  # unknown project: rejected
     return data
 
@@ -233,4 +255,5 @@ def late_changes() -> SourceData:
     data.cloud("p-001-site", "2026-05-30", "page_views", "50000")  # late usage
     data.compute("p-001-legacy", "2026-05-30 10:00", "40")  # now above the waiver threshold
     data.cloud("p-002-site", "2026-05-31", "bandwidth_gb", "-1")  # negative quantity: rejected
+    data.top_up("tu-late", "2026-05-28 09:00", account="acct-000", credits="100", amount="10.00", known=False)
     return data

@@ -1,6 +1,6 @@
 """`billing-jobs db upgrade` creates, migrates and removes the jobs' own tables only.
 
-The five source tables live in the same database: every test creates them first
+The source tables live in the same database: every test creates them first
 (with rows), and checks that their reflected schema and rows are exactly as
 before, and that no statement that creates, alters or writes anything names them.
 """
@@ -35,6 +35,11 @@ JOB_TABLES = {
     "invoices",
     "invoice_lines",
     "rejects",
+    "credit_lots",
+    "credit_entries",
+    "credit_balances",
+    "credit_periods",
+    "credit_refunds",
 }
 WRITING = re.compile(r"^\s*(CREATE|ALTER|DROP|INSERT|UPDATE|DELETE|TRUNCATE|COPY|COMMENT|GRANT)\b", re.I)
 SOURCE_WORD = re.compile(r"\b(" + "|".join(sorted(SOURCE_NAMES)) + r")\b", re.I)

@@ -52,9 +52,11 @@ MIGRATE_ROLE_GRANTS = [
 JOB_ROLE_GRANTS = [
     "GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {job}",
     "GRANT USAGE ON SCHEMA public TO {job}",
-    "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage TO {job}",
+    "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage,"
+    " top_ups, redemption_codes, refund_requests TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
-    " month_closes, month_shards, invoices, invoice_lines, rejects TO {job}",
+    " month_closes, month_shards, invoices, invoice_lines, rejects,"
+    " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
 
