@@ -245,3 +245,15 @@ credit_refunds = Table(
     Column("run_id", String(36), nullable=False),
     Column("written_at", DateTime, nullable=False),
 )
+
+# The inputs the written ledger was replayed with: compute per account and billing day,
+# and invoice totals per account and month (on its last day). A month-end continues an
+# account from its written state when these are unchanged; late data shows as a difference.
+credit_inputs = Table(
+    "credit_inputs",
+    billing_metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("day", BigInteger, primary_key=True),  # day number (days since 1970-01-01)
+    Column("source", String(16), primary_key=True),  # compute | invoice
+    Column("credit_units", BigInteger, nullable=False),
+)

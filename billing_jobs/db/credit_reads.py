@@ -18,17 +18,20 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Integer,
+    Select,
     and_,
     case,
     cast,
     func,
     inspect,
     literal,
+    or_,
     select,
 )
 
 from billing_jobs.db.billing_tables import (
     credit_entries,
+    credit_inputs,
     credit_lots,
     credit_periods,
     credit_refunds,
@@ -36,6 +39,7 @@ from billing_jobs.db.billing_tables import (
 )
 from billing_jobs.db.reads import (
     Chunk,
+    among,
     amount_problem,
     day_number,
     raw,
@@ -214,12 +218,24 @@ def read_compute_per_day(
     summed per account and billing day, days first..last."""
     if first > last:
         return pd.DataFrame({"account_id": [], "day": [], "compute_units": []})
+    return read_frame(
+        conn,
+        compute_per_day_query(conn, first, last, zone, chunk),
+        ints=["day", "compute_units"],
+        aggregate=True,
+    )
+
+
+def compute_per_day_query(
+    conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk
+) -> Select[Any]:
+    """The query of `read_compute_per_day`."""
     c = compute_usage.c
     start = local_midnight_utc(first, zone)
     end = local_midnight_utc(last + timedelta(days=1), zone)
     day = billing_day(conn, c.occurred_at, first, last, zone).label("day")
     usable = usable_amount(c.credits, signed=True)
-    stmt = (
+    return (
         select(projects.c.account_id, day, summed_units(conn, c.credits, None).label("compute_units"))
         .join(projects, projects.c.project_id == c.project_id)
         .where(
@@ -230,7 +246,6 @@ def read_compute_per_day(
         )
         .group_by(projects.c.account_id, day)
     )
-    return read_frame(conn, stmt, ints=["day", "compute_units"], aggregate=True)
 
 
 def read_invoice_totals(conn: Connection, chunk: Chunk, last_period: str) -> pd.DataFrame:
@@ -244,10 +259,24 @@ def read_invoice_totals(conn: Connection, chunk: Chunk, last_period: str) -> pd.
     return read_frame(conn, stmt, ints=["total_units"], aggregate=True)
 
 
-def read_written_entries(conn: Connection, chunk: Chunk, last: date) -> pd.DataFrame:
+def read_written_entries(
+    conn: Connection,
+    chunk: Chunk,
+    last: date,
+    *,
+    after: date | None = None,
+    except_accounts: frozenset[str] = frozenset(),
+) -> pd.DataFrame:
     """The ledger's entries of the chunk's accounts for days up to `last`, summed per
-    (account, lot, kind, day, cause, period, corrects), with how many there are."""
+    (account, lot, kind, day, cause, period, corrects), with how many there are.
+
+    after: only days after it, except for the accounts `except_accounts` (all days).
+    """
     e = credit_entries.c
+    days = [e.day <= last]
+    if after is not None:
+        later = e.day > after
+        days.append(or_(later, among(e.account_id, sorted(except_accounts))) if except_accounts else later)
     stmt = (
         select(
             e.account_id,
@@ -261,7 +290,7 @@ def read_written_entries(conn: Connection, chunk: Chunk, last: date) -> pd.DataF
             cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
             cast(func.count(), BigInteger).label("entries"),
         )
-        .where(chunk.clause(e.account_id), e.day <= last)
+        .where(chunk.clause(e.account_id), *days)
         .group_by(e.account_id, e.lot_id, e.kind, e.day, e.cause, e.period, e.corrects)
     )
     return read_frame(conn, stmt, ints=["day", "credit_units", "money_cents", "entries"], aggregate=True)
@@ -295,6 +324,55 @@ def read_lots(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     return read_frame(
         conn, stmt, ints=["credit_units", "money_cents", "valid_from", "valid_until"], timestamps=["paid_at"]
     )
+
+
+def read_entry_sums(conn: Connection, chunk: Chunk, last_day: int) -> pd.DataFrame:
+    """account_id, lot_id, kind, credit_units: the chunk's entries of days up to `last_day`
+    summed per lot and kind (corrections included)."""
+    e = credit_entries.c
+    stmt = (
+        select(
+            e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units")
+        )
+        .where(chunk.clause(e.account_id), e.day <= day_from(last_day))
+        .group_by(e.account_id, e.lot_id, e.kind)
+    )
+    return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)
+
+
+def day_from(day: int) -> date:
+    return date(1970, 1, 1) + timedelta(days=day)
+
+
+def read_inputs(conn: Connection, chunk: Chunk, source: str, last_day: int) -> pd.DataFrame:
+    """account_id, day, credit_units of the stored inputs of one source, days up to `last_day`."""
+    ci = credit_inputs.c
+    stmt = select(ci.account_id, ci.day, ci.credit_units).where(
+        chunk.clause(ci.account_id), ci.source == source, ci.day <= last_day
+    )
+    return read_frame(conn, stmt, ints=["day", "credit_units"], aggregate=True)
+
+
+def changed_compute_accounts(
+    conn: Connection, first: date, cut: date, zone: ZoneInfo, chunk: Chunk
+) -> set[str]:
+    """The chunk's accounts whose compute per billing day, days first..cut, differs from
+    the stored inputs: both sets of (account, day, units) compared by the database (each
+    EXCEPT the other), so only the accounts that differ come back."""
+    if first > cut:
+        return set()
+    now = compute_per_day_query(conn, first, cut, zone, chunk)
+    ci = credit_inputs.c
+    cut_day = (cut - date(1970, 1, 1)).days
+    was = select(ci.account_id, ci.day, ci.credit_units).where(
+        chunk.clause(ci.account_id), ci.source == "compute", ci.day <= cut_day
+    )
+    now_days, was_days = now.cte("compute_now"), was.cte("compute_stored")
+    changed: set[str] = set()
+    for one, other in ((now_days, was_days), (was_days, now_days)):
+        differ = select(one).except_(select(other)).subquery()
+        changed.update(a for (a,) in conn.execute(select(differ.c[0]).distinct()))
+    return changed
 
 
 def written_periods(conn: Connection) -> list[str]:

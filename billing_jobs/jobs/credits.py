@@ -22,12 +22,11 @@ from billing_jobs.db.credit_reads import (
     credit_sources_exist,
     ledger_exists,
     read_code_redemptions,
-    read_lots,
     read_top_ups,
     written_periods,
 )
 from billing_jobs.db.reads import Chunk, day_number, read_frame
-from billing_jobs.jobs.ledger import decide_codes, read_events, validate_top_ups
+from billing_jobs.jobs.ledger import HELD_SIGN, decide_codes, read_events, states_at, validate_top_ups
 from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
 from billing_jobs.rules.credits import (
     ARREARS,
@@ -39,7 +38,6 @@ from billing_jobs.rules.credits import (
     REPAY,
     RESTORE,
     AccountState,
-    LotSpec,
     LotState,
     refund_money,
     run_account,
@@ -48,8 +46,6 @@ from billing_jobs.rules.money import format_cents, format_units
 from billing_jobs.settings import Settings
 
 EXPORT_HEADER = ["entry_id", "account_id", "lot_id", "kind", "day", "period", "corrects", "credits", "money"]
-HELD_SIGN = {FUND: 1, RESTORE: 1, DRAW: -1, REPAY: -1, EXPIRE: -1, REFUND: -1}
-DRAWN_SIGN = {DRAW: 1, REPAY: 1, RESTORE: -1}
 
 
 class LedgerMissing(RuntimeError):
@@ -145,36 +141,11 @@ class Balance:
 
 
 def _state_from_ledger(conn: Connection, account: str, cutoff: int) -> tuple[AccountState, pd.DataFrame]:
-    """The account's lots and arrears at the end of day `cutoff`, summed from its entries."""
-    chunk = Chunk.only(account)
-    lots = read_lots(conn, chunk)
+    """The account's lots and arrears at the end of day `cutoff` (from its entries), and
+    its entries of days up to it."""
+    state = states_at(conn, Chunk.only(account), cutoff).get(account, AccountState())
     entries = _entries(conn, credit_entries.c.account_id == account)
-    entries = entries[entries["day"] <= cutoff]
-    state = AccountState()
-    for r in lots.itertuples(index=False):
-        spec = LotSpec(
-            r.lot_id,
-            r.channel,
-            int(r.credit_units),
-            int(r.money_cents),
-            r.paid_at.to_pydatetime(),
-            int(r.valid_from),
-            int(r.valid_until),
-        )
-        if spec.valid_from <= cutoff:
-            state.lots[spec.lot_id] = LotState(spec)
-    for r in entries.itertuples(index=False):
-        if r.kind == ARREARS:
-            state.arrears += int(r.credit_units)
-            continue
-        lot = state.lots.get(r.lot_id)
-        if lot is None:
-            continue
-        lot.held += HELD_SIGN.get(r.kind, 0) * int(r.credit_units)
-        lot.drawn += DRAWN_SIGN.get(r.kind, 0) * int(r.credit_units)
-        if r.kind == FUND:
-            lot.funded += int(r.credit_units)
-    return state, entries
+    return state, entries[entries["day"] <= cutoff]
 
 
 def account_balance(engine: Engine, settings: Settings, account: str, day: date) -> Balance:

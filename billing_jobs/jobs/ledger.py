@@ -24,22 +24,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, delete, select
+from sqlalchemy import Connection, Engine, and_, delete, or_, select
 
 from billing_jobs.db.billing_tables import (
     credit_balances,
     credit_entries,
+    credit_inputs,
     credit_lots,
     credit_periods,
     credit_refunds,
 )
 from billing_jobs.db.credit_reads import (
+    changed_compute_accounts,
     credit_sources_exist,
     ledger_accounts,
     ledger_exists,
     read_code_redemptions,
     read_compute_per_day,
+    read_entry_sums,
+    read_inputs,
     read_invoice_totals,
+    read_lots,
     read_refund_requests,
     read_top_ups,
     read_unknown_account_refunds,
@@ -58,15 +63,22 @@ from billing_jobs.rules.calendar import (
     local_midnight_utc,
 )
 from billing_jobs.rules.credits import (
+    ARREARS,
     CHANNELS,
     CODE,
+    DRAW,
+    EXPIRE,
     FUND,
     ONLINE,
     REFUND,
+    REPAY,
+    RESTORE,
+    RESTORED,
     WIRE,
     AccountEvents,
     AccountState,
     LotSpec,
+    LotState,
     TopUpTerms,
     WrittenRefund,
     price_cents,
@@ -86,6 +98,8 @@ BELOW_SMALLEST = "below_smallest_top_up"
 UNKNOWN_CODE = "unknown_code"
 CODE_EXPIRED = "code_expired"
 CODE_ALREADY_REDEEMED = "code_already_redeemed"
+
+INPUT_COMPUTE, INPUT_INVOICE = "compute", "invoice"
 
 ENTRY_COLUMNS = ["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents"]
 KEY = ["account_id", "lot_id", "kind", "day", "cause"]
@@ -294,6 +308,8 @@ class ChunkTruth:
     balances: pd.DataFrame
     rejects: pd.DataFrame
     exceptions: pd.DataFrame
+    changed: frozenset[str] = frozenset()  # accounts replayed whole (else from the written state)
+    inputs: pd.DataFrame = field(default_factory=pd.DataFrame)  # what to store in credit_inputs
 
 
 @dataclass(frozen=True)
@@ -304,6 +320,8 @@ class SourceEvents:
     lots: pd.DataFrame
     rejects: pd.DataFrame
     exceptions: pd.DataFrame
+    compute: pd.DataFrame  # account_id, day, compute_units: the days read
+    invoices: dict[tuple[str, str], int]  # (account_id, period) -> total units
 
 
 def read_events(
@@ -316,8 +334,10 @@ def read_events(
     code_decisions: Mapping[str, str | None],
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
+    compute_from: date | None = None,
 ) -> SourceEvents:
-    """The chunk's lots, compute per day, invoice totals and refund requests through `through`."""
+    """The chunk's lots, compute per day, invoice totals and refund requests through `through`
+    (compute from `compute_from` on, else from the effective date)."""
     zone = settings.zone
     terms = settings.top_up_terms()
     end = local_midnight_utc(through + timedelta(days=1), zone)
@@ -326,7 +346,7 @@ def read_events(
     requests = read_refund_requests(conn, end, chunk)
     requests["day"] = _day_of(requests["requested_at"], settings)
     effective = settings.effective_from
-    compute = read_compute_per_day(conn, effective, through, zone, chunk)
+    compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
     last_period = str(Month.of(through))
     totals = (
         read_invoice_totals(conn, chunk, last_period)
@@ -381,7 +401,7 @@ def read_events(
         account: AccountEvents(account, s["lots"], s["compute"], s["invoices"], s["requests"], s["written"])
         for account, s in per_account.items()
     }
-    return SourceEvents(events, lots, rejects, exceptions)
+    return SourceEvents(events, lots, rejects, exceptions, compute, invoice_totals)
 
 
 def compute_chunk_ledger(
@@ -394,8 +414,16 @@ def compute_chunk_ledger(
     code_decisions: Mapping[str, str | None],
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
+    cut: date | None = None,
 ) -> ChunkTruth:
-    """Replay the chunk's accounts through day `through` on the source data."""
+    """Replay the chunk's accounts through day `through` on the source data.
+
+    cut: the last day of the last written period before this one. An account whose
+    inputs up to `cut` (compute per day, invoice totals, lots, refund requests) are the
+    ones the ledger was written with continues from its written state at `cut`: only
+    the days after it are replayed and compared. Any other account is replayed whole.
+    """
+    window = None if cut is None else cut + timedelta(days=1)
     source = read_events(
         conn,
         settings,
@@ -405,15 +433,47 @@ def compute_chunk_ledger(
         code_decisions=code_decisions,
         extra_invoices=extra_invoices,
         has_ledger=has_ledger,
+        compute_from=window,
     )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
+    starts: dict[str, AccountState] = {}
+    changed: set[str] = set(chunk.accounts or ())
+    stored_restores = pd.DataFrame(columns=list(lots.columns))
+    if cut is not None:
+        cut_day = day_number(cut)
+        changed = changed_accounts(conn, settings, chunk, source, cut)
+        starts = {a: st for a, st in states_at(conn, chunk, cut_day).items() if a not in changed}
+        stored = read_lots(conn, chunk)
+        stored_restores = stored[
+            (stored["channel"] == RESTORED)
+            & (stored["valid_from"] <= cut_day)
+            & ~stored["account_id"].isin(changed)
+        ][list(lots.columns)]
+        if changed:
+            history = read_compute_per_day(
+                conn, settings.effective_from, cut, settings.zone, Chunk(tuple(sorted(changed)))
+            )
+            for account, day, amount in history.itertuples(index=False):
+                if account not in source.events:
+                    source.events[account] = AccountEvents(account, compute={})
+                source.events[account].compute[int(day)] = int(amount)  # type: ignore[index]
     rows: list[tuple[str, str, str, int, str, int, int]] = []
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
-    for account in sorted(source.events):
-        ledger = run_account(source.events[account], through_day, settings.validity_days)
+    for account in sorted(set(source.events) | set(starts)):
+        events = source.events.get(account, AccountEvents(account))
+        if account in starts:
+            ledger = run_account(
+                events,
+                through_day,
+                settings.validity_days,
+                start=starts[account],
+                after=day_number(cut),  # type: ignore[arg-type]
+            )
+        else:
+            ledger = run_account(events, through_day, settings.validity_days)
         rows.extend(
             (account, lot, kind, day, cause, credits, money)
             for (lot, kind, day, cause), (credits, money) in ledger.entries.items()
@@ -425,7 +485,10 @@ def compute_chunk_ledger(
     refund_frame = pd.DataFrame(
         refunds, columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
     )
-    all_lots = pd.concat([lots, pd.DataFrame(restore_lots, columns=list(lots.columns))], ignore_index=True)
+    all_lots = pd.concat(
+        [lots, stored_restores, pd.DataFrame(restore_lots, columns=list(lots.columns))], ignore_index=True
+    ).drop_duplicates("lot_id", keep="last")
+    inputs = _inputs(source, changed, cut, settings, through)
     return ChunkTruth(
         entries,
         refund_frame,
@@ -433,7 +496,119 @@ def compute_chunk_ledger(
         pd.DataFrame(balances, columns=["account_id", "held_units", "arrears_units"]),
         rejects,
         exceptions,
+        frozenset(changed),
+        inputs,
     )
+
+
+def _inputs(
+    source: SourceEvents, changed: set[str], cut: date | None, settings: Settings, through: date
+) -> pd.DataFrame:
+    """The inputs the replay used, to store (`credit_inputs`): compute per account and day
+    (every day for a replayed account, the days after `cut` for the others) and invoice
+    totals per account and month (as the month's last day)."""
+    rows: list[tuple[str, int, str, int]] = []
+    first = None if cut is None else day_number(cut)
+    for account, events in source.events.items():
+        whole = first is None or account in changed
+        rows.extend(
+            (account, day, INPUT_COMPUTE, units)
+            for day, units in events.compute.items()
+            if whole or day > first  # type: ignore[operator]
+        )
+    effective = day_number(settings.effective_from)
+    for (account, period), total in source.invoices.items():
+        last = day_number(Month.parse(period).last_day)
+        if effective <= last <= day_number(through):
+            rows.append((account, last, INPUT_INVOICE, total))
+    return pd.DataFrame(rows, columns=["account_id", "day", "source", "units"])
+
+
+def changed_accounts(
+    conn: Connection, settings: Settings, chunk: Chunk, source: SourceEvents, cut: date
+) -> set[str]:
+    """The chunk's accounts whose inputs for days up to `cut` differ from those the ledger
+    was written with: compute per day (compared in the database), invoice totals, lots
+    and refund requests."""
+    cut_day = day_number(cut)
+    changed = changed_compute_accounts(conn, settings.effective_from, cut, settings.zone, chunk)
+    stored = read_inputs(conn, chunk, INPUT_INVOICE, cut_day)
+    now = {
+        (a, day_number(Month.parse(p).last_day)): t
+        for (a, p), t in source.invoices.items()
+        if day_number(settings.effective_from) <= day_number(Month.parse(p).last_day) <= cut_day
+    }
+    was = {(a, int(d)): int(u) for a, d, u in stored.itertuples(index=False)}
+    changed.update(key[0] for key, _ in set(now.items()) ^ set(was.items()))
+    stored_lots = read_lots(conn, chunk)
+    old = {
+        (
+            r.account_id,
+            r.lot_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            int(r.valid_from),
+            int(r.valid_until),
+        )
+        for r in stored_lots.itertuples(index=False)
+        if r.channel != RESTORED and int(r.valid_from) <= cut_day
+    }
+    new = {
+        (
+            r.account_id,
+            r.lot_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            int(r.valid_from),
+            int(r.valid_until),
+        )
+        for r in source.lots.itertuples(index=False)
+        if int(r.valid_from) <= cut_day
+    }
+    changed.update(t[0] for t in old ^ new)
+    written = set(read_written_refunds(conn, chunk)["request_id"])
+    for account, events in source.events.items():
+        if any(day <= cut_day and request not in written for day, request in events.refund_requests):
+            changed.add(account)
+    return changed
+
+
+def states_at(conn: Connection, chunk: Chunk, cut_day: int) -> dict[str, AccountState]:
+    """Each of the chunk's accounts' lots and arrears at the end of day `cut_day`, from the
+    written ledger: the stored lots, and their entries summed up to that day."""
+    states: dict[str, AccountState] = {}
+    for r in read_lots(conn, chunk).itertuples(index=False):
+        if int(r.valid_from) > cut_day:
+            continue
+        spec = LotSpec(
+            r.lot_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            r.paid_at.to_pydatetime(),
+            int(r.valid_from),
+            int(r.valid_until),
+        )
+        states.setdefault(r.account_id, AccountState()).lots[r.lot_id] = LotState(spec)
+    for account, lot_id, kind, units in read_entry_sums(conn, chunk, cut_day).itertuples(index=False):
+        state = states.setdefault(account, AccountState())
+        if kind == ARREARS:
+            state.arrears += int(units)
+            continue
+        lot = state.lots.get(lot_id)
+        if lot is None:
+            continue
+        lot.held += HELD_SIGN.get(kind, 0) * int(units)
+        lot.drawn += DRAWN_SIGN.get(kind, 0) * int(units)
+        if kind == FUND:
+            lot.funded += int(units)
+    return states
+
+
+HELD_SIGN = {FUND: 1, RESTORE: 1, DRAW: -1, REPAY: -1, EXPIRE: -1, REFUND: -1}
+DRAWN_SIGN = {DRAW: 1, REPAY: 1, RESTORE: -1}
 
 
 def _lot_record(account: str, spec: LotSpec) -> dict[str, Any]:
@@ -557,6 +732,8 @@ def write_ledger(
         has_ledger = ledger_exists(conn)
         periods = written_periods(conn) if has_ledger else []
         written_through = periods[-1] if periods else None
+        before = [p for p in periods if p < str(month)]
+        cut = Month.parse(before[-1]).last_day if before and through is None else None
         end = local_midnight_utc(last + timedelta(days=1), settings.zone)
         codes = read_code_redemptions(conn, end)
         decisions = decide_codes(codes)
@@ -582,7 +759,13 @@ def write_ledger(
     parts: dict[str, list[pd.DataFrame]] = {
         k: [] for k in ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
     }
-    counts = {"ledger_entries": 0, "ledger_corrections": 0, "refunds_written": 0, "lots_written": 0}
+    counts = {
+        "ledger_entries": 0,
+        "ledger_corrections": 0,
+        "refunds_written": 0,
+        "lots_written": 0,
+        "accounts_replayed_whole": 0,
+    }
     for chunk in chunks:
         with engine.connect() as conn:
             truth = compute_chunk_ledger(
@@ -594,8 +777,13 @@ def write_ledger(
                 code_decisions=decisions,
                 extra_invoices=extra_invoices,
                 has_ledger=has_ledger,
+                cut=cut,
             )
-            written = read_written_entries(conn, chunk, last) if has_ledger else pd.DataFrame()
+            written = (
+                read_written_entries(conn, chunk, last, after=cut, except_accounts=truth.changed)
+                if has_ledger
+                else pd.DataFrame()
+            )
             written_refunds = (
                 read_written_refunds(conn, chunk)
                 if has_ledger
@@ -622,8 +810,9 @@ def write_ledger(
         counts["ledger_entries"] += len(new)
         counts["ledger_corrections"] += int((new["corrects"] != "").sum()) if len(new) else 0
         counts["refunds_written"] += len(refunds)
+        counts["accounts_replayed_whole"] += len(truth.changed)
         if not dry_run:
-            write(_writer(chunk, new, refunds, truth, month, run_id=run_id, now=now, counts=counts))
+            write(_writer(chunk, new, refunds, truth, month, cut, run_id=run_id, now=now, counts=counts))
     all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
     if not dry_run:
         write(
@@ -657,12 +846,14 @@ def _writer(
     refunds: pd.DataFrame,
     truth: ChunkTruth,
     month: Month,
+    cut: date | None,
     *,
     run_id: str,
     now: datetime,
     counts: dict[str, int],
 ) -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
+        _sync_inputs(conn, chunk, truth, cut)
         if len(entries):
             rows = entries.drop(columns=[]).assign(run_id=run_id, recorded_at=now)
             bulk_insert(conn, credit_entries, rows, date_columns=["day"])
@@ -674,6 +865,23 @@ def _writer(
         _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
 
     return work
+
+
+def _sync_inputs(conn: Connection, chunk: Chunk, truth: ChunkTruth, cut: date | None) -> None:
+    """Store the inputs this replay used: the chunk's rows it replaced are deleted first
+    (invoice totals, the days after `cut`, every day of an account replayed whole)."""
+    ci = credit_inputs.c
+    mine = among(ci.account_id, list(chunk.accounts or ()))
+    if cut is None:
+        conn.execute(delete(credit_inputs).where(mine))
+    else:
+        replaced = [ci.source == INPUT_INVOICE, ci.day > day_number(cut)]
+        if truth.changed:
+            replaced.append(among(ci.account_id, sorted(truth.changed)))
+        conn.execute(delete(credit_inputs).where(mine, or_(*replaced)))
+    if len(truth.inputs):
+        rows = truth.inputs.rename(columns={"units": "credit_units"})
+        bulk_insert(conn, credit_inputs, rows)
 
 
 def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: str, now: datetime) -> int:

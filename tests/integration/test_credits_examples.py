@@ -410,3 +410,44 @@ def test_the_check_character_catches_every_single_substitution() -> None:
         for other in ALPHABET:
             if other != code[i]:
                 assert not is_valid(code[:i] + other + code[i + 1 :])
+
+
+def _last_counts(db_url: str) -> dict[str, int]:
+    from sqlalchemy import select
+
+    from billing_jobs.db.billing_tables import billing_runs
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            text = conn.execute(
+                select(billing_runs.c.counts).order_by(billing_runs.c.started_at.desc()).limit(1)
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    counts: dict[str, int] = json.loads(text)
+    return counts
+
+
+def test_a_month_end_continues_each_account_from_its_written_state_unless_late_data_touches_it(
+    db_url: str,
+) -> None:
+    data = SourceData()
+    for account in ("a", "b", "c"):
+        data.project(f"p-{account}", created="2025-11-02", account=account)
+        data.top_up(f"t-{account}", "2026-05-01 10:00", account=account, credits="1000", amount="95.00")
+        data.compute(f"p-{account}", "2026-05-10 12:00", "12")
+    data.write_url(db_url)
+    close(db_url, "2026-05")
+    assert _last_counts(db_url)["accounts_replayed_whole"] == 3  # nothing written before: all
+    close(db_url, "2026-06")
+    assert _last_counts(db_url)["accounts_replayed_whole"] == 0
+    SourceData().compute("p-b", "2026-05-11 12:00", "3").write_url(db_url)  # late usage of May
+    close(db_url, "2026-07")
+    counts = _last_counts(db_url)
+    assert counts["accounts_replayed_whole"] == 1
+    assert counts["ledger_corrections"] == 1
+    july = ledger(db_url, "2026-07")
+    assert [
+        (r["account_id"], r["kind"], r["day"], r["corrects"], r["credits"]) for r in july if r["corrects"]
+    ] == [("b", "draw", "2026-05-11", "2026-05", "3")]

@@ -1,4 +1,4 @@
-"""credits ledger: lots, entries, balances, written periods, refunds
+"""credits ledger: lots, entries, balances, written periods, refunds, replay inputs
 
 Revision ID: 0005
 Revises: 0004
@@ -94,8 +94,18 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("request_id", "lot_id", name=op.f("pk_credit_refunds")),
     )
 
+    op.create_table(
+        "credit_inputs",
+        sa.Column("account_id", sa.String(length=64), nullable=False),
+        sa.Column("day", sa.BigInteger(), nullable=False),
+        sa.Column("source", sa.String(length=16), nullable=False),
+        sa.Column("credit_units", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("account_id", "day", "source", name=op.f("pk_credit_inputs")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("credit_inputs")
     op.drop_table("credit_refunds")
     op.drop_table("credit_periods")
     op.drop_table("credit_balances")
