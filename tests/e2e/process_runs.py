@@ -28,6 +28,7 @@ from billing_jobs.db.billing_tables import (
     billing_locks,
     credit_balances,
     credit_entries,
+    credit_inputs,
     credit_lots,
     credit_periods,
     credit_refunds,
@@ -173,6 +174,7 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                     credit_lots=_rows(conn, credit_lots, "run_id", "updated_at"),
                     credit_refunds=_rows(conn, credit_refunds, "run_id", "written_at"),
                     credit_balances=_rows(conn, credit_balances, "run_id"),
+                    credit_inputs=_rows(conn, credit_inputs),
                     credit_periods=_rows(
                         conn, credit_periods, "run_id", "written_at", "last_run_id", "last_written_at"
                     ),
