@@ -242,6 +242,7 @@ def history(ctx: Context, account: str, month_text: str, as_csv: bool) -> None:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows([r[c] for c in columns] for r in rows)
+        sys.stdout.flush()
         return
     table = Table(title=f"credits of {account} in {month}", title_justify="left")
     for col in columns:

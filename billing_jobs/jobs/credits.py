@@ -312,21 +312,22 @@ def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[s
         if not ledger_exists(conn):
             raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
         e = credit_entries.c
-        before = (e.period < period).label("before")
         stmt = (
             select(
                 e.account_id,
                 e.lot_id,
                 e.kind,
                 e.cause,
-                before,
+                e.period,
                 cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
                 cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
             )
             .where(e.period <= period)
-            .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period < period)
+            .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period)
         )
         df = read_frame(conn, stmt, ints=["credit_units", "money_cents"], aggregate=True)
+        df["before"] = df["period"] < period
+        df = df.drop(columns=["period"])
         lo = credit_lots.c
         lots = read_frame(
             conn,

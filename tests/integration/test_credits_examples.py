@@ -451,3 +451,55 @@ def test_a_month_end_continues_each_account_from_its_written_state_unless_late_d
     assert [
         (r["account_id"], r["kind"], r["day"], r["corrects"], r["credits"]) for r in july if r["corrects"]
     ] == [("b", "draw", "2026-05-11", "2026-05", "3")]
+
+
+def test_history_balance_and_report_show_the_same_numbers_as_the_export(db_url: str, tmp_path: Path) -> None:
+    data = _c6(SourceData())
+    data.compute("p1", "2026-05-20 12:00", "-5")
+    data.refund_request("R1", "2026-06-05 10:00", account="a")
+    data.top_up("late-june", "2026-06-10 10:00", account="a", credits="100", amount="10.00", known=False)
+    data.write_url(db_url)
+    close(db_url, "2026-05")
+    may = ledger(db_url, "2026-05")
+    history = run_cli(db_url, "credits", "history", "--account", "a", "--month", "2026-05", "--csv")
+    assert history.code == 0, history.stderr
+    rows = list(csv.DictReader(io.StringIO(history.stdout)))
+    assert all(r["source"] == "ledger" for r in rows)
+    by_day: dict[tuple[str, str, str], Decimal] = {}
+    for r in rows:
+        key = (r["lot_id"], r["kind"], r["day"])
+        by_day[key] = by_day.get(key, Decimal(0)) + Decimal(r["credits"])
+    assert by_day == {(lot, kind, day): v for (_, lot, kind, day), v in sums(may).items()}
+
+    # June is not written yet: the balance of June 30 is a preview from the source data.
+    june = balance(db_url, "a", "2026-06-30")
+    assert june["written_through"] == "2026-05-31"
+    held = {lot["lot_id"]: lot["held"] for lot in june["lots"]}  # type: ignore[union-attr]
+    assert held["A"] == "0"  # refunded on June 5
+    assert held["late-june"] == "100"
+    close(db_url, "2026-06")  # June's invoice (29 credits of storage fee) is drawn on June 30
+    closed = {lot["lot_id"]: lot["held"] for lot in balance(db_url, "a", "2026-06-30")["lots"]}  # type: ignore[union-attr]
+    assert closed == {**held, "late-june": "71"}
+
+    out = tmp_path / "report.csv"
+    result = run_cli(db_url, "credits", "report", "--month", "2026-06", "--output", str(out))
+    assert result.code == 0, result.stderr
+    report = {r["account_id"]: r for r in csv.DictReader(io.StringIO(out.read_text()))}
+    a = {k: Decimal(v) for k, v in report["a"].items() if k != "account_id"}
+    moved = (
+        a["funded_online"]
+        + a["funded_wire"]
+        + a["funded_code"]
+        + a["funded_restore"]
+        + a["restored"]
+        - a["drawn_compute"]
+        - a["drawn_invoices"]
+        - a["repaid"]
+        - a["expired"]
+        - a["refunded"]
+    )
+    assert a["closing_credits"] == a["opening_credits"] + moved
+    june_rows = ledger(db_url, "2026-06")
+    refunded = sum(Decimal(r["money"]) for r in june_rows if r["kind"] == "refund" and r["account_id"] == "a")
+    assert a["refunded_money"] == refunded
+    assert report["platform"]["closing_credits"] == report["a"]["closing_credits"]
