@@ -90,6 +90,18 @@ def _ledger_call(call: Callable[[], T]) -> T:
         raise click.ClickException(str(exc)) from None
 
 
+def _known_account(ctx: Context, account: str) -> None:
+    """Exit 2 with one line when `accounts` has no such account."""
+    from billing_jobs.db.source_tables import accounts
+
+    if "accounts" not in inspect(ctx.engine).get_table_names():
+        raise click.ClickException("the source tables do not exist in this database")
+    with ctx.engine.connect() as conn:
+        found = conn.execute(select(accounts.c.account_id).where(accounts.c.account_id == account)).first()
+    if found is None:
+        raise click.BadParameter(f"no account {account!r} in accounts", param_hint="--account")
+
+
 @click.group("credits")
 def credits_group() -> None:
     """Prepaid credits: prices, balances, the ledger and its reports."""
@@ -190,6 +202,7 @@ def balance(ctx: Context, account: str, date_text: str | None, as_json: bool) ->
 
     settings = ctx.settings
     day = _day(date_text, _today(ctx) - timedelta(days=1), "--date")
+    _known_account(ctx, account)
     b = _ledger_call(lambda: account_balance(ctx.engine, settings, account, day))
     if as_json:
         click.echo(json.dumps(b.as_json(settings.currency), indent=2))
@@ -235,6 +248,7 @@ def history(ctx: Context, account: str, month_text: str, as_csv: bool) -> None:
     month = _month(month_text)
     yesterday = _today(ctx) - timedelta(days=1)
     last = min(month.last_day, yesterday) if month.first_day <= yesterday else month.last_day
+    _known_account(ctx, account)
     b = _ledger_call(lambda: account_balance(ctx.engine, settings, account, last))
     rows = history_rows(b, month)
     columns = ["day", "kind", "lot_id", "cause", "credits", "money", "corrects", "source"]

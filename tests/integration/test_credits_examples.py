@@ -503,3 +503,54 @@ def test_history_balance_and_report_show_the_same_numbers_as_the_export(db_url: 
     refunded = sum(Decimal(r["money"]) for r in june_rows if r["kind"] == "refund" and r["account_id"] == "a")
     assert a["refunded_money"] == refunded
     assert report["platform"]["closing_credits"] == report["a"]["closing_credits"]
+
+
+def test_balance_and_history_of_an_unknown_account_exit_2_with_one_line(db_url: str) -> None:
+    _c6(SourceData()).write_url(db_url)
+    for args in (
+        ("balance", "--account", "nobody"),
+        ("history", "--account", "nobody", "--month", "2026-05"),
+    ):
+        result = run_cli(db_url, "credits", *args)
+        assert result.code == 2
+        assert result.stderr.count("\n") == 1
+        assert "nobody" in result.stderr
+
+
+def test_bad_credits_arguments_exit_2_with_one_line() -> None:
+    for args in (
+        ("quote", "--credits", "abc"),
+        ("quote", "--credits", "100", "--amount", "10"),
+        ("quote", "--credits", "100.00001"),
+        ("quote", "--amount", "10", "--date", "2026-13-01"),
+        ("export", "--month", "2026-5"),
+        (
+            "codes",
+            "--batch",
+            "b",
+            "--count",
+            "0",
+            "--credits",
+            "5",
+            "--redeem-by",
+            "2026-06-01",
+            "--valid-days",
+            "3",
+        ),
+        (
+            "codes",
+            "--batch",
+            "b",
+            "--count",
+            "5",
+            "--credits",
+            "5",
+            "--redeem-by",
+            "soon",
+            "--valid-days",
+            "3",
+        ),
+    ):
+        result = run_cli(None, "credits", *args)
+        assert result.code == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1, (args, result.stderr)
