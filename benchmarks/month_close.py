@@ -270,6 +270,11 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--projects-per-account", type=int, default=8)
     parser.add_argument(
+        "--first-close-only",
+        action="store_true",
+        help="only the floor and the first month-end (with its ledger)",
+    )
+    parser.add_argument(
         "--top-ups", type=float, default=2.0, help="online top-ups per account and month (the ledger's input)"
     )
     args = parser.parse_args()
@@ -316,6 +321,10 @@ def main() -> None:
         if not args.skip_naive:
             run(naive(engine, args.projects))
         run(command(url, "month-end", "--month", "2026-05", **kw))
+        if args.first_close_only:
+            engine.dispose()
+            steps_done(steps, base)
+            return
         reset_jobs_tables(engine)
         run(command(url, "nightly", "--date", "2026-05-01", **kw))
         # The other days of May in one catch-up run (`nightly` with no date): the state after
@@ -333,6 +342,10 @@ def main() -> None:
         run(command(url, "nightly", "--date", "2026-06-01", **kw))
         engine.dispose()
 
+    steps_done(steps, base)
+
+
+def steps_done(steps: list[Step], base: Step) -> None:
     print(f"ratios to the floor ({base.seconds:.1f} s, same run):")
     for step in steps[1:]:
         print(f"  {step.label:<44} {step.seconds / base.seconds:8.1f} x")
