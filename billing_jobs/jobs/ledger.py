@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, and_, delete, or_, select
+from sqlalchemy import Connection, and_, delete, or_, select
 
 from billing_jobs.db.billing_tables import (
     credit_balances,
@@ -55,6 +55,8 @@ from billing_jobs.db.credit_reads import (
 )
 from billing_jobs.db.reads import Chunk, among
 from billing_jobs.db.writes import bulk_insert, record_rejects
+from billing_jobs.jobs.runner import Run
+from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import (
     Month,
     day_from_number,
@@ -702,22 +704,47 @@ def ledger_diff(
     return out[cols].reset_index(drop=True)
 
 
+LEDGER_COUNTS = (
+    "ledger_entries",
+    "ledger_corrections",
+    "refunds_written",
+    "lots_written",
+    "accounts_replayed_whole",
+    "topups_rejected",
+    "price_exceptions",
+)
+
+
+@dataclass(frozen=True)
+class LedgerPlan:
+    """What every chunk of a ledger write shares (picklable, for worker processes)."""
+
+    month: Month
+    last: date
+    cut: date | None
+    written_through: str | None
+    has_ledger: bool
+    codes: pd.DataFrame
+    decisions: dict[str, str | None]
+    extra_invoices: dict[tuple[str, str], int]
+
+
 def write_ledger(
-    engine: Engine,
-    settings: Settings,
+    run: Run,
     month: Month,
     *,
-    run_id: str,
-    now: datetime,
-    dry_run: bool,
-    write: Callable[[Callable[[Connection], None]], None],
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     through: date | None = None,
+    workers: int = 1,
     accounts_per_chunk: int = ACCOUNTS_PER_CHUNK,
 ) -> LedgerOutcome:
-    """Write (or preview) the ledger through the last day of `month` (or `through`)."""
+    """Write (or in a dry run preview) the ledger through the last day of `month` (or
+    `through`), per chunk of accounts on `workers` processes."""
+    settings = run.settings
     last = through or month.last_day
-    with engine.connect() as conn:
+    for key in LEDGER_COUNTS:
+        run.counts.setdefault(key, 0)
+    with run.engine.connect() as conn:
         if not credit_sources_exist(conn):
             empty = pd.DataFrame()
             return LedgerOutcome(
@@ -731,12 +758,19 @@ def write_ledger(
             )
         has_ledger = ledger_exists(conn)
         periods = written_periods(conn) if has_ledger else []
-        written_through = periods[-1] if periods else None
         before = [p for p in periods if p < str(month)]
-        cut = Month.parse(before[-1]).last_day if before and through is None else None
         end = local_midnight_utc(last + timedelta(days=1), settings.zone)
         codes = read_code_redemptions(conn, end)
-        decisions = decide_codes(codes)
+        plan = LedgerPlan(
+            month=month,
+            last=last,
+            cut=Month.parse(before[-1]).last_day if before and through is None else None,
+            written_through=periods[-1] if periods else None,
+            has_ledger=has_ledger,
+            codes=codes,
+            decisions=decide_codes(codes),
+            extra_invoices=dict(extra_invoices or {}),
+        )
         ids = ledger_accounts(conn)
         # Top-ups and refund requests of accounts that do not exist: rejected (every one up
         # to the month's end: they are few, and a reject already recorded stays as it is).
@@ -745,7 +779,7 @@ def write_ledger(
         orphan_rejects = pd.DataFrame()
         if not orphans.empty:
             _, orphan_rejects, _ = validate_top_ups(
-                orphans, settings, settings.top_up_terms(), codes, decisions, known_accounts=False
+                orphans, settings, settings.top_up_terms(), codes, plan.decisions, known_accounts=False
             )
         orphan_requests = read_unknown_account_refunds(conn, start, end)
         if not orphan_requests.empty:
@@ -756,79 +790,19 @@ def write_ledger(
         Chunk(tuple(ids[i : i + accounts_per_chunk]), n)
         for n, i in enumerate(range(0, len(ids), accounts_per_chunk))
     ]
-    parts: dict[str, list[pd.DataFrame]] = {
-        k: [] for k in ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
-    }
-    counts = {
-        "ledger_entries": 0,
-        "ledger_corrections": 0,
-        "refunds_written": 0,
-        "lots_written": 0,
-        "accounts_replayed_whole": 0,
-    }
-    for chunk in chunks:
-        with engine.connect() as conn:
-            truth = compute_chunk_ledger(
-                conn,
-                settings,
-                chunk,
-                last,
-                codes=codes,
-                code_decisions=decisions,
-                extra_invoices=extra_invoices,
-                has_ledger=has_ledger,
-                cut=cut,
-            )
-            written = (
-                read_written_entries(conn, chunk, last, after=cut, except_accounts=truth.changed)
-                if has_ledger
-                else pd.DataFrame()
-            )
-            written_refunds = (
-                read_written_refunds(conn, chunk)
-                if has_ledger
-                else pd.DataFrame(columns=["request_id", "lot_id"])
-            )
-        new = ledger_diff(truth.entries, written, month, written_through)
-        seen = set(zip(written_refunds["request_id"], written_refunds["lot_id"], strict=True))
-        refunds = (
-            truth.refunds[
-                [
-                    (r, lo) not in seen
-                    for r, lo in zip(truth.refunds["request_id"], truth.refunds["lot_id"], strict=True)
-                ]
-            ]
-            if not truth.refunds.empty
-            else truth.refunds
-        )
-        parts["entries"].append(new)
-        parts["refunds"].append(refunds)
-        parts["rejects"].append(truth.rejects)
-        parts["exceptions"].append(truth.exceptions)
-        parts["lots"].append(truth.lots)
-        parts["balances"].append(truth.balances)
-        counts["ledger_entries"] += len(new)
-        counts["ledger_corrections"] += int((new["corrects"] != "").sum()) if len(new) else 0
-        counts["refunds_written"] += len(refunds)
-        counts["accounts_replayed_whole"] += len(truth.changed)
-        if not dry_run:
-            write(_writer(chunk, new, refunds, truth, month, cut, run_id=run_id, now=now, counts=counts))
+    names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
+    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in names}
+    for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, plan=plan):
+        for name, frame in zip(names, frames_of_chunk, strict=True):
+            parts[name].append(frame)
     all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
-    if not dry_run:
-        write(
-            _period_writer(
-                month,
-                all_rejects if not all_rejects.empty else pd.DataFrame(),
-                run_id=run_id,
-                now=now,
-                counts=counts,
-            )
-        )
+    if not run.dry_run:
+        run.write(_period_writer(month, all_rejects, run=run))
     frames = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}
-    counts["topups_rejected"] = (
+    run.counts["topups_rejected"] = (
         int((all_rejects["source_table"] == "top_ups").sum()) if len(all_rejects) else 0
     )
-    counts["price_exceptions"] = len(frames["exceptions"])
+    run.counts["price_exceptions"] = len(frames["exceptions"])
     return LedgerOutcome(
         frames["entries"],
         frames["refunds"],
@@ -836,8 +810,55 @@ def write_ledger(
         frames["exceptions"],
         frames["lots"],
         frames["balances"],
-        counts,
+        {k: int(run.counts.get(k, 0)) for k in LEDGER_COUNTS},
     )
+
+
+def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFrame, ...]:
+    """One chunk of a ledger write: replay, diff with what is written, write (one
+    transaction). Returns the entries and refunds written (or previewed), the chunk's
+    rejects and price exceptions, its lots and balances."""
+    with run.engine.connect() as conn:
+        truth = compute_chunk_ledger(
+            conn,
+            run.settings,
+            chunk,
+            plan.last,
+            codes=plan.codes,
+            code_decisions=plan.decisions,
+            extra_invoices=plan.extra_invoices,
+            has_ledger=plan.has_ledger,
+            cut=plan.cut,
+        )
+        written = (
+            read_written_entries(conn, chunk, plan.last, after=plan.cut, except_accounts=truth.changed)
+            if plan.has_ledger
+            else pd.DataFrame()
+        )
+        written_refunds = (
+            read_written_refunds(conn, chunk)
+            if plan.has_ledger
+            else pd.DataFrame(columns=["request_id", "lot_id"])
+        )
+    new = ledger_diff(truth.entries, written, plan.month, plan.written_through)
+    seen = set(zip(written_refunds["request_id"], written_refunds["lot_id"], strict=True))
+    refunds = (
+        truth.refunds[
+            [
+                (r, lo) not in seen
+                for r, lo in zip(truth.refunds["request_id"], truth.refunds["lot_id"], strict=True)
+            ]
+        ]
+        if not truth.refunds.empty
+        else truth.refunds
+    )
+    run.count("ledger_entries", len(new))
+    run.count("ledger_corrections", int((new["corrects"] != "").sum()) if len(new) else 0)
+    run.count("refunds_written", len(refunds))
+    run.count("accounts_replayed_whole", len(truth.changed))
+    if not run.dry_run:
+        run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, run=run))
+    return new, refunds, truth.rejects, truth.exceptions, truth.lots, truth.balances
 
 
 def _writer(
@@ -848,10 +869,10 @@ def _writer(
     month: Month,
     cut: date | None,
     *,
-    run_id: str,
-    now: datetime,
-    counts: dict[str, int],
+    run: Run,
 ) -> Callable[[Connection], None]:
+    run_id, now = run.run_id, run.now
+
     def work(conn: Connection) -> None:
         _sync_inputs(conn, chunk, truth, cut)
         if len(entries):
@@ -861,7 +882,7 @@ def _writer(
             bulk_insert(
                 conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
             )
-        counts["lots_written"] += _sync_lots(conn, chunk, truth.lots, run_id=run_id, now=now)
+        run.count("lots_written", _sync_lots(conn, chunk, truth.lots, run_id=run_id, now=now))
         _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
 
     return work
@@ -952,19 +973,21 @@ def _sync_balances(
     )
 
 
-def _period_writer(
-    month: Month, rejects: pd.DataFrame, *, run_id: str, now: datetime, counts: dict[str, int]
-) -> Callable[[Connection], None]:
+def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable[[Connection], None]:
     def work(conn: Connection) -> None:
         if not rejects.empty:
-            counts["rejects_new"] = record_rejects(conn, rejects, run_id=run_id, now=now)
+            run.count("rejects_new", record_rejects(conn, rejects, run_id=run.run_id, now=run.now))
         exists = conn.execute(
             select(credit_periods.c.period).where(credit_periods.c.period == str(month))
         ).first()
         if exists is None:
             conn.execute(
                 credit_periods.insert().values(
-                    period=str(month), run_id=run_id, written_at=now, last_run_id=run_id, last_written_at=now
+                    period=str(month),
+                    run_id=run.run_id,
+                    written_at=run.now,
+                    last_run_id=run.run_id,
+                    last_written_at=run.now,
                 )
             )
 

@@ -15,6 +15,7 @@ removes; the finalized invoices are never changed.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from billing_jobs.jobs.compute import (
     month_days,
     platform_rejects,
 )
-from billing_jobs.jobs.ledger import LedgerOutcome, write_ledger
+from billing_jobs.jobs.ledger import ACCOUNTS_PER_CHUNK, LedgerOutcome, write_ledger
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
@@ -197,7 +198,9 @@ def close_month(
     ledger = None
     if shard is None:
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
-        ledger = credits_ledger(run, month, heads=heads_now if run.dry_run else None, through=through)
+        ledger = credits_ledger(
+            run, month, heads=heads_now if run.dry_run else None, through=through, workers=workers
+        )
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
     heads = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
@@ -219,7 +222,12 @@ def close_month(
 
 
 def credits_ledger(
-    run: Run, month: Month, *, heads: pd.DataFrame | None = None, through: date | None = None
+    run: Run,
+    month: Month,
+    *,
+    heads: pd.DataFrame | None = None,
+    through: date | None = None,
+    workers: int = 1,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the credits ledger through the month's end, after
     its invoices. heads: a dry run's previewed invoices (not in the database)."""
@@ -228,16 +236,14 @@ def credits_ledger(
     if heads is not None and not heads.empty:
         for account, total in zip(heads["account_id"], heads["total_units"], strict=True):
             extra[(account, str(month))] = extra.get((account, str(month)), 0) + int(total)
+    per_chunk = int(os.environ.get("BILLING_LEDGER_ACCOUNTS_PER_CHUNK") or ACCOUNTS_PER_CHUNK)
     outcome = write_ledger(
-        run.engine,
-        run.settings,
+        run,
         month,
-        run_id=run.run_id,
-        now=run.now,
-        dry_run=run.dry_run,
-        write=run.write,
         extra_invoices=extra,
         through=through,
+        workers=workers,
+        accounts_per_chunk=max(per_chunk, 1),
     )
     if outcome.skipped:
         log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
@@ -249,8 +255,6 @@ def credits_ledger(
             dry_run=run.dry_run,
             **outcome.counts,
         )
-    for key, value in outcome.counts.items():
-        run.counts[key] = run.counts.get(key, 0) + value
     return outcome
 
 

@@ -34,7 +34,7 @@ T = TypeVar("T")
 # A fresh server process forks the workers: nothing of this process (its database
 # connections above all) reaches them, and the modules are imported once, not per worker.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-PRELOAD = ["billing_jobs.jobs.month_end", "billing_jobs.jobs.nightly"]
+PRELOAD = ["billing_jobs.jobs.month_end", "billing_jobs.jobs.nightly", "billing_jobs.jobs.ledger"]
 
 
 def default_workers() -> int:

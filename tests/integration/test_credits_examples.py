@@ -554,3 +554,26 @@ def test_bad_credits_arguments_exit_2_with_one_line() -> None:
         result = run_cli(None, "credits", *args)
         assert result.code == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+def _five_accounts(url: str) -> None:
+    data = SourceData()
+    for i, account in enumerate(("Acc-1", "acc-2", "_acc 3", "Zed-4", "zed-5")):
+        data.project(f"p{i}", created="2025-11-02", account=account)
+        data.top_up(f"t{i}", f"2026-05-0{i + 1} 10:00", account=account, credits="1000", amount="95.00")
+        data.compute(f"p{i}", "2026-05-15 12:00", str(20 * i + 1))
+        data.compute(f"p{i}", "2026-06-15 12:00", str(7 * i + 2))
+    data.refund_request("r1", "2026-06-20 10:00", account="acc-2")
+    data.write_url(url)
+
+
+def test_the_ledger_does_not_depend_on_its_chunks_or_workers(db_url: str, tmp_path: Path) -> None:
+    _five_accounts(db_url)
+    chunked = {"BILLING_LEDGER_ACCOUNTS_PER_CHUNK": "2", "BILLING_WORKERS": "2"}
+    close(db_url, "2026-05", "2026-06", env=chunked)
+    got = [r for m in ("2026-05", "2026-06") for r in ledger(db_url, m)]
+    other = f"sqlite:///{tmp_path / 'one-chunk.db'}"
+    _five_accounts(other)
+    close(other, "2026-05", "2026-06")
+    assert got == [r for m in ("2026-05", "2026-06") for r in ledger(other, m)]
+    assert any(r["kind"] == "refund" for r in got)
