@@ -322,6 +322,7 @@ def main() -> None:
             run(naive(engine, args.projects))
         run(command(url, "month-end", "--month", "2026-05", **kw))
         if args.first_close_only:
+            run(command(url, "month-end", "--month", "2026-06", **kw))
             engine.dispose()
             steps_done(steps, base)
             return
