@@ -27,6 +27,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    union_all,
 )
 
 from billing_jobs.db.billing_tables import (
@@ -357,22 +358,25 @@ def changed_compute_accounts(
     conn: Connection, first: date, cut: date, zone: ZoneInfo, chunk: Chunk
 ) -> set[str]:
     """The chunk's accounts whose compute per billing day, days first..cut, differs from
-    the stored inputs: both sets of (account, day, units) compared by the database (each
-    EXCEPT the other), so only the accounts that differ come back."""
+    the stored inputs, found by the database in one pass: the recomputed totals and the
+    stored ones negated, summed per account and day; a day whose sum is not zero differs.
+    (A day that sums to zero draws and restores nothing, stored or not.)"""
     if first > cut:
         return set()
-    now = compute_per_day_query(conn, first, cut, zone, chunk)
+    now = compute_per_day_query(conn, first, cut, zone, chunk).subquery()
     ci = credit_inputs.c
     cut_day = (cut - date(1970, 1, 1)).days
-    was = select(ci.account_id, ci.day, ci.credit_units).where(
+    was = select(ci.account_id, ci.day, (-ci.credit_units).label("compute_units")).where(
         chunk.clause(ci.account_id), ci.source == "compute", ci.day <= cut_day
     )
-    now_days, was_days = now.cte("compute_now"), was.cte("compute_stored")
-    changed: set[str] = set()
-    for one, other in ((now_days, was_days), (was_days, now_days)):
-        differ = select(one).except_(select(other)).subquery()
-        changed.update(a for (a,) in conn.execute(select(differ.c[0]).distinct()))
-    return changed
+    both = union_all(select(now.c.account_id, now.c.day, now.c.compute_units), was).subquery()
+    differ = (
+        select(both.c.account_id)
+        .group_by(both.c.account_id, both.c.day)
+        .having(func.sum(both.c.compute_units) != 0)
+        .subquery()
+    )
+    return {a for (a,) in conn.execute(select(differ.c.account_id).distinct())}
 
 
 def written_periods(conn: Connection) -> list[str]:
