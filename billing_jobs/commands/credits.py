@@ -25,7 +25,7 @@ from sqlalchemy import inspect, select
 from billing_jobs.commands import common
 from billing_jobs.commands.common import Context
 from billing_jobs.rules.calendar import Month, day_number
-from billing_jobs.rules.credits import PRICE_SCALE, TopUpTerms, price_cents, tier_prices, wire_credits
+from billing_jobs.rules.credits import PRICE_SCALE, price_cents, tier_prices, wire_credits, wire_prices
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_cents, format_decimal, format_units
 
 T = TypeVar("T")
@@ -153,7 +153,7 @@ def quote(
                 f"--amount {amount_text}: below the smallest top-up of "
                 f"{format_cents(terms.smallest_amount_cents)} {currency}"
             )
-        price = _wire_price(terms, cents, n)
+        price = Decimal(int(wire_prices(terms, [cents], [n])[0])) / PRICE_SCALE
         result = {
             "amount": format_cents(cents),
             "price": format_decimal(price),
@@ -165,13 +165,6 @@ def quote(
         )
     result.update(currency=currency, date=day.isoformat())
     click.echo(json.dumps(result) if as_json else text)
-
-
-def _wire_price(terms: TopUpTerms, cents: int, day: int) -> Decimal:
-    amounts = terms.tier_amounts_cents()
-    reached = [i for i, floor in enumerate(amounts) if cents >= floor]
-    index = 0 if day < terms.tiers_from else max(reached)
-    return Decimal(terms.tiers[index].price) / PRICE_SCALE
 
 
 @credits_group.command("export")

@@ -19,7 +19,6 @@ from sqlalchemy import (
     Connection,
     Integer,
     Select,
-    and_,
     case,
     cast,
     func,
@@ -58,7 +57,7 @@ from billing_jobs.db.source_tables import (
     refund_requests,
     top_ups,
 )
-from billing_jobs.rules.calendar import local_midnight_utc
+from billing_jobs.rules.calendar import day_from_number, local_midnight_utc
 
 CREDIT_SOURCES = ("top_ups", "redemption_codes", "refund_requests")
 LEDGER_TABLES = ("credit_entries", "credit_lots", "credit_periods", "credit_refunds", "credit_balances")
@@ -166,12 +165,16 @@ def _top_up_columns(conn: Connection) -> list[ColumnElement[Any]]:
     ]
 
 
-def read_top_ups(conn: Connection, end: datetime, chunk: Chunk) -> pd.DataFrame:
-    """The top-ups of the chunk's accounts paid before `end`."""
+def read_top_ups(
+    conn: Connection, end: datetime, chunk: Chunk, start: datetime | None = None
+) -> pd.DataFrame:
+    """The top-ups of the chunk's accounts paid before `end` (and at or after `start`)."""
     t = top_ups.c
     stmt = select(*_top_up_columns(conn)).where(
         chunk.clause(t.account_id), raw(conn, t.paid_at) < ts_param(conn, end)
     )
+    if start is not None:
+        stmt = stmt.where(raw(conn, t.paid_at) >= ts_param(conn, start))
     return read_frame(conn, stmt, timestamps=["paid_at"])
 
 
@@ -335,14 +338,10 @@ def read_entry_sums(conn: Connection, chunk: Chunk, last_day: int) -> pd.DataFra
         select(
             e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units")
         )
-        .where(chunk.clause(e.account_id), e.day <= day_from(last_day))
+        .where(chunk.clause(e.account_id), e.day <= day_from_number(last_day))
         .group_by(e.account_id, e.lot_id, e.kind)
     )
     return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)
-
-
-def day_from(day: int) -> date:
-    return date(1970, 1, 1) + timedelta(days=day)
 
 
 def read_inputs(conn: Connection, chunk: Chunk, source: str, last_day: int) -> pd.DataFrame:
@@ -387,7 +386,3 @@ def ledger_accounts(conn: Connection) -> list[str]:
     """Every account the ledger may concern: the known accounts (in code-point order)."""
     ids = [a for (a,) in conn.execute(select(accounts.c.account_id))]
     return sorted(ids)
-
-
-def between(column: ColumnElement[Any], first: Any, last: Any) -> ColumnElement[bool]:
-    return and_(column >= first, column <= last)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from fractions import Fraction
 from typing import Any, TextIO
 
@@ -25,9 +25,10 @@ from billing_jobs.db.credit_reads import (
     read_top_ups,
     written_periods,
 )
-from billing_jobs.db.reads import Chunk, day_number, read_frame
+from billing_jobs.db.reads import Chunk, read_frame
+from billing_jobs.db.reads import day_number as sql_day_number
 from billing_jobs.jobs.ledger import HELD_SIGN, decide_codes, read_events, states_at, validate_top_ups
-from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
+from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_midnight_utc
 from billing_jobs.rules.credits import (
     ARREARS,
     DRAW,
@@ -59,7 +60,7 @@ def _entries(conn: Connection, *where: Any) -> pd.DataFrame:
         e.account_id,
         e.lot_id,
         e.kind,
-        day_number(conn, e.day).label("day"),
+        sql_day_number(conn, e.day).label("day"),
         e.cause,
         e.period,
         e.corrects,
@@ -161,13 +162,13 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
         written_through = Month.parse(periods[-1]).last_day if periods else None
         cutoff = min(day, written_through) if written_through else None
         if cutoff is not None:
-            state, written = _state_from_ledger(conn, account, day_number_of(cutoff))
+            state, written = _state_from_ledger(conn, account, day_number(cutoff))
             written = written.assign(source="ledger")
         else:
             state, written = AccountState(), pd.DataFrame()
         preview = pd.DataFrame()
         if cutoff is None or day > cutoff:
-            end = local_midnight_utc(day + pd.Timedelta(days=1), settings.zone)
+            end = local_midnight_utc(day + timedelta(days=1), settings.zone)
             codes = read_code_redemptions(conn, end)
             source = read_events(
                 conn,
@@ -180,9 +181,9 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
             )
             events = source.events.get(account)
             if events is not None:
-                after = day_number_of(cutoff) if cutoff is not None else None
+                after = day_number(cutoff) if cutoff is not None else None
                 ledger = run_account(
-                    events, day_number_of(day), settings.validity_days, start=state, after=after
+                    events, day_number(day), settings.validity_days, start=state, after=after
                 )
                 state = ledger.state
                 preview = pd.DataFrame(
@@ -192,7 +193,7 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
                     ],
                     columns=["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents"],
                 ).assign(source="preview")
-    d = day_number_of(day)
+    d = day_number(day)
     lots = []
     for lot in sorted(state.lots.values(), key=LotState.order):
         s = lot.spec
@@ -221,13 +222,9 @@ def account_balance(engine: Engine, settings: Settings, account: str, day: date)
     return Balance(account, day, written_through, lots, state.arrears, entries)
 
 
-def day_number_of(d: date) -> int:
-    return (d - date(1970, 1, 1)).days
-
-
 def history_rows(balance: Balance, month: Month) -> list[dict[str, str]]:
     """The account's entries of days in `month`, day by day (written, then previewed)."""
-    first, last = day_number_of(month.first_day), day_number_of(month.last_day)
+    first, last = day_number(month.first_day), day_number(month.last_day)
     df = balance.entries
     df = df[(df["day"] >= first) & (df["day"] <= last)]
     rows = sorted(
@@ -410,9 +407,8 @@ def month_exceptions(engine: Engine, settings: Settings, month: Month) -> tuple[
                 "the credits source tables (top_ups, redemption_codes, refund_requests) do not exist"
             )
         start = local_midnight_utc(month.first_day, settings.zone)
-        end = local_midnight_utc(month.last_day + pd.Timedelta(days=1), settings.zone)
-        top = read_top_ups(conn, end, Chunk())
-        top = top[top["paid_at"] >= pd.Timestamp(start)]
+        end = local_midnight_utc(month.last_day + timedelta(days=1), settings.zone)
+        top = read_top_ups(conn, end, Chunk(), start)
         codes = read_code_redemptions(conn, end)
         _, _, exceptions = validate_top_ups(
             top, settings, settings.top_up_terms(), codes, decide_codes(codes)

@@ -132,7 +132,9 @@ def _day_of(values: pd.Series, settings: Settings) -> np.ndarray[Any, np.dtype[n
 
 
 def _period_of_days(days: pd.Series) -> pd.Series:
-    return pd.Series([str(Month.of(day_from_number(int(d)))) for d in days], index=days.index, dtype=object)
+    """The month `YYYY-MM` of each day number."""
+    months = np.asarray(days, dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
+    return pd.Series(np.datetime_as_string(months, unit="M"), index=days.index, dtype=object)
 
 
 def decide_codes(redemptions: pd.DataFrame) -> dict[str, str | None]:
@@ -300,6 +302,10 @@ def _refund_rejects(requests: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     )
 
 
+def _no_refunds() -> pd.DataFrame:
+    return pd.DataFrame(columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"])
+
+
 @dataclass(frozen=True)
 class ChunkTruth:
     """One chunk's ledger recomputed from the source data."""
@@ -312,6 +318,7 @@ class ChunkTruth:
     exceptions: pd.DataFrame
     changed: frozenset[str] = frozenset()  # accounts replayed whole (else from the written state)
     inputs: pd.DataFrame = field(default_factory=pd.DataFrame)  # what to store in credit_inputs
+    written_refunds: pd.DataFrame = field(default_factory=_no_refunds)  # as read before the replay
 
 
 @dataclass(frozen=True)
@@ -337,9 +344,11 @@ def read_events(
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
     compute_from: date | None = None,
+    written: pd.DataFrame | None = None,
 ) -> SourceEvents:
     """The chunk's lots, compute per day, invoice totals and refund requests through `through`
-    (compute from `compute_from` on, else from the effective date)."""
+    (compute from `compute_from` on, else from the effective date). written: the refunds
+    already written (read here when not given)."""
     zone = settings.zone
     terms = settings.top_up_terms()
     end = local_midnight_utc(through + timedelta(days=1), zone)
@@ -360,13 +369,6 @@ def read_events(
     }
     for key, value in (extra_invoices or {}).items():
         invoice_totals[key] = invoice_totals.get(key, 0) + value
-    written = (
-        read_written_refunds(conn, chunk)
-        if has_ledger
-        else pd.DataFrame(
-            columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
-        )
-    )
     per_account: dict[str, dict[str, Any]] = {}
 
     def slot(account: str) -> dict[str, Any]:
@@ -395,6 +397,8 @@ def read_events(
             slot(account)["invoices"][last] = total
     for r in requests.itertuples(index=False):
         slot(r.account_id)["requests"].append((int(r.day), r.request_id))
+    if written is None:
+        written = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
     for r in written.itertuples(index=False):
         slot(r.account_id)["written"].setdefault(r.request_id, []).append(
             WrittenRefund(r.lot_id, int(r.credit_units), int(r.money_cents))
@@ -426,6 +430,7 @@ def compute_chunk_ledger(
     the days after it are replayed and compared. Any other account is replayed whole.
     """
     window = None if cut is None else cut + timedelta(days=1)
+    written_refunds = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
     source = read_events(
         conn,
         settings,
@@ -436,6 +441,7 @@ def compute_chunk_ledger(
         extra_invoices=extra_invoices,
         has_ledger=has_ledger,
         compute_from=window,
+        written=written_refunds,
     )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
@@ -444,9 +450,9 @@ def compute_chunk_ledger(
     stored_restores = pd.DataFrame(columns=list(lots.columns))
     if cut is not None:
         cut_day = day_number(cut)
-        changed = changed_accounts(conn, settings, chunk, source, cut)
-        starts = {a: st for a, st in states_at(conn, chunk, cut_day).items() if a not in changed}
         stored = read_lots(conn, chunk)
+        changed = changed_accounts(conn, settings, chunk, source, cut, stored, written_refunds)
+        starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
         stored_restores = stored[
             (stored["channel"] == RESTORED)
             & (stored["valid_from"] <= cut_day)
@@ -500,6 +506,7 @@ def compute_chunk_ledger(
         exceptions,
         frozenset(changed),
         inputs,
+        written_refunds,
     )
 
 
@@ -526,8 +533,31 @@ def _inputs(
     return pd.DataFrame(rows, columns=["account_id", "day", "source", "units"])
 
 
+def _lot_keys(lots: pd.DataFrame, cut_day: int) -> set[tuple[Any, ...]]:
+    """The lots funded by top-ups up to `cut_day`, as comparable tuples."""
+    return {
+        (
+            r.account_id,
+            r.lot_id,
+            r.channel,
+            int(r.credit_units),
+            int(r.money_cents),
+            int(r.valid_from),
+            int(r.valid_until),
+        )
+        for r in lots.itertuples(index=False)
+        if r.channel != RESTORED and int(r.valid_from) <= cut_day
+    }
+
+
 def changed_accounts(
-    conn: Connection, settings: Settings, chunk: Chunk, source: SourceEvents, cut: date
+    conn: Connection,
+    settings: Settings,
+    chunk: Chunk,
+    source: SourceEvents,
+    cut: date,
+    stored_lots: pd.DataFrame,
+    written_refunds: pd.DataFrame,
 ) -> set[str]:
     """The chunk's accounts whose inputs for days up to `cut` differ from those the ledger
     was written with: compute per day (compared in the database), invoice totals, lots
@@ -542,46 +572,22 @@ def changed_accounts(
     }
     was = {(a, int(d)): int(u) for a, d, u in stored.itertuples(index=False)}
     changed.update(key[0] for key, _ in set(now.items()) ^ set(was.items()))
-    stored_lots = read_lots(conn, chunk)
-    old = {
-        (
-            r.account_id,
-            r.lot_id,
-            r.channel,
-            int(r.credit_units),
-            int(r.money_cents),
-            int(r.valid_from),
-            int(r.valid_until),
-        )
-        for r in stored_lots.itertuples(index=False)
-        if r.channel != RESTORED and int(r.valid_from) <= cut_day
-    }
-    new = {
-        (
-            r.account_id,
-            r.lot_id,
-            r.channel,
-            int(r.credit_units),
-            int(r.money_cents),
-            int(r.valid_from),
-            int(r.valid_until),
-        )
-        for r in source.lots.itertuples(index=False)
-        if int(r.valid_from) <= cut_day
-    }
-    changed.update(t[0] for t in old ^ new)
-    written = set(read_written_refunds(conn, chunk)["request_id"])
+    changed.update(t[0] for t in _lot_keys(stored_lots, cut_day) ^ _lot_keys(source.lots, cut_day))
+    written = set(written_refunds["request_id"])
     for account, events in source.events.items():
         if any(day <= cut_day and request not in written for day, request in events.refund_requests):
             changed.add(account)
     return changed
 
 
-def states_at(conn: Connection, chunk: Chunk, cut_day: int) -> dict[str, AccountState]:
+def states_at(
+    conn: Connection, chunk: Chunk, cut_day: int, lots: pd.DataFrame | None = None
+) -> dict[str, AccountState]:
     """Each of the chunk's accounts' lots and arrears at the end of day `cut_day`, from the
-    written ledger: the stored lots, and their entries summed up to that day."""
+    written ledger: the stored lots (`lots`, read here when not given), and their entries
+    summed up to that day."""
     states: dict[str, AccountState] = {}
-    for r in read_lots(conn, chunk).itertuples(index=False):
+    for r in (read_lots(conn, chunk) if lots is None else lots).itertuples(index=False):
         if int(r.valid_from) > cut_day:
             continue
         spec = LotSpec(
@@ -835,13 +841,8 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
             if plan.has_ledger
             else pd.DataFrame()
         )
-        written_refunds = (
-            read_written_refunds(conn, chunk)
-            if plan.has_ledger
-            else pd.DataFrame(columns=["request_id", "lot_id"])
-        )
     new = ledger_diff(truth.entries, written, plan.month, plan.written_through)
-    seen = set(zip(written_refunds["request_id"], written_refunds["lot_id"], strict=True))
+    seen = set(zip(truth.written_refunds["request_id"], truth.written_refunds["lot_id"], strict=True))
     refunds = (
         truth.refunds[
             [

@@ -125,23 +125,30 @@ def price_cents(terms: TopUpTerms, credit_units: npt.ArrayLike, days: npt.ArrayL
     return _objects(np.where(p > 0, amounts, -1))
 
 
-def wire_credits(terms: TopUpTerms, amount_cents: npt.ArrayLike, days: npt.ArrayLike) -> ObjArray:
-    """The credit units each wire buys: floor(amount / p, 4 decimals), `p` the price of the
-    highest tier whose smallest amount the wire reaches (the first tier's before
-    `tiers_from`); -1 below the smallest top-up."""
+def wire_prices(terms: TopUpTerms, amount_cents: npt.ArrayLike, days: npt.ArrayLike) -> ObjArray:
+    """The price (units of 1/10,000 money per credit) each wire buys at: the highest tier
+    whose smallest amount it reaches (the first tier's before `tiers_from`); 0 below the
+    smallest top-up."""
     a = _objects(amount_cents)
     d = np.asarray(days, dtype=np.int64)
     floors = np.array(terms.tier_amounts_cents(), dtype=object)
-    prices = np.array([t.price for t in terms.tiers], dtype=object)
+    prices = np.array([t.price for t in terms.tiers] + [0], dtype=object)
     reached = a.reshape(-1, 1) >= floors.reshape(1, -1)
     # the highest tier reached (tier amounts need not increase with the tier)
     highest = np.where(reached.any(axis=1), len(floors) - 1 - np.argmax(reached[:, ::-1], axis=1), -1).astype(
         np.int64
     )
     index = np.where((d < terms.tiers_from) & (highest >= 0), 0, highest)
-    p = prices[np.maximum(index, 0)]
-    credits = (a * (UNITS_PER_CREDIT * PRICE_SCALE // CENTS)) // p
-    return _objects(np.where(index >= 0, credits, -1))
+    return _objects(prices[index])  # index -1 picks the 0 sentinel
+
+
+def wire_credits(terms: TopUpTerms, amount_cents: npt.ArrayLike, days: npt.ArrayLike) -> ObjArray:
+    """The credit units each wire buys: floor(amount / p, 4 decimals) at `wire_prices`;
+    -1 below the smallest top-up."""
+    a = _objects(amount_cents)
+    p = wire_prices(terms, a, days)
+    credits = (a * (UNITS_PER_CREDIT * PRICE_SCALE // CENTS)) // np.where(p > 0, p, 1)
+    return _objects(np.where(p > 0, credits, -1))
 
 
 def refund_money(held_units: int, money_cents: int, credit_units: int) -> int:
