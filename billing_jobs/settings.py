@@ -110,6 +110,19 @@ def _clock(value: Any) -> time:
     raise ValueError(f"expected a time HH:MM, got {value!r}")
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _share(value: Any) -> Decimal:
+    result = _decimal(value)
+    if result > 1:
+        raise ValueError(f"expected a share between 0 and 1, got {value!r}")
+    return result
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
@@ -125,6 +138,8 @@ Count = Annotated[int, BeforeValidator(_count)]
 Zone = Annotated[str, BeforeValidator(_timezone)]
 Clock = Annotated[time, BeforeValidator(_clock)]
 Text = Annotated[str, BeforeValidator(_text)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Share = Annotated[Decimal, BeforeValidator(_share)]
 
 
 class _Section(BaseModel):
@@ -133,6 +148,7 @@ class _Section(BaseModel):
 
 class BillingSection(_Section):
     timezone: Zone = "UTC"
+    require_approval: Flag = False
 
 
 class StorageFeeSection(_Section):
@@ -160,6 +176,9 @@ class ScheduleSection(_Section):
     month_end_day: Annotated[int, BeforeValidator(_count), Field(ge=1, le=28)] = 1
     month_end_at: Clock = time(4, 0)
     misfire_grace_seconds: Annotated[int, BeforeValidator(_count), Field(ge=1)] = 21600
+    reconcile_at: Clock = time(3, 30)
+    reconcile_months: Count = 3
+    auto_adjust: Flag = False
 
 
 class LockSection(_Section):
@@ -170,6 +189,7 @@ class MonitoringSection(_Section):
     metrics_textfile: Text = ""
     pushgateway_url: Text = ""
     close_overdue_days: Count = 3
+    adjustment_confirm_share: Share = Decimal("0.05")
 
 
 def _tier_list(value: Any) -> tuple[tuple[Decimal, Decimal], ...]:
@@ -253,6 +273,11 @@ class Settings:
     metrics_textfile: str = ""
     pushgateway_url: str = ""
     close_overdue_days: int = 3
+    require_approval: bool = False
+    reconcile_at: time = time(3, 30)
+    reconcile_months: int = 3
+    auto_adjust: bool = False
+    adjustment_confirm_share: Decimal = Decimal("0.05")
     currency: str = "USD"
     validity_days: int = 365
     tiers_from: date = date(2026, 3, 26)
@@ -314,6 +339,11 @@ def _from_model(model: _SettingsModel) -> Settings:
         metrics_textfile=model.monitoring.metrics_textfile,
         pushgateway_url=model.monitoring.pushgateway_url,
         close_overdue_days=model.monitoring.close_overdue_days,
+        require_approval=model.billing.require_approval,
+        reconcile_at=model.schedule.reconcile_at,
+        reconcile_months=model.schedule.reconcile_months,
+        auto_adjust=model.schedule.auto_adjust,
+        adjustment_confirm_share=model.monitoring.adjustment_confirm_share,
         currency=model.top_up.currency,
         validity_days=model.top_up.validity_days,
         tiers_from=model.top_up.tiers_from,
