@@ -33,6 +33,7 @@ from billing_jobs.settings import SettingsError
 
 if TYPE_CHECKING:
     from billing_jobs.db.reads import Shard
+    from billing_jobs.settings import Settings
 
 EX_USAGE = 2
 EX_TEMPFAIL = 75
@@ -128,6 +129,56 @@ def _shard_from(text: str | None) -> Shard | None:
     if not 0 <= shard.index < shard.count:
         raise click.UsageError(f"{source} {text!r}: need 0 <= I < N")
     return shard
+
+
+def _month_to_close(
+    settings: Settings, today: date, month_text: str | None, approve_text: str | None, *, dry_run: bool
+) -> Month:
+    """The month a `month-end` acts on: checked against the effective date and today."""
+    from billing_jobs.jobs.month_end import month_has_ended
+
+    if approve_text is not None:
+        if month_text:
+            raise click.UsageError("--approve M names the month: give no --month")
+        month = _parse_month(approve_text)
+    else:
+        month = _parse_month(month_text) if month_text else Month.of(today).previous()
+    if month.last_day < settings.effective_from:
+        raise click.UsageError(
+            f"month {month} ends before the effective date {settings.effective_from} "
+            "(storage_fee.effective_from): nothing is billed in it"
+        )
+    if not dry_run and not month_has_ended(month, today):
+        raise click.UsageError(
+            f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
+        )
+    return month
+
+
+def _check_month_end_flags(
+    *, dry_run: bool, shard: str | None, finalize: bool, hold: bool, approve: bool
+) -> None:
+    if approve and (dry_run or shard or finalize or hold):
+        raise click.UsageError("--approve M takes no --month, --dry-run, --shard, --finalize or --hold")
+    if hold and (dry_run or shard or finalize):
+        raise click.UsageError("--hold takes neither --dry-run, --shard nor --finalize")
+    if finalize and (dry_run or shard):
+        raise click.UsageError("--finalize takes neither --dry-run nor --shard")
+
+
+def _refuse_closed_day(ctx: Context, day: date) -> None:
+    """A day of a closed month is billed again only by re-closing its month."""
+    from billing_jobs.jobs.month_end import is_closed
+
+    month = Month.of(day)
+    with ctx.engine.connect() as conn:
+        closed = is_closed(conn, month)
+    if closed:
+        raise click.UsageError(
+            f"--date {day} is in month {month}, which is closed: recompute it with "
+            f"`billing-jobs month-end --month {month}` (it writes an adjustment if anything changed; "
+            f"preview it with --dry-run)"
+        )
 
 
 def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
@@ -230,9 +281,17 @@ def nightly(
         target = _parse_date(day)
         if target > yesterday:
             raise click.UsageError(
-                f"--date {target} has not ended yet in {settings.timezone} (latest billable day: {yesterday})"
+                f"--date {target} has not ended yet in {settings.timezone}: bill it once it has "
+                f"(latest billable day: {yesterday})"
+            )
+        if target < settings.effective_from:
+            raise click.UsageError(
+                f"--date {target} is before the effective date {settings.effective_from} "
+                "(storage_fee.effective_from): nothing is billed before it"
             )
     has_schema = _ensure_schema(ctx, dry_run=dry_run)
+    if day is not None and has_schema and not dry_run:
+        _refuse_closed_day(ctx, target)
     if day is not None:
         days = [target]
     elif has_schema:
@@ -290,6 +349,32 @@ def nightly(
     help="Finalize a sharded close: exit 0 once every shard's drafts are complete and consistent "
     "(nothing to do if already final), 75 while a shard still runs, 1 naming missing shards.",
 )
+@click.option(
+    "--hold",
+    is_flag=True,
+    help="Write the month's drafts and stop: finance reviews them and finalizes them with "
+    "--approve. ([billing] require_approval = true makes every month-end hold.)",
+)
+@click.option(
+    "--approve",
+    "approve_text",
+    default=None,
+    metavar="YYYY-MM",
+    help="Finalize the held drafts of this month, only if they still equal a fresh computation "
+    "(else exit 1 with the differences); then write its credits ledger.",
+)
+@click.option(
+    "--reprice",
+    is_flag=True,
+    help="Re-close a closed month with the settings in force now although they differ from those "
+    "it was closed with (without it such a run exits 2 naming the changed keys).",
+)
+@click.option(
+    "--confirm",
+    is_flag=True,
+    help="Write a re-close whose adjustments exceed [monitoring] adjustment_confirm_share of the "
+    "month's invoiced total (without it such a run shows the differences and exits 2).",
+)
 @_chunk_option
 @_workers_option
 @click.pass_obj
@@ -300,6 +385,10 @@ def month_end(
     output: str | None,
     shard_text: str | None,
     finalize: bool,
+    hold: bool,
+    approve_text: str | None,
+    reprice: bool,
+    confirm: bool,
     projects_per_chunk: int,
     workers: int | None,
 ) -> None:
@@ -308,31 +397,65 @@ def month_end(
     At scale the accounts can be closed in shards on several machines: run
     `month-end --month M --shard I/N` for I = 0..N-1 (at the same time), then
     `month-end --month M --finalize`.
+
+    For finance's sign-off: `month-end --month M --hold` writes drafts, then
+    `month-end --approve M` finalizes them.
     """
+    from billing_jobs.jobs import month_controls as controls
     from billing_jobs.jobs import month_end as job
-    from billing_jobs.jobs.runner import run_job
+    from billing_jobs.jobs.runner import Run, run_job
     from billing_jobs.jobs.workers import default_workers
     from billing_jobs.preview import print_month
 
     settings = ctx.settings
     now = utcnow()
     today = now.astimezone(settings.zone).date()
-    month = _parse_month(month_text) if month_text else Month.of(today).previous()
+    approve = approve_text is not None
+    month = _month_to_close(settings, today, month_text, approve_text, dry_run=dry_run)
+    _check_month_end_flags(dry_run=dry_run, shard=shard_text, finalize=finalize, hold=hold, approve=approve)
     # A month that has not ended is previewed through yesterday: "the invoices so far".
     through = None if job.month_has_ended(month, today) else today - timedelta(days=1)
-    if not dry_run and not job.month_has_ended(month, today):
-        raise click.UsageError(
-            f"month {month} has not ended in {settings.timezone}; preview it with --dry-run"
-        )
     shard = _shard_from(shard_text) if not finalize else None
-    if finalize and (dry_run or shard_text):
-        raise click.UsageError("--finalize takes neither --dry-run nor --shard")
+    if settings.require_approval and not (dry_run or approve or finalize or shard is not None):
+        hold = True
     has_schema = _ensure_schema(ctx, dry_run=dry_run)
+    try:
+        controls.check_settings(ctx.engine, month, settings, reprice=reprice)
+    except controls.SettingsChanged as exc:
+        raise click.UsageError(str(exc)) from None
     arguments: dict[str, object] = {"month": str(month), "dry_run": dry_run}
-    if shard is not None:
-        arguments["shard"] = str(shard)
-    if finalize:
-        arguments["finalize"] = True
+    for flag, value in (
+        ("shard", str(shard) if shard else None),
+        ("finalize", finalize),
+        ("hold", hold),
+        ("approve", approve),
+        ("reprice", reprice),
+        ("confirm", confirm),
+    ):
+        if value:
+            arguments[flag] = value
+    chunk_workers = workers or default_workers()
+
+    def body(run: Run) -> object:
+        repriced = controls.check_settings(run.engine, month, settings, reprice=reprice)
+        if repriced:
+            run.counts["repriced"] = repriced
+        if approve:
+            return job.approve_month(run, month, projects_per_chunk, workers=chunk_workers)
+        if finalize:
+            return job.finalize_shards(run, month)
+        return job.close_month(
+            run,
+            month,
+            projects_per_chunk,
+            fresh_schema=not has_schema,
+            through=through,
+            workers=chunk_workers,
+            shard=shard,
+            hold=hold,
+            confirm=confirm or dry_run,
+        )
+
     update, stop = progress_for("month-end")
     try:
         outcome = run_job(
@@ -343,23 +466,27 @@ def month_end(
             arguments=arguments,
             now=now,
             dry_run=dry_run,
-            body=lambda run: (
-                job.finalize_shards(run, month)
-                if finalize
-                else job.close_month(
-                    run,
-                    month,
-                    projects_per_chunk,
-                    fresh_schema=not has_schema,
-                    through=through,
-                    workers=workers or default_workers(),
-                    shard=shard,
-                )
-            ),
+            body=body,
             progress=update,
             lock_name=writer_lock_name(*((shard.index, shard.count) if shard else ())),
         )
     except job.ShardsIncomplete as exc:
+        _fail(f"error: {exc}", 1)
+    except controls.SettingsChanged as exc:
+        _fail(f"error: {exc}", EX_USAGE)
+    except controls.NothingHeld as exc:
+        _fail(f"error: {exc}", EX_USAGE)
+    except controls.NeedsConfirm as exc:
+        stop()
+        from billing_jobs.jobs.runner import Outcome
+
+        print_month(Outcome("-", "preview", {}, 0.0, exc.preview), dry_run=True, output=output)
+        _fail(f"error: {exc}", EX_USAGE)
+    except controls.ApprovalDiffers as exc:
+        stop()
+        from billing_jobs.preview import print_differences
+
+        print_differences(exc.differences)
         _fail(f"error: {exc}", 1)
     finally:
         stop()

@@ -215,3 +215,18 @@ def _print_ledger(console: Console, ledger: Any, *, dry_run: bool) -> None:
         f"top-ups rejected: {ledger.counts.get('topups_rejected', 0)}; "
         f"price exceptions: {ledger.counts.get('price_exceptions', 0)}"
     )
+
+
+def print_differences(differences: pd.DataFrame) -> None:
+    """Held draft lines against a fresh computation, one tab-separated row per line that
+    differs ("-" where one side has no such line), never cut to the terminal's width."""
+
+    def amount(value: Any) -> str:
+        return "-" if pd.isna(value) else format_units(int(value))
+
+    out = ["held drafts that differ from a fresh computation:"]
+    out.append("\t".join(("invoice", "account", "project", "line_type", "held_amount", "fresh_amount")))
+    for r in differences.itertuples(index=False):
+        held, fresh = amount(r.amount_units_held), amount(r.amount_units_fresh)
+        out.append("\t".join((r.invoice_id, r.account_id, r.project_id, r.line_type, held, fresh)))
+    print("\n".join(out), flush=True)

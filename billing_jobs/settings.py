@@ -116,7 +116,9 @@ def _flag(value: Any) -> bool:
     return value
 
 
-def _share(value: Any) -> Decimal:
+def _share(value: Any) -> Decimal | None:
+    if isinstance(value, str) and value.strip() == "":
+        return None
     result = _decimal(value)
     if result > 1:
         raise ValueError(f"expected a share between 0 and 1, got {value!r}")
@@ -139,7 +141,7 @@ Zone = Annotated[str, BeforeValidator(_timezone)]
 Clock = Annotated[time, BeforeValidator(_clock)]
 Text = Annotated[str, BeforeValidator(_text)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
-Share = Annotated[Decimal, BeforeValidator(_share)]
+OptShare = Annotated[Decimal | None, BeforeValidator(_share)]
 
 
 class _Section(BaseModel):
@@ -189,7 +191,7 @@ class MonitoringSection(_Section):
     metrics_textfile: Text = ""
     pushgateway_url: Text = ""
     close_overdue_days: Count = 3
-    adjustment_confirm_share: Share = Decimal("0.05")
+    adjustment_confirm_share: OptShare = None
 
 
 def _tier_list(value: Any) -> tuple[tuple[Decimal, Decimal], ...]:
@@ -277,7 +279,7 @@ class Settings:
     reconcile_at: time = time(3, 30)
     reconcile_months: int = 3
     auto_adjust: bool = False
-    adjustment_confirm_share: Decimal = Decimal("0.05")
+    adjustment_confirm_share: Decimal | None = None
     currency: str = "USD"
     validity_days: int = 365
     tiers_from: date = date(2026, 3, 26)

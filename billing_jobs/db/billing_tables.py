@@ -96,6 +96,22 @@ month_closes = Table(
     Column("last_run_id", String(36), nullable=False),
     Column("last_run_at", DateTime, nullable=False),
     Column("adjustments", Integer, nullable=False, default=0),
+    # The billing settings the month was last billed with (`Settings.billing_values`).
+    Column("settings_hash", String(64)),
+    Column("settings", Text),  # JSON; NULL for months closed before settings were pinned
+)
+
+# A month's drafts held for finance's approval (`month-end --hold`, then `--approve`).
+month_holds = Table(
+    "month_holds",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("kind", String(16), nullable=False),  # regular | adjustment: what its drafts are
+    Column("settings_hash", String(64), nullable=False),
+    Column("held_at", DateTime, nullable=False),
+    Column("invoices", Integer, nullable=False),
+    Column("total_units", BigInteger, nullable=False),
 )
 
 # Shards of a sharded month close (`month-end --shard I/N`): which run wrote each shard's

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
 
@@ -31,10 +31,12 @@ from billing_jobs.db.billing_tables import (
     invoice_lines,
     invoices,
     month_closes,
+    month_holds,
     month_shards,
 )
 from billing_jobs.db.reads import Chunk, Shard, accounts_charged, plan_chunks, read_frame
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
     ChunkResult,
     InBackground,
@@ -84,8 +86,7 @@ def is_closed(conn: Connection, month: Month) -> bool:
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
     """Sum of the month's finalized invoice lines per (account, project, line type).
 
-    Called before the chunk's drafts exist, after the drafts of any earlier run
-    were removed: every line of the chunk's accounts for the month is finalized.
+    Drafts (of a run that was interrupted, or held for approval) are not counted.
     """
     il = invoice_lines.c
     stmt = (
@@ -96,7 +97,8 @@ def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame
             cast(func.sum(il.quantity_units), BigInteger).label("quantity_units"),
             cast(func.sum(il.amount_units), BigInteger).label("amount_units"),
         )
-        .where(il.period == str(month), chunk.clause(il.account_id))
+        .select_from(invoice_lines.join(invoices, invoices.c.invoice_id == il.invoice_id))
+        .where(il.period == str(month), chunk.clause(il.account_id), invoices.c.status == "finalized")
         .group_by(il.account_id, il.project_id, il.line_type)
     )
     return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
@@ -106,7 +108,7 @@ def _next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, i
     inv = invoices.c
     rows = conn.execute(
         select(inv.account_id, func.max(inv.sequence))
-        .where(inv.period == str(month), chunk.clause(inv.account_id))
+        .where(inv.period == str(month), chunk.clause(inv.account_id), inv.status == "finalized")
         .group_by(inv.account_id)
     )
     return {account: int(seq) + 1 for account, seq in rows}
@@ -143,6 +145,9 @@ def close_month(
     through: date | None = None,
     workers: int = 1,
     shard: Shard | None = None,
+    hold: bool = False,
+    confirm: bool = True,
+    ledger: bool = True,
 ) -> MonthPreview:
     """Close `month` (or, in a dry run, compute what closing it would write).
 
@@ -150,6 +155,10 @@ def close_month(
     shard: only this shard of the accounts; its drafts wait for `finalize_shards`.
     fresh_schema: the jobs' tables do not exist yet (a dry run on a new database).
     through: preview of a month that has not ended: its days up to this one only.
+    hold: write the drafts and keep them for `approve_month` (no finalizing, no ledger).
+    confirm: False checks a re-close's adjustments against the allowed share of the
+        month first (a dry pass) and raises `NeedsConfirm`, writing nothing, beyond it.
+    ledger: False leaves the credits ledger out (a dry pass that only compares invoices).
     """
     if through is not None and not run.dry_run:
         raise ValueError("only a dry run may stop before the end of the month")
@@ -174,6 +183,14 @@ def close_month(
     all_lines: list[pd.DataFrame] = []
     all_rejects: list[pd.DataFrame] = []
 
+    if (
+        closed
+        and not confirm
+        and not run.dry_run
+        and shard is None
+        and settings.adjustment_confirm_share is not None
+    ):
+        _check_share(run, month, projects_per_chunk, workers)
     if not run.dry_run:
         run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
@@ -189,16 +206,11 @@ def close_month(
     all_rejects.insert(0, found)
 
     if not run.dry_run:
-        if shard is None:
-            run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None, found=found))
-        else:
-            run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
-        if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
-            run.write(partial(_analyze, run=run))
-    ledger = None
-    if shard is None:
+        _last_writes(run, month, shard=shard, hold=hold, closed=closed, kind=kind, found=found)
+    written = None
+    if shard is None and ledger and not (hold and not run.dry_run):
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
-        ledger = credits_ledger(
+        written = credits_ledger(
             run, month, heads=heads_now if run.dry_run else None, through=through, workers=workers
         )
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
@@ -208,6 +220,8 @@ def close_month(
     note = ""
     if shard is not None and not run.dry_run:
         note = f"shard {shard} drafts written; then: month-end --month {month} --finalize"
+    elif hold and not run.dry_run:
+        note = f"drafts held for approval; then: month-end --approve {month}"
     return MonthPreview(
         month,
         kind,
@@ -217,8 +231,95 @@ def close_month(
         pd.concat(all_rejects, ignore_index=True),
         through=through,
         note=note,
-        ledger=ledger,
+        ledger=written,
     )
+
+
+def _last_writes(
+    run: Run, month: Month, *, shard: Shard | None, hold: bool, closed: bool, kind: str, found: pd.DataFrame
+) -> None:
+    """After the chunks: the shard completed, the drafts held, or the month finalized."""
+    if shard is not None:
+        run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
+    elif hold:
+        run.write(partial(_hold, run=run, month=month, kind=kind, found=found))
+    else:
+        run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None, found=found))
+    if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
+        run.write(partial(_analyze, run=run))
+
+
+def _dry(run: Run) -> Run:
+    """The same run computing only: no lock needed, nothing written, its own counts."""
+    return replace(run, dry_run=True, lease=None, counts={}, _reject_keys=set())
+
+
+def _check_share(run: Run, month: Month, projects_per_chunk: int, workers: int) -> None:
+    """A dry pass of the re-close: `NeedsConfirm` when its adjustments move more than
+    `[monitoring] adjustment_confirm_share` of the month's invoiced total."""
+    preview = close_month(_dry(run), month, projects_per_chunk, workers=workers, ledger=False)
+    changed = int(preview.lines["amount_units"].abs().sum()) if len(preview.lines) else 0
+    with run.engine.connect() as conn:
+        total = controls.invoiced_total(conn, month)
+    share = run.settings.adjustment_confirm_share
+    assert share is not None, "checked only when a share is set"
+    run.counts["adjustment_units_moved"] = changed
+    if changed and controls.exceeds_share(changed, total, share):
+        raise controls.NeedsConfirm(month, changed, total, share, preview)
+
+
+def _hold(conn: Connection, *, run: Run, month: Month, kind: str, found: pd.DataFrame) -> None:
+    """A held close's last write: the platform's rejects recorded, the drafts held."""
+    run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+    inv = invoices.c
+    mine = [inv.period == str(month), inv.status == "draft", inv.run_id == run.run_id]
+    count, total = conn.execute(
+        select(func.count(), cast(func.coalesce(func.sum(inv.total_units), 0), BigInteger)).where(*mine)
+    ).one()
+    conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
+    conn.execute(
+        month_holds.insert().values(
+            period=str(month),
+            run_id=run.run_id,
+            kind=kind,
+            settings_hash=run.settings.digest(),
+            held_at=run.now,
+            invoices=int(count),
+            total_units=int(total),
+        )
+    )
+    run.counts["held"] = 1
+
+
+def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: int = 1) -> MonthPreview:
+    """Finalize the held drafts of `month` if they equal a fresh computation of it, then
+    write the credits ledger; `ApprovalDiffers` (nothing changed) otherwise."""
+    with run.engine.connect() as conn:
+        hold = controls.held(conn, month)
+        closed = is_closed(conn, month)
+        drafts = controls.draft_lines(conn, month, hold.run_id) if hold is not None else None
+    if hold is None or drafts is None:
+        raise controls.NothingHeld(
+            f"no drafts of {month} are held for approval: run month-end --month {month} --hold first"
+        )
+    kind = ADJUSTMENT if closed else REGULAR
+    fresh = close_month(_dry(run), month, projects_per_chunk, workers=workers, ledger=False)
+    # Drafts of a first close cannot be approved as adjustments (or the reverse): all differ.
+    differences = controls.line_differences(drafts, fresh.lines if hold.kind == kind else None)
+    if not differences.empty or hold.kind != kind:
+        raise controls.ApprovalDiffers(month, differences)
+
+    def approve(conn: Connection) -> None:
+        run.count("invoices", int(hold.invoices))
+        run.count("invoice_lines", len(drafts))
+        _finalize(conn, run=run, month=month, closed=closed, drafts=[hold.run_id])
+
+    run.write(approve)
+    run.counts["approved_run"] = str(hold.run_id)
+    written = credits_ledger(run, month, workers=workers)
+    note = f"held drafts of run {hold.run_id} approved: {'adjustments written' if closed else 'closed'}"
+    empty = pd.DataFrame()
+    return MonthPreview(month, kind, closed, fresh.invoices, fresh.lines, empty, note=note, ledger=written)
 
 
 def credits_ledger(
@@ -273,6 +374,7 @@ def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kin
     """
     if shard is None:
         _delete_drafts(conn, month, None)
+        conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
     else:
         ms = month_shards.c
         key = (ms.period == str(month), ms.shard_count == shard.count, ms.shard_index == shard.index)
@@ -341,13 +443,23 @@ def _finalize(
     written = finalized.rowcount or 0
     days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
     insert_ignore(conn, billed_days, days)
+    conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
+    pin = controls.pin_values(run.settings)
     if closed and written:
         conn.execute(
             update(month_closes)
             .where(month_closes.c.period == str(month))
-            .values(last_run_id=run.run_id, last_run_at=run.now, adjustments=month_closes.c.adjustments + 1)
+            .values(
+                last_run_id=run.run_id,
+                last_run_at=run.now,
+                adjustments=month_closes.c.adjustments + 1,
+                **pin,
+            )
         )
-    elif not closed:
+    elif closed:
+        # Nothing to adjust: only the settings it was (re)billed with are recorded.
+        conn.execute(update(month_closes).where(month_closes.c.period == str(month)).values(**pin))
+    else:
         conn.execute(
             month_closes.insert().values(
                 period=str(month),
@@ -356,6 +468,7 @@ def _finalize(
                 last_run_id=run.run_id,
                 last_run_at=run.now,
                 adjustments=0,
+                **pin,
             )
         )
 
