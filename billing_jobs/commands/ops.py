@@ -180,7 +180,9 @@ def _print_billing(facts: st.Facts) -> None:
     unclosed = st.unclosed_months(facts)
     out("months not closed:" + ("" if unclosed else " none"))
     for m in unclosed:
-        flag = "  OVERDUE" if m.overdue else ""
+        flag = ("  held for approval" if m.period in facts.held_months else "") + (
+            "  OVERDUE" if m.overdue else ""
+        )
         out(f"  {m.period}  ended {m.days_since_end:.1f} days ago{flag}")
 
 

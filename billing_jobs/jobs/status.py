@@ -32,6 +32,7 @@ from billing_jobs.db.billing_tables import (
     billing_locks,
     billing_runs,
     month_closes,
+    month_holds,
     rejects,
 )
 from billing_jobs.rules.calendar import Month
@@ -131,6 +132,7 @@ class Facts:
     locks: list[LockInfo] = field(default_factory=list)
     rejects_by_reason: list[RejectCount] = field(default_factory=list)
     rejects_by_period: dict[str, int] = field(default_factory=dict)
+    held_months: dict[str, datetime] = field(default_factory=dict)  # period -> held_at: drafts to approve
 
     @property
     def zone(self) -> ZoneInfo:
@@ -253,7 +255,13 @@ def decide(facts: Facts) -> list[str]:
     """The problems the probe reports, one sentence each; empty when healthy."""
     problems = []
     for m in unclosed_months(facts):
-        if m.overdue:
+        if m.overdue and m.period in facts.held_months:
+            problems.append(
+                f"month {m.period} ended {m.days_since_end:.1f} days ago and its drafts await approval "
+                f"(limit {facts.close_overdue_days} days): review them and run "
+                f"`billing-jobs month-end --approve {m.period}`"
+            )
+        elif m.overdue:
             problems.append(
                 f"month {m.period} ended {m.days_since_end:.1f} days ago and is not closed "
                 f"(limit {facts.close_overdue_days} days): run `billing-jobs month-end --month {m.period}`"
@@ -386,6 +394,9 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
             )
         )
         closed = {p: _ts(t) for p, t in conn.execute(select(month_closes.c.period, month_closes.c.closed_at))}
+        held_months = {
+            p: _ts(t) for p, t in conn.execute(select(month_holds.c.period, month_holds.c.held_at))
+        }
         last_runs: dict[str, RunInfo] = {}
         jobs = sorted({*JOBS, *conn.execute(select(br.job).distinct()).scalars()})
         for job in jobs:
@@ -428,6 +439,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
         locks=locks,
         rejects_by_reason=by_reason,
         rejects_by_period=by_period,
+        held_months=held_months,
     )
 
 
@@ -487,6 +499,7 @@ def status_record(facts: Facts, problems: list[str]) -> dict[str, Any]:
                 "ended_at": _iso(m.ended_at),
                 "days_since_end": round(m.days_since_end, 2),
                 "overdue": m.overdue,
+                "held_for_approval": m.period in facts.held_months,
             }
             for m in unclosed_months(facts)
         ],

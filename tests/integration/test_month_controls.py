@@ -215,6 +215,11 @@ def test_hold_then_approve_equals_a_direct_close(db_url: str, tmp_path: Path) ->
     assert count(db_url, month_holds) == 1
     assert count(db_url, invoices, invoices.c.status == "draft") == 2
     assert count(db_url, credit_periods) == 0  # the ledger follows the finalized invoices
+    status = run_cli(db_url, "status", "--json")
+    record = json.loads(status.stdout)
+    may = next(m for m in record["unclosed_months"] if m["period"] == "2026-05")
+    assert may["held_for_approval"] is True
+    assert any("2026-05" in p and "month-end --approve 2026-05" in p for p in record["problems"])
 
     ok(db_url, "month-end", "--approve", "2026-05")
     assert count(db_url, month_holds) == 0
