@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -236,6 +236,47 @@ class TopUpSection(_Section):
     tiers: Annotated[tuple[tuple[Decimal, Decimal], ...], BeforeValidator(_tier_list)] = DEFAULT_TIERS
 
 
+def _month_start(value: Any) -> date:
+    day = _date(value)
+    if day.day != 1:
+        raise ValueError(f"a change takes effect on the first day of a billing month, got {day}")
+    return day
+
+
+class StorageFeeChange(_Section):
+    credits_per_day: Amount | None = None
+    monthly_cap: Amount | None = None
+
+
+class PromotionsChange(_Section):
+    new_project_free_months: Count | None = None
+    new_project_promo_until: OptDay = None
+    legacy_free_months: Count | None = None
+    active_waiver_compute_threshold: OptDec = None
+
+
+class CloudFeesChange(_Section):
+    page_views: Dec | None = None
+    bandwidth_gb: Dec | None = None
+    data_storage_gb: Dec | None = None
+    domains: Dec | None = None
+
+
+class ChangeSection(_Section):
+    """`[[changes]]`: prices and promotions that apply from a month on, not to history."""
+
+    effective_from: Annotated[date, BeforeValidator(_month_start)]
+    storage_fee: StorageFeeChange = StorageFeeChange()
+    promotions: PromotionsChange = PromotionsChange()
+    cloud_fees: CloudFeesChange = CloudFeesChange()
+
+
+def _changes(value: Any) -> Any:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of [[changes]] tables")
+    return value
+
+
 class _SettingsModel(_Section):
     billing: BillingSection = BillingSection()
     storage_fee: StorageFeeSection = StorageFeeSection()
@@ -245,6 +286,7 @@ class _SettingsModel(_Section):
     lock: LockSection = LockSection()
     monitoring: MonitoringSection = MonitoringSection()
     top_up: TopUpSection = TopUpSection()
+    changes: Annotated[tuple[ChangeSection, ...], BeforeValidator(_changes)] = ()
 
 
 @dataclass(frozen=True)
@@ -284,6 +326,23 @@ class Settings:
     validity_days: int = 365
     tiers_from: date = date(2026, 3, 26)
     tiers: tuple[tuple[Decimal, Decimal], ...] = DEFAULT_TIERS
+    # `[[changes]]`: (first day of a month, ((field, value), ...)) in date order; a value of
+    # the cloud prices is a dict of the metrics it changes.
+    changes: tuple[tuple[date, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def for_month(self, first_day: date) -> Settings:
+        """The settings in force in the month starting `first_day`: every change effective
+        on or before it applied, in date order (no changes left to apply)."""
+        values: dict[str, Any] = {}
+        for effective_from, fields in self.changes:
+            if effective_from > first_day:
+                break
+            for name, value in fields:
+                if name == "cloud_prices":
+                    values[name] = {**values.get("cloud_prices", self.cloud_prices), **value}
+                else:
+                    values[name] = value
+        return replace(self, changes=(), **values)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -314,12 +373,55 @@ class Settings:
             "top_up.validity_days": str(self.validity_days),
             "top_up.tiers_from": self.tiers_from.isoformat(),
             "top_up.tiers": ";".join(f"{m}:{p}" for m, p in self.tiers),
+            **(
+                {"changes": json.dumps([[d.isoformat(), _plain(f)] for d, f in self.changes], sort_keys=True)}
+                if self.changes
+                else {}
+            ),
         }
 
     def digest(self) -> str:
         """A short hash of the billing values, stored with every run."""
         blob = json.dumps(self.billing_values(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(fields: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A change's fields as JSON-able text values."""
+
+    def text(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: str(v) for k, v in sorted(value.items())}
+        return "" if value is None else str(value)
+
+    return {name: text(value) for name, value in fields}
+
+
+def _change_fields(change: ChangeSection) -> tuple[tuple[str, Any], ...]:
+    fields: list[tuple[str, Any]] = []
+    for section in (change.storage_fee, change.promotions):
+        for name in section.model_fields_set:
+            fields.append((name, getattr(section, name)))
+    cloud = {m: getattr(change.cloud_fees, m) for m in METRICS if m in change.cloud_fees.model_fields_set}
+    if cloud:
+        fields.append(("cloud_prices", cloud))
+    for name, value in fields:
+        if value is None and name not in ("new_project_promo_until", "active_waiver_compute_threshold"):
+            raise SettingsError(
+                f"changes ({change.effective_from}): bad value for '{name}': must not be empty"
+            )
+    return tuple(sorted(fields, key=lambda f: f[0]))
+
+
+def _changes_of(model: _SettingsModel) -> tuple[tuple[date, tuple[tuple[str, Any], ...]], ...]:
+    out: list[tuple[date, tuple[tuple[str, Any], ...]]] = []
+    for i, change in enumerate(model.changes):
+        if out and change.effective_from <= out[-1][0]:
+            raise SettingsError(
+                f"bad value for 'changes.{i}.effective_from': dates must be strictly increasing"
+            )
+        out.append((change.effective_from, _change_fields(change)))
+    return tuple(out)
 
 
 def _from_model(model: _SettingsModel) -> Settings:
@@ -350,6 +452,7 @@ def _from_model(model: _SettingsModel) -> Settings:
         validity_days=model.top_up.validity_days,
         tiers_from=model.top_up.tiers_from,
         tiers=model.top_up.tiers,
+        changes=_changes_of(model),
     )
 
 
@@ -374,6 +477,8 @@ def parse_settings(text: str, source: str = "settings") -> Settings:
         return _from_model(_SettingsModel.model_validate(raw))
     except ValidationError as exc:
         raise _first_error(exc, source) from None
+    except ValueError as exc:  # checks across fields, made after validation
+        raise SettingsError(f"{source}: {exc}") from None
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -91,6 +91,7 @@ def compute_chunk(
     charges are returned for `first..last` (default: the month). With
     `whole_month`, compute totals, waiver refunds and invoice lines too.
     """
+    settings = settings.for_month(month.first_day)  # prices and promotions in force that month
     zone = ZoneInfo(settings.timezone)
     first = first or month.first_day
     last = last or month.last_day

@@ -90,14 +90,17 @@ def pinned(conn: Connection, month: Month) -> Pin | None:
     return Pin(row.settings_hash, json.loads(row.settings) if row.settings else None)
 
 
-def pin_values(settings: Settings) -> dict[str, Any]:
-    """What `month_closes` records of the settings a close billed with."""
-    values = json.dumps(settings.billing_values(), sort_keys=True)
-    return {"settings_hash": settings.digest(), "settings": values}
+def pin_values(settings: Settings, month: Month) -> dict[str, Any]:
+    """What `month_closes` records of the settings a close billed the month with (those in
+    force that month: `[[changes]]` of later months leave it alone)."""
+    resolved = settings.for_month(month.first_day)
+    values = json.dumps(resolved.billing_values(), sort_keys=True)
+    return {"settings_hash": resolved.digest(), "settings": values}
 
 
 def changes(pin: Pin | None, settings: Settings) -> list[str]:
-    """`key: old -> new` for each billing setting that differs from the pinned ones."""
+    """`key: old -> new` for each billing setting that differs from the pinned ones
+    (`settings`: those in force in the pinned month)."""
     if pin is None or pin.settings_hash is None or pin.settings_hash == settings.digest():
         return []
     now = settings.billing_values()
@@ -118,7 +121,7 @@ def check_settings(engine: Engine, month: Month, settings: Settings, *, reprice:
     if "month_closes" not in inspect(engine).get_table_names():
         return []
     with engine.connect() as conn:
-        found = changes(pinned(conn, month), settings)
+        found = changes(pinned(conn, month), settings.for_month(month.first_day))
     if found and not reprice:
         raise SettingsChanged(month, found)
     return found

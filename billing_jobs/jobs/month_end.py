@@ -444,7 +444,7 @@ def _finalize(
     days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
     insert_ignore(conn, billed_days, days)
     conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
-    pin = controls.pin_values(run.settings)
+    pin = controls.pin_values(run.settings, month)
     if closed and written:
         conn.execute(
             update(month_closes)

@@ -283,3 +283,75 @@ def test_approval_flags_that_do_not_go_together_exit_2(db_url: str) -> None:
     ):
         stderr = refused(db_url, 2, *args)
         assert stderr.count("\n") == 1, stderr
+
+
+# --- Settings that change over time ---------------------------------------------------------
+
+CHANGES_FROM_JUNE = """
+[[changes]]
+effective_from = "2026-06-01"
+storage_fee = { monthly_cap = "25" }
+"""
+LATER_CHANGE = """
+[[changes]]
+effective_from = "2026-08-01"
+cloud_fees = { page_views = "0.002" }
+"""
+
+
+def storage_totals(db_url: str, month: str) -> dict[str, str]:
+    return {
+        r["project_id"]: r["amount"] for r in export_rows(db_url, month) if r["line_type"] == "storage_fee"
+    }
+
+
+def test_a_change_applies_from_its_month_on_and_a_later_change_leaves_closed_months_alone(
+    db_url: str, tmp_path: Path
+) -> None:
+    june = tmp_path / "june.toml"
+    june.write_text(DEFAULT_CONFIG_TEXT + CHANGES_FROM_JUNE, "utf-8")
+    two_projects(db_url)
+    ok(db_url, "--config", str(june), "month-end", "--month", "2026-05")
+    ok(db_url, "--config", str(june), "month-end", "--month", "2026-06")
+    assert storage_totals(db_url, "2026-05") == {"p1": "29", "p2": "29"}
+    assert storage_totals(db_url, "2026-06") == {"p1": "25", "p2": "25"}
+
+    # A price change announced for August: May and June re-close without --reprice, unchanged.
+    later = tmp_path / "later.toml"
+    later.write_text(DEFAULT_CONFIG_TEXT + CHANGES_FROM_JUNE + LATER_CHANGE, "utf-8")
+    before = export_text(db_url, "2026-05"), export_text(db_url, "2026-06")
+    ok(db_url, "--config", str(later), "month-end", "--month", "2026-05")
+    ok(db_url, "--config", str(later), "month-end", "--month", "2026-06")
+    assert (export_text(db_url, "2026-05"), export_text(db_url, "2026-06")) == before
+
+    # Changing June's own price after June was closed is a reprice of June only.
+    other = tmp_path / "other.toml"
+    other.write_text(DEFAULT_CONFIG_TEXT + CHANGES_FROM_JUNE.replace('"25"', '"20"'), "utf-8")
+    ok(db_url, "--config", str(other), "month-end", "--month", "2026-05")
+    assert "monthly_cap: '25' -> '20'" in refused(
+        db_url, 2, "--config", str(other), "month-end", "--month", "2026-06"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('effective_from = "2026-06-02"', "first day of a billing month"),
+        (
+            'effective_from = "2026-06-01"\nstorage_fee = { cap = "3" }',
+            "unknown key 'changes.0.storage_fee.cap'",
+        ),
+        ('effective_from = "2026-06-01"\ncloud_fees = { domains = "-1" }', "changes.0.cloud_fees.domains"),
+        (
+            'effective_from = "2026-06-01"\n[[changes]]\neffective_from = "2026-06-01"',
+            "'changes.1.effective_from': dates must be strictly increasing",
+        ),
+    ],
+)
+def test_bad_changes_exit_2_naming_the_key(tmp_path: Path, change: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(DEFAULT_CONFIG_TEXT + "\n[[changes]]\n" + change + "\n", "utf-8")
+    result = run_cli(f"sqlite:///{tmp_path / 'x.db'}", "--config", str(path), "status")
+    assert result.code == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
