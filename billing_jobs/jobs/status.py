@@ -34,6 +34,7 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     rejects,
 )
+from billing_jobs.db.reject_log import count_by_status
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import Settings
 
@@ -131,6 +132,7 @@ class Facts:
     locks: list[LockInfo] = field(default_factory=list)
     rejects_by_reason: list[RejectCount] = field(default_factory=list)
     rejects_by_period: dict[str, int] = field(default_factory=dict)
+    rejects_by_status: dict[str, int] = field(default_factory=dict)  # open, resolved, closed
 
     @property
     def zone(self) -> ZoneInfo:
@@ -407,6 +409,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
                 .order_by(rj.source_table, rj.reason)
             )
         ]
+        by_status = count_by_status(conn)
         by_period = {
             p: int(n)
             for p, n in conn.execute(
@@ -428,6 +431,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
         locks=locks,
         rejects_by_reason=by_reason,
         rejects_by_period=by_period,
+        rejects_by_status=by_status,
     )
 
 
@@ -498,6 +502,7 @@ def status_record(facts: Facts, problems: list[str]) -> dict[str, Any]:
             ],
             "by_period": dict(facts.rejects_by_period),
         },
+        "rejects_by_status": dict(facts.rejects_by_status),
         "last_runs": {job: run_record(run, facts.now) for job, run in facts.last_runs.items()},
         "lock": lock_record(held) if held else None,
     }
