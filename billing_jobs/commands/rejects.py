@@ -122,6 +122,7 @@ def rejects_group(
         writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(_record(row) for row in rows)
+        sys.stdout.flush()
         return
     if as_json:
         for row in rows:

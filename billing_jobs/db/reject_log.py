@@ -158,13 +158,10 @@ def close_unfound(
     if examined.accounts is not None:
         pids = sorted({c.project_id for c in candidates if c.project_id is not None})
         for batch in _batches(pids):
-            owners.update(
-                conn.execute(
-                    select(projects.c.project_id, projects.c.account_id).where(
-                        among(projects.c.project_id, batch)
-                    )
-                ).tuples()
+            query = select(projects.c.project_id, projects.c.account_id).where(
+                among(projects.c.project_id, batch)
             )
+            owners.update((pid, account) for pid, account in conn.execute(query))
     gone = no_longer_found(candidates, found, examined, owners)
     note = closed_note(job, run_id, examined.what)
     closed = 0
