@@ -67,7 +67,8 @@ def by_source(db_url: str) -> dict[str, dict[str, str]]:
 
 
 def run_ids(db_url: str) -> set[str]:
-    return {json.loads(line)["run_id"] for line in ok(db_url, "runs", "--json", "--limit", "1000").splitlines()}
+    lines = ok(db_url, "runs", "--json", "--limit", "1000").splitlines()
+    return {json.loads(line)["run_id"] for line in lines}
 
 
 def run_job(db_url: str, *args: str) -> tuple[dict[str, Any], str]:
@@ -189,7 +190,8 @@ def test_resolve_records_who_when_and_the_note_and_keeps_the_first_resolution(db
     assert f"resolved {b} (compute_usage cu-B missing_amount)" in out
     assert f"already resolved {ghost}, kept: 2026-06-10 12:00:00 UTC by alice: test project, deleted" in out
     rows = by_source(db_url)
-    assert (rows["cu-ghost"]["resolved_by"], rows["cu-ghost"]["resolution"]) == ("alice", "test project, deleted")
+    ghost_row = rows["cu-ghost"]
+    assert (ghost_row["resolved_by"], ghost_row["resolution"]) == ("alice", "test project, deleted")
     assert (rows["cu-B"]["resolved_by"], rows["cu-B"]["resolved_at"]) == ("bob", "2026-06-11 09:00:00")
 
     # Without --by: the operating system user.
@@ -268,7 +270,8 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
         "T-bad": "open",
     }
     assert rows["ev-bad"]["resolution"] == f"no longer found by nightly run {nightly_run} (2026-05: events)"
-    assert (rows["ev-bad"]["resolved_by"], rows["ev-bad"]["resolved_at"]) == ("nightly", "2026-06-10 12:00:00")
+    event = rows["ev-bad"]
+    assert (event["resolved_by"], event["resolved_at"]) == ("nightly", "2026-06-10 12:00:00")
 
     # A dry run changes nothing.
     ok(db_url, "month-end", "--month", "2026-05", "--dry-run")
@@ -285,7 +288,8 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
         "ev-bad": "closed",
         "T-bad": "closed",
     }
-    assert rows["cu-bad"]["resolution"] == f"no longer found by month-end run {close_run} (2026-05: whole month)"
+    closed_by_month_end = f"no longer found by month-end run {close_run} (2026-05: whole month)"
+    assert rows["cu-bad"]["resolution"] == closed_by_month_end
     assert rows["cu-bad"]["resolved_by"] == "month-end"
     assert rows["T-bad"]["resolution"] == (
         f"no longer found by credits ledger run {close_run} (2026-05: top-ups and refund requests)"
@@ -306,7 +310,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     assert (row["resolved_by"], row["resolved_at"]) == ("", "")
     assert row["resolution"] == (
         f"reopened: found again by run {reopen_run} at 2026-06-10 12:00:00 UTC; was closed: "
-        f"no longer found by month-end run {close_run} (2026-05: whole month)"
+        + closed_by_month_end
     )
     assert by_source(db_url)["ev-bad"]["status"] == "closed"
     again = by_source(db_url)
