@@ -194,17 +194,8 @@ def close_month(
     if not run.dry_run:
         examined = examined_by_month_end(month, chunks, shard)
         if shard is None:
-            run.write(
-                partial(
-                    _finalize,
-                    run=run,
-                    month=month,
-                    closed=closed,
-                    drafts=None,
-                    found=found,
-                    examined=examined,
-                )
-            )
+            finalize = partial(_finalize, run=run, month=month, closed=closed, drafts=None)
+            run.write(partial(finalize, found=found, examined=examined))
         else:
             run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found, examined=examined))
         if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):

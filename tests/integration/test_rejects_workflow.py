@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import time_machine
-from support import SourceData, run_cli
+from support import SourceData, run_cli, run_sql
 
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.reads import shard_of
@@ -32,16 +32,6 @@ LEGACY = "2025-11-02"
 def frozen_clock() -> Iterator[None]:
     with time_machine.travel(NOW, tick=False):
         yield
-
-
-def sql(db_url: str, *statements: str) -> None:
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.execute(sa.text(statement))
-    finally:
-        engine.dispose()
 
 
 def ok(db_url: str, *args: str) -> str:
@@ -250,7 +240,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     }
     cl_bad = reject_id("cloud_usage", "cl-bad", "not_published_that_day")
     ok(db_url, "rejects", "resolve", cl_bad, "--note", "promo traffic", "--by", "carol")
-    sql(
+    run_sql(
         db_url,
         "UPDATE compute_usage SET credits = 1 WHERE usage_id IN ('cu-bad', 'cu-april')",
         "DELETE FROM cloud_usage WHERE usage_id = 'cl-bad'",
@@ -303,7 +293,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     assert by_source(db_url) == rows
 
     # The row goes bad again: open again, saying so.
-    sql(db_url, "UPDATE compute_usage SET credits = NULL WHERE usage_id = 'cu-bad'")
+    run_sql(db_url, "UPDATE compute_usage SET credits = NULL WHERE usage_id = 'cu-bad'")
     _, reopen_run = run_job(db_url, "month-end", "--month", "2026-05")
     row = by_source(db_url)["cu-bad"]
     assert row["status"] == "open"
@@ -331,7 +321,7 @@ def test_a_shard_closes_the_rejects_of_its_own_accounts_and_of_unknown_projects(
     data.compute("ghost", "2026-05-03 10:00", "1", usage_id="cu-ghost")
     data.write_url(db_url)
     ok(db_url, "month-end", "--month", "2026-05")
-    sql(
+    run_sql(
         db_url,
         "UPDATE compute_usage SET credits = 1 WHERE usage_id IN ('cu-a', 'cu-b')",
         "DELETE FROM compute_usage WHERE usage_id = 'cu-ghost'",

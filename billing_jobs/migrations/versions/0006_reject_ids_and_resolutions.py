@@ -11,29 +11,16 @@ rejects already recorded), and `resolved_at`, `resolved_by`, `resolution`. Statu
 
 from __future__ import annotations
 
-import hashlib
-
 import sqlalchemy as sa
 from alembic import op
+
+# The ids runs give new rejects: those filled in here must be the same.
+from billing_jobs.rules.rejects import reject_id
 
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
-
-# As `billing_jobs.rules.rejects.reject_id` was when this revision was written.
-_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
-_CHARS = 12
-
-
-def _reject_id(source_table: str, source_id: str, reason: str) -> str:
-    digest = hashlib.sha256("\x1f".join((source_table, source_id, reason)).encode()).digest()
-    number = int.from_bytes(digest[:8], "big") >> (64 - 5 * _CHARS)
-    chars = []
-    for _ in range(_CHARS):
-        number, k = divmod(number, len(_ALPHABET))
-        chars.append(_ALPHABET[k])
-    return "".join(reversed(chars))
 
 
 def upgrade() -> None:
@@ -67,7 +54,7 @@ def upgrade() -> None:
         conn.execute(
             fill,
             [
-                {"t": t, "s": s, "why": why, "rid": _reject_id(t, s, why)}
+                {"t": t, "s": s, "why": why, "rid": reject_id(t, s, why)}
                 for t, s, why in keys[start : start + 5_000]
             ],
         )
