@@ -238,6 +238,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
         "ev-bad": "open",
         "T-bad": "open",
     }
+    assert "; rejected: 1" in ok(db_url, "credits", "exceptions", "--month", "2026-05")
     cl_bad = reject_id("cloud_usage", "cl-bad", "not_published_that_day")
     ok(db_url, "rejects", "resolve", cl_bad, "--note", "promo traffic", "--by", "carol")
     run_sql(
@@ -286,6 +287,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     )
     assert rows["cl-bad"]["resolution"] == "promo traffic"
     assert [r["source_id"] for r in listed(db_url)] == ["cu-april"]
+    assert "; rejected: 0" in ok(db_url, "credits", "exceptions", "--month", "2026-05")
 
     # A repeat changes nothing.
     summary = summary_of(db_url, "month-end", "--month", "2026-05")
@@ -332,6 +334,29 @@ def test_a_shard_closes_the_rejects_of_its_own_accounts_and_of_unknown_projects(
     assert by_source(db_url)["cu-a"]["resolution"].endswith("(2026-05: accounts of shard 0/2)")
     ok(db_url, "month-end", "--month", "2026-05", "--shard", "1/2")
     assert by_source(db_url)["cu-b"]["status"] == "closed"
+
+
+def test_rejects_found_on_worker_processes_are_not_closed(db_url: str) -> None:
+    data = SourceData()
+    for p in ("pa", "pb", "pc"):
+        data.project(p, created=LEGACY, account=f"acct-{p}")
+        data.event(p, "2026-05-06 10:00", "restored", event_id=f"ev-{p}")  # not allowed: active
+    data.write_url(db_url)
+    parallel = ("month-end", "--month", "2026-05", "--workers", "2", "--projects-per-chunk", "1")
+    ok(db_url, *parallel)
+    assert {k: r["status"] for k, r in by_source(db_url).items()} == {
+        "ev-pa": "open",
+        "ev-pb": "open",
+        "ev-pc": "open",
+    }
+    run_sql(db_url, "DELETE FROM project_events WHERE event_id = 'ev-pb'")
+    summary, _ = run_job(db_url, *parallel)
+    assert summary["rejects_closed"] == 1
+    assert {k: r["status"] for k, r in by_source(db_url).items()} == {
+        "ev-pa": "open",
+        "ev-pb": "closed",
+        "ev-pc": "open",
+    }
 
 
 # ---------------------------------------------------------------------------
