@@ -49,10 +49,15 @@ def _when(ts: datetime | None) -> str:
 
 
 def _record(row: RejectRow) -> dict[str, Any]:
+    """The reject as plain values (times as UTC text; None where there is none)."""
     values = {name: getattr(row, name) for name in CSV_COLUMNS}
     values["first_seen_at"] = _when(row.first_seen_at)
-    values["resolved_at"] = _when(row.resolved_at)
-    return {k: "" if v is None else v for k, v in values.items()}
+    values["resolved_at"] = _when(row.resolved_at) or None
+    return values
+
+
+def _csv_record(row: RejectRow) -> dict[str, Any]:
+    return {k: "" if v is None else v for k, v in _record(row).items()}
 
 
 def _resolution_text(row: RejectRow) -> str:
@@ -121,7 +126,7 @@ def rejects_group(
     if as_csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(_record(row) for row in rows)
+        writer.writerows(_csv_record(row) for row in rows)
         sys.stdout.flush()
         return
     if as_json:

@@ -48,11 +48,11 @@ def summary_of(db_url: str, *args: str) -> dict[str, Any]:
     return summary
 
 
-def listed(db_url: str, *filters: str) -> list[dict[str, str]]:
+def listed(db_url: str, *filters: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in ok(db_url, "rejects", "--json", *filters).splitlines()]
 
 
-def by_source(db_url: str) -> dict[str, dict[str, str]]:
+def by_source(db_url: str) -> dict[str, dict[str, Any]]:
     return {r["source_id"]: r for r in listed(db_url, "--status", "all")}
 
 
@@ -127,7 +127,10 @@ def test_rejects_are_listed_in_code_point_order_with_ids_and_filters(db_url: str
         "reject_id,source_table,source_id,reason,project_id,period,detail,"
         "first_seen_at,status,resolved_at,resolved_by,resolution"
     )
-    assert list(csv.DictReader(io.StringIO(text))) == rows
+    assert list(csv.DictReader(io.StringIO(text))) == [
+        {k: "" if v is None else v for k, v in r.items()} for r in rows
+    ]
+    assert rows[0]["resolved_at"] is None
 
 
 def test_bad_listing_arguments_are_usage_errors(db_url: str) -> None:
@@ -299,7 +302,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     _, reopen_run = run_job(db_url, "month-end", "--month", "2026-05")
     row = by_source(db_url)["cu-bad"]
     assert row["status"] == "open"
-    assert (row["resolved_by"], row["resolved_at"]) == ("", "")
+    assert (row["resolved_by"], row["resolved_at"]) == (None, None)
     assert row["resolution"] == (
         f"reopened: found again by run {reopen_run} at 2026-06-10 12:00:00 UTC; was closed: "
         + closed_by_month_end
