@@ -72,6 +72,7 @@ def _month_runs(days: Iterable[date]) -> list[tuple[Month, date, date]]:
 def _keep_rejects(
     conn: Connection, *, run: Run, found: pd.DataFrame, examined: Examined | None = None
 ) -> None:
+    """Record the rejects found; with `examined`, close the open ones of it not found again."""
     run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
     if examined is not None:
         closed = close_unfound(
