@@ -27,6 +27,7 @@ from typing import Any
 
 from click.testing import CliRunner
 from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy import text as sql_text
 
 from billing_jobs.cli import main
 from billing_jobs.db.billing_tables import billing_locks, rejects
@@ -228,6 +229,17 @@ def hold_writer_lock(db_url: str, *, since: str = "2026-01-01", run_id: str = "o
                     expires_at=ts("2999-01-01"),
                 )
             )
+    finally:
+        engine.dispose()
+
+
+def run_sql(db_url: str, *statements: str) -> None:
+    """Statements on the database in one transaction, as another system would write."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(sql_text(statement))
     finally:
         engine.dispose()
 

@@ -169,6 +169,9 @@ invoice_lines = Table(
 )
 
 # Source rows that could not be billed, with the reason; one row per (row, reason).
+# reject_id: a short id derived from the key (`rules.rejects.reject_id`), for people.
+# A reject is open until resolved by a person or closed by a run that no longer found it
+# (resolved_at, resolved_by, resolution say when, who or which job, and why).
 rejects = Table(
     "rejects",
     billing_metadata,
@@ -180,7 +183,12 @@ rejects = Table(
     Column("detail", Text, nullable=False),
     Column("first_run_id", String(36), nullable=False),
     Column("first_seen_at", DateTime, nullable=False),
-    Column("status", String(16), nullable=False),  # open | reviewed
+    Column("status", String(16), nullable=False),  # open | resolved | closed
+    Column("reject_id", String(16), nullable=False),
+    Column("resolved_at", DateTime),
+    Column("resolved_by", String(64)),
+    Column("resolution", Text),
+    UniqueConstraint("reject_id"),
     Index("ix_rejects_period", "period"),
 )
 

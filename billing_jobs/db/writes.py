@@ -31,6 +31,8 @@ from sqlalchemy.exc import IntegrityError
 
 from billing_jobs.db.billing_tables import daily_charges, rejects
 from billing_jobs.db.reads import Chunk
+from billing_jobs.db.reject_log import reopen_found
+from billing_jobs.rules.rejects import RejectStatus, reject_id
 
 SQL_BATCH = 5_000
 COPY_BLOCK = 200_000
@@ -391,14 +393,20 @@ def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:
     """Store rejected source rows (source_table, source_id, reason, project_id, period, detail).
 
-    A row already recorded with the same reason is left as it is; returns how many are new.
+    A row already recorded with the same reason is left as it is, except that one a run
+    had closed is open again (`reject_log.reopen_found`); returns how many are new.
     """
     if found.empty:
         return 0
-    records = (
-        found[["source_table", "source_id", "reason", "project_id", "period", "detail"]]
-        .drop_duplicates(["source_table", "source_id", "reason"])
-        .assign(first_run_id=run_id, first_seen_at=now, status="open")
-        .to_dict("records")
+    rows = found[["source_table", "source_id", "reason", "project_id", "period", "detail"]].drop_duplicates(
+        ["source_table", "source_id", "reason"]
     )
+    ids = [
+        reject_id(t, str(s), r)
+        for t, s, r in zip(rows["source_table"], rows["source_id"], rows["reason"], strict=True)
+    ]
+    reopen_found(conn, ids, run_id=run_id, now=now)
+    records = rows.assign(
+        first_run_id=run_id, first_seen_at=now, status=RejectStatus.OPEN.value, reject_id=ids
+    ).to_dict("records")
     return insert_ignore(conn, rejects, records)

@@ -44,6 +44,7 @@ from billing_jobs.rules.credits import (
     run_account,
 )
 from billing_jobs.rules.money import format_cents, format_units
+from billing_jobs.rules.rejects import RejectStatus
 from billing_jobs.settings import Settings
 
 EXPORT_HEADER = ["entry_id", "account_id", "lot_id", "kind", "day", "period", "corrects", "credits", "money"]
@@ -400,7 +401,7 @@ def format_report_row(row: Mapping[str, Any]) -> list[str]:
 
 def month_exceptions(engine: Engine, settings: Settings, month: Month) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The month's price exceptions (from the source) and rejected top-ups and refund
-    requests (as recorded by the runs)."""
+    requests (as recorded by the runs; not those a later run closed)."""
     with engine.connect() as conn:
         if not credit_sources_exist(conn):
             raise LedgerMissing(
@@ -419,7 +420,9 @@ def month_exceptions(engine: Engine, settings: Settings, month: Month) -> tuple[
             recorded = read_frame(
                 conn,
                 select(r.source_table, r.source_id, r.reason, r.detail, r.status).where(
-                    r.period == str(month), r.source_table.in_(["top_ups", "refund_requests"])
+                    r.period == str(month),
+                    r.source_table.in_(["top_ups", "refund_requests"]),
+                    r.status != RejectStatus.CLOSED,  # closed: a later run found the row good
                 ),
             )
     return exceptions, recorded

@@ -54,6 +54,8 @@ from billing_jobs.db.credit_reads import (
     written_periods,
 )
 from billing_jobs.db.reads import Chunk, among
+from billing_jobs.db.reject_log import close_unfound
+from billing_jobs.db.source_tables import refund_requests, top_ups
 from billing_jobs.db.writes import bulk_insert, record_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -87,6 +89,7 @@ from billing_jobs.rules.credits import (
     run_account,
     wire_credits,
 )
+from billing_jobs.rules.rejects import Examined
 from billing_jobs.settings import Settings
 
 ACCOUNTS_PER_CHUNK = 2_000
@@ -975,9 +978,23 @@ def _sync_balances(
 
 
 def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable[[Connection], None]:
+    # Every top-up and refund request up to the month's end was validated (of the known
+    # accounts in chunks, of unknown accounts beside them): the month's rejects of these
+    # tables that were not found again are gone.
+    examined = Examined(
+        str(month), frozenset({top_ups.name, refund_requests.name}), f"{month}: top-ups and refund requests"
+    )
+    found = (
+        set(zip(rejects["source_table"], rejects["source_id"], rejects["reason"], strict=True))
+        if len(rejects)
+        else set()
+    )
+
     def work(conn: Connection) -> None:
         if not rejects.empty:
             run.count("rejects_new", record_rejects(conn, rejects, run_id=run.run_id, now=run.now))
+        closed = close_unfound(conn, examined, found, job="credits ledger", run_id=run.run_id, now=run.now)
+        run.count("rejects_closed", closed)
         exists = conn.execute(
             select(credit_periods.c.period).where(credit_periods.c.period == str(month))
         ).first()

@@ -35,6 +35,8 @@ from billing_jobs.db.billing_tables import (
     month_shards,
 )
 from billing_jobs.db.reads import Chunk, Shard, accounts_charged, plan_chunks, read_frame
+from billing_jobs.db.reject_log import close_unfound
+from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
 from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
@@ -50,6 +52,7 @@ from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import adjustment_lines, empty_lines
+from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000
 log = get_logger()
@@ -206,7 +209,10 @@ def close_month(
     all_rejects.insert(0, found)
 
     if not run.dry_run:
-        _last_writes(run, month, shard=shard, hold=hold, closed=closed, kind=kind, found=found)
+        examined = examined_by_month_end(month, chunks, shard)
+        _last_writes(
+            run, month, shard=shard, hold=hold, closed=closed, kind=kind, found=found, examined=examined
+        )
     written = None
     if shard is None and ledger and not (hold and not run.dry_run):
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
@@ -236,15 +242,25 @@ def close_month(
 
 
 def _last_writes(
-    run: Run, month: Month, *, shard: Shard | None, hold: bool, closed: bool, kind: str, found: pd.DataFrame
+    run: Run,
+    month: Month,
+    *,
+    shard: Shard | None,
+    hold: bool,
+    closed: bool,
+    kind: str,
+    found: pd.DataFrame,
+    examined: Examined,
 ) -> None:
-    """After the chunks: the shard completed, the drafts held, or the month finalized."""
+    """After the chunks: the shard completed, the drafts held, or the month finalized
+    (each with the rejects the run found, and those it no longer found closed)."""
     if shard is not None:
-        run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found))
+        run.write(partial(_shard_done, run=run, month=month, shard=shard, found=found, examined=examined))
     elif hold:
-        run.write(partial(_hold, run=run, month=month, kind=kind, found=found))
+        run.write(partial(_hold, run=run, month=month, kind=kind, found=found, examined=examined))
     else:
-        run.write(partial(_finalize, run=run, month=month, closed=closed, drafts=None, found=found))
+        finalize = partial(_finalize, run=run, month=month, closed=closed, drafts=None)
+        run.write(partial(finalize, found=found, examined=examined))
     if run.counts.get("rows_inserted") or run.counts.get("invoice_lines"):
         run.write(partial(_analyze, run=run))
 
@@ -268,9 +284,12 @@ def _check_share(run: Run, month: Month, projects_per_chunk: int, workers: int) 
         raise controls.NeedsConfirm(month, changed, total, share, preview)
 
 
-def _hold(conn: Connection, *, run: Run, month: Month, kind: str, found: pd.DataFrame) -> None:
+def _hold(
+    conn: Connection, *, run: Run, month: Month, kind: str, found: pd.DataFrame, examined: Examined
+) -> None:
     """A held close's last write: the platform's rejects recorded, the drafts held."""
     run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+    _close_unfound(conn, run=run, examined=examined)
     inv = invoices.c
     mine = [inv.period == str(month), inv.status == "draft", inv.run_id == run.run_id]
     count, total = conn.execute(
@@ -406,9 +425,30 @@ def _delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_run
     return conn.execute(delete(invoices).where(*where)).rowcount or 0
 
 
-def _shard_done(conn: Connection, *, run: Run, month: Month, shard: Shard, found: pd.DataFrame) -> None:
-    """A shard's last write: the platform's rejects recorded, the shard complete."""
+def examined_by_month_end(month: Month, chunks: Sequence[Chunk], shard: Shard | None) -> Examined:
+    """What a month-end re-examined: every usage row and event of `month`, of the projects
+    of its chunks' accounts (a shard: of its accounts only) and of projects that do not
+    exist (the platform-wide scans)."""
+    tables = frozenset({project_events.name, compute_usage.name, cloud_usage.name})
+    if shard is None:
+        return Examined(str(month), tables, f"{month}: whole month")
+    accounts = frozenset(a for chunk in chunks for a in chunk.accounts or ())
+    return Examined(str(month), tables, f"{month}: accounts of shard {shard}", accounts)
+
+
+def _close_unfound(conn: Connection, *, run: Run, examined: Examined) -> None:
+    found = run.reject_keys()
+    closed = close_unfound(conn, examined, found, job="month-end", run_id=run.run_id, now=run.now)
+    run.count("rejects_closed", closed)
+
+
+def _shard_done(
+    conn: Connection, *, run: Run, month: Month, shard: Shard, found: pd.DataFrame, examined: Examined
+) -> None:
+    """A shard's last write: the platform's rejects recorded, those it no longer found
+    closed, the shard complete."""
     run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+    _close_unfound(conn, run=run, examined=examined)
     ms = month_shards.c
     conn.execute(
         update(month_shards)
@@ -430,11 +470,15 @@ def _finalize(
     closed: bool,
     drafts: Sequence[str] | None,
     found: pd.DataFrame | None = None,
+    examined: Examined | None = None,
 ) -> None:
     """Finalize the month's drafts (of the runs `drafts`, or all) and record the close,
-    with the platform's rejects (`found`) that the run met beside its chunks."""
+    with the platform's rejects (`found`) that the run met beside its chunks, and the
+    rejects of what it re-examined (`examined`) that it no longer found closed."""
     if found is not None:
         run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+    if examined is not None:
+        _close_unfound(conn, run=run, examined=examined)
     inv = invoices.c
     where = [inv.period == str(month), inv.status == "draft"]
     if drafts is not None:

@@ -19,12 +19,15 @@ from sqlalchemy import Connection, Engine, inspect, select
 
 from billing_jobs.db.billing_tables import billed_days, daily_charges
 from billing_jobs.db.reads import Chunk, accounts_charged, plan_chunks
+from billing_jobs.db.reject_log import close_unfound
+from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
 from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import STORAGE_FEE
+from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000
 
@@ -66,8 +69,30 @@ def _month_runs(days: Iterable[date]) -> list[tuple[Month, date, date]]:
     return out
 
 
-def _keep_rejects(conn: Connection, *, run: Run, found: pd.DataFrame) -> None:
+def _keep_rejects(
+    conn: Connection, *, run: Run, found: pd.DataFrame, examined: Examined | None = None
+) -> None:
+    """Record the rejects found; with `examined`, close the open ones of it not found again."""
     run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
+    if examined is not None:
+        closed = close_unfound(
+            conn, examined, run.reject_keys(), job="nightly", run_id=run.run_id, now=run.now
+        )
+        run.count("rejects_closed", closed)
+
+
+def examined_by_nightly(month: Month, first: date, last: date) -> Examined:
+    """What nightly re-examined of `month` billing days first..last: the events of every
+    project, whatever their day (each project's lifecycle is replayed from its first
+    event; events of projects that do not exist are scanned too), and only when the
+    days are the whole month, its usage rows. A reject records its month, not its day,
+    so usage rejects of a month billed day by day are closed by its month-end."""
+    tables = {project_events.name}
+    what = f"{month}: events"
+    if first == month.first_day and last == month.last_day:
+        tables |= {compute_usage.name, cloud_usage.name}
+        what = f"{month}: whole month"
+    return Examined(str(month), frozenset(tables), what)
 
 
 def _sync_chunk(
@@ -154,7 +179,8 @@ def bill_days(
         if run.dry_run:
             preview_rejects.extend([found, *month_rejects])
         else:
-            run.write(partial(_keep_rejects, run=run, found=found))
+            examined = examined_by_nightly(month, first, last)
+            run.write(partial(_keep_rejects, run=run, found=found, examined=examined))
         if not run.dry_run:
             span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
             records = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in span]

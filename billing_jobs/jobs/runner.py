@@ -154,7 +154,7 @@ def run_job(
             rejects=run.counts["rejects"],
             by_reason=run.rejects_by_reason(),
             sample=run.reject_sample(),
-            hint="see the rejects table (billing-jobs status)",
+            hint="see billing-jobs rejects",
         )
     if not dry_run:
         _record_end(engine, run_id, "succeeded", run.counts, None)

@@ -35,6 +35,7 @@ from billing_jobs.db.billing_tables import (
     month_holds,
     rejects,
 )
+from billing_jobs.db.reject_log import count_by_status
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import Settings
 
@@ -133,6 +134,7 @@ class Facts:
     rejects_by_reason: list[RejectCount] = field(default_factory=list)
     rejects_by_period: dict[str, int] = field(default_factory=dict)
     held_months: dict[str, datetime] = field(default_factory=dict)  # period -> held_at: drafts to approve
+    rejects_by_status: dict[str, int] = field(default_factory=dict)  # open, resolved, closed
 
     @property
     def zone(self) -> ZoneInfo:
@@ -418,6 +420,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
                 .order_by(rj.source_table, rj.reason)
             )
         ]
+        by_status = count_by_status(conn)
         by_period = {
             p: int(n)
             for p, n in conn.execute(
@@ -440,6 +443,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
         rejects_by_reason=by_reason,
         rejects_by_period=by_period,
         held_months=held_months,
+        rejects_by_status=by_status,
     )
 
 
@@ -511,6 +515,7 @@ def status_record(facts: Facts, problems: list[str]) -> dict[str, Any]:
             ],
             "by_period": dict(facts.rejects_by_period),
         },
+        "rejects_by_status": dict(facts.rejects_by_status),
         "last_runs": {job: run_record(run, facts.now) for job, run in facts.last_runs.items()},
         "lock": lock_record(held) if held else None,
     }

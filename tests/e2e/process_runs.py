@@ -162,7 +162,7 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                 "invoices": _rows(conn, invoices, "run_id", "created_at", "finalized_at"),
                 "invoice_lines": _rows(conn, invoice_lines),
                 "daily_charges": _rows(conn, daily_charges, "run_id", "recorded_at"),
-                "rejects": _rows(conn, rejects, "first_run_id", "first_seen_at"),
+                "rejects": _rows(conn, rejects, "first_run_id", "first_seen_at", "resolved_at", "resolution"),
                 "billed_days": _rows(conn, billed_days, "run_id", "billed_at"),
                 "month_closes": _rows(
                     conn, month_closes, "closed_at", "close_run_id", "last_run_id", "last_run_at"

@@ -17,6 +17,7 @@ import pytest
 import time_machine
 from sqlalchemy import create_engine, exc, text
 from support import CliResult, SourceData, export_rows, reject_reasons, run_cli
+from support import run_sql as sql
 
 LEGACY = "2025-11-02"
 
@@ -25,16 +26,6 @@ LEGACY = "2025-11-02"
 def frozen_clock() -> Iterator[None]:
     with time_machine.travel(datetime(2026, 6, 1, 3, 0, tzinfo=UTC), tick=False):
         yield
-
-
-def sql(db_url: str, *statements: str) -> None:
-    engine = create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.execute(text(statement))
-    finally:
-        engine.dispose()
 
 
 def run(db_url: str, *args: str) -> tuple[CliResult, dict[str, object]]:

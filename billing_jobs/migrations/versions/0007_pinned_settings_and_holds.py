@@ -1,7 +1,7 @@
 """Settings pinned per closed month; months held for finance's approval
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 
 `month_closes` records the billing settings a month was closed with (their hash and
 values), so a re-close with other settings can name what changed. `month_holds` holds
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
