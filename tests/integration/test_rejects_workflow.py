@@ -220,7 +220,7 @@ def test_unknown_ids_exit_2_naming_them_and_nothing_changes(db_url: str) -> None
 
 def workflow_data() -> SourceData:
     data = SourceData().project("p1", created=LEGACY)
-    data.event("p1", "2026-05-06 10:00", "restored", event_id="ev-bad")  # not allowed: active
+    data.event("p1", "2026-06-06 10:00", "restored", event_id="ev-bad")  # not allowed: active
     data.compute("p1", "2026-05-03 10:00", None, usage_id="cu-bad")
     data.cloud("p1", "2026-05-02", "page_views", "10", usage_id="cl-bad")  # not published
     data.compute("p1", "2026-04-03 10:00", None, usage_id="cu-april")
@@ -234,6 +234,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
     workflow_data().write_url(db_url)
     ok(db_url, "month-end", "--month", "2026-04")
     ok(db_url, "month-end", "--month", "2026-05")
+    ok(db_url, "nightly", "--date", "2026-06-06")  # June is open: its days are billed nightly
     assert {r["source_id"]: r["status"] for r in listed(db_url, "--status", "all")} == {
         "cu-april": "open",
         "cl-bad": "open",
@@ -252,8 +253,8 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
         "UPDATE top_ups SET amount_paid = 9.5 WHERE top_up_id = 'T-bad'",
     )
 
-    # A nightly of another day re-examines every event, but not the month's usage rows.
-    summary, nightly_run = run_job(db_url, "nightly", "--date", "2026-05-20")
+    # A nightly of another day re-examines every event of its month, but not usage rows.
+    summary, nightly_run = run_job(db_url, "nightly", "--date", "2026-06-08")
     assert summary["rejects_closed"] == 1
     rows = by_source(db_url)
     assert {k: r["status"] for k, r in rows.items()} == {
@@ -263,7 +264,7 @@ def test_a_fixed_row_is_closed_by_the_run_that_re_examines_it_and_reopened_when_
         "ev-bad": "closed",
         "T-bad": "open",
     }
-    assert rows["ev-bad"]["resolution"] == f"no longer found by nightly run {nightly_run} (2026-05: events)"
+    assert rows["ev-bad"]["resolution"] == f"no longer found by nightly run {nightly_run} (2026-06: events)"
     event = rows["ev-bad"]
     assert (event["resolved_by"], event["resolved_at"]) == ("nightly", "2026-06-10 12:00:00")
 
