@@ -88,12 +88,12 @@ def _charges_a_day(state: dict[str, Any]) -> None:
 
 def _closes_the_month(state: dict[str, Any]) -> None:
     assert {row[3] for row in state["invoices"]} == {"regular"}
-    assert state["month_closes"] == [(MONTH, 0)]
+    assert [row[:2] for row in state["month_closes"]] == [(MONTH, 0)]
 
 
 def _adjusts_the_month(state: dict[str, Any]) -> None:
     assert {row[3] for row in state["invoices"]} == {"regular", "adjustment"}
-    assert state["month_closes"] == [(MONTH, 1)]
+    assert [row[:2] for row in state["month_closes"]] == [(MONTH, 1)]
 
 
 SCENARIOS = {
