@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from functools import partial
+from typing import Any
 
 import pandas as pd
-from sqlalchemy import BigInteger, Connection, cast, delete, func, select, update
+from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, select, update
 
 from billing_jobs.db.billing_tables import (
     billed_days,
@@ -81,11 +82,23 @@ def is_closed(conn: Connection, month: Month) -> bool:
     return row.first() is not None
 
 
-def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
+def month_accounts(month: Month) -> list[Select[Any]]:
+    """Accounts with charges or invoices of the month: planned even if no project of
+    theirs is left, so that what they were charged is corrected (or checked) too."""
+    return [
+        select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
+        accounts_charged(month.first_day, month.last_day),
+    ]
+
+
+def invoiced_lines(
+    conn: Connection, month: Month, chunk: Chunk, *, finalized_only: bool = False
+) -> pd.DataFrame:
     """Sum of the month's finalized invoice lines per (account, project, line type).
 
     Called before the chunk's drafts exist, after the drafts of any earlier run
     were removed: every line of the chunk's accounts for the month is finalized.
+    finalized_only: leave out the lines of draft invoices (a reader beside a close).
     """
     il = invoice_lines.c
     stmt = (
@@ -99,6 +112,10 @@ def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame
         .where(il.period == str(month), chunk.clause(il.account_id))
         .group_by(il.account_id, il.project_id, il.line_type)
     )
+    if finalized_only:
+        inv = invoices.c
+        final = [inv.period == str(month), inv.status == "finalized", chunk.clause(inv.account_id)]
+        stmt = stmt.where(il.invoice_id.in_(select(inv.invoice_id).where(*final)))
     return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
 
 
@@ -158,16 +175,7 @@ def close_month(
     side = InBackground(partial(platform_rejects, run.engine, settings, month.first_day, month.last_day))
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
-        # Accounts with charges or invoices of the month are planned even if no project
-        # of theirs is left: what they were charged is corrected too.
-        also = (
-            []
-            if fresh_schema
-            else [
-                select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
-                accounts_charged(month.first_day, month.last_day),
-            ]
-        )
+        also = [] if fresh_schema else month_accounts(month)
         chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
     kind = ADJUSTMENT if closed else REGULAR
     all_heads: list[pd.DataFrame] = []
