@@ -324,7 +324,11 @@ def reconcile_and_adjust(
     if code != EX_DIFFERS or not settings.auto_adjust:
         return code
     log = get_logger(scheduled_job=spec.id)
-    months = differing_months(db_url, now)
+    try:
+        months = differing_months(db_url, now)
+    except Exception as exc:  # the scheduler keeps running; the next reconcile tries again
+        log.error("schedule.reconcile.unknown", error=f"{type(exc).__name__}: {exc}")
+        return code
     if not months:
         log.error(
             "schedule.reconcile.nothing_to_adjust", detail="reconcile failed without recording differences"
@@ -357,6 +361,8 @@ def differing_months(db_url: str, since: datetime) -> list[str]:
     since_naive = since.astimezone(UTC).replace(tzinfo=None) if since.tzinfo else since
     engine = make_engine(db_url)
     try:
+        if "month_reconciles" not in inspect(engine).get_table_names():
+            return []
         with engine.connect() as conn:
             latest = latest_reconciles(conn)
     finally:

@@ -32,6 +32,7 @@ JOB_TABLES = {
     "daily_charges",
     "month_closes",
     "month_shards",
+    "month_reconciles",
     "invoices",
     "invoice_lines",
     "rejects",

@@ -10,7 +10,6 @@ the scheduler's reconcile job re-closes a differing month when `auto_adjust` is 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def at(day: int, hour: int = 6) -> time_machine.travel:
 
 
 @pytest.fixture
-def closed_db(db_url: str) -> Iterator[str]:
+def closed_db(db_url: str) -> str:
     """acct-a: a legacy project with 29 credits of compute in May (under the waiver's 30);
     acct-b: a legacy project published in May with page views; May and June closed."""
     data = SourceData()
@@ -45,7 +44,7 @@ def closed_db(db_url: str) -> Iterator[str]:
         for month in ("2026-05", "2026-06"):
             result = run_cli(db_url, "month-end", "--month", month, "--workers", "1")
             assert result.code == 0, result.stderr
-    yield db_url
+    return db_url
 
 
 def late_data(db_url: str) -> None:
@@ -128,6 +127,29 @@ def test_a_closed_month_reconciles_clean_and_late_data_makes_it_differ_until_re_
         code, out, err = reconcile(db_url, "--month", "2026-05")
     assert code == 0, out + err
     assert "2026-05: ok" in out
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            runs = conn.execute(
+                select(billing_runs.c.status, billing_runs.c.period)
+                .where(billing_runs.c.job == "reconcile")
+                .order_by(billing_runs.c.started_at)
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in runs] == [("succeeded", "2026-05")] * 4
+
+
+def test_a_month_not_closed_or_both_options_are_usage_errors(db_url: str) -> None:
+    with at(3):
+        code, out, err = reconcile(db_url, "--month", "2026-04")
+        both = run_cli(db_url, "reconcile", "--month", "2026-05", "--since", "2026-05")
+        none = run_cli(db_url, "reconcile")
+    assert (code, out) == (2, "")
+    assert "month 2026-04 is not closed: close it first" in err
+    assert both.code == 2
+    assert "not both" in both.stderr
+    assert (none.code, none.stdout) == (0, "no closed month to reconcile\n")
 
 
 def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(closed_db: str) -> None:
@@ -138,7 +160,8 @@ def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
         with engine.begin() as conn:
             changed = conn.execute(
                 update(daily_charges)
-                .where(dc.project_id == "pa", dc.charge_type == "storage_fee", dc.charge_date == date(2026, 5, 10))
+                .where(dc.project_id == "pa", dc.charge_type == "storage_fee")
+                .where(dc.charge_date == date(2026, 5, 10))
                 .values(amount_units=dc.amount_units + 5000)
             )
             assert changed.rowcount == 1
@@ -168,45 +191,30 @@ def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
     assert "2026-05" not in out
 
 
-def test_a_month_not_closed_is_a_usage_error_and_runs_are_recorded(closed_db: str) -> None:
-    db_url = closed_db
-    with at(3):
-        code, out, err = reconcile(db_url, "--month", "2026-04")
-        both = run_cli(db_url, "reconcile", "--month", "2026-05", "--since", "2026-05")
-        code_ok, _, _ = reconcile(db_url, "--month", "2026-06")
-    assert code == 2
-    assert out == ""
-    assert "month 2026-04 is not closed: close it first" in err
-    assert both.code == 2
-    assert code_ok == 0
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            runs = conn.execute(
-                select(billing_runs.c.job, billing_runs.c.status, billing_runs.c.period).where(
-                    billing_runs.c.job == "reconcile"
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    assert [tuple(r) for r in runs] == [("reconcile", "succeeded", "2026-06")]
-
-
 def test_the_scheduled_reconcile_re_closes_a_differing_month_when_auto_adjust_is_on(
     closed_db: str, tmp_path: Path
 ) -> None:
     db_url = closed_db
+    late_data(db_url)
+    # auto_adjust off (the default): the differing month is only reported.
+    settings = load_settings(None)
+    now = datetime(2026, 7, 3, 3, 30, tzinfo=UTC)
+    with time_machine.travel(now, tick=True):  # each run at its own instant, after `now`
+        runner = JobRunner(inprocess_runner(db_url, None))
+        code = reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
+    assert code == 1
+    assert [r[:2] for r in recorded(db_url)] == [("2026-05", "differs"), ("2026-06", "ok")]
+
     config = tmp_path / "billing.toml"
     config.write_text("[schedule]\nreconcile_months = 2\nauto_adjust = true\n", encoding="utf-8")
     settings = load_settings(config)
-    runner = JobRunner(inprocess_runner(db_url, str(config)))
-    late_data(db_url)
-    now = datetime(2026, 7, 3, 3, 30, tzinfo=UTC)
-    with time_machine.travel(now, tick=True):  # each run at its own instant, after `now`
+    now = datetime(2026, 7, 4, 3, 30, tzinfo=UTC)
+    with time_machine.travel(now, tick=True):
+        runner = JobRunner(inprocess_runner(db_url, str(config)))
         code = reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
     assert code == 0
-    # May differed, was re-closed (one adjustment) and checked again: ok.
-    assert [r[:2] for r in recorded(db_url)] == [
+    # May differed again, was re-closed (one adjustment) and checked again: ok.
+    assert [r[:2] for r in recorded(db_url)][2:] == [
         ("2026-05", "differs"),
         ("2026-06", "ok"),
         ("2026-05", "ok"),
@@ -224,15 +232,3 @@ def test_the_scheduled_reconcile_re_closes_a_differing_month_when_auto_adjust_is
         ("month-end", "2026-05"),
         ("reconcile", "2026-05"),
     ]
-
-
-def test_the_scheduled_reconcile_only_reports_when_auto_adjust_is_off(closed_db: str) -> None:
-    db_url = closed_db
-    settings = load_settings(None)
-    runner = JobRunner(inprocess_runner(db_url, None))
-    late_data(db_url)
-    now = datetime(2026, 7, 3, 3, 30, tzinfo=UTC)
-    with time_machine.travel(now, tick=True):  # each run at its own instant, after `now`
-        code = reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
-    assert code == 1
-    assert [r[:2] for r in recorded(db_url)] == [("2026-05", "differs"), ("2026-06", "ok")]
