@@ -22,8 +22,10 @@ in which a chunk's drafts and its corrected daily charges appear together (they
 are written in one transaction). A month is taken as checked only when its
 `month_closes` row is the same after the chunks as before (no close finalized
 meanwhile) and no chunk saw drafts of a close still running (a live writer
-lease); otherwise it is checked again, and after `ATTEMPTS` it is reported
-`busy`, never as differences that are only a close half-way.
+lease). A month whose close ended during the check is checked again (up to
+`ATTEMPTS` times); one whose close is still running is reported `busy` (exit
+75), never as differences that are only a close half-way. Drafts with no live
+writer are left by a close that died: they are not invoices, and are ignored.
 """
 
 from __future__ import annotations
@@ -158,8 +160,10 @@ def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: in
             "reconcile.month_closing",
             period=str(month),
             attempt=attempt + 1,
-            detail="a close of this month ran during the check",
+            detail="a close of this month is running" if closing else "a close of this month ended meanwhile",
         )
+        if closing:
+            break  # it takes longer than a check: the next reconcile tries again
     return MonthCheck(month, BUSY, empty_differences(), empty_differences(), accounts)
 
 

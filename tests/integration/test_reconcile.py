@@ -15,10 +15,17 @@ from pathlib import Path
 
 import pytest
 import time_machine
-from sqlalchemy import create_engine, select, update
-from support import SourceData, run_cli
+from sqlalchemy import create_engine, delete, insert, select, update
+from support import SourceData, hold_writer_lock, run_cli
 
-from billing_jobs.db.billing_tables import billing_runs, daily_charges, month_reconciles
+from billing_jobs.db.billing_tables import (
+    billing_locks,
+    billing_runs,
+    daily_charges,
+    invoice_lines,
+    invoices,
+    month_reconciles,
+)
 from billing_jobs.scheduler import JobRunner, inprocess_runner, job_by_id, reconcile_and_adjust
 from billing_jobs.settings import load_settings
 
@@ -64,6 +71,15 @@ def reconcile(db_url: str, *args: str) -> tuple[int, str, str]:
 def table_rows(stdout: str) -> list[list[str]]:
     """The rows of the printed differences (the header left out)."""
     return [line.split() for line in stdout.splitlines() if line.startswith("20") and ": " not in line]
+
+
+def release_writer_lock(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(delete(billing_locks))
+    finally:
+        engine.dispose()
 
 
 def recorded(db_url: str) -> list[tuple[str, str, int, int]]:
@@ -152,7 +168,9 @@ def test_a_month_not_closed_or_both_options_are_usage_errors(db_url: str) -> Non
     assert (none.code, none.stdout) == (0, "no closed month to reconcile\n")
 
 
-def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(closed_db: str) -> None:
+def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
+    closed_db: str, tmp_path: Path
+) -> None:
     db_url = closed_db
     engine = create_engine(db_url)
     dc = daily_charges.c
@@ -189,6 +207,69 @@ def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
     assert code == 0
     assert "2026-06: ok" in out
     assert "2026-05" not in out
+
+    # The scheduler's job from the command line, auto_adjust on: May's re-close puts
+    # the daily charge right (no invoice changes) and its check agrees again.
+    config = tmp_path / "billing.toml"
+    config.write_text("[schedule]\nauto_adjust = true\n", encoding="utf-8")
+    with time_machine.travel(datetime(2026, 7, 5, 3, 30, tzinfo=UTC), tick=True):
+        once = run_cli(db_url, "--config", str(config), "schedule", "--once", "reconcile")
+    assert once.code == 0, once.stderr
+    assert [r[:2] for r in recorded(db_url)][-3:] == [
+        ("2026-05", "differs"),
+        ("2026-06", "ok"),
+        ("2026-05", "ok"),
+    ]
+
+
+def test_a_close_running_during_the_check_is_reported_busy_not_as_differences(closed_db: str) -> None:
+    """Drafts of the month while a writer holds its lease: a close is half-way, so the
+    month is `busy` (exit 75), not differing; drafts left by a close that died are not
+    invoices, and the check goes on without them."""
+    db_url = closed_db
+    late_data(db_url)
+    engine = create_engine(db_url)
+    draft = {
+        "invoice_id": "ADJ-2026-05-acct-a-001",
+        "account_id": "acct-a",
+        "period": "2026-05",
+        "kind": "adjustment",
+        "sequence": 1,
+        "status": "draft",
+        "total_units": -290_000,
+        "line_count": 1,
+        "run_id": "other-run",
+        "created_at": datetime(2026, 7, 3, 5, 0, tzinfo=UTC).replace(tzinfo=None),
+    }
+    line = {
+        "invoice_id": draft["invoice_id"],
+        "project_id": "pa",
+        "line_type": "storage_refund",
+        "account_id": "acct-a",
+        "period": "2026-05",
+        "quantity_units": 10_000,
+        "unit_price": "",
+        "amount_units": -290_000,
+    }
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(invoices).values(**draft))
+            conn.execute(insert(invoice_lines).values(**line))
+    finally:
+        engine.dispose()
+    hold_writer_lock(db_url)
+    with at(3):
+        code, out, _ = reconcile(db_url, "--month", "2026-05")
+    assert code == 75
+    assert table_rows(out) == []
+    assert "2026-05: busy" in out
+    assert recorded(db_url) == [("2026-05", "busy", 0, 0)]
+
+    release_writer_lock(db_url)
+    with at(4):
+        code, out, _ = reconcile(db_url, "--month", "2026-05")
+    assert code == 1
+    assert ["2026-05", "recomputed", "acct-a", "storage_refund", "0", "-29", "-29"] in table_rows(out)
 
 
 def test_the_scheduled_reconcile_re_closes_a_differing_month_when_auto_adjust_is_on(
