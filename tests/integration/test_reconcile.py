@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import time_machine
-from sqlalchemy import create_engine, delete, insert, select, update
+from sqlalchemy import Executable, Select, create_engine, delete, insert, select, update
 from support import SourceData, hold_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import (
@@ -73,28 +74,42 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [line.split() for line in stdout.splitlines() if line.startswith("20") and ": " not in line]
 
 
-def release_writer_lock(db_url: str) -> None:
+def execute(db_url: str, *statements: Executable) -> list[int]:
+    """Run statements in one transaction; their row counts."""
     engine = create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(delete(billing_locks))
+            return [conn.execute(stmt).rowcount for stmt in statements]
     finally:
         engine.dispose()
 
 
-def recorded(db_url: str) -> list[tuple[str, str, int, int]]:
+def fetch(db_url: str, stmt: Select[Any]) -> list[tuple[Any, ...]]:
     engine = create_engine(db_url)
-    mr = month_reconciles.c
     try:
         with engine.connect() as conn:
-            rows = conn.execute(
-                select(mr.period, mr.status, mr.differences, mr.difference_units).order_by(
-                    mr.checked_at, mr.period
-                )
-            )
-            return [tuple(r) for r in rows]  # type: ignore[misc]
+            return [tuple(row) for row in conn.execute(stmt)]
     finally:
         engine.dispose()
+
+
+def recorded(db_url: str) -> list[tuple[Any, ...]]:
+    """(period, status, differences, difference_units) of every check, in order."""
+    mr = month_reconciles.c
+    columns = select(mr.period, mr.status, mr.differences, mr.difference_units)
+    return fetch(db_url, columns.order_by(mr.checked_at, mr.period))
+
+
+def runs(db_url: str, *columns: Any) -> list[tuple[Any, ...]]:
+    return fetch(db_url, select(*columns).order_by(billing_runs.c.started_at))
+
+
+def scheduled_reconcile(db_url: str, config: Path | None, now: datetime) -> int | None:
+    """The scheduler's reconcile job, with `now` passed in; each command it runs ticks on from it."""
+    settings = load_settings(config)
+    with time_machine.travel(now, tick=True):
+        runner = JobRunner(inprocess_runner(db_url, None if config is None else str(config)))
+        return reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
 
 
 def test_a_closed_month_reconciles_clean_and_late_data_makes_it_differ_until_re_closed(
@@ -149,17 +164,9 @@ def test_a_closed_month_reconciles_clean_and_late_data_makes_it_differ_until_re_
         code, out, err = reconcile(db_url, "--month", "2026-05")
     assert code == 0, out + err
     assert "2026-05: ok" in out
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            runs = conn.execute(
-                select(billing_runs.c.status, billing_runs.c.period)
-                .where(billing_runs.c.job == "reconcile")
-                .order_by(billing_runs.c.started_at)
-            ).all()
-    finally:
-        engine.dispose()
-    assert [tuple(r) for r in runs] == [("succeeded", "2026-05")] * 4
+    br = billing_runs.c
+    reconciles = select(br.status, br.period).where(br.job == "reconcile")
+    assert fetch(db_url, reconciles) == [("succeeded", "2026-05")] * 4
 
 
 def test_a_month_not_closed_or_both_options_are_usage_errors(db_url: str) -> None:
@@ -178,19 +185,13 @@ def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
     closed_db: str, tmp_path: Path
 ) -> None:
     db_url = closed_db
-    engine = create_engine(db_url)
     dc = daily_charges.c
-    try:
-        with engine.begin() as conn:
-            changed = conn.execute(
-                update(daily_charges)
-                .where(dc.project_id == "pa", dc.charge_type == "storage_fee")
-                .where(dc.charge_date == date(2026, 5, 10))
-                .values(amount_units=dc.amount_units + 5000)
-            )
-            assert changed.rowcount == 1
-    finally:
-        engine.dispose()
+    tamper = (
+        update(daily_charges)
+        .where(dc.project_id == "pa", dc.charge_type == "storage_fee", dc.charge_date == date(2026, 5, 10))
+        .values(amount_units=dc.amount_units + 5000)
+    )
+    assert execute(db_url, tamper) == [1]
     with at(3):
         code, out, err = reconcile(db_url)  # the last reconcile_months (3) closed months: May and June
     assert code == 1, err
@@ -234,7 +235,6 @@ def test_a_close_running_during_the_check_is_reported_busy_not_as_differences(cl
     invoices, and the check goes on without them."""
     db_url = closed_db
     late_data(db_url)
-    engine = create_engine(db_url)
     draft = {
         "invoice_id": "ADJ-2026-05-acct-a-001",
         "account_id": "acct-a",
@@ -257,12 +257,7 @@ def test_a_close_running_during_the_check_is_reported_busy_not_as_differences(cl
         "unit_price": "",
         "amount_units": -290_000,
     }
-    try:
-        with engine.begin() as conn:
-            conn.execute(insert(invoices).values(**draft))
-            conn.execute(insert(invoice_lines).values(**line))
-    finally:
-        engine.dispose()
+    execute(db_url, insert(invoices).values(**draft), insert(invoice_lines).values(**line))
     hold_writer_lock(db_url)
     with at(3):
         code, out, _ = reconcile(db_url, "--month", "2026-05")
@@ -271,7 +266,7 @@ def test_a_close_running_during_the_check_is_reported_busy_not_as_differences(cl
     assert "2026-05: busy" in out
     assert recorded(db_url) == [("2026-05", "busy", 0, 0)]
 
-    release_writer_lock(db_url)
+    execute(db_url, delete(billing_locks))  # the writer is gone: its drafts are left-overs
     with at(4):
         code, out, _ = reconcile(db_url, "--month", "2026-05")
     assert code == 1
@@ -284,37 +279,19 @@ def test_the_scheduled_reconcile_re_closes_a_differing_month_when_auto_adjust_is
     db_url = closed_db
     late_data(db_url)
     # auto_adjust off (the default): the differing month is only reported.
-    settings = load_settings(None)
-    now = datetime(2026, 7, 3, 3, 30, tzinfo=UTC)
-    with time_machine.travel(now, tick=True):  # each run at its own instant, after `now`
-        runner = JobRunner(inprocess_runner(db_url, None))
-        code = reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
-    assert code == 1
+    assert scheduled_reconcile(db_url, None, datetime(2026, 7, 3, 3, 30, tzinfo=UTC)) == 1
     assert [r[:2] for r in recorded(db_url)] == [("2026-05", "differs"), ("2026-06", "ok")]
 
     config = tmp_path / "billing.toml"
     config.write_text("[schedule]\nreconcile_months = 2\nauto_adjust = true\n", encoding="utf-8")
-    settings = load_settings(config)
-    now = datetime(2026, 7, 4, 3, 30, tzinfo=UTC)
-    with time_machine.travel(now, tick=True):
-        runner = JobRunner(inprocess_runner(db_url, str(config)))
-        code = reconcile_and_adjust(runner, job_by_id(settings, "reconcile"), db_url, settings, now)
-    assert code == 0
+    assert scheduled_reconcile(db_url, config, datetime(2026, 7, 4, 3, 30, tzinfo=UTC)) == 0
     # May differed again, was re-closed (one adjustment) and checked again: ok.
     assert [r[:2] for r in recorded(db_url)][2:] == [
         ("2026-05", "differs"),
         ("2026-06", "ok"),
         ("2026-05", "ok"),
     ]
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            jobs = conn.execute(
-                select(billing_runs.c.job, billing_runs.c.period).order_by(billing_runs.c.started_at)
-            ).all()
-    finally:
-        engine.dispose()
-    assert [tuple(j) for j in jobs][-3:] == [
+    assert runs(db_url, billing_runs.c.job, billing_runs.c.period)[-3:] == [
         ("reconcile", "2026-05..2026-06"),
         ("month-end", "2026-05"),
         ("reconcile", "2026-05"),
