@@ -184,7 +184,7 @@ def _print_billing(facts: st.Facts) -> None:
         flag = "  OVERDUE" if m.overdue else ""
         out(f"  {m.period}  ended {m.days_since_end:.1f} days ago{flag}")
     differing = ", ".join(r.period for r in facts.reconcile_differs)
-    out(f"months differing:  {differing or 'none'} (their latest reconcile)")
+    out(f"months differing:  {differing + ' (latest reconcile)' if differing else 'none'}")
 
 
 def _print_rejects(facts: st.Facts) -> None:

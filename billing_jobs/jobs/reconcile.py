@@ -160,10 +160,10 @@ def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: in
             "reconcile.month_closing",
             period=str(month),
             attempt=attempt + 1,
-            detail="a close of this month is running" if closing else "a close of this month ended meanwhile",
+            detail="a close of this month ended meanwhile" if moved else "a close of this month is running",
         )
-        if closing:
-            break  # it takes longer than a check: the next reconcile tries again
+        if not moved:
+            break  # a close takes longer than a check: the next reconcile tries again
     return MonthCheck(month, BUSY, empty_differences(), empty_differences(), accounts)
 
 
