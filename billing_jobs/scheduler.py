@@ -1,15 +1,19 @@
 """The long-running scheduler: `billing-jobs schedule` (APScheduler 3.x).
 
-Two jobs, built from `[schedule]` by the pure `build_jobs`, in the billing
+Jobs, built from `[schedule]` by the pure `build_jobs`, in the billing
 timezone (`[billing] timezone`):
 
 - `nightly`: every day at `nightly_at`, runs `billing-jobs nightly` (no
   `--date`): it bills every day not billed yet up to yesterday, so a scheduler
   that was down for days bills every missed day on its next run;
 - `month-end`: on day `month_end_day` at `month_end_at`, runs
-  `billing-jobs month-end` (the previous month).
+  `billing-jobs month-end` (the previous month);
+- `reconcile` (unless `reconcile_months` = 0): every day at `reconcile_at`,
+  runs `billing-jobs reconcile` (the last `reconcile_months` closed months);
+  with `auto_adjust`, each month it finds differing is re-closed by
+  `billing-jobs month-end --month M` and checked again (`reconcile_and_adjust`).
 
-Both have `coalesce=True` (runs missed while the process was busy or suspended
+All have `coalesce=True` (runs missed while the process was busy or suspended
 collapse into one), `max_instances=1`, and `misfire_grace_time` =
 `misfire_grace_seconds` (a run late by less than this still starts; a later one
 is skipped and logged). They share one worker thread, so a month-end due while
@@ -90,7 +94,8 @@ EX_TEMPFAIL = 75
 EX_USAGE = 2
 LOCK_RETRY_SECONDS = 300
 CATCH_UP_AFTER = timedelta(days=1)
-JOB_IDS = ("nightly", "month-end")
+JOB_IDS = ("nightly", "month-end", "reconcile")
+EX_DIFFERS = 1  # `reconcile`: a month differs
 POLL_SECONDS = 1.0  # how soon the scheduler loop notices a stop request
 
 # Runs one command line of `billing-jobs` (without the program name); returns its exit status.
@@ -176,7 +181,24 @@ def build_jobs(settings: Settings) -> list[JobSpec]:
                 f"{settings.timezone}, closes the previous month"
             ),
         ),
+        *([reconcile_spec(settings)] if settings.reconcile_months > 0 else []),
     ]
+
+
+def reconcile_spec(settings: Settings) -> JobSpec:
+    at = settings.reconcile_at
+    return JobSpec(
+        id="reconcile",
+        trigger=WallClockCronTrigger(
+            hour=at.hour, minute=at.minute, second=at.second, timezone=settings.zone
+        ),
+        argv=("reconcile",),
+        misfire_grace_time=settings.misfire_grace_seconds,
+        description=(
+            f"reconcile: every day at {at:%H:%M} {settings.timezone}, the last "
+            f"{settings.reconcile_months} closed months" + (", auto-adjusted" if settings.auto_adjust else "")
+        ),
+    )
 
 
 def lock_retries(settings: Settings) -> int:
@@ -185,7 +207,8 @@ def lock_retries(settings: Settings) -> int:
 
 
 def job_by_id(settings: Settings, job_id: str) -> JobSpec:
-    for spec in build_jobs(settings):
+    """A job by its id (`reconcile` too when it is not scheduled: `--once` may run it)."""
+    for spec in [*build_jobs(settings), reconcile_spec(settings)]:
         if spec.id == job_id:
             return spec
     raise KeyError(job_id)
@@ -282,6 +305,87 @@ class JobRunner:
         else:
             log.error("schedule.job.failed", exit_status=code)
         return code
+
+
+# --- Reconcile, and re-close what differs -------------------------------------------------------
+
+
+def reconcile_and_adjust(
+    runner: JobRunner, spec: JobSpec, db_url: str, settings: Settings, now: datetime
+) -> int | None:
+    """The scheduled reconcile: run `spec` (`billing-jobs reconcile`); with `[schedule]
+    auto_adjust`, re-close each month whose check at or after `now` found differences
+    (`billing-jobs month-end --month M`, as from the command line) and check it again.
+
+    Returns the exit status that stands: the reconcile's, or with auto_adjust the
+    first failure of a re-close or re-check (0 when every month agrees again).
+    """
+    code = runner(spec)
+    if code != EX_DIFFERS or not settings.auto_adjust:
+        return code
+    log = get_logger(scheduled_job=spec.id)
+    try:
+        months = differing_months(db_url, now)
+    except Exception as exc:  # the scheduler keeps running; the next reconcile tries again
+        log.error("schedule.reconcile.unknown", error=f"{type(exc).__name__}: {exc}")
+        return code
+    if not months:
+        log.error(
+            "schedule.reconcile.nothing_to_adjust", detail="reconcile failed without recording differences"
+        )
+        return code
+    outcome: int | None = 0
+    for month in months:
+        log.warning(
+            "schedule.reconcile.adjust", period=month, detail="re-closing a month whose invoices differ"
+        )
+        steps = [("month-end", "--month", month), ("reconcile", "--month", month)]
+        for argv in steps:
+            done = runner(JobSpec(f"{argv[0]}-{month}", spec.trigger, argv, description=" ".join(argv)))
+            if done != 0:
+                log.error(
+                    "schedule.reconcile.adjust_failed", period=month, command=" ".join(argv), exit_status=done
+                )
+                outcome = outcome or done
+                break
+        else:
+            log.info("schedule.reconcile.adjusted", period=month)
+    return outcome
+
+
+def differing_months(db_url: str, since: datetime) -> list[str]:
+    """Closed months whose latest check, made at or after `since`, found differences."""
+    from billing_jobs.db.engine import make_engine
+    from billing_jobs.jobs.reconcile import DIFFERS, latest_reconciles
+
+    since_naive = since.astimezone(UTC).replace(tzinfo=None) if since.tzinfo else since
+    engine = make_engine(db_url)
+    try:
+        if "month_reconciles" not in inspect(engine).get_table_names():
+            return []
+        with engine.connect() as conn:
+            latest = latest_reconciles(conn)
+    finally:
+        engine.dispose()
+    return [
+        p for p, row in latest.items() if row.status == DIFFERS and _naive_ts(row.checked_at) >= since_naive
+    ]
+
+
+def _naive_ts(value: Any) -> datetime:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+@dataclass
+class ReconcileJob:
+    """What the scheduler calls for the reconcile job: `reconcile_and_adjust` at the clock's now."""
+
+    runner: JobRunner
+    db_url: str
+    settings: Settings
+
+    def __call__(self, spec: JobSpec) -> int | None:
+        return reconcile_and_adjust(self.runner, spec, self.db_url, self.settings, datetime.now(UTC))
 
 
 # --- Catch-up on start --------------------------------------------------------------------------
@@ -382,12 +486,21 @@ def make_scheduler(settings: Settings, stopping: threading.Event | None = None) 
 
 
 def install(
-    scheduler: BaseScheduler, settings: Settings, runner: JobRunner, *, catch_up: list[str], now: datetime
+    scheduler: BaseScheduler,
+    settings: Settings,
+    runner: JobRunner,
+    *,
+    catch_up: list[str],
+    now: datetime,
+    reconcile: Callable[[JobSpec], int | None] | None = None,
 ) -> None:
-    """Add the scheduled jobs and the catch-up runs (due at `now`) to `scheduler`."""
+    """Add the scheduled jobs and the catch-up runs (due at `now`) to `scheduler`.
+
+    reconcile: what runs the reconcile job (a `ReconcileJob`; default: `runner`).
+    """
     specs = {spec.id: spec for spec in build_jobs(settings)}
     for spec in specs.values():
-        spec.add_to(scheduler, runner)
+        spec.add_to(scheduler, reconcile if spec.id == "reconcile" and reconcile is not None else runner)
     for offset, job_id in enumerate(catch_up):
         scheduler.add_job(
             runner,

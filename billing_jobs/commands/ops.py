@@ -134,7 +134,8 @@ def status(ctx: Context, as_json: bool) -> None:
     closed, open rejects, the last run of each job and the lock. Exit status 1
     (each reason on its own line) when a month ended more than
     close_overdue_days days ago and is not closed, when the last nightly run
-    failed, or when a day is not billed 6 hours after the nightly time.
+    failed, when a day is not billed 6 hours after the nightly time, or when a
+    closed month's latest reconcile found differences.
 
     Example (a monitoring probe): billing-jobs status || alert
     """
@@ -184,6 +185,8 @@ def _print_billing(facts: st.Facts) -> None:
             "  OVERDUE" if m.overdue else ""
         )
         out(f"  {m.period}  ended {m.days_since_end:.1f} days ago{flag}")
+    differing = ", ".join(r.period for r in facts.reconcile_differs)
+    out(f"months differing:  {differing + ' (latest reconcile)' if differing else 'none'}")
 
 
 def _print_rejects(facts: st.Facts) -> None:

@@ -9,14 +9,19 @@ import click
 from billing_jobs import logs
 from billing_jobs.commands.common import Context, utcnow
 
-SCHEDULE_HELP = """Run the nightly and month-end jobs on their schedule until stopped.
+SCHEDULE_HELP = """Run the nightly, month-end and reconcile jobs on their schedule until stopped.
 
 \b
 Jobs, at the [schedule] times of the settings, in the billing timezone:
   nightly    every day at nightly_at (default 02:30): `billing-jobs nightly`,
              which bills every day not billed yet up to yesterday;
   month-end  on day month_end_day at month_end_at (default day 1, 04:00):
-             `billing-jobs month-end`, which closes the previous month.
+             `billing-jobs month-end`, which closes the previous month;
+  reconcile  every day at reconcile_at (default 03:30), unless
+             reconcile_months = 0: `billing-jobs reconcile` of the last
+             reconcile_months closed months; with auto_adjust = true, each
+             month found differing is re-closed (`billing-jobs month-end
+             --month M`) and checked again.
 
 Each run is a child process `python -m billing_jobs ...` with the same
 database and settings, exactly like a run from cron. A run that finds the lock
@@ -36,7 +41,8 @@ terminationGracePeriodSeconds). The schedule is read once at start: restart it
 after changing [schedule] or [billing] timezone.
 
 --once JOB runs one job right away (in this process, no retry) and exits with
-its exit status (0, 1, 2 or 75), e.g. for a Kubernetes CronJob.
+its exit status (0, 1, 2 or 75), e.g. for a Kubernetes CronJob; `--once
+reconcile` re-closes differing months too when auto_adjust is on.
 """
 
 
@@ -49,7 +55,7 @@ its exit status (0, 1, 2 or 75), e.g. for a Kubernetes CronJob.
 )
 @click.option(
     "--once",
-    type=click.Choice(["nightly", "month-end"]),
+    type=click.Choice(["nightly", "month-end", "reconcile"]),
     default=None,
     help="Run this job once, now, and exit with its exit status.",
 )
@@ -62,7 +68,11 @@ def schedule(ctx: Context, catch_up_on_start: bool, once: str | None) -> None:
     log = logs.get_logger()
     if once is not None:
         runner = sched.JobRunner(sched.inprocess_runner(ctx.db_url, ctx.config, log_level))
-        code = runner.run_once(sched.job_by_id(settings, once))  # no retry: exit 75 is the answer
+        spec = sched.job_by_id(settings, once)
+        if once == "reconcile":  # no retry (max_retries 0): exit 75 is the answer
+            code = sched.reconcile_and_adjust(runner, spec, ctx.db_url, settings, utcnow())
+        else:
+            code = runner.run_once(spec)  # no retry: exit 75 is the answer
         # sys.exit, not ctx.exit: click's non-standalone main would return the code, not exit with it
         sys.exit(code)
 
@@ -83,13 +93,15 @@ def schedule(ctx: Context, catch_up_on_start: bool, once: str | None) -> None:
         max_retries=sched.lock_retries(settings),
         stopping=scheduler.stopping,
     )
-    sched.install(scheduler, settings, runner, catch_up=catch_up, now=now)
+    reconcile = sched.ReconcileJob(runner, ctx.db_url, settings)
+    sched.install(scheduler, settings, runner, catch_up=catch_up, now=now, reconcile=reconcile)
     log.info(
         "schedule.start",
         timezone=settings.timezone,
         nightly_at=settings.nightly_at.isoformat("minutes"),
         month_end_day=settings.month_end_day,
         month_end_at=settings.month_end_at.isoformat("minutes"),
+        reconcile_at=settings.reconcile_at.isoformat("minutes") if settings.reconcile_months else None,
         catch_up=catch_up,
     )
     sched.run_scheduler(scheduler)

@@ -131,6 +131,21 @@ month_shards = Table(
     Column("invoices", Integer),
 )
 
+# What `reconcile` found for a closed month: one row per (month, reconcile run).
+month_reconciles = Table(
+    "month_reconciles",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("run_id", String(36), primary_key=True),
+    Column("checked_at", DateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # ok | differs | busy
+    Column("differences", Integer, nullable=False),  # (check, account, line type) rows
+    Column("difference_units", BigInteger, nullable=False),  # sum of their absolute amounts
+    Column("recomputed_differences", Integer, nullable=False),
+    Column("stored_differences", Integer, nullable=False),
+    Index("ix_month_reconciles_period_checked", "period", "checked_at"),
+)
+
 invoices = Table(
     "invoices",
     billing_metadata,

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
+from typing import Any
 
 import pandas as pd
-from sqlalchemy import BigInteger, Connection, cast, delete, func, select, update
+from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, select, update
 
 from billing_jobs.db.billing_tables import (
     billed_days,
@@ -84,6 +85,15 @@ def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
 def is_closed(conn: Connection, month: Month) -> bool:
     row = conn.execute(select(month_closes.c.period).where(month_closes.c.period == str(month)))
     return row.first() is not None
+
+
+def month_accounts(month: Month) -> list[Select[Any]]:
+    """Accounts with charges or invoices of the month: planned even if no project of
+    theirs is left, so that what they were charged is corrected (or checked) too."""
+    return [
+        select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
+        accounts_charged(month.first_day, month.last_day),
+    ]
 
 
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
@@ -170,16 +180,7 @@ def close_month(
     side = InBackground(partial(platform_rejects, run.engine, settings, month.first_day, month.last_day))
     with run.engine.connect() as conn:
         closed = False if fresh_schema else is_closed(conn, month)
-        # Accounts with charges or invoices of the month are planned even if no project
-        # of theirs is left: what they were charged is corrected too.
-        also = (
-            []
-            if fresh_schema
-            else [
-                select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
-                accounts_charged(month.first_day, month.last_day),
-            ]
-        )
+        also = [] if fresh_schema else month_accounts(month)
         chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
     kind = ADJUSTMENT if closed else REGULAR
     all_heads: list[pd.DataFrame] = []

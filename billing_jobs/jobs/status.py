@@ -13,7 +13,8 @@ The probe's rules (`billing-jobs status` exits 1 when any holds):
   is gone or expired, so its process died);
 - a billing day is not billed by the time the nightly should have billed it:
   day D is due at `nightly_at` on D+1, plus 6 hours of grace, in the billing
-  timezone.
+  timezone;
+- a closed month's latest reconcile found differences (`billing-jobs reconcile`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from billing_jobs.db.billing_tables import (
 )
 from billing_jobs.db.reject_log import count_by_status
 from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.money import format_units
 from billing_jobs.settings import Settings
 
-JOBS = ("nightly", "month-end")
+JOBS = ("nightly", "month-end", "reconcile")
 ABANDONED = "abandoned"
 RUNNING = "running"
 FAILED = "failed"
@@ -119,6 +121,17 @@ class RejectCount:
 
 
 @dataclass(frozen=True)
+class ReconcileFinding:
+    """A closed month whose latest reconcile found differences."""
+
+    period: str
+    run_id: str
+    checked_at: datetime  # naive UTC
+    differences: int
+    difference_units: int
+
+
+@dataclass(frozen=True)
 class Facts:
     """Everything the probe decides on. `now` is naive UTC."""
 
@@ -135,6 +148,7 @@ class Facts:
     rejects_by_period: dict[str, int] = field(default_factory=dict)
     held_months: dict[str, datetime] = field(default_factory=dict)  # period -> held_at: drafts to approve
     rejects_by_status: dict[str, int] = field(default_factory=dict)  # open, resolved, closed
+    reconcile_differs: list[ReconcileFinding] = field(default_factory=list)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -285,6 +299,13 @@ def decide(facts: Facts) -> list[str]:
             f"{what} not billed ({ranges_text(late)}): nightly should have billed {late[-1]} "
             f"by {_fmt(nightly_deadline(late[-1], facts.nightly_at, zone))}"
         )
+    for r in facts.reconcile_differs:
+        problems.append(
+            f"month {r.period}: its latest reconcile (run {r.run_id} at {_fmt(r.checked_at)}) found "
+            f"{r.differences} difference(s), {format_units(r.difference_units)} credits in absolute value: "
+            f"run `billing-jobs month-end --month {r.period}`, then "
+            f"`billing-jobs reconcile --month {r.period}`"
+        )
     return problems
 
 
@@ -430,6 +451,7 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
                 .order_by(rj.period)
             )
         }
+        differs = _reconcile_differs(conn)
     return Facts(
         now=now,
         timezone=settings.timezone,
@@ -444,7 +466,21 @@ def read_facts(engine: Engine, settings: Settings, now: datetime) -> Facts:
         rejects_by_period=by_period,
         held_months=held_months,
         rejects_by_status=by_status,
+        reconcile_differs=differs,
     )
+
+
+def _reconcile_differs(conn: Connection) -> list[ReconcileFinding]:
+    """Closed months whose latest reconcile differs (none before the table exists)."""
+    if "month_reconciles" not in inspect(conn).get_table_names():
+        return []
+    from billing_jobs.jobs.reconcile import DIFFERS, latest_reconciles
+
+    return [
+        ReconcileFinding(p, r.run_id, _ts(r.checked_at), int(r.differences), int(r.difference_units))
+        for p, r in latest_reconciles(conn).items()
+        if r.status == DIFFERS
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -516,6 +552,16 @@ def status_record(facts: Facts, problems: list[str]) -> dict[str, Any]:
             "by_period": dict(facts.rejects_by_period),
         },
         "rejects_by_status": dict(facts.rejects_by_status),
+        "reconcile_differs": [
+            {
+                "period": r.period,
+                "run_id": r.run_id,
+                "checked_at": _iso(r.checked_at),
+                "differences": r.differences,
+                "difference": format_units(r.difference_units),
+            }
+            for r in facts.reconcile_differs
+        ],
         "last_runs": {job: run_record(run, facts.now) for job, run in facts.last_runs.items()},
         "lock": lock_record(held) if held else None,
     }

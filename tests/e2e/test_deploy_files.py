@@ -49,10 +49,17 @@ MANIFESTS = [p for p in DEPLOY_YAML if p != KUSTOMIZATION]
 CRONJOB_FILES = {
     "nightly": DEPLOY / "cronjob-nightly.yaml",
     "month-end": DEPLOY / "cronjob-month-end.yaml",
+    "reconcile": DEPLOY / "cronjob-reconcile.yaml",
+}
+# What each CronJob runs: the reconcile through the scheduler's job (`auto_adjust`).
+CRONJOB_ARGS = {
+    "nightly": ["nightly"],
+    "month-end": ["month-end"],
+    "reconcile": ["schedule", "--once", "reconcile"],
 }
 
 # Commands of the CLI that the crontab may run.
-CRON_COMMANDS = {"nightly", "month-end", "status"}
+CRON_COMMANDS = {"nightly", "month-end", "reconcile", "status"}
 # Global options of `billing-jobs` that take a value.
 GLOBAL_OPTIONS_WITH_VALUE = {"--db-url", "--config"}
 
@@ -320,6 +327,7 @@ def test_deploy_folder_has_the_expected_files() -> None:
         "secret.example.yaml",
         "cronjob-nightly.yaml",
         "cronjob-month-end.yaml",
+        "cronjob-reconcile.yaml",
         "job-db-upgrade.yaml",
         "kustomization.yaml",
     } <= names, names
@@ -467,6 +475,8 @@ def test_cronjob(command: str) -> None:
     schedule = settings["schedule"]
     if command == "nightly":
         assert spec["schedule"] == cron_fields(schedule["nightly_at"])
+    elif command == "reconcile":
+        assert spec["schedule"] == cron_fields(schedule["reconcile_at"])
     else:
         assert spec["schedule"] == cron_fields(schedule["month_end_at"], str(schedule["month_end_day"]))
 
@@ -478,7 +488,9 @@ def test_cronjob(command: str) -> None:
     assert actions[EXIT_LOCKED] == "Ignore"
     assert actions[EXIT_BAD_ARGS] == "FailJob"
 
-    check_pod_spec(job_spec["template"]["spec"], [command])
+    if command == "reconcile":  # differences are found again by a retry: the failed Job is the alert
+        assert actions[1] == "FailJob"
+    check_pod_spec(job_spec["template"]["spec"], CRONJOB_ARGS[command])
 
 
 def test_db_upgrade_job() -> None:
@@ -518,7 +530,8 @@ def crontab_entries() -> tuple[dict[str, str], list[tuple[str, str]]]:
 
 
 def billing_command(command: str) -> tuple[list[str], str]:
-    """(words before billing-jobs, the billing-jobs command word) of a crontab command."""
+    """(words before billing-jobs, the billing-jobs command word) of a crontab command;
+    `schedule --once JOB` counts as JOB."""
     words = shlex.split(command)
     assert "billing-jobs" in words, f"does not run billing-jobs: {command}"
     start = words.index("billing-jobs")
@@ -528,6 +541,8 @@ def billing_command(command: str) -> tuple[list[str], str]:
             next(rest)
         elif word.startswith("-"):
             continue
+        elif word == "schedule" and next(rest, None) == "--once":
+            return words[:start], next(rest)
         else:
             return words[:start], word
     pytest.fail(f"no command after billing-jobs: {command}")
@@ -552,6 +567,7 @@ def test_crontab_matches_the_settings() -> None:
     schedule = settings["schedule"]
     assert schedules["nightly"] == cron_fields(schedule["nightly_at"])
     assert schedules["month-end"] == cron_fields(schedule["month_end_at"], str(schedule["month_end_day"]))
+    assert schedules["reconcile"] == cron_fields(schedule["reconcile_at"])
 
 
 def test_crontab_locking_and_logging() -> None:

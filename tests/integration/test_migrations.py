@@ -33,6 +33,7 @@ JOB_TABLES = {
     "month_closes",
     "month_shards",
     "month_holds",
+    "month_reconciles",
     "invoices",
     "invoice_lines",
     "rejects",

@@ -7,6 +7,7 @@ frozen (`utcnow` is the only clock the commands read).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -85,6 +86,25 @@ def test_a_month_is_overdue_only_after_more_than_close_overdue_days() -> None:
     [problem] = st.decide(late)
     assert problem.startswith("month 2026-05 ended 3.0 days ago and is not closed")
     assert [m.period for m in st.unclosed_months(on_time)] == ["2026-05"]
+
+
+def test_a_closed_month_whose_latest_reconcile_differs_is_a_problem() -> None:
+    healthy = _facts(at(2026, 5, 20, 12), billed_through=date(2026, 5, 19), closed=CLOSED_TO_APRIL)
+    finding = st.ReconcileFinding("2026-04", "run-1", at(2026, 5, 20, 3, 30), 2, 300_000)
+    facts = dataclasses.replace(healthy, reconcile_differs=[finding])
+    [problem] = st.decide(facts)
+    assert problem.startswith("month 2026-04: its latest reconcile (run run-1 at 2026-05-20 03:30 UTC)")
+    assert "found 2 difference(s)" in problem
+    assert "30 credits in absolute value: run `billing-jobs month-end --month 2026-04`" in problem
+    assert st.status_record(facts, [problem])["reconcile_differs"] == [
+        {
+            "period": "2026-04",
+            "run_id": "run-1",
+            "checked_at": "2026-05-20T03:30:00Z",
+            "differences": 2,
+            "difference": "30",
+        }
+    ]
 
 
 def test_months_before_the_effective_date_are_never_due() -> None:

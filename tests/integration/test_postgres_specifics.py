@@ -55,7 +55,7 @@ JOB_ROLE_GRANTS = [
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage,"
     " top_ups, redemption_codes, refund_requests TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
-    " month_closes, month_shards, month_holds, invoices, invoice_lines, rejects,"
+    " month_closes, month_shards, month_holds, month_reconciles, invoices, invoice_lines, rejects,"
     " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
@@ -195,6 +195,9 @@ def test_the_jobs_run_as_a_role_that_only_reads_the_source_tables(pg_db_url: str
     assert totals[("p-site", "cloud_page_views")] == Decimal(1)
     assert totals[("p-site", "cloud_bandwidth")] == Decimal("1.25")
     assert _scalar(pg_db_url, "SELECT count(*) FROM billing_runs WHERE status = 'succeeded'") == 2
+    reconciled = run_cli(roles.job_url, "reconcile", "--month", "2026-06", "--workers", "1")
+    assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
+    assert _scalar(pg_db_url, "SELECT status FROM month_reconciles WHERE period = '2026-06'") == "ok"
 
     engine = _engine(roles.job_url)
     try:

@@ -36,6 +36,7 @@ from billing_jobs.scheduler import (
     make_scheduler,
     month_end_is_behind,
     nightly_is_behind,
+    reconcile_and_adjust,
     run_scheduler,
 )
 from billing_jobs.settings import Settings
@@ -82,10 +83,10 @@ def month_end_trigger(zone: str, **settings: object) -> CronTrigger:
 # --- Job definitions -----------------------------------------------------------------------------
 
 
-def test_build_jobs_defines_a_nightly_and_a_month_end_job_with_the_settings_options() -> None:
+def test_build_jobs_defines_nightly_month_end_and_reconcile_jobs_with_the_settings_options() -> None:
     settings = Settings(timezone="Europe/Berlin", misfire_grace_seconds=900)
     jobs = {spec.id: spec for spec in build_jobs(settings)}
-    assert sorted(jobs) == ["month-end", "nightly"]
+    assert sorted(jobs) == ["month-end", "nightly", "reconcile"]
     for spec in jobs.values():
         assert spec.coalesce is True
         assert spec.max_instances == 1
@@ -94,6 +95,42 @@ def test_build_jobs_defines_a_nightly_and_a_month_end_job_with_the_settings_opti
         assert spec.trigger.timezone == BERLIN
     assert jobs["nightly"].argv == ("nightly",)
     assert jobs["month-end"].argv == ("month-end",)
+    assert jobs["reconcile"].argv == ("reconcile",)
+
+
+def test_the_reconcile_job_runs_daily_at_reconcile_at_and_is_off_with_zero_months() -> None:
+    settings = Settings(timezone="America/New_York", reconcile_at=time(5, 10))
+    start = datetime(2026, 7, 1, tzinfo=NEW_YORK)
+    fires = fire_times(job_by_id(settings, "reconcile").trigger, start, start + timedelta(days=2))
+    assert fires == [
+        datetime(2026, 7, 1, 5, 10, tzinfo=NEW_YORK),
+        datetime(2026, 7, 2, 5, 10, tzinfo=NEW_YORK),
+    ]
+    off = Settings(reconcile_months=0)
+    assert [spec.id for spec in build_jobs(off)] == ["nightly", "month-end"]
+    assert job_by_id(off, "reconcile").argv == ("reconcile",)  # `schedule --once reconcile` still can
+
+
+def test_the_scheduled_reconcile_re_closes_each_differing_month_only_with_auto_adjust() -> None:
+    """The decisions of `reconcile_and_adjust` with the commands faked: exit 1 from the
+    reconcile, the months that differ read from the database (none here: nothing recorded)."""
+    calls: list[tuple[str, ...]] = []
+
+    def commands(argv: Sequence[str]) -> int:
+        calls.append(tuple(argv))
+        return 1 if argv == ("reconcile",) else 0
+
+    now = datetime(2026, 7, 3, 3, 30, tzinfo=UTC)
+    spec = job_by_id(Settings(), "reconcile")
+    assert reconcile_and_adjust(JobRunner(commands), spec, "sqlite://", Settings(), now) == 1
+    assert calls == [("reconcile",)]
+    calls.clear()
+    with capture_logs() as logs:
+        code = reconcile_and_adjust(JobRunner(commands), spec, "sqlite://", Settings(auto_adjust=True), now)
+    assert code == 1  # nothing recorded as differing: nothing to re-close, the reconcile's status stands
+    assert calls == [("reconcile",)]
+    errors = [e["event"] for e in logs if e["log_level"] == "error"]
+    assert errors == ["schedule.job.failed", "schedule.reconcile.nothing_to_adjust"]
 
 
 def test_the_job_times_come_from_the_schedule_settings() -> None:
@@ -124,8 +161,8 @@ def test_installed_jobs_carry_coalesce_max_instances_and_misfire_grace_time() ->
     install(scheduler, settings, runner, catch_up=[], now=now)
     install(scheduler, settings, runner, catch_up=["nightly"], now=now)  # replace_existing: no duplicates
     jobs = {job.id: job for job in scheduler.get_jobs()}
-    assert sorted(jobs) == ["month-end", "nightly", "nightly-catch-up"]
-    for job_id in ("nightly", "month-end"):
+    assert sorted(jobs) == ["month-end", "nightly", "nightly-catch-up", "reconcile"]
+    for job_id in ("nightly", "month-end", "reconcile"):
         job = jobs[job_id]
         assert job.coalesce is True
         assert job.max_instances == 1

@@ -1,0 +1,271 @@
+"""Reconcile: does a closed month still agree with its source data and its daily charges?
+
+Late data after a close (usage rows arriving late, back-dated lifecycle events)
+changes what a month should have cost; nothing else would notice until someone
+re-runs `month-end`. For each closed month, per chunk of accounts, one pipeline
+(`reconcile_chunk`) reads in one snapshot of the database:
+
+- the chunk's sources, recomputed by `compute_chunk` exactly as `month-end` does;
+- the sum of the month's finalized invoice lines (regular and adjustments);
+- the sum of the month's stored daily charges;
+
+and compares (`rules.reconcile.differences`) the invoices with the recomputed
+lines (what a re-close would write as adjustments) and with the stored charges.
+
+It writes nothing but its findings: one row per month in `month_reconciles`, in
+one short transaction at the end. It holds its own lock (`billing-reconcile`,
+so two reconciles do not run at once), never the writer lock: it neither waits
+for a close nor makes one wait.
+
+A close of the month running at the same time: each chunk reads one snapshot,
+in which a chunk's drafts and its corrected daily charges appear together (they
+are written in one transaction). A month is taken as checked only when its
+`month_closes` row is the same after the chunks as before (no close finalized
+meanwhile) and no chunk saw drafts of a close still running (a live writer
+lease). A month whose close ended during the check is checked again (up to
+`ATTEMPTS` times); one whose close is still running is reported `busy` (exit
+75), never as differences that are only a close half-way. Drafts with no live
+writer are left by a close that died: they are not invoices, and are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
+
+from billing_jobs.db.billing_tables import (
+    billing_locks,
+    daily_charges,
+    invoices,
+    month_closes,
+    month_reconciles,
+)
+from billing_jobs.db.lock import WRITER_LOCK
+from billing_jobs.db.reads import Chunk, plan_chunks, read_frame
+from billing_jobs.jobs.compute import compute_chunk
+from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
+from billing_jobs.jobs.runner import Run
+from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.logs import get_logger
+from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.invoice import empty_lines
+from billing_jobs.rules.reconcile import charge_lines, differences, empty_differences
+
+RECONCILE_LOCK = "billing-reconcile"
+OK, DIFFERS, BUSY = "ok", "differs", "busy"
+ATTEMPTS = 3
+log = get_logger()
+
+
+class MonthNotClosed(ValueError):
+    """A month asked for by name has not been closed: there is nothing to reconcile."""
+
+
+@dataclass(frozen=True)
+class MonthCheck:
+    """What reconciling one month found."""
+
+    month: Month
+    status: str  # ok | differs | busy
+    recomputed: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the source data now
+    stored: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the stored daily charges
+    accounts: int
+
+    @property
+    def differences(self) -> int:
+        return len(self.recomputed) + len(self.stored)
+
+    @property
+    def difference_units(self) -> int:
+        """The sum of the absolute differences of both checks."""
+        return sum(int(f["difference_units"].abs().sum()) for f in (self.recomputed, self.stored) if len(f))
+
+
+def closed_months(conn: Connection) -> list[Month]:
+    return sorted(Month.parse(p) for (p,) in conn.execute(select(month_closes.c.period)))
+
+
+def months_to_reconcile(
+    engine: Engine, *, month: Month | None = None, since: Month | None = None, last: int = 0
+) -> list[Month]:
+    """`month` (which must be closed), every closed month from `since` on, or else the
+    `last` closed months (none when 0)."""
+    with engine.connect() as conn:
+        closed = closed_months(conn)
+    if month is not None:
+        if month not in closed:
+            raise MonthNotClosed(
+                f"month {month} is not closed: close it first (billing-jobs month-end --month {month})"
+            )
+        return [month]
+    if since is not None:
+        return [m for m in closed if m >= since]
+    return closed[-last:] if last > 0 else []
+
+
+def reconcile(
+    run: Run, months: Sequence[Month], projects_per_chunk: int, workers: int = 1
+) -> list[MonthCheck]:
+    """Check each month, then record what was found (one short transaction)."""
+    checks = []
+    for step, month in enumerate(months, start=1):
+        check = reconcile_month(run, month, projects_per_chunk, workers)
+        checks.append(check)
+        run.progress(step, len(months), str(month))
+        (log.info if check.status == OK else log.warning)(
+            "reconcile.month",
+            period=str(month),
+            status=check.status,
+            differences=check.differences,
+            difference_units=check.difference_units,
+            recomputed=len(check.recomputed),
+            stored=len(check.stored),
+        )
+    run.counts.update(
+        months=len(checks),
+        months_differ=sum(c.status == DIFFERS for c in checks),
+        months_busy=sum(c.status == BUSY for c in checks),
+        differences=sum(c.differences for c in checks),
+        difference_units=sum(c.difference_units for c in checks),
+    )
+    if checks:
+        run.write(partial(_record, run=run, checks=checks))
+    return checks
+
+
+def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: int = 1) -> MonthCheck:
+    accounts = 0
+    for attempt in range(ATTEMPTS):
+        with run.engine.connect() as conn:
+            before = _close_state(conn, month)
+            chunks = plan_chunks(conn, projects_per_chunk, also=month_accounts(month))
+        parts = list(run_chunks(run, reconcile_chunk, chunks, workers, month=month))
+        accounts = sum(len(c.accounts or ()) for c in chunks)
+        drafts = sum(n for _, _, n in parts)
+        with run.engine.connect() as conn:
+            moved = _close_state(conn, month) != before
+            closing = drafts > 0 and _writer_busy(conn, run)
+        if not moved and not closing:
+            recomputed = _concat([r for r, _, _ in parts])
+            stored = _concat([s for _, s, _ in parts])
+            status = DIFFERS if len(recomputed) or len(stored) else OK
+            return MonthCheck(month, status, recomputed, stored, accounts)
+        log.warning(
+            "reconcile.month_closing",
+            period=str(month),
+            attempt=attempt + 1,
+            detail="a close of this month ended meanwhile" if moved else "a close of this month is running",
+        )
+        if not moved:
+            break  # a close takes longer than a check: the next reconcile tries again
+    return MonthCheck(month, BUSY, empty_differences(), empty_differences(), accounts)
+
+
+def reconcile_chunk(run: Run, chunk: Chunk, *, month: Month) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """One chunk: read (one snapshot) -> rules -> compare. Returns the differences with
+    the recomputed lines, with the stored charges, and how many drafts of the month it saw."""
+    with snapshot(run.engine) as conn:
+        result = compute_chunk(conn, run.settings, month, chunk)
+        invoiced = invoiced_lines(conn, month, chunk)
+        stored = stored_charges(conn, month, chunk)
+        drafts = _drafts(conn, month, chunk)
+    truth = result.lines if result.lines is not None else empty_lines()
+    return differences(invoiced, truth), differences(charge_lines(invoiced), stored), drafts
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one committed state of the database.
+
+    PostgreSQL: a read-only REPEATABLE READ transaction. SQLite (WAL): a read
+    transaction, begun explicitly, sees the database as of its first read.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+
+
+def stored_charges(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
+    """The month's stored daily charges of the chunk's accounts, summed per (account,
+    project, charge type) and named as invoice lines (a charge type is its line type)."""
+    dc = daily_charges.c
+    stmt = (
+        select(
+            dc.account_id,
+            dc.project_id,
+            dc.charge_type.label("line_type"),
+            cast(func.sum(dc.quantity_units), BigInteger).label("quantity_units"),
+            cast(func.sum(dc.amount_units), BigInteger).label("amount_units"),
+        )
+        .where(chunk.clause(dc.account_id), dc.charge_date.between(month.first_day, month.last_day))
+        .group_by(dc.account_id, dc.project_id, dc.charge_type)
+    )
+    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
+
+
+def _drafts(conn: Connection, month: Month, chunk: Chunk) -> int:
+    inv = invoices.c
+    where = [inv.period == str(month), inv.status == "draft", chunk.clause(inv.account_id)]
+    return int(conn.execute(select(func.count()).select_from(invoices).where(*where)).scalar_one())
+
+
+def _close_state(conn: Connection, month: Month) -> tuple[Any, ...] | None:
+    mc = month_closes.c
+    row = conn.execute(select(mc.last_run_id, mc.adjustments).where(mc.period == str(month))).first()
+    return None if row is None else tuple(row)
+
+
+def _writer_busy(conn: Connection, run: Run) -> bool:
+    """Whether a writer lease (a close, possibly of this month) is live."""
+    lk = billing_locks.c
+    live = select(func.count()).where(lk.name.like(WRITER_LOCK + "%"), lk.expires_at > run.now)
+    return bool(conn.execute(live).scalar_one())
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    found = [f for f in frames if len(f)]
+    return pd.concat(found, ignore_index=True) if found else empty_differences()
+
+
+def _record(conn: Connection, *, run: Run, checks: Sequence[MonthCheck]) -> None:
+    conn.execute(
+        month_reconciles.insert(),
+        [
+            {
+                "period": str(c.month),
+                "run_id": run.run_id,
+                "checked_at": run.now,
+                "status": c.status,
+                "differences": c.differences,
+                "difference_units": c.difference_units,
+                "recomputed_differences": len(c.recomputed),
+                "stored_differences": len(c.stored),
+            }
+            for c in checks
+        ],
+    )
+
+
+def latest_reconciles(conn: Connection) -> dict[str, Any]:
+    """Each closed month's latest finished check (ok or differs; busy ones are passed
+    over): period -> its month_reconciles row."""
+    mr = month_reconciles.c
+    rows = conn.execute(
+        select(month_reconciles)
+        .join(month_closes, month_closes.c.period == mr.period)
+        .where(mr.status.in_([OK, DIFFERS]))
+        .order_by(mr.period, mr.checked_at, mr.run_id)
+    )
+    return {row.period: row for row in rows}
