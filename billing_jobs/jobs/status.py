@@ -81,6 +81,7 @@ class RunInfo:
     error: str | None
     host: str
     pid: int
+    code_version: str | None = None  # the billing_jobs version that ran it (`billing-jobs --version`)
 
     @property
     def error_line(self) -> str:
@@ -358,6 +359,7 @@ def _run_info(row: Any, locks: list[LockInfo], now: datetime) -> RunInfo:
         error=row.error,
         host=row.host,
         pid=row.pid,
+        code_version=row.code_version,
     )
 
 
@@ -454,6 +456,7 @@ def run_record(run: RunInfo, now: datetime) -> dict[str, Any]:
         "error": run.error_line or None,
         "host": run.host,
         "pid": run.pid,
+        "code_version": run.code_version,
     }
 
 
