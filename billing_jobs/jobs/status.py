@@ -34,6 +34,7 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     rejects,
 )
+from billing_jobs.redact import scrub
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import Settings
 
@@ -356,7 +357,7 @@ def _run_info(row: Any, locks: list[LockInfo], now: datetime) -> RunInfo:
         started_at=_ts(row.started_at),
         finished_at=_naive(row.finished_at),
         counts=run_counts(row.counts),
-        error=row.error,
+        error=None if row.error is None else scrub(row.error),  # records written before masking
         host=row.host,
         pid=row.pid,
         code_version=row.code_version,
