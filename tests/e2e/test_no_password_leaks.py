@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from billing_jobs.db.billing_tables import billing_locks, billing_runs
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.jobs.runner import run_job
 from billing_jobs.settings import load_settings
-from tests.integration.test_metrics import FakePushgateway, pushgateway
+from tests.integration.test_metrics import FakePushgateway, pushgateway, write_config
 
 __all__ = ["pushgateway"]  # the fixture, shared with the metrics tests
 
@@ -55,7 +56,7 @@ def password_forms() -> set[str]:
     return {
         PASSWORD,
         encoded,
-        encoded.lower(),
+        re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), encoded),
         quote(PASSWORD),
         quote_plus(PASSWORD),
         json.dumps(PASSWORD)[1:-1],
@@ -91,29 +92,14 @@ def secret_url(pg_server: PgServer) -> Iterator[str]:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-def write_config(tmp_path: Path, **monitoring: str) -> Path:
-    lines = [
-        "[storage_fee]",
-        'effective_from = "2026-05-01"',
-        "[promotions]",
-        "new_project_free_months = 0",
-        "legacy_free_months = 0",
-        "[monitoring]",
-        *(f'{key} = "{value}"' for key, value in monitoring.items()),
-    ]
-    path = tmp_path / "billing.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def run_process(*args: str, db_url: str, cwd: Path, config: Path | None = None) -> CliResult:
+def run_process(*args: str, db_url: str, cwd: Path, config: str | None = None) -> CliResult:
     """`python -m billing_jobs ARGS` with the URL in BILLING_DB_URL, under the test clock."""
     env = child_env(
         {
             "BILLING_DB_URL": db_url,
             "BILLING_TEST_CLOCK": NOW,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(CLOCK_DIR), os.environ.get("PYTHONPATH")])),
-            **({"BILLING_CONFIG": str(config)} if config else {}),
+            **({"BILLING_CONFIG": config} if config else {}),
         }
     )
     proc = subprocess.Popen(
