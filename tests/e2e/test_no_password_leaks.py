@@ -2,13 +2,15 @@
 
 The URL (`BILLING_DB_URL` or `--db-url`) carries a password with characters
 that URL-encoding changes (`/ % @ : # +` and a space), for a PostgreSQL role
-that has that password. Real processes run a month of jobs with it; then
-everything they wrote is searched for the password: as is, percent-encoded
-(either hex case), form-encoded, JSON- or repr-escaped, and for its first
-letters alone (a partly masked password is a leak too). The test server trusts
-local connections, so authentication itself cannot fail: the failures are a
-closed port, a database that does not exist, a role that may not log in and
-malformed URLs, each of which the server or the driver reports back.
+that has that password (SQLite URLs have none). The nightly and the month-end
+run as real processes with it, then `status`, `runs`, `metrics` and `export`
+read what they wrote; everything is searched for the password: as is,
+percent-encoded (either hex case), form-encoded, JSON- or repr-escaped, and for
+its first letters alone (a partly masked password is a leak too). The test
+server trusts local connections, so authentication itself cannot fail: the
+failures are a closed port, a database that does not exist, a role that may not
+log in and malformed URLs, each of which the server or the driver reports back.
+A job whose exception quotes the URL shows that the runner masks what it records.
 """
 
 from __future__ import annotations
