@@ -28,6 +28,7 @@ from billing_jobs.db.engine import (
     upgrade,
 )
 from billing_jobs.db.lock import LockHeld, LockLost, writer_lock_name
+from billing_jobs.redact import scrub
 from billing_jobs.rules.calendar import Month
 from billing_jobs.settings import SettingsError
 
@@ -567,7 +568,7 @@ register_commands(cli)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"billing-jobs: {message}", err=True)
+    click.echo(f"billing-jobs: {scrub(message)}", err=True)
     sys.exit(code)
 
 

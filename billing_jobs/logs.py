@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from billing_jobs.redact import scrub_event
+
 
 def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     """Send logs to stderr; results go to stdout only."""
@@ -22,6 +24,7 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            scrub_event,  # no database password in any log line, traceback included
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

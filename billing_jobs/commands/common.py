@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Engine
 
 from billing_jobs.db.engine import make_engine
+from billing_jobs.redact import remember_url
 from billing_jobs.settings import Settings, load_settings
 
 
 @dataclass
 class Context:
-    db_url: str
+    db_url: str = field(repr=False)  # may carry the database password
     config: str | None
     _settings: Settings | None = None
     _engine: Engine | None = None
+
+    def __post_init__(self) -> None:
+        remember_url(self.db_url)  # masked in every log line and error from the start
 
     @property
     def settings(self) -> Settings:

@@ -131,7 +131,8 @@ def status(ctx: Context, as_json: bool) -> None:
     """Health of the billing jobs; exits 1 when something needs attention.
 
     Shows the last billed day, the last closed month, months ended but not
-    closed, open rejects, the last run of each job and the lock. Exit status 1
+    closed, open rejects, the last run of each job (with the code version that
+    ran it, as `billing-jobs --version` prints it) and the lock. Exit status 1
     (each reason on its own line) when a month ended more than
     close_overdue_days days ago and is not closed, when the last nightly run
     failed, when a day is not billed 6 hours after the nightly time, or when a
@@ -206,7 +207,7 @@ def _print_runs_and_lock(facts: st.Facts) -> None:
         error = f"  {run.error_line}" if run.error_line else ""
         out(
             f"  {job:<10} {run.status:<10} {run.period:<24} started {_when(run.started_at)} UTC"
-            f"  run {run.run_id}{error}"
+            f"  run {run.run_id}  version {run.code_version or '-'}{error}"
         )
     held = facts.held_lock()
     if held:

@@ -13,6 +13,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
+from billing_jobs.redact import remember_url, scrub
+
 DEFAULT_DB_URL = "sqlite:///billing.db"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 VERSION_TABLE = "billing_alembic_version"
@@ -23,11 +25,15 @@ class DatabaseUrlError(ValueError):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys.
+
+    Its password is masked from here on in logs, run records and errors (`redact`).
+    """
+    remember_url(url)
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise DatabaseUrlError(f"bad database URL {url!r}") from None
+        raise DatabaseUrlError(f"bad database URL {scrub(url)!r}") from None
     try:
         if parsed.get_backend_name() == "sqlite":
             engine = create_engine(parsed, poolclass=NullPool, connect_args={"timeout": 60})
@@ -47,7 +53,7 @@ def make_engine(url: str) -> Engine:
             event.listen(engine, "connect", _plan_for_whole_results)
         return engine
     except Exception as exc:  # unknown dialect or driver
-        raise DatabaseUrlError(f"cannot use database URL {parsed!r}: {exc}") from None
+        raise DatabaseUrlError(f"cannot use database URL {parsed!r}: {scrub(str(exc))}") from None
 
 
 SESSION_WORK_MEM = "256MB"
@@ -76,7 +82,9 @@ def _plan_for_whole_results(dbapi_conn, _record):  # type: ignore[no-untyped-def
 def alembic_config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # Alembic's options are ConfigParser values: a `%` (as in a URL-encoded password) is doubled.
+    url = engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    cfg.set_main_option("sqlalchemy.url", url)
     return cfg
 
 

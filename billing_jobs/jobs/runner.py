@@ -28,6 +28,7 @@ from billing_jobs import __version__
 from billing_jobs.db.billing_tables import billing_runs
 from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
 from billing_jobs.logs import get_logger
+from billing_jobs.redact import scrub
 from billing_jobs.settings import Settings
 
 Progress = Callable[[int, int, str], None]
@@ -188,7 +189,7 @@ def _record_start(
             insert(billing_runs).values(
                 run_id=run_id,
                 job=job,
-                arguments=json.dumps(arguments, sort_keys=True, default=str),
+                arguments=scrub(json.dumps(arguments, sort_keys=True, default=str)),
                 period=period,
                 settings_hash=settings.digest(),
                 code_version=__version__,
@@ -209,6 +210,6 @@ def _record_end(engine: Engine, run_id: str, status: str, counts: dict[str, Any]
                 status=status,
                 finished_at=_utcnow(),
                 counts=json.dumps(counts, sort_keys=True),
-                error=error,
+                error=None if error is None else scrub(error),
             )
         )

@@ -37,6 +37,7 @@ from billing_jobs.db.billing_tables import (
     rejects,
 )
 from billing_jobs.db.reject_log import count_by_status
+from billing_jobs.redact import scrub
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
 from billing_jobs.settings import Settings
@@ -85,6 +86,7 @@ class RunInfo:
     error: str | None
     host: str
     pid: int
+    code_version: str | None = None  # the billing_jobs version that ran it (`billing-jobs --version`)
 
     @property
     def error_line(self) -> str:
@@ -386,9 +388,10 @@ def _run_info(row: Any, locks: list[LockInfo], now: datetime) -> RunInfo:
         started_at=_ts(row.started_at),
         finished_at=_naive(row.finished_at),
         counts=run_counts(row.counts),
-        error=row.error,
+        error=None if row.error is None else scrub(row.error),  # records written before masking
         host=row.host,
         pid=row.pid,
+        code_version=row.code_version,
     )
 
 
@@ -506,6 +509,7 @@ def run_record(run: RunInfo, now: datetime) -> dict[str, Any]:
         "error": run.error_line or None,
         "host": run.host,
         "pid": run.pid,
+        "code_version": run.code_version,
     }
 
 

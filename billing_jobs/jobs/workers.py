@@ -19,7 +19,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -49,7 +49,7 @@ def default_workers() -> int:
 class RunSpec:
     """What a worker needs to act as the run: picklable, no connection in it."""
 
-    db_url: str
+    db_url: str = field(repr=False)  # may carry the database password
     settings: Settings
     run_id: str
     now: datetime
