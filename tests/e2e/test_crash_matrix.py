@@ -48,7 +48,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import time_machine
-from process_runs import billing_state, busy_month, late_changes, lock_holder
+from process_runs import billing_state, busy_month, finish, late_changes, lock_holder, start_cli
 from psycopg import sql
 from support import run_cli
 
@@ -237,7 +237,16 @@ def _killed_child(url: str, args: tuple[str, ...], env: dict[str, str], clock: s
 
 
 def run_killed(url: str, scenario: Scenario, env: dict[str, str], folder: Path) -> tuple[int | None, str]:
-    """Run the scenario's command in a child process; its exit code and output."""
+    """Run the scenario's command in a child process; its exit code and output.
+
+    The child is forked from this process (no interpreter start-up: the matrix runs
+    hundreds of them), or, for runs with worker processes, started afresh (a fork
+    would share this process's forkserver).
+    """
+    if env.get("BILLING_WORKERS") != "1":
+        assert scenario.clock is None
+        done = finish(start_cli(url, *scenario.command, cwd=folder, env=env))
+        return done.code, done.stderr
     log = str(folder / f"killed-{uuid.uuid4().hex[:8]}.log")
     context = multiprocessing.get_context("fork")
     child = context.Process(target=_killed_child, args=(url, scenario.command, env, scenario.clock, log))
@@ -485,3 +494,24 @@ def test_a_run_of_two_workers_killed_then_rerun_leaves_what_an_uninterrupted_run
         databases, scenario, ref, env, tmp_path, worker, "two workers: a worker killed", killed_code=1
     )
     assert set(seen.values()) <= {"before", "same"}
+
+
+def test_the_fault_hook_kills_only_runs_of_the_job_named(databases: Databases, tmp_path: Path) -> None:
+    scenario = SCENARIOS["month-end"]
+    env = _env(scenario, tmp_path)
+    url = prepare(databases, scenario, env)
+    trace = tmp_path / "trace"
+    other_job = {
+        "BILLING_FAULT_KILL_JOB": "nightly",
+        "BILLING_FAULT_KILL_AFTER_WRITE": "3",
+        "BILLING_FAULT_TRACE": str(trace),
+    }
+    code, output = run_killed(url, scenario, {**env, **other_job}, tmp_path)
+    assert code == 0, output
+    labels = [line.split()[4] for line in trace.read_text(encoding="utf-8").splitlines()]
+    assert labels[:3] == ["run.start", "lock.acquire", "_start"]
+    assert labels[-2:] == ["run.end", "lock.release"]
+    nightly = Scenario("nightly-day", ("nightly", "--date", "2026-05-10"))
+    code, output = run_killed(url, nightly, {**env, **other_job}, tmp_path)
+    assert code == -signal.SIGKILL, output
+    assert lock_holder(url) is not None  # killed after its first data write: no cleanup ran
