@@ -132,6 +132,13 @@ def _cli(url: str, scenario: Scenario, env: dict[str, str], *args: str) -> Any:
 # ---------------------------------------------------------------------------
 
 
+def _database(url: str) -> str:
+    """The database a URL names (a SQLite file's path)."""
+    name = sa.make_url(url).database
+    assert name, url
+    return name
+
+
 class Databases:
     """Copies of a template database on the back end of the test's `db_url`."""
 
@@ -149,15 +156,14 @@ class Databases:
 
     def copy(self, template: str) -> str:
         if self.server is None:
-            source = sa.make_url(template).database
-            assert source is not None
+            source = _database(template)
             with sqlite3.connect(source) as conn:  # everything in the main file, WAL emptied
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             target = self.folder / f"db-{uuid.uuid4().hex[:12]}.db"
             shutil.copyfile(source, target)
             return f"sqlite:///{target}"
         name = f"t_{uuid.uuid4().hex}"
-        source_name = sa.make_url(template).database
+        source_name = _database(template)
         with self.server.admin_connection() as conn:
             # Connections that in-process runs left in their pools would block the copy.
             conn.execute(
@@ -167,20 +173,18 @@ class Databases:
             )
             conn.execute(
                 sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(str(source_name))
+                    sql.Identifier(name), sql.Identifier(source_name)
                 )
             )
         self.made.append(name)
         return str(self.server.url(name))
 
     def drop(self, url: str) -> None:
+        name = _database(url)
         if self.server is None:
-            path = sa.make_url(url).database
-            assert path is not None
             for suffix in ("", "-wal", "-shm"):
-                Path(path + suffix).unlink(missing_ok=True)
+                Path(name + suffix).unlink(missing_ok=True)
             return
-        name = str(sa.make_url(url).database)
         self.server.drop_database(name)
         self.made.remove(name)
 
