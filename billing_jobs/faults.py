@@ -52,7 +52,9 @@ def plan_for(job: str) -> FaultPlan | None:
     armed = target == job
 
     def number(name: str) -> int | None:
-        text = env.get(name) or ""
+        text = (env.get(name) or "").strip()
+        if text and not text.isdigit():
+            raise ValueError(f"{name} must be a whole number of writes, not {text!r}")
         return int(text) if armed and text else None
 
     return FaultPlan(
