@@ -17,8 +17,10 @@ then for every k = 1..K, on a copy of the same database:
 Jobs: nightly catching up four days across a month's end, month-end's first close
 and its re-close after late data, both with the credits ledger in chunks of one
 account (so every step of the ledger is a kill point), on SQLite and PostgreSQL.
-A few more points kill a run of `--workers 2`: the run's process at its last data
-write, and a worker process after its first chunk.
+The re-close is also killed inside each of its data writes, before the commit
+(`BILLING_FAULT_KILL_IN_WRITE`). A run of `--workers 2` (real processes) is killed
+in its own process after the close is finalized, and in a worker after its first
+chunk.
 
 Databases are copies of one prepared template per scenario (a file copy on SQLite,
 `CREATE DATABASE .. TEMPLATE` on PostgreSQL), so a kill point costs one killed run,
