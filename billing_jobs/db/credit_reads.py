@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from billing_jobs.db.billing_tables import (
+    billing_runs,
     credit_entries,
     credit_inputs,
     credit_lots,
@@ -380,6 +381,23 @@ def changed_compute_accounts(
 
 def written_periods(conn: Connection) -> list[str]:
     return sorted(p for (p,) in conn.execute(select(credit_periods.c.period)))
+
+
+def published_entries(conn: Connection) -> ColumnElement[bool]:
+    """The entries that a finished ledger write published, for the readers (export, report).
+
+    A ledger write commits its entries chunk by chunk and publishes them with its last
+    transaction, which stamps its period's `last_written_at` with the latest
+    `recorded_at` of any entry (see `jobs.ledger`). Entries recorded after the latest
+    stamp belong to a write in progress, or to one killed before it finished (a later
+    run completes and publishes them); so are entries of a run that has not succeeded.
+    """
+    e = credit_entries.c
+    stamp = conn.execute(select(func.max(credit_periods.c.last_written_at))).scalar()
+    succeeded = select(billing_runs.c.run_id).where(billing_runs.c.status == "succeeded")
+    if stamp is None:
+        return e.run_id.in_(succeeded)
+    return or_(e.recorded_at <= stamp, e.run_id.in_(succeeded))
 
 
 def ledger_accounts(conn: Connection) -> list[str]:

@@ -21,6 +21,7 @@ from billing_jobs.db.billing_tables import credit_entries, credit_lots, rejects
 from billing_jobs.db.credit_reads import (
     credit_sources_exist,
     ledger_exists,
+    published_entries,
     read_code_redemptions,
     read_top_ups,
     written_periods,
@@ -77,7 +78,7 @@ def export_ledger(engine: Engine, period: str, out: TextIO) -> int:
     with engine.connect() as conn:
         if not ledger_exists(conn):
             raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
-        df = _entries(conn, credit_entries.c.period == period)
+        df = _entries(conn, credit_entries.c.period == period, published_entries(conn))
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(EXPORT_HEADER)
     if df.empty:
@@ -320,7 +321,7 @@ def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[s
                 cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
                 cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
             )
-            .where(e.period <= period)
+            .where(e.period <= period, published_entries(conn))
             .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period)
         )
         df = read_frame(conn, stmt, ints=["credit_units", "money_cents"], aggregate=True)

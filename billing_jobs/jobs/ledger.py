@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, and_, delete, or_, select
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from billing_jobs.db.billing_tables import (
     credit_balances,
@@ -978,6 +978,10 @@ def _sync_balances(
 
 
 def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable[[Connection], None]:
+    """The ledger write's last transaction: it publishes every entry written so far (this
+    run's, and those of a run killed before it finished), stamping the month's period
+    with the latest `recorded_at` (readers show entries up to the latest stamp, see
+    `credit_reads.published_entries`)."""
     # Every top-up and refund request up to the month's end was validated (of the known
     # accounts in chunks, of unknown accounts beside them): the month's rejects of these
     # tables that were not found again are gone.
@@ -995,6 +999,8 @@ def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable
             run.count("rejects_new", record_rejects(conn, rejects, run_id=run.run_id, now=run.now))
         closed = close_unfound(conn, examined, found, job="credits ledger", run_id=run.run_id, now=run.now)
         run.count("rejects_closed", closed)
+        latest = conn.execute(select(func.max(credit_entries.c.recorded_at))).scalar()
+        stamp = run.now if latest is None else max(run.now, latest)
         exists = conn.execute(
             select(credit_periods.c.period).where(credit_periods.c.period == str(month))
         ).first()
@@ -1005,8 +1011,14 @@ def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable
                     run_id=run.run_id,
                     written_at=run.now,
                     last_run_id=run.run_id,
-                    last_written_at=run.now,
+                    last_written_at=stamp,
                 )
+            )
+        else:
+            conn.execute(
+                update(credit_periods)
+                .where(credit_periods.c.period == str(month))
+                .values(last_run_id=run.run_id, last_written_at=stamp)
             )
 
     return work

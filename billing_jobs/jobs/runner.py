@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Engine, insert, update
 from billing_jobs import __version__
 from billing_jobs.db.billing_tables import billing_runs
 from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
+from billing_jobs.faults import Faults, label_of, plan_for
 from billing_jobs.logs import get_logger
 from billing_jobs.redact import scrub
 from billing_jobs.settings import Settings
@@ -52,6 +53,8 @@ class Run:
     progress: Progress = _no_progress
     # Taken around each write transaction when processes share one writer (SQLite workers).
     write_turn: Any = None
+    # Fault injection (`billing_jobs.faults`): None unless a BILLING_FAULT_* variable is set.
+    faults: Faults | None = None
     _reject_keys: set[tuple[str, str, str]] = field(default_factory=set)
 
     def count(self, key: str, value: int) -> None:
@@ -90,6 +93,20 @@ class Run:
             if self.lease is not None:
                 self.lease.assert_held(conn, _utcnow())
             work(conn)
+            if self.faults is not None:
+                self.faults.before_commit(label_of(work))
+        if self.faults is not None:
+            self.faults.committed(label_of(work))
+
+
+def _point(faults: Faults | None, label: str, write: Callable[[], Any]) -> Any:
+    """One of the run's own write transactions (run record, lease), as a fault point."""
+    if faults is None:
+        return write()
+    faults.before_commit(label)
+    result = write()
+    faults.committed(label)
+    return result
 
 
 def _utcnow() -> datetime:
@@ -124,17 +141,24 @@ def run_job(
     host, pid = socket.gethostname(), os.getpid()
     log = get_logger(job=job, run_id=run_id, period=period, dry_run=dry_run)
     lease = None
+    plan = None if dry_run else plan_for(job)
+    faults = None if plan is None else Faults(plan)
     if not dry_run:
         lease = Lease(engine, lock_name, run_id, host, pid, settings.lock_lease_seconds)
-        _record_start(engine, run_id, job, period, arguments, settings, host, pid, now_naive)
+        _point(
+            faults,
+            "run.start",
+            lambda: _record_start(engine, run_id, job, period, arguments, settings, host, pid, now_naive),
+        )
         try:
-            lease.acquire(_utcnow())
+            _point(faults, "lock.acquire", lambda: lease.acquire(_utcnow()))
         except LockHeld as held:
-            _record_end(engine, run_id, "locked", {}, str(held))
+            message = str(held)
+            _point(faults, "run.end", lambda: _record_end(engine, run_id, "locked", {}, message))
             _publish_metrics(engine, settings, job)
             log.warning("run.locked", holder=held.run_id, holder_host=held.host, until=str(held.expires_at))
             raise
-    run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress)
+    run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress, faults=faults)
     started = time.perf_counter()
     log.info("run.start", arguments=arguments)
     try:
@@ -142,9 +166,10 @@ def run_job(
     except BaseException as exc:
         seconds = time.perf_counter() - started
         if not dry_run:
-            _record_end(engine, run_id, "failed", run.counts, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            _point(faults, "run.end", lambda: _record_end(engine, run_id, "failed", run.counts, error))
             assert lease is not None
-            lease.release()
+            _point(faults, "lock.release", lease.release)
             _publish_metrics(engine, settings, job)
         log.error("run.failed", error=f"{type(exc).__name__}: {exc}", seconds=round(seconds, 3), **run.counts)
         raise
@@ -158,9 +183,9 @@ def run_job(
             hint="see billing-jobs rejects",
         )
     if not dry_run:
-        _record_end(engine, run_id, "succeeded", run.counts, None)
+        _point(faults, "run.end", lambda: _record_end(engine, run_id, "succeeded", run.counts, None))
         assert lease is not None
-        lease.release()
+        _point(faults, "lock.release", lease.release)
         _publish_metrics(engine, settings, job)
     log.info("run.summary", status="succeeded", seconds=round(seconds, 3), **run.counts)
     return Outcome(run_id, "succeeded", dict(run.counts), seconds, result)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.lock import Lease
 from billing_jobs.db.reads import Chunk
+from billing_jobs.faults import WORKER, FaultPlan, Faults
 from billing_jobs.jobs.runner import Run
 from billing_jobs.settings import Settings
 
@@ -55,6 +56,7 @@ class RunSpec:
     now: datetime
     dry_run: bool
     lease: tuple[str, str, str, int, int] | None  # name, run_id, host, pid, seconds
+    faults: FaultPlan | None = None  # fault injection: each worker counts its own writes
 
     @classmethod
     def of(cls, run: Run) -> RunSpec:
@@ -66,6 +68,7 @@ class RunSpec:
             now=run.now,
             dry_run=run.dry_run,
             lease=None if lease is None else (lease.name, lease.run_id, lease.host, lease.pid, lease.seconds),
+            faults=None if run.faults is None else run.faults.plan,
         )
 
 
@@ -76,8 +79,16 @@ def _start_worker(spec: RunSpec, write_turn: Any) -> None:
     global _worker_run  # noqa: PLW0603  # one run per worker process, set once at its start
     engine = make_engine(spec.db_url)
     lease = None if spec.lease is None else Lease(engine, *spec.lease)
+    faults = None if spec.faults is None else Faults(spec.faults, WORKER)
     _worker_run = Run(
-        engine, spec.settings, spec.run_id, spec.now, spec.dry_run, lease, write_turn=write_turn
+        engine,
+        spec.settings,
+        spec.run_id,
+        spec.now,
+        spec.dry_run,
+        lease,
+        write_turn=write_turn,
+        faults=faults,
     )
 
 
