@@ -517,7 +517,7 @@ def test_the_fault_hook_kills_only_runs_of_the_job_named(databases: Databases, t
     labels = [line.split()[4] for line in trace.read_text(encoding="utf-8").splitlines()]
     assert labels[:3] == ["run.start", "lock.acquire", "_start"]
     assert labels[-2:] == ["run.end", "lock.release"]
-    nightly = Scenario("nightly-day", ("nightly", "--date", "2026-05-10"))
+    nightly = Scenario("nightly-day", ("nightly", "--date", "2026-06-10"))  # a day of an open month
     code, output = run_killed(url, nightly, {**env, **other_job}, tmp_path)
     assert code == -signal.SIGKILL, output
     assert lock_holder(url) is not None  # killed after its first data write: no cleanup ran
