@@ -87,8 +87,10 @@ class Run:
         turn = self.write_turn if self.write_turn is not None else nullcontext()
         with turn, self.engine.begin() as conn:
             if self.lease is not None:
-                self.lease.assert_held(conn, _utcnow())
+                self.lease.assert_held(conn)
             work(conn)
+            if self.lease is not None:
+                self.lease.before_commit(conn)
 
 
 def _utcnow() -> datetime:
@@ -131,7 +133,7 @@ def run_job(
         except LockHeld as held:
             _record_end(engine, run_id, "locked", {}, str(held))
             _publish_metrics(engine, settings, job)
-            log.warning("run.locked", holder=held.run_id, holder_host=held.host, until=str(held.expires_at))
+            log.warning("run.locked", holder=held.run_id, holder_host=held.host, since=str(held.since))
             raise
     run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress)
     started = time.perf_counter()

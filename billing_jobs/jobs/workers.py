@@ -54,7 +54,7 @@ class RunSpec:
     run_id: str
     now: datetime
     dry_run: bool
-    lease: tuple[str, str, str, int, int] | None  # name, run_id, host, pid, seconds
+    lease: tuple[str, str, str, int, int, int | None] | None  # see Lease.spec
 
     @classmethod
     def of(cls, run: Run) -> RunSpec:
@@ -65,7 +65,7 @@ class RunSpec:
             run_id=run.run_id,
             now=run.now,
             dry_run=run.dry_run,
-            lease=None if lease is None else (lease.name, lease.run_id, lease.host, lease.pid, lease.seconds),
+            lease=None if lease is None else lease.spec(),
         )
 
 
