@@ -62,7 +62,7 @@ ACQUIRE_KEY = 0x62696C6C  # PostgreSQL: serializes lock takers (and migrations, 
 GUARD_KEY = 0x62696C6D  # PostgreSQL: writes hold it shared; a takeover from a dead holder, exclusively
 SPLIT_CLASS = 0x62696C6E  # PostgreSQL: (SPLIT_CLASS, N) held shared by the shards of split N
 # PostgreSQL: a session whose client was just killed may hold its locks a few milliseconds more.
-ACQUIRE_GRACE_SECONDS = 2.0
+ACQUIRE_GRACE_SECONDS = 1.0
 # PostgreSQL server-side keepalives of the lock session: a vanished host frees it in about a minute.
 KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
 ABANDONED = "abandoned"
