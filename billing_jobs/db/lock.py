@@ -231,8 +231,8 @@ class Lease:
     pid: int
     seconds: int  # SQLite: the lease the heartbeat renews
     session_pid: int | None = None  # PostgreSQL: the backend holding the advisory locks
-    _session: Connection | None = field(default=None, repr=False, compare=False)
-    _heartbeat: _Heartbeat | None = field(default=None, repr=False, compare=False)
+    _session: Connection | None = field(default=None, init=False, repr=False, compare=False)
+    _heartbeat: _Heartbeat | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def postgresql(self) -> bool:
@@ -258,19 +258,17 @@ class Lease:
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock from the start
             dead = self._check_holders(conn)
             self._clear(conn, dead, now)
-            conn.execute(
-                insert(billing_locks).values(
-                    name=self.name,
-                    run_id=self.run_id,
-                    host=self.host,
-                    pid=self.pid,
-                    acquired_at=now,
-                    expires_at=_sqlite_expiry(self.seconds),
-                    process_key=key,
-                )
-            )
+            self._record(conn, now, expires_at=_sqlite_expiry(self.seconds), process_key=key)
         self._heartbeat = _Heartbeat(self)
         self._heartbeat.start()
+
+    def _record(self, conn: Connection, now: datetime, **how: Any) -> None:
+        """The row saying who holds the lock (`how`: what tells whether it lives)."""
+        conn.execute(
+            insert(billing_locks).values(
+                name=self.name, run_id=self.run_id, host=self.host, pid=self.pid, acquired_at=now, **how
+            )
+        )
 
     def _check_holders(self, conn: Connection) -> list[Holder]:
         """Raise `LockHeld` for a live holder excluding this lock; return the dead holders."""
@@ -357,17 +355,7 @@ class Lease:
             # Writes of a dead holder still in flight (its workers) commit before this run goes on.
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": GUARD_KEY})
         self._clear(session, dead, now)
-        session.execute(
-            insert(billing_locks).values(
-                name=self.name,
-                run_id=self.run_id,
-                host=self.host,
-                pid=self.pid,
-                acquired_at=now,
-                expires_at=None,
-                session_pid=self.session_pid,
-            )
-        )
+        self._record(session, now, session_pid=self.session_pid)
 
     def _try_advisory(self, session: Connection) -> bool:
         def try_lock(sql: str, **keys: int) -> bool:

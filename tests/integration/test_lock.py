@@ -43,8 +43,8 @@ LEASE = 60
 HERE = socket.gethostname()
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
+def upgraded(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on the upgraded database; the leases a test took are released after it."""
     eng = make_engine(db_url)
     upgrade(eng)
     leases.clear()
@@ -54,6 +54,11 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
         for held in leases:
             held.release()
         eng.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    yield from upgraded(db_url)
 
 
 leases: list[Lease] = []  # taken in a test, released after it
@@ -300,15 +305,7 @@ def test_a_process_is_told_from_a_later_one_with_the_same_pid(tmp_path: Any) -> 
 
 @pytest.fixture
 def sqlite_engine(tmp_path: Any) -> Iterator[sa.Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'billing.db'}")
-    upgrade(eng)
-    leases.clear()
-    try:
-        yield eng
-    finally:
-        for held in leases:
-            held.release()
-        eng.dispose()
+    yield from upgraded(f"sqlite:///{tmp_path / 'billing.db'}")
 
 
 def test_sqlite_a_holder_elsewhere_keeps_its_lease_by_its_heartbeat_past_its_length(

@@ -293,6 +293,21 @@ def _insert_run(conn: Any, run_id: str, job: str, started: datetime, status: str
     )
 
 
+def _dead_lock_row(conn: Any, run_id: str, acquired: datetime) -> None:
+    """The lock row a run on another host left when it died: no session holds it
+    (PostgreSQL), and its lease ran out long ago (SQLite)."""
+    conn.execute(
+        insert(billing_locks).values(
+            name="billing-writer",
+            run_id=run_id,
+            host="worker-7",
+            pid=4242,
+            acquired_at=acquired,
+            expires_at=acquired + timedelta(minutes=30),
+        )
+    )
+
+
 def test_a_running_run_whose_lock_expired_shows_as_abandoned(db_url: str) -> None:
     assert run_cli(db_url, "db", "upgrade").code == 0
     now = at(2026, 6, 5, 12)
@@ -300,16 +315,7 @@ def test_a_running_run_whose_lock_expired_shows_as_abandoned(db_url: str) -> Non
     try:
         with engine.begin() as conn:
             _insert_run(conn, "dead-run-0000", "month-end", now - timedelta(hours=2))
-            conn.execute(
-                insert(billing_locks).values(
-                    name="billing-writer",
-                    run_id="dead-run-0000",
-                    host="worker-7",
-                    pid=4242,
-                    acquired_at=now - timedelta(hours=2),
-                    expires_at=now - timedelta(minutes=90),
-                )
-            )
+            _dead_lock_row(conn, "dead-run-0000", now - timedelta(hours=2))
     finally:
         engine.dispose()
     with time_machine.travel(_utc(2026, 6, 5, 12), tick=False):
@@ -335,16 +341,7 @@ def test_the_next_run_marks_a_dead_holders_run_abandoned_and_a_nightly_success_c
     try:
         with engine.begin() as conn:
             _insert_run(conn, "dead-nightly", "nightly", now - timedelta(hours=2))
-            conn.execute(
-                insert(billing_locks).values(
-                    name="billing-writer",
-                    run_id="dead-nightly",
-                    host="worker-7",
-                    pid=4242,
-                    acquired_at=now - timedelta(hours=2),
-                    expires_at=now - timedelta(minutes=90),  # on SQLite: a lease long run out
-                )
-            )
+            _dead_lock_row(conn, "dead-nightly", now - timedelta(hours=2))
     finally:
         engine.dispose()
     with time_machine.travel(_utc(2026, 6, 5, 12), tick=False) as traveller:
