@@ -61,7 +61,7 @@ billing_locks = Table(
     Column("pid", Integer, nullable=False),
     Column("acquired_at", DateTime, nullable=False),
     Column("expires_at", DateTime),  # SQLite: the lease, on the database's clock; PostgreSQL: NULL
-    Column("process_key", String(160)),  # SQLite: boot, pid namespace and start time of the holder
+    Column("process_key", String(160)),  # boot, pid namespace and start time of the holder process
     Column("session_pid", Integer),  # PostgreSQL: backend pid of the session holding the lock
 )
 

@@ -16,7 +16,9 @@ compared. The row is information only. Keys (`lock_key`, a hash of the name):
 
 Takers go one at a time (a transaction lock on `ACQUIRE_KEY`), so the check of
 other splits cannot race. The server's TCP keepalives are set on the lock session
-so that a holder whose host vanished (no FIN) is noticed within about a minute.
+so that a holder whose host vanished (no FIN) is noticed within about a minute. A
+taker that finds the holder's process gone (same host, see below) waits a moment
+for the server to end its session.
 
 SQLite: the row is the lock. A holder is dead when it ran on this host, in this
 pid namespace, and its pid is gone or is another process now (the start time
@@ -47,7 +49,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,9 @@ SHARD_LOCK_PREFIX = WRITER_LOCK + "/shard-"
 ACQUIRE_KEY = 0x62696C6C  # PostgreSQL: serializes lock takers (and migrations, same key)
 GUARD_KEY = 0x62696C6D  # PostgreSQL: writes hold it shared; a takeover from a dead holder, exclusively
 SPLIT_CLASS = 0x62696C6E  # PostgreSQL: (SPLIT_CLASS, N) held shared by the shards of split N
-# PostgreSQL: a session whose client was just killed may hold its locks a few milliseconds more.
-ACQUIRE_GRACE_SECONDS = 1.0
+# PostgreSQL: the session of a holder known to have died (on this host) may hold its locks a
+# few milliseconds more; a taker waits for it this long at most.
+DYING_SESSION_SECONDS = 5.0
 # PostgreSQL server-side keepalives of the lock session: a vanished host frees it in about a minute.
 KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
 ABANDONED = "abandoned"
@@ -107,6 +110,11 @@ class LockHeld(RuntimeError):
         self.name, self.run_id, self.host, self.pid, self.since = name, run_id, host, pid, since
         when = f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since is not None else ""
         super().__init__(f"another run holds the lock '{name}' (run {run_id} on {host}, pid {pid}){when}")
+
+
+class _HolderDying(LockHeld):
+    """PostgreSQL: the holder's process is gone (this host can tell) but the server has not
+    ended its session yet; a taker tries again for a moment."""
 
 
 class LockLost(RuntimeError):
@@ -169,7 +177,12 @@ class Holder:
     acquired_at: datetime
     expires_at: datetime | None
     session_pid: int | None
+    process_key: str | None
     alive: bool
+
+    def process_alive(self) -> bool | None:
+        """Whether its process runs, when this host can tell (see `process_alive`)."""
+        return process_alive(self.host, self.pid, self.process_key)
 
 
 def _sqlite_expiry(seconds: int) -> Any:
@@ -203,14 +216,23 @@ def read_holders(conn: Connection) -> list[Holder]:
     rows = conn.execute(select(billing_locks, leased).order_by(lk.name)).all()
     out = []
     for r in rows:
-        known = process_alive(r.host, r.pid, r.process_key)
-        out.append(_holder(r, bool(r.leased) if known is None else known))
+        holder = _holder(r, bool(r.leased))
+        known = holder.process_alive()
+        out.append(holder if known is None else replace(holder, alive=known))
     return out
 
 
 def _holder(row: Any, alive: bool) -> Holder:
     return Holder(
-        row.name, row.run_id, row.host, row.pid, row.acquired_at, row.expires_at, row.session_pid, alive
+        row.name,
+        row.run_id,
+        row.host,
+        row.pid,
+        row.acquired_at,
+        row.expires_at,
+        row.session_pid,
+        row.process_key,
+        alive,
     )
 
 
@@ -253,20 +275,26 @@ class Lease:
     # --- SQLite ---------------------------------------------------------------
 
     def _acquire_sqlite(self, now: datetime) -> None:
-        key = process_key(self.pid) if (self.host, self.pid) == (socket.gethostname(), os.getpid()) else None
         with self.engine.begin() as conn:
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock from the start
             dead = self._check_holders(conn)
             self._clear(conn, dead, now)
-            self._record(conn, now, expires_at=_sqlite_expiry(self.seconds), process_key=key)
+            self._record(conn, now, expires_at=_sqlite_expiry(self.seconds))
         self._heartbeat = _Heartbeat(self)
         self._heartbeat.start()
 
     def _record(self, conn: Connection, now: datetime, **how: Any) -> None:
         """The row saying who holds the lock (`how`: what tells whether it lives)."""
+        mine = (self.host, self.pid) == (socket.gethostname(), os.getpid())
         conn.execute(
             insert(billing_locks).values(
-                name=self.name, run_id=self.run_id, host=self.host, pid=self.pid, acquired_at=now, **how
+                name=self.name,
+                run_id=self.run_id,
+                host=self.host,
+                pid=self.pid,
+                acquired_at=now,
+                process_key=process_key(self.pid) if mine else None,
+                **how,
             )
         )
 
@@ -310,7 +338,7 @@ class Lease:
     # --- PostgreSQL -----------------------------------------------------------
 
     def _acquire_postgresql(self, now: datetime) -> None:
-        deadline = time.monotonic() + ACQUIRE_GRACE_SECONDS
+        deadline = time.monotonic() + DYING_SESSION_SECONDS
         session = self.engine.connect()
         try:
             with session.begin():
@@ -325,7 +353,7 @@ class Lease:
                         self._take_postgresql(session, now)
                     self._session = session
                     return
-                except LockHeld:
+                except _HolderDying:
                     if time.monotonic() >= deadline:
                         raise
                     time.sleep(0.1)
@@ -343,7 +371,8 @@ class Lease:
             live = [h for h in read_holders(session) if h.alive]
             for h in live:
                 if h.name == self.name or not compatible(self.name, h.name):
-                    raise LockHeld(h.name, h.run_id, h.host, h.pid, h.acquired_at)
+                    held = _HolderDying if h.process_alive() is False else LockHeld
+                    raise held(h.name, h.run_id, h.host, h.pid, h.acquired_at)
             raise LockHeld(self.name, "unknown", "unknown", 0, None)
         # A row naming this session but another run is a dead holder's whose backend pid was reused.
         dead = [

@@ -5,7 +5,7 @@ Revises: 0005
 
 The writer lock is a session advisory lock on PostgreSQL and a lease renewed by
 a heartbeat on SQLite (see `db/lock.py`). `session_pid` names the PostgreSQL
-session holding it, `process_key` the holder's process on its host (SQLite), and
+session holding it, `process_key` the holder's process on its host, and
 `expires_at` is no longer required (PostgreSQL has no lease).
 """
 
