@@ -513,3 +513,37 @@ def test_a_job_that_loses_its_lock_mid_run_fails_and_commits_nothing_more(engine
         ).one()
     assert status == "failed"
     assert error.startswith("LockLost")
+
+
+@pytest.fixture
+def pg_engine(pg_db_url: str) -> Iterator[sa.Engine]:
+    yield from upgraded(pg_db_url)
+
+
+def test_postgresql_a_taker_waits_a_moment_for_the_session_of_a_holder_whose_process_is_gone(
+    pg_engine: sa.Engine,
+) -> None:
+    """The process died (this host can tell by its pid) but the server has not ended its
+    session yet: the taker waits for it instead of exiting 75."""
+    dying = taken(lease(pg_engine, "run-dying"))
+    leases.remove(dying)
+    gone = subprocess.Popen(["sleep", "30"])
+    key = process_key(gone.pid)
+    gone.kill()
+    gone.wait()
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(billing_locks).values(pid=gone.pid, process_key=key))
+
+    def end_session() -> None:
+        time.sleep(0.5)
+        with pg_engine.begin() as conn:
+            conn.execute(sa.select(sa.func.pg_terminate_backend(dying.session_pid)))
+
+    ender = Attempt(end_session)
+    started = time.monotonic()
+    ender.start()
+    taken(lease(pg_engine, "run-next"))
+    assert 0.4 < time.monotonic() - started < 5
+    ender.join(10)
+    assert lock_row(pg_engine).run_id == "run-next"
+    drop_session(dying)
