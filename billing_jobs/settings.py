@@ -184,7 +184,8 @@ class ScheduleSection(_Section):
 
 
 class LockSection(_Section):
-    lease_seconds: Annotated[int, BeforeValidator(_count), Field(ge=1)] = 1800
+    # SQLite only: the lease a heartbeat renews (PostgreSQL's lock lives with its session).
+    lease_seconds: Annotated[int, BeforeValidator(_count), Field(ge=5, le=86400)] = 60
 
 
 class MonitoringSection(_Section):
@@ -313,7 +314,7 @@ class Settings:
     month_end_day: int = 1
     month_end_at: time = time(4, 0)
     misfire_grace_seconds: int = 21600
-    lock_lease_seconds: int = 1800
+    lock_lease_seconds: int = 60
     metrics_textfile: str = ""
     pushgateway_url: str = ""
     close_overdue_days: int = 3

@@ -20,6 +20,7 @@ import csv
 import io
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -30,8 +31,9 @@ from sqlalchemy import Engine, create_engine, insert, select
 from sqlalchemy import text as sql_text
 
 from billing_jobs.cli import main
-from billing_jobs.db.billing_tables import billing_locks, rejects
-from billing_jobs.db.lock import WRITER_LOCK
+from billing_jobs.db.billing_tables import rejects
+from billing_jobs.db.engine import make_engine
+from billing_jobs.db.lock import WRITER_LOCK, Lease
 from billing_jobs.db.source_tables import (
     accounts,
     cloud_usage,
@@ -214,21 +216,25 @@ def run_cli(db_url: str | None, *args: str, env: dict[str, str] | None = None) -
     return CliResult(code, stdout, stderr)
 
 
-def hold_writer_lock(db_url: str, *, since: str = "2026-01-01", run_id: str = "other-run") -> None:
-    """Write the writer lock's lease as if another run held it for ever (until 2999)."""
-    engine = create_engine(db_url)
+@contextmanager
+def holding_writer_lock(
+    db_url: str,
+    *,
+    since: str = "2026-01-01",
+    run_id: str = "other-run",
+    name: str = WRITER_LOCK,
+    host: str = "elsewhere",
+    pid: int = 1,
+) -> Iterator[Lease]:
+    """Hold a writer lock as a live run on another host does, until the block ends."""
+    engine = make_engine(db_url)
+    lease = Lease(engine, name, run_id, host, pid, 60)
     try:
-        with engine.begin() as conn:
-            conn.execute(
-                insert(billing_locks).values(
-                    name=WRITER_LOCK,
-                    run_id=run_id,
-                    host="elsewhere",
-                    pid=1,
-                    acquired_at=ts(since),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
+        lease.acquire(ts(since))
+        try:
+            yield lease
+        finally:
+            lease.release()
     finally:
         engine.dispose()
 

@@ -83,8 +83,9 @@ def _tables_or_fail(call: Any) -> Any:
 def runs(ctx: Context, limit: int, job: str | None, as_json: bool) -> None:
     """Recent runs of the jobs, newest first.
 
-    A run still marked running whose lock is gone or expired shows as
-    'abandoned' (its process died).
+    A run whose process died holding the lock shows as 'abandoned' (the next
+    run to take the lock records it so; until then it shows so while its lock
+    is free).
 
     Example: billing-jobs runs --job month-end --limit 5
     """
@@ -213,7 +214,7 @@ def _print_runs_and_lock(facts: st.Facts) -> None:
     if held:
         out(
             f"lock:              held: '{held.name}' by run {held.run_id} ({held.job or 'unknown job'}) "
-            f"on {held.host} pid {held.pid} until {_when(held.expires_at)} UTC"
+            f"on {held.host} pid {held.pid} since {_when(held.acquired_at)} UTC"
         )
     else:
         out("lock:              free")

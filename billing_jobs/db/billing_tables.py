@@ -42,7 +42,7 @@ billing_runs = Table(
     Column("code_version", String(32), nullable=False),
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
-    Column("status", String(16), nullable=False),  # running | succeeded | failed | locked
+    Column("status", String(16), nullable=False),  # running | succeeded | failed | locked | abandoned
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime),
     Column("counts", Text),  # JSON
@@ -50,7 +50,8 @@ billing_runs = Table(
     Index("ix_billing_runs_job_started", "job", "started_at"),
 )
 
-# One lease per job name; a run holds it while it works.
+# Who holds each writer lock (see db/lock.py): on PostgreSQL information only (the
+# lock is the session advisory lock of `session_pid`), on SQLite the lock itself.
 billing_locks = Table(
     "billing_locks",
     billing_metadata,
@@ -59,7 +60,9 @@ billing_locks = Table(
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
     Column("acquired_at", DateTime, nullable=False),
-    Column("expires_at", DateTime, nullable=False),
+    Column("expires_at", DateTime),  # SQLite: the lease, on the database's clock; PostgreSQL: NULL
+    Column("process_key", String(160)),  # boot, pid namespace and start time of the holder process
+    Column("session_pid", Integer),  # PostgreSQL: backend pid of the session holding the lock
 )
 
 # Billing days the nightly job has billed (its catch-up starts after them).

@@ -40,13 +40,12 @@ import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
 
 from billing_jobs.db.billing_tables import (
-    billing_locks,
     daily_charges,
     invoices,
     month_closes,
     month_reconciles,
 )
-from billing_jobs.db.lock import WRITER_LOCK
+from billing_jobs.db.lock import WRITER_LOCK, read_holders
 from billing_jobs.db.reads import Chunk, plan_chunks, read_frame
 from billing_jobs.jobs.compute import compute_chunk
 from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
@@ -228,10 +227,8 @@ def _close_state(conn: Connection, month: Month) -> tuple[Any, ...] | None:
 
 
 def _writer_busy(conn: Connection, run: Run) -> bool:
-    """Whether a writer lease (a close, possibly of this month) is live."""
-    lk = billing_locks.c
-    live = select(func.count()).where(lk.name.like(WRITER_LOCK + "%"), lk.expires_at > run.now)
-    return bool(conn.execute(live).scalar_one())
+    """Whether a writer lock (a close, possibly of this month) is held by a live run."""
+    return any(h.alive and h.name.startswith(WRITER_LOCK) for h in read_holders(conn))
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

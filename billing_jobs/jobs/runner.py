@@ -91,8 +91,10 @@ class Run:
         turn = self.write_turn if self.write_turn is not None else nullcontext()
         with turn, self.engine.begin() as conn:
             if self.lease is not None:
-                self.lease.assert_held(conn, _utcnow())
+                self.lease.assert_held(conn)
             work(conn)
+            if self.lease is not None:
+                self.lease.before_commit(conn)
             if self.faults is not None:
                 self.faults.before_commit(label_of(work))
         if self.faults is not None:
@@ -156,7 +158,7 @@ def run_job(
             message = str(held)
             _point(faults, "run.end", lambda: _record_end(engine, run_id, "locked", {}, message))
             _publish_metrics(engine, settings, job)
-            log.warning("run.locked", holder=held.run_id, holder_host=held.host, until=str(held.expires_at))
+            log.warning("run.locked", holder=held.run_id, holder_host=held.host, since=str(held.since))
             raise
     run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress, faults=faults)
     started = time.perf_counter()

@@ -9,8 +9,11 @@ milliseconds.
 The probe's rules (`billing-jobs status` exits 1 when any holds):
 
 - a month that ended more than `close_overdue_days` days ago is not closed;
-- the last nightly run failed (or was abandoned: still `running` while its lock
-  is gone or expired, so its process died);
+- the last nightly run failed or was abandoned (its process died holding the
+  lock: marked `abandoned` by the run that took the lock over, or still
+  `running` while its lock is free or held by another run). A later nightly run
+  that succeeds clears it: only the latest nightly run counts, so an old
+  abandoned run never fails the probe for ever;
 - a billing day is not billed by the time the nightly should have billed it:
   day D is due at `nightly_at` on D+1, plus 6 hours of grace, in the billing
   timezone;
@@ -36,6 +39,7 @@ from billing_jobs.db.billing_tables import (
     month_holds,
     rejects,
 )
+from billing_jobs.db.lock import read_holders
 from billing_jobs.db.reject_log import count_by_status
 from billing_jobs.redact import scrub
 from billing_jobs.rules.calendar import Month
@@ -108,11 +112,14 @@ class LockInfo:
     host: str
     pid: int
     acquired_at: datetime  # naive UTC
-    expires_at: datetime  # naive UTC
+    expires_at: datetime | None  # naive UTC; SQLite's lease (PostgreSQL has none)
     job: str | None  # the job of the run holding it, when recorded
+    alive: bool | None = None  # whether its holder lives, as the lock itself tells (db/lock.py)
 
     def held(self, now: datetime) -> bool:
-        return self.expires_at > now
+        if self.alive is not None:
+            return self.alive
+        return self.expires_at is not None and self.expires_at > now
 
 
 @dataclass(frozen=True)
@@ -286,7 +293,7 @@ def decide(facts: Facts) -> list[str]:
             )
     nightly = facts.last_runs.get("nightly")
     if nightly is not None and nightly.status in (FAILED, ABANDONED):
-        what = "failed" if nightly.status == FAILED else "was abandoned (still running, its lock is gone)"
+        what = "failed" if nightly.status == FAILED else "was abandoned (its process died holding the lock)"
         detail = f": {nightly.error_line}" if nightly.error_line else ""
         problems.append(
             f"last nightly run {nightly.run_id} ({nightly.period}) {what} "
@@ -360,21 +367,23 @@ def run_counts(text: str | None) -> dict[str, Any]:
 
 
 def read_locks(conn: Connection) -> list[LockInfo]:
-    lk, br = billing_locks.c, billing_runs.c
-    rows = conn.execute(
-        select(billing_locks, br.job).outerjoin(billing_runs, br.run_id == lk.run_id).order_by(lk.name)
+    """The rows of `billing_locks`, each with whether its holder is alive (`db.lock.read_holders`)."""
+    of_runs = select(billing_runs.c.run_id, billing_runs.c.job).join(
+        billing_locks, billing_locks.c.run_id == billing_runs.c.run_id
     )
+    jobs: dict[str, str] = dict(conn.execute(of_runs).tuples().all())
     return [
         LockInfo(
-            name=r.name,
-            run_id=r.run_id,
-            host=r.host,
-            pid=r.pid,
-            acquired_at=_ts(r.acquired_at),
-            expires_at=_ts(r.expires_at),
-            job=r.job,
+            name=h.name,
+            run_id=h.run_id,
+            host=h.host,
+            pid=h.pid,
+            acquired_at=_ts(h.acquired_at),
+            expires_at=_naive(h.expires_at),
+            job=jobs.get(h.run_id),
+            alive=h.alive,
         )
-        for r in rows
+        for h in read_holders(conn)
     ]
 
 

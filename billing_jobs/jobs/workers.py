@@ -55,7 +55,7 @@ class RunSpec:
     run_id: str
     now: datetime
     dry_run: bool
-    lease: tuple[str, str, str, int, int] | None  # name, run_id, host, pid, seconds
+    lease: tuple[str, str, str, int, int, int | None] | None  # see Lease.spec
     faults: FaultPlan | None = None  # fault injection: each worker counts its own writes
 
     @classmethod
@@ -67,7 +67,7 @@ class RunSpec:
             run_id=run.run_id,
             now=run.now,
             dry_run=run.dry_run,
-            lease=None if lease is None else (lease.name, lease.run_id, lease.host, lease.pid, lease.seconds),
+            lease=None if lease is None else lease.spec(),
             faults=None if run.faults is None else run.faults.plan,
         )
 

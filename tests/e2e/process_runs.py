@@ -15,7 +15,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from support import CliResult, SourceData, export_rows
 from billing_jobs.db.billing_tables import (
     billed_days,
     billing_locks,
+    billing_runs,
     credit_balances,
     credit_entries,
     credit_inputs,
@@ -197,17 +197,15 @@ def lock_holder(db_url: str) -> Any:
         engine.dispose()
 
 
-def let_the_lease_expire(db_url: str) -> None:
-    """What the passing of `[lock] lease_seconds` does to a lease left by a dead run."""
+def run_records(db_url: str) -> list[dict[str, Any]]:
+    """Every run record, oldest first, as dicts."""
     engine = sa.create_engine(db_url)
-    past = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1)
     try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.update(billing_locks).where(billing_locks.c.name == WRITER_LOCK).values(expires_at=past)
-            )
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(billing_runs).order_by(billing_runs.c.started_at)).all()
     finally:
         engine.dispose()
+    return [dict(row._mapping) for row in rows]
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,10 +29,10 @@ from process_runs import (
     busy_month,
     child_env,
     finish,
-    let_the_lease_expire,
     lock_holder,
     plain_lines,
     run_process,
+    run_records,
     start_cli,
     write_source,
 )
@@ -205,27 +206,37 @@ def wait_for_lock_waiters(engine: sa.Engine, count: int, procs: list[subprocess.
     raise AssertionError("the runs never reached the lock")
 
 
-HOLD_THE_LOCK = """
+# A run (the real `run_job`) that holds the lock until told to go on, then writes once.
+# argv: database URL, the host name it reports ("" for the real one), [lock] lease_seconds.
+HOLDER = """
 import socket, sys
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+if sys.argv[2]:
+    socket.gethostname = lambda: sys.argv[2]
+from billing_jobs import logs
+from billing_jobs.db.billing_tables import billed_days
 from billing_jobs.db.engine import make_engine
-from billing_jobs.db.lock import WRITER_LOCK, Lease
-import os
-engine = make_engine(sys.argv[2])
-Lease(engine, WRITER_LOCK, "run-killed", socket.gethostname(), os.getpid(), 3600).acquire(
-    datetime.now(UTC).replace(tzinfo=None)
-)
-print("held", flush=True)
-sys.stdin.readline()
+from billing_jobs.jobs.runner import run_job
+from billing_jobs.settings import Settings
+
+def body(run):
+    print("held", flush=True)
+    sys.stdin.readline()
+    run.write(lambda conn: conn.execute(
+        billed_days.insert().values(billing_day=date(2026, 4, 30), run_id=run.run_id, billed_at=run.now)
+    ))
+
+logs.configure()  # to stderr, as the command line does
+settings = Settings(lock_lease_seconds=int(sys.argv[3]))
+engine = make_engine(sys.argv[1])
+run_job(engine, settings, "month-end", period="2026-05", arguments={}, body=body, now=datetime.now(UTC))
+print("done", flush=True)
 """
 
 
-def test_a_lock_left_by_a_killed_run_locks_others_out_until_it_expires_then_is_taken_over(
-    db_url: str, reference_url: str, tmp_path: Path
-) -> None:
-    alone = prepare(db_url, reference_url, "month-end")
-    killed = subprocess.Popen(
-        [PYTHON, "-c", HOLD_THE_LOCK, "--db-url", db_url],
+def start_holder(db_url: str, tmp_path: Path, host: str, lease_seconds: int) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [PYTHON, "-c", HOLDER, db_url, host, str(lease_seconds)],
         cwd=tmp_path,
         env=child_env(),
         stdin=subprocess.PIPE,
@@ -233,20 +244,60 @@ def test_a_lock_left_by_a_killed_run_locks_others_out_until_it_expires_then_is_t
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert killed.stdout is not None
-    assert killed.stdout.readline() == "held\n", finish(killed).stderr
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "held\n", finish(holder).stderr
+    return holder
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_at_once_and_the_killed_run_marked_abandoned(
+    db_url: str, reference_url: str, tmp_path: Path
+) -> None:
+    alone = prepare(db_url, reference_url, "month-end")
+    killed = start_holder(db_url, tmp_path, "", 3600)  # a lease of an hour, which must not matter
+    assert lock_holder(db_url).pid == killed.pid
     os.kill(killed.pid, signal.SIGKILL)
     assert finish(killed).code == -signal.SIGKILL
 
-    before_expiry = run_process(db_url, *JOBS["month-end"], cwd=tmp_path, timeout=AT_ONCE)
-    assert_locked_out(before_expiry, f"run run-killed on {lock_holder(db_url).host}, pid {killed.pid}")
-    assert billing_state(db_url)["invoices"] == []
-
-    let_the_lease_expire(db_url)
-    after_expiry = run_cli(db_url, *JOBS["month-end"])
-    assert after_expiry.code == 0, after_expiry.stderr
+    started = time.monotonic()
+    after = run_process(db_url, *JOBS["month-end"], cwd=tmp_path, timeout=AT_ONCE)
+    assert after.code == 0, after.stderr
+    assert time.monotonic() - started < AT_ONCE
     assert billing_state(db_url, MONTH) == alone
     assert lock_holder(db_url) is None
+    records = run_records(db_url)
+    [dead] = [r for r in records if r["pid"] == killed.pid]
+    finder = records[-1]
+    assert (dead["status"], finder["status"]) == ("abandoned", "succeeded")
+    assert dead["error"].endswith(f"found by run {finder['run_id']}")
+    listed = [json.loads(line) for line in run_cli(db_url, "runs", "--json").stdout.splitlines()]
+    assert [r["status"] for r in listed if r["run_id"] == dead["run_id"]] == ["abandoned"]
+
+
+@pytest.mark.parametrize("host", ["this-host", "another-host"])
+def test_a_live_holder_silent_past_its_lease_is_not_taken_over(
+    db_url: str, tmp_path: Path, host: str
+) -> None:
+    """The holder computes (no write) for longer than its SQLite lease: its heartbeat keeps
+    the lease. On this host SQLite also sees its pid alive; from another host only the lease
+    tells. (PostgreSQL has no lease: its session lives.)"""
+    write_source(busy_month(2), db_url)
+    assert run_cli(db_url, "db", "upgrade").code == 0
+    lease = 2
+    holder = start_holder(db_url, tmp_path, "" if host == "this-host" else "far-away-host", lease)
+    try:
+        time.sleep(2.5 * lease)
+        contender = run_cli(db_url, *JOBS["nightly"])
+        assert_locked_out(contender, f"pid {holder.pid}")
+        assert billing_state(db_url)["daily_charges"] == []
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("go on\n")
+        holder.stdin.flush()
+    done = finish(holder)
+    assert done.code == 0, done.stderr
+    assert done.stdout == "done\n"
+    assert [str(day) for (day, *_) in billing_state(db_url)["billed_days"]] == ["2026-04-30"]
+    assert [r["status"] for r in run_records(db_url)] == ["succeeded", "locked"]
 
 
 def test_two_first_runs_on_a_new_database_create_the_schema_once_and_charge_once(

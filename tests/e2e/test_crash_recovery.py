@@ -7,8 +7,10 @@ lock release and the run's record not yet done).
 
 - Killed: the job runs as a real process (`python -c` around the production
   command line) that sends itself SIGKILL at the chosen point, so no cleanup
-  code runs. The lease it leaves locks the next run out (exit 75) until it
-  expires; then the re-run takes over.
+  code runs. Its lock dies with it (PostgreSQL: its session ends; SQLite: its
+  pid is gone), so the re-run takes the lock over at once, long before the
+  lease of an hour set for it could run out, and marks the killed run
+  `abandoned`.
   Killed inside the first three and the last two steps, and after the last.
 - Failed: inside every step and after the last, in-process, with an exception
   instead (exit 1): the run releases its lease, and the re-run proceeds at once.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +38,9 @@ from process_runs import (
     database_maker,
     finish,
     late_changes,
-    let_the_lease_expire,
     lock_holder,
     plain_lines,
+    run_records,
     start_cli,
     write_source,
 )
@@ -54,6 +57,8 @@ ACCOUNTS = 3
 # One process: the fault hook counts the writes of this process (workers would write elsewhere).
 CHUNK_ENV = {"BILLING_PROJECTS_PER_CHUNK": "3", "BILLING_WORKERS": "1"}
 MIN_WRITES = 5
+LONG_LEASE = 3600  # [lock] lease_seconds of the killed run and its re-run
+RERUN_SECONDS = 60  # the re-run, its work included, ends well before any lease could matter
 SOURCE = busy_month(ACCOUNTS)
 LATE = late_changes()
 
@@ -217,26 +222,39 @@ def test_a_run_killed_at_any_step_then_rerun_leaves_what_an_uninterrupted_run_le
     prepared(db_url, scenario)
     before = billing_state(db_url, MONTH)
 
-    env = {**CHUNK_ENV, "DIE_AT_WRITE": str(step), "DIE_WHEN": when}
-    killed = finish(start_cli(db_url, *scenario.command, cwd=tmp_path, env=env, script=DIES_AT_A_WRITE))
+    # A lease far longer than the test: the re-run must not need it to run out.
+    config = tmp_path / "billing.toml"
+    config.write_text(f"[lock]\nlease_seconds = {LONG_LEASE}\n", encoding="utf-8")
+    env = {**CHUNK_ENV, "BILLING_CONFIG": str(config)}
+    dying = start_cli(
+        db_url,
+        *scenario.command,
+        cwd=tmp_path,
+        env={**env, "DIE_AT_WRITE": str(step), "DIE_WHEN": when},
+        script=DIES_AT_A_WRITE,
+    )
+    killed = finish(dying)
     assert killed.code == -signal.SIGKILL, killed.stderr
     crashed = billing_state(db_url, MONTH)
     if when == "after-commit":
         assert crashed == expected  # everything was committed; only the run's end is missing
     elif step == 1:
         assert crashed == before  # the torn first transaction left nothing
+    assert lock_holder(db_url).pid == dying.pid  # the dead run's lock row is still there
 
-    # The dead run's lease still stands: the next run is locked out until it expires.
-    locked = run_cli(db_url, *scenario.command, env=CHUNK_ENV)
-    assert locked.code == 75, locked.stderr
-    assert "another run holds the lock" in plain_lines(locked.stderr)[-1]
-    assert billing_state(db_url, MONTH) == crashed
-
-    let_the_lease_expire(db_url)
-    rerun = run_cli(db_url, *scenario.command, env=CHUNK_ENV)
+    # The lock died with its process: the re-run takes it over at once.
+    started = time.monotonic()
+    rerun = run_cli(db_url, *scenario.command, env=env)
     assert rerun.code == 0, rerun.stderr
+    assert time.monotonic() - started < RERUN_SECONDS
     assert billing_state(db_url, MONTH) == expected
     assert lock_holder(db_url) is None
+    runs = run_records(db_url)
+    [dead] = [r for r in runs if r["pid"] == dying.pid]
+    finder = runs[-1]  # the re-run
+    assert dead["status"] == "abandoned"
+    assert dead["error"].endswith(f"found by run {finder['run_id']}")
+    assert finder["status"] == "succeeded"
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 import time_machine
-from support import SourceData, hold_writer_lock, run_cli
+from support import SourceData, holding_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import billed_days, billing_runs
 
@@ -291,9 +291,7 @@ def test_once_exits_75_when_another_run_holds_the_lock(source_url: str, tmp_path
     db_url = seeded(source_url)
     config = write_config(tmp_path, date(2026, 11, 27))
     assert run_cli(db_url, "db", "upgrade").code == 0
-    hold_writer_lock(db_url, since="2026-01-01")
-
-    with time_machine.travel(LAST_OF_MONTH, tick=False):
+    with holding_writer_lock(db_url, since="2026-01-01"), time_machine.travel(LAST_OF_MONTH, tick=False):
         result = run_cli(db_url, "--config", config, "schedule", "--once", "nightly")
 
     assert result.code == 75

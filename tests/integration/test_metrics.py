@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
-from support import SourceData, hold_writer_lock, run_cli, ts
+from support import SourceData, holding_writer_lock, run_cli, ts
 
 from billing_jobs.db.billing_tables import billed_days, billing_runs
 from billing_jobs.metrics import JobMetrics, build_registry, render
@@ -175,9 +175,8 @@ def test_a_run_locked_out_shows_as_locked_and_keeps_the_last_success_time(
     config = write_config(tmp_path, metrics_textfile=str(textfile))
     assert run_cli(db_url, "--config", config, "nightly", "--date", "2026-05-03").code == 0
     _, _, finished_at = nightly_run(db_url)
-    hold_writer_lock(db_url, since="2026-05-04")
-
-    locked = run_cli(db_url, "--config", config, "nightly", "--date", "2026-05-04")
+    with holding_writer_lock(db_url, since="2026-05-04"):
+        locked = run_cli(db_url, "--config", config, "nightly", "--date", "2026-05-04")
 
     assert locked.code == 75
     found = samples(textfile.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, insert
 
 from billing_jobs.db.billing_tables import billing_locks, billing_runs
 from billing_jobs.jobs import status as st
-from tests.support import SourceData, run_cli
+from tests.support import SourceData, holding_writer_lock, run_cli
 
 # ---------------------------------------------------------------------------
 # Pure decisions (facts hold naive UTC timestamps, as stored)
@@ -313,6 +313,21 @@ def _insert_run(conn: Any, run_id: str, job: str, started: datetime, status: str
     )
 
 
+def _dead_lock_row(conn: Any, run_id: str, acquired: datetime) -> None:
+    """The lock row a run on another host left when it died: no session holds it
+    (PostgreSQL), and its lease ran out long ago (SQLite)."""
+    conn.execute(
+        insert(billing_locks).values(
+            name="billing-writer",
+            run_id=run_id,
+            host="worker-7",
+            pid=4242,
+            acquired_at=acquired,
+            expires_at=acquired + timedelta(minutes=30),
+        )
+    )
+
+
 def test_a_running_run_whose_lock_expired_shows_as_abandoned(db_url: str) -> None:
     assert run_cli(db_url, "db", "upgrade").code == 0
     now = at(2026, 6, 5, 12)
@@ -320,16 +335,7 @@ def test_a_running_run_whose_lock_expired_shows_as_abandoned(db_url: str) -> Non
     try:
         with engine.begin() as conn:
             _insert_run(conn, "dead-run-0000", "month-end", now - timedelta(hours=2))
-            conn.execute(
-                insert(billing_locks).values(
-                    name="billing-writer",
-                    run_id="dead-run-0000",
-                    host="worker-7",
-                    pid=4242,
-                    acquired_at=now - timedelta(hours=2),
-                    expires_at=now - timedelta(minutes=90),
-                )
-            )
+            _dead_lock_row(conn, "dead-run-0000", now - timedelta(hours=2))
     finally:
         engine.dispose()
     with time_machine.travel(_utc(2026, 6, 5, 12), tick=False):
@@ -345,6 +351,36 @@ def test_a_running_run_whose_lock_expired_shows_as_abandoned(db_url: str) -> Non
     assert doc["last_runs"]["month-end"]["status"] == "abandoned"
 
 
+def test_the_next_run_marks_a_dead_holders_run_abandoned_and_a_nightly_success_clears_the_problem(
+    db_url: str,
+) -> None:
+    _legacy_project(db_url)
+    assert run_cli(db_url, "db", "upgrade").code == 0
+    now = at(2026, 6, 5, 12)
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            _insert_run(conn, "dead-nightly", "nightly", now - timedelta(hours=2))
+            _dead_lock_row(conn, "dead-nightly", now - timedelta(hours=2))
+    finally:
+        engine.dispose()
+    with time_machine.travel(_utc(2026, 6, 5, 12), tick=False) as traveller:
+        _, before = _status_json(db_url)
+        traveller.shift(timedelta(minutes=1))
+        assert run_cli(db_url, "nightly").code == 0
+        runs = [json.loads(x) for x in run_cli(db_url, "runs", "--json").stdout.splitlines()]
+        _, after = _status_json(db_url)
+    assert [p for p in before["problems"] if "abandoned" in p] != []
+    [dead] = [r for r in runs if r["run_id"] == "dead-nightly"]
+    [finder] = [r for r in runs if r["run_id"] != "dead-nightly"]
+    assert (dead["status"], dead["recorded_status"]) == ("abandoned", "abandoned")
+    assert dead["finished_at"] == "2026-06-05T12:01:00Z"
+    assert dead["error"].endswith(f"found by run {finder['run_id']}")
+    assert finder["status"] == "succeeded"
+    assert [p for p in after["problems"] if "nightly" in p] == []
+    assert after["last_runs"]["nightly"]["run_id"] == finder["run_id"]
+
+
 def test_a_running_run_holding_its_lock_shows_as_running_and_status_names_the_holder(db_url: str) -> None:
     assert run_cli(db_url, "db", "upgrade").code == 0
     now = at(2026, 6, 5, 12)
@@ -352,19 +388,12 @@ def test_a_running_run_holding_its_lock_shows_as_running_and_status_names_the_ho
     try:
         with engine.begin() as conn:
             _insert_run(conn, "live-run-0000", "nightly", now - timedelta(minutes=3))
-            conn.execute(
-                insert(billing_locks).values(
-                    name="billing-writer",
-                    run_id="live-run-0000",
-                    host="worker-7",
-                    pid=4242,
-                    acquired_at=now - timedelta(minutes=3),
-                    expires_at=now + timedelta(minutes=27),
-                )
-            )
     finally:
         engine.dispose()
-    with time_machine.travel(_utc(2026, 6, 5, 12), tick=False):
+    live = holding_writer_lock(
+        db_url, since="2026-06-05 11:57", run_id="live-run-0000", host="worker-7", pid=4242
+    )
+    with live, time_machine.travel(_utc(2026, 6, 5, 12), tick=False):
         [record] = [json.loads(x) for x in run_cli(db_url, "runs", "--json").stdout.splitlines()]
         text = run_cli(db_url, "status").stdout
         _, doc = _status_json(db_url)
@@ -374,7 +403,7 @@ def test_a_running_run_holding_its_lock_shows_as_running_and_status_names_the_ho
     assert doc["lock"]["host"] == "worker-7"
     assert (
         "lock:              held: 'billing-writer' by run live-run-0000 (nightly) on worker-7 pid 4242 "
-        "until 2026-06-05 12:27:00 UTC"
+        "since 2026-06-05 11:57:00 UTC"
     ) in text
 
 

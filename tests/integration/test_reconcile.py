@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import time_machine
-from sqlalchemy import Executable, Select, create_engine, delete, insert, select, update
-from support import SourceData, hold_writer_lock, run_cli
+from sqlalchemy import Executable, Select, create_engine, insert, select, update
+from support import SourceData, holding_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import (
-    billing_locks,
     billing_runs,
     daily_charges,
     invoice_lines,
@@ -258,15 +257,14 @@ def test_a_close_running_during_the_check_is_reported_busy_not_as_differences(cl
         "amount_units": -290_000,
     }
     execute(db_url, insert(invoices).values(**draft), insert(invoice_lines).values(**line))
-    hold_writer_lock(db_url)
-    with at(3):
+    with holding_writer_lock(db_url), at(3):
         code, out, _ = reconcile(db_url, "--month", "2026-05")
     assert code == 75
     assert table_rows(out) == []
     assert "2026-05: busy" in out
     assert recorded(db_url) == [("2026-05", "busy", 0, 0)]
 
-    execute(db_url, delete(billing_locks))  # the writer is gone: its drafts are left-overs
+    # The writer is gone: its drafts are left-overs.
     with at(4):
         code, out, _ = reconcile(db_url, "--month", "2026-05")
     assert code == 1

@@ -3,6 +3,7 @@ unsharded run gives, whatever N and whatever order the shards run in."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 import pytest
@@ -10,9 +11,9 @@ import sqlalchemy as sa
 import time_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import SourceData, export_text, run_cli, ts
+from support import SourceData, export_text, holding_writer_lock, run_cli
 
-from billing_jobs.db.billing_tables import billing_locks, daily_charges, invoice_lines, invoices, rejects
+from billing_jobs.db.billing_tables import daily_charges, invoice_lines, invoices, rejects
 from billing_jobs.db.lock import writer_lock_name
 from billing_jobs.db.reads import Shard, shard_of
 
@@ -65,23 +66,16 @@ def _sharded(db_url: str, count: int, order: list[int]) -> None:
     assert "finalized" in _ok(db_url, "--finalize")
 
 
-def hold_shard_lease(db_url: str, index: int, count: int) -> None:
-    """Write shard index/count's lease as if its pod were still running (until 2999)."""
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(billing_locks).values(
-                    name=writer_lock_name(index, count),
-                    run_id=f"shard-{index}-of-{count}",
-                    host=f"pod-{index}",
-                    pid=7,
-                    acquired_at=ts("2026-06-02 03:00"),
-                    expires_at=ts("2999-01-01"),
-                )
-            )
-    finally:
-        engine.dispose()
+def holding_shard_lock(db_url: str, index: int, count: int) -> AbstractContextManager[object]:
+    """Hold shard index/count's lock as its pod, still running, does."""
+    return holding_writer_lock(
+        db_url,
+        since="2026-06-02 03:00",
+        run_id=f"shard-{index}-of-{count}",
+        name=writer_lock_name(index, count),
+        host=f"pod-{index}",
+        pid=7,
+    )
 
 
 _REFERENCE: dict[str, dict[str, object]] = {}
@@ -158,9 +152,8 @@ def test_finalize_exits_75_while_a_shard_still_runs(db_url: str) -> None:
     _platform(db_url)
     _ok(db_url, "--shard", "0/2")
     _ok(db_url, "--shard", "1/2")
-    hold_shard_lease(db_url, 1, 2)
-
-    result = run_cli(db_url, "month-end", "--month", MONTH, "--finalize")
+    with holding_shard_lock(db_url, 1, 2):
+        result = run_cli(db_url, "month-end", "--month", MONTH, "--finalize")
 
     assert result.code == 75
     assert "shard-1-of-2" in result.stderr.splitlines()[-1]
@@ -169,12 +162,11 @@ def test_finalize_exits_75_while_a_shard_still_runs(db_url: str) -> None:
 def test_shards_of_one_split_run_at_once_and_exclude_any_other_writer(db_url: str) -> None:
     _platform(db_url)
     assert run_cli(db_url, "db", "upgrade").code == 0
-    hold_shard_lease(db_url, 0, 2)
-
-    assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/2").code == 0  # the same split
-    assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/3").code == 75  # another split
-    assert run_cli(db_url, "month-end", "--month", MONTH).code == 75  # a whole run
-    assert run_cli(db_url, "nightly", "--date", "2026-05-04").code == 75
+    with holding_shard_lock(db_url, 0, 2):
+        assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/2").code == 0  # the same split
+        assert run_cli(db_url, "month-end", "--month", MONTH, "--shard", "1/3").code == 75  # another split
+        assert run_cli(db_url, "month-end", "--month", MONTH).code == 75  # a whole run
+        assert run_cli(db_url, "nightly", "--date", "2026-05-04").code == 75
 
 
 def test_the_shard_comes_from_a_kubernetes_indexed_job(db_url: str) -> None:

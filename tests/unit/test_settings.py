@@ -180,3 +180,16 @@ def test_a_bad_setting_through_the_command_line_exits_2_with_one_line_naming_the
         assert key in lines[0]
         assert result.stdout == ""
     assert not (tmp_path / "billing.db").exists()
+
+
+LEASES = [(4, False), (5, True), (60, True), (86400, True), (86401, False)]
+
+
+@pytest.mark.parametrize(("seconds", "ok"), LEASES)
+def test_the_sqlite_lock_lease_is_between_5_seconds_and_a_day(seconds: int, ok: bool):
+    text = f"[lock]\nlease_seconds = {seconds}"
+    if ok:
+        assert parse_settings(text).lock_lease_seconds == seconds
+    else:
+        with pytest.raises(SettingsError, match=r"'lock\.lease_seconds'"):
+            parse_settings(text)

@@ -1,7 +1,7 @@
 """month_reconciles: what `billing-jobs reconcile` found for each closed month
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 One row per (month, reconcile run): whether the month's finalized invoices still
 agree with its source data (recomputed) and with its stored daily charges.
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
