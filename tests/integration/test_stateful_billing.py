@@ -26,7 +26,7 @@ import calendar
 import csv
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -59,17 +59,17 @@ THRESHOLD = Decimal(30)
 UNIT = Decimal("0.0001")
 
 MONTHS = ("2026-03", "2026-04", "2026-05", "2026-06", "2026-07")
-FIRST_DAY = date(2026, 2, 15)  # late data reaches back to here
+FIRST_DAY = date(2026, 3, 1)  # late data reaches back to here
 LAST_NOW = datetime(2026, 8, 10, 6, 0, tzinfo=UTC)  # the clock stops advancing here
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 MAX_PROJECTS = 6
 ENV = {"BILLING_WORKERS": "1"}
 SKIP_TABLES = {"billing_runs"}  # a repeated run adds its own run record, nothing else
 
-# (credits, rows): 300 rows of 0.1 reach the threshold exactly; 0.0999 and 29.9999 stay
-# just below it; -0.1 is a reversal.
-COMPUTE = [("0.1", 300), ("0.1", 100), ("0.1", 1), ("0.0999", 1), ("5", 1), ("29.9999", 1), ("30", 1)]
-COMPUTE += [("-0.1", 1), ("12.3456", 1)]
+# (credits, rows): 300 rows of 0.1 reach the threshold exactly (drawn more often, like a
+# single 30); 0.0999 and 29.9999 stay just below it; -0.1 is a reversal.
+COMPUTE = [("0.1", 300), ("30", 1), ("0.1", 300), ("0.1", 100), ("0.1", 1), ("0.0999", 1), ("5", 1)]
+COMPUTE += [("29.9999", 1), ("-0.1", 1), ("12.3456", 1)]
 METRICS = ("page_views", "bandwidth_gb", "data_storage_gb", "domains")
 EVENT_KINDS = ("archived", "restored", "deleted", "published", "unpublished")
 
@@ -146,6 +146,16 @@ class BillingMachine(RuleBasedStateMachine):
             data.write(engine)
         self.last = None
 
+    def add_compute(self, pid: str, when: datetime, credits: str, rows: int) -> None:
+        ids = [self.next_id("cu") for _ in range(rows)]
+
+        def build(d: SourceData) -> None:
+            for usage_id in ids:
+                d.compute(pid, when.isoformat(" "), credits, usage_id=usage_id)
+
+        self.insert(build)
+        self.compute.extend((pid, when, Decimal(credits)) for _ in range(rows))
+
     def cli(self, *args: str) -> CliResult:
         with time_machine.travel(self.now, tick=False):
             return run_cli(self.url, *args, env=ENV)
@@ -170,11 +180,7 @@ class BillingMachine(RuleBasedStateMachine):
     def open_days(self) -> list[date]:
         """Days up to yesterday whose month is not closed."""
         return [
-            d
-            for m in MONTHS
-            if m not in self.closed
-            for d in month_days(m)
-            if d < self.today and (m != MONTHS[0] or d >= date(2026, 3, 1))
+            d for m in MONTHS if m not in self.closed for d in month_days(m) if FIRST_DAY <= d < self.today
         ]
 
     def invoiced(self, month: str) -> dict[tuple[str, str, str], tuple[Decimal, Decimal]]:
@@ -216,7 +222,7 @@ class BillingMachine(RuleBasedStateMachine):
 
     # --- rules --------------------------------------------------------------------------
 
-    @initialize(start=st.integers(0, 80))
+    @initialize(start=st.integers(0, 100))
     def start(self, start: int) -> None:
         """Three projects at first: legacy, legacy on the eve of the effective date, and new
         on a month's last day (free until the next month's end)."""
@@ -230,9 +236,9 @@ class BillingMachine(RuleBasedStateMachine):
 
         self.insert(build)
         self.projects = {
-            "p1": ("acct-a", datetime(2025, 11, 2, 10)),
-            "p2": ("acct-b", datetime(2026, 3, 23, 23, 59)),
-            "p3": ("acct-a", datetime(2026, 3, 31, 23)),
+            "p1": ("acct-a", datetime.fromisoformat("2025-11-02 10:00")),
+            "p2": ("acct-b", datetime.fromisoformat("2026-03-23 23:59")),
+            "p3": ("acct-a", datetime.fromisoformat("2026-03-31 23:00")),
         }
         BillingMachine.examples_run += 1
 
@@ -255,28 +261,44 @@ class BillingMachine(RuleBasedStateMachine):
         self.insert(build)
         self.projects[pid] = (account, created)
 
+    def past_day(self, data: st.DataObject) -> date:
+        """A day before today: a month first (so that a month's rows add up), then its day."""
+        months = [m for m in MONTHS if month_days(m)[0] < self.today]
+        month = data.draw(st.sampled_from(months), label="month")
+        days = [d for d in month_days(month) if FIRST_DAY <= d < self.today]
+        return data.draw(st.sampled_from(days), label="day")
+
     @rule(data=st.data())
     def late_compute(self, data: st.DataObject) -> None:
         pid = data.draw(st.sampled_from(sorted(self.projects)), label="project")
-        span = (self.today - FIRST_DAY).days
-        day = FIRST_DAY + timedelta(days=data.draw(st.integers(0, span - 1), label="day"))
+        day = self.past_day(data)
         second = data.draw(st.integers(0, 86_399), label="second")
         credits, count = data.draw(st.sampled_from(COMPUTE), label="credits")
         when = datetime.combine(day, datetime.min.time()) + timedelta(seconds=second)
-        ids = [self.next_id("cu") for _ in range(count)]
+        self.add_compute(pid, when, credits, count)
 
-        def build(d: SourceData) -> None:
-            for usage_id in ids:
-                d.compute(pid, when.isoformat(" "), credits, usage_id=usage_id)
-
-        self.insert(build)
-        self.compute.extend((pid, when, Decimal(credits)) for _ in range(count))
+    @rule(data=st.data(), goal=st.sampled_from(["30", "29.9999"]))
+    def compute_to_the_threshold(self, data: st.DataObject, goal: str) -> None:
+        """Late compute that brings a project's month exactly to the waiver threshold (or
+        just below it): 0.1 rows when the gap is a multiple of 0.1, else one row (a
+        reversal when the month is already above)."""
+        pid = data.draw(st.sampled_from(sorted(self.projects)), label="project")
+        day = self.past_day(data)
+        month = month_of(day)
+        gap = Decimal(goal) - sum(
+            (c for p, when, c in self.compute if p == pid and month_of(when.date()) == month), Decimal(0)
+        )
+        if gap == 0:
+            return
+        rows = int(gap / Decimal("0.1")) if gap > 0 and gap % Decimal("0.1") == 0 else 1
+        credits = "0.1" if rows > 1 or gap == Decimal("0.1") else str(gap)
+        when = datetime.combine(day, datetime.min.time()) + timedelta(hours=12)
+        self.add_compute(pid, when, credits, rows)
 
     @rule(data=st.data())
     def late_cloud(self, data: st.DataObject) -> None:
         pid = data.draw(st.sampled_from(sorted(self.projects)), label="project")
-        span = (self.today - FIRST_DAY).days
-        day = FIRST_DAY + timedelta(days=data.draw(st.integers(0, span - 1), label="day"))
+        day = self.past_day(data)
         metric = data.draw(st.sampled_from(METRICS), label="metric")
         quantity = data.draw(st.decimals(min_value=0, max_value=5000, places=4), label="quantity")
         usage_id = self.next_id("cl")
@@ -347,8 +369,8 @@ class BillingMachine(RuleBasedStateMachine):
                 return
             rows = conn.execute(select(dc.project_id, dc.charge_type, dc.charge_date, dc.amount_units)).all()
         per_month: dict[tuple[str, str], Decimal] = {}
-        for project, charge_type, day, amount in rows:
-            day = day if isinstance(day, date) else date.fromisoformat(str(day))
+        for project, charge_type, charge_date, amount in rows:
+            day = charge_date if isinstance(charge_date, date) else date.fromisoformat(str(charge_date))
             assert day >= EFFECTIVE, f"{project} charged {charge_type} on {day}, before {EFFECTIVE}"
             if charge_type != "storage_fee":
                 continue
@@ -426,12 +448,12 @@ def test_billing_state_machine_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def pg_databases(pg_server: PgServer) -> Iterator[Callable[[], tuple[str, Callable[[], None]]]]:
+def pg_databases(pg_server: PgServer) -> Callable[[], tuple[str, Callable[[], None]]]:
     def new_database() -> tuple[str, Callable[[], None]]:
         name = pg_server.create_database()
         return pg_server.url(name), lambda: pg_server.drop_database(name)
 
-    yield new_database
+    return new_database
 
 
 def test_billing_state_machine_postgresql(pg_databases: Any) -> None:
