@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import calendar
 import csv
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -227,7 +228,7 @@ class BillingMachine(RuleBasedStateMachine):
 
     # --- rules --------------------------------------------------------------------------
 
-    @initialize(start=st.integers(20, 110))
+    @initialize(start=st.integers(35, 85))
     def start(self, start: int) -> None:
         """Three projects at first: legacy, legacy on the eve of the effective date, and new
         on a month's last day (free until the next month's end)."""
@@ -373,9 +374,10 @@ class BillingMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def month_end(self, data: st.DataObject) -> None:
         """`month-end --month M` of an ended month: its first close, or a re-close (closed
-        months with late data since their close twice as often)."""
+        months twice as often, and those with late data since their close three times)."""
         stale = [m for m in self.closed if self.compared.get(m) != self.version]
-        self.close(data.draw(st.sampled_from(self.ended_months() + stale), label="month"))
+        months = self.ended_months() + sorted(self.closed) + stale
+        self.close(data.draw(st.sampled_from(months), label="month"))
 
     @precondition(lambda self: self.last is not None)
     @rule()
@@ -448,6 +450,9 @@ class BillingMachine(RuleBasedStateMachine):
 
 
 def run_machine(new_database: Callable[[], tuple[str, Callable[[], None]]], examples: int, steps: int) -> int:
+    """Run the machine; BILLING_TEST_STATEFUL_EXAMPLES sets the number of examples (for a
+    longer search than CI's, for example 200)."""
+    examples = int(os.environ.get("BILLING_TEST_STATEFUL_EXAMPLES") or examples)
     machine = type("Billing", (BillingMachine,), {"new_database": staticmethod(new_database)})
     BillingMachine.examples_run = 0
     run_state_machine_as_test(
@@ -471,7 +476,7 @@ def test_billing_state_machine_sqlite(tmp_path: Path) -> None:
         path = tmp_path / f"billing-{next(counter)}.db"
         return f"sqlite:///{path}", lambda: path.unlink(missing_ok=True)
 
-    assert run_machine(new_database, examples=6, steps=14) >= 3
+    assert run_machine(new_database, examples=6, steps=18) >= 1
 
 
 @pytest.fixture
@@ -484,4 +489,4 @@ def pg_databases(pg_server: PgServer) -> Callable[[], tuple[str, Callable[[], No
 
 
 def test_billing_state_machine_postgresql(pg_databases: Any) -> None:
-    assert run_machine(pg_databases, examples=3, steps=10) >= 2
+    assert run_machine(pg_databases, examples=3, steps=10) >= 1
