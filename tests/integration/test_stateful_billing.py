@@ -449,7 +449,10 @@ class BillingMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_machine(new_database: Callable[[], tuple[str, Callable[[], None]]], examples: int, steps: int) -> int:
+NewDatabase = Callable[[], tuple[str, Callable[[], None]]]
+
+
+def run_machine(new_database: NewDatabase, examples: int, steps: int) -> int:
     """Run the machine; BILLING_TEST_STATEFUL_EXAMPLES sets the number of examples (for a
     longer search than CI's, for example 200)."""
     examples = int(os.environ.get("BILLING_TEST_STATEFUL_EXAMPLES") or examples)
@@ -469,24 +472,84 @@ def run_machine(new_database: Callable[[], tuple[str, Callable[[], None]]], exam
     return BillingMachine.examples_run
 
 
-def test_billing_state_machine_sqlite(tmp_path: Path) -> None:
-    counter = iter(range(1_000_000))
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def databases(request: pytest.FixtureRequest) -> tuple[str, NewDatabase]:
+    """(back end, a maker of empty databases): SQLite files, or PostgreSQL databases."""
+    if request.param == "sqlite":
+        tmp_path: Path = request.getfixturevalue("tmp_path")
+        counter = iter(range(1_000_000))
 
-    def new_database() -> tuple[str, Callable[[], None]]:
-        path = tmp_path / f"billing-{next(counter)}.db"
-        return f"sqlite:///{path}", lambda: path.unlink(missing_ok=True)
+        def new_sqlite() -> tuple[str, Callable[[], None]]:
+            path = tmp_path / f"billing-{next(counter)}.db"
+            return f"sqlite:///{path}", lambda: path.unlink(missing_ok=True)
 
-    assert run_machine(new_database, examples=6, steps=18) >= 1
+        return "sqlite", new_sqlite
+    server: PgServer = request.getfixturevalue("pg_server")
 
+    def new_postgresql() -> tuple[str, Callable[[], None]]:
+        name = server.create_database()
+        return server.url(name), lambda: server.drop_database(name)
 
-@pytest.fixture
-def pg_databases(pg_server: PgServer) -> Callable[[], tuple[str, Callable[[], None]]]:
-    def new_database() -> tuple[str, Callable[[], None]]:
-        name = pg_server.create_database()
-        return pg_server.url(name), lambda: pg_server.drop_database(name)
-
-    return new_database
+    return "postgresql", new_postgresql
 
 
-def test_billing_state_machine_postgresql(pg_databases: Any) -> None:
-    assert run_machine(pg_databases, examples=3, steps=10) >= 1
+def test_billing_state_machine(databases: tuple[str, NewDatabase]) -> None:
+    backend, new_database = databases
+    examples, steps = (6, 18) if backend == "sqlite" else (3, 10)
+    assert run_machine(new_database, examples=examples, steps=steps) >= 1
+
+
+class Draws:
+    """Stands for Hypothesis's `data()` in a scripted run: hands out the given values in order."""
+
+    def __init__(self, *values: object) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: object, label: str | None = None) -> Any:
+        del strategy, label
+        return self.values.pop(0)
+
+
+def test_scripted_steps_of_the_machine(databases: tuple[str, NewDatabase]) -> None:
+    """Sequences the random search reaches rarely, pinned: a closed month's waiver undone
+    by a late reversal, a closed month's fee removed by a back-dated archive, each
+    corrected by a re-close; the invariants checked after every step."""
+    machine = type("Billing", (BillingMachine,), {"new_database": staticmethod(databases[1])})()
+    steps: list[tuple[Callable[..., None], tuple[object, ...]]] = [
+        (machine.start, (40,)),  # 2026-04-29
+        # On 06-01, p1's May compute is exactly 30; the schedule closes March to May.
+        (machine.advance_clock, (33, Draws("30", None, None, True))),
+        (machine.repeat_last_command, ()),
+        # A late reversal of 0.0001 in May: the waiver no longer applies.
+        (
+            machine.late_data,
+            (Draws("compute to the threshold", "p1", "2026-05", date(2026, 5, 20), "29.9999"),),
+        ),
+        (machine.month_end, (Draws("2026-05"),)),
+        (machine.repeat_last_command, ()),
+        # p2 archived back on 04-30 12:00: its May fee goes, April's 30th still counts.
+        (machine.late_data, (Draws("event", "p2", "archived", (32 * 24 + 18) * 60),)),
+        (machine.month_end, (Draws("2026-05"),)),
+        (machine.month_end, (Draws("2026-04"),)),
+        (machine.nightly, (Draws("closed day", "2026-05", date(2026, 5, 3)),)),
+        (machine.advance_clock, (5, Draws(None, None, "30", False))),
+        (machine.nightly, (Draws("open day", date(2026, 6, 3)),)),
+        (machine.repeat_last_command, ()),
+        (machine.nightly, (Draws("catch-up"),)),
+    ]
+    try:
+        for step, args in steps:
+            step(*args)
+            machine.daily_charges_respect_the_effective_date_free_windows_and_cap()
+            machine.closed_months_respect_the_cap_free_windows_and_waiver()
+        may = machine.invoiced("2026-05")
+        assert ("acct-a", "p1", "storage_refund") not in may, may
+        assert ("acct-b", "p2", "storage_fee") not in may, may
+        assert may[("acct-a", "p1", "storage_fee")] == (Decimal(29), Decimal(29))
+    finally:
+        machine.teardown()
