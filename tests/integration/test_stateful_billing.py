@@ -500,7 +500,7 @@ def databases(request: pytest.FixtureRequest) -> tuple[str, NewDatabase]:
 
 def test_billing_state_machine(databases: tuple[str, NewDatabase]) -> None:
     backend, new_database = databases
-    examples, steps = (6, 18) if backend == "sqlite" else (3, 10)
+    examples, steps = (5, 16) if backend == "sqlite" else (4, 12)
     assert run_machine(new_database, examples=examples, steps=steps) >= 1
 
 
