@@ -386,7 +386,9 @@ class BillingMachine(RuleBasedStateMachine):
         assert self.last is not None
         before = self.contents()
         self.command(*self.last)
-        assert self.contents() == before, f"repeating {self.last} changed the jobs' tables"
+        after = self.contents()
+        changed = sorted(t for t in before if before[t] != after[t])
+        assert not changed, f"repeating {self.last} changed {changed}"
 
     # --- invariants ---------------------------------------------------------------------
 
