@@ -5,7 +5,9 @@ re-closes of ended months, and repeats of the last command.
 
 After every step the database is checked against the rules (billing-rules.md):
 
-- no project is charged more storage fee in a month than the cap;
+- no project is charged more storage fee in a closed month than the cap (before the
+  close, nightly's charges of a month may exceed it after a back-dated event; the
+  close corrects them);
 - no storage fee before the effective date or inside a project's free window, and no
   cloud fee before the effective date;
 - the Active Project Waiver on a closed month's invoices refunds the month's storage
@@ -17,7 +19,8 @@ After every step the database is checked against the rules (billing-rules.md):
   `month-end --dry-run` on a second database holding the same source rows and no
   billing tables at all.
 
-Runs on SQLite and (fewer examples) PostgreSQL; both stay well under a minute.
+Runs on SQLite and (fewer examples) PostgreSQL; both stay well under a minute. A
+second test replays pinned steps of the machine that the random search reaches rarely.
 """
 
 from __future__ import annotations
