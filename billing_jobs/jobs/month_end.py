@@ -313,11 +313,20 @@ def _hold(
 
 def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: int = 1) -> MonthPreview:
     """Finalize the held drafts of `month` if they equal a fresh computation of it, then
-    write the credits ledger; `ApprovalDiffers` (nothing changed) otherwise."""
+    write the credits ledger; `ApprovalDiffers` (nothing changed) otherwise.
+
+    A closed month with nothing held was approved (or closed) before: a repeat, or the
+    re-run of an approval that died after finalizing, only brings its credits ledger
+    up to date (which writes nothing when it is)."""
     with run.engine.connect() as conn:
         hold = controls.held(conn, month)
         closed = is_closed(conn, month)
         drafts = controls.draft_lines(conn, month, hold.run_id) if hold is not None else None
+    if (hold is None or drafts is None) and closed:
+        empty = pd.DataFrame()
+        written = credits_ledger(run, month, workers=workers)
+        note = "nothing held: the month is closed (approved before); its credits ledger is up to date"
+        return MonthPreview(month, ADJUSTMENT, True, empty, empty, empty, note=note, ledger=written)
     if hold is None or drafts is None:
         raise controls.NothingHeld(
             f"no drafts of {month} are held for approval: run month-end --month {month} --hold first"

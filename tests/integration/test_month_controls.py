@@ -234,7 +234,12 @@ def test_hold_then_approve_equals_a_direct_close(db_url: str, tmp_path: Path) ->
     ok(direct, "month-end", "--month", "2026-05")
     assert export_text(db_url, "2026-05") == export_text(direct, "2026-05")
 
-    assert "no drafts of 2026-05 are held" in refused(db_url, 2, "month-end", "--approve", "2026-05")
+    # A repeat (or the re-run of an approval that died after finalizing) changes nothing.
+    approved = export_text(db_url, "2026-05")
+    assert "nothing held: the month is closed" in ok(db_url, "month-end", "--approve", "2026-05")
+    assert export_text(db_url, "2026-05") == approved
+    # A month neither held nor closed has nothing to approve.
+    assert "no drafts of 2026-06 are held" in refused(db_url, 2, "month-end", "--approve", "2026-06")
 
 
 def test_approve_refuses_drafts_that_no_longer_equal_a_fresh_computation(db_url: str) -> None:
