@@ -1000,10 +1000,13 @@ def _period_writer(month: Month, rejects: pd.DataFrame, *, run: Run) -> Callable
         closed = close_unfound(conn, examined, found, job="credits ledger", run_id=run.run_id, now=run.now)
         run.count("rejects_closed", closed)
         latest = conn.execute(select(func.max(credit_entries.c.recorded_at))).scalar()
+        published = conn.execute(select(func.max(credit_periods.c.last_written_at))).scalar()
         stamp = run.now if latest is None else max(run.now, latest)
         exists = conn.execute(
             select(credit_periods.c.period).where(credit_periods.c.period == str(month))
         ).first()
+        if exists is not None and (latest is None or (published is not None and latest <= published)):
+            return  # every entry is published already: a repeat changes nothing
         if exists is None:
             conn.execute(
                 credit_periods.insert().values(

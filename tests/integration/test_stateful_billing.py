@@ -184,10 +184,10 @@ class BillingMachine(RuleBasedStateMachine):
         return [m for m in MONTHS if month_days(m)[-1] < self.today]
 
     def open_days(self) -> list[date]:
-        """Days up to yesterday whose month is not closed."""
-        return [
-            d for m in MONTHS if m not in self.closed for d in month_days(m) if FIRST_DAY <= d < self.today
-        ]
+        """Days from the effective date up to yesterday whose month is not closed (earlier
+        days are refused: nothing is billed before the effective date)."""
+        first = max(FIRST_DAY, EFFECTIVE)
+        return [d for m in MONTHS if m not in self.closed for d in month_days(m) if first <= d < self.today]
 
     def invoiced(self, month: str) -> dict[tuple[str, str, str], tuple[Decimal, Decimal]]:
         """Sum of the month's finalized invoices per (account, project, line type): (quantity, amount)."""
@@ -220,8 +220,12 @@ class BillingMachine(RuleBasedStateMachine):
                 out[key] = (qq + Decimal(r["quantity"]), aa + Decimal(r["amount"]))
         return {k: v for k, v in out.items() if v != (0, 0)}
 
-    def close(self, month: str) -> None:
-        self.command("month-end", "--month", month)
+    def close(self, month: str, *, approval: bool = False) -> None:
+        if approval:  # finance's way: drafts held, then approved while they equal a fresh close
+            self.command("month-end", "--month", month, "--hold")
+            self.command("month-end", "--approve", month)
+        else:
+            self.command("month-end", "--month", month)
         self.closed[month] = len(self.compute)
         if self.compared.get(month) != self.version:  # else the repeat check covers it
             assert self.invoiced(month) == self.fresh(month), f"{month}: invoices differ from a fresh close"
@@ -371,10 +375,12 @@ class BillingMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def month_end(self, data: st.DataObject) -> None:
         """`month-end --month M` of an ended month: its first close, or a re-close (closed
-        months twice as often, and those with late data since their close three times)."""
+        months twice as often, and those with late data since their close three times),
+        directly or held and then approved."""
         stale = [m for m in self.closed if self.compared.get(m) != self.version]
         months = self.ended_months() + sorted(self.closed) + stale
-        self.close(data.draw(st.sampled_from(months), label="month"))
+        month = data.draw(st.sampled_from(months), label="month")
+        self.close(month, approval=data.draw(st.booleans(), label="hold and approve"))
 
     @precondition(lambda self: self.last is not None)
     @rule()
@@ -529,12 +535,13 @@ def test_scripted_steps_of_the_machine(databases: tuple[str, NewDatabase]) -> No
             machine.late_data,
             (Draws("compute to the threshold", "p1", "2026-05", date(2026, 5, 20), "29.9999"),),
         ),
-        (machine.month_end, (Draws("2026-05"),)),
+        (machine.month_end, (Draws("2026-05", False),)),
         (machine.repeat_last_command, ()),
         # p2 archived back on 04-30 12:00: its May fee goes, April's 30th still counts.
         (machine.late_data, (Draws("event", "p2", "archived", (32 * 24 + 18) * 60),)),
-        (machine.month_end, (Draws("2026-05"),)),
-        (machine.month_end, (Draws("2026-04"),)),
+        (machine.month_end, (Draws("2026-05", True),)),  # held, then approved
+        (machine.repeat_last_command, ()),
+        (machine.month_end, (Draws("2026-04", False),)),
         (machine.nightly, (Draws("closed day", "2026-05", date(2026, 5, 3)),)),
         (machine.advance_clock, (5, Draws(None, None, "30", False))),
         (machine.nightly, (Draws("open day", date(2026, 6, 3)),)),
