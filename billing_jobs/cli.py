@@ -499,25 +499,37 @@ def month_end(
     "--output",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
-    help="Write the CSV to this file instead of stdout.",
+    help="Write to this file instead of stdout (required for Parquet).",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"]),
+    default="csv",
+    show_default=True,
+    help="CSV (the contract's) or Parquet with typed columns (docs/exports.md).",
+)
+@click.option("--headers", is_flag=True, help="One row per invoice (its header) instead of per line.")
 @click.pass_obj
-def export(ctx: Context, month_text: str, output: str | None) -> None:
-    """Write every invoice line of a month as CSV."""
-    from billing_jobs.jobs.export import export_month
+def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers: bool) -> None:
+    """Write every invoice line (or invoice header) of a month as CSV or Parquet."""
+    from billing_jobs.jobs.export import month_headers, month_lines
+    from billing_jobs.jobs.warehouse import write_export
 
     month = _parse_month(month_text)
+    if fmt == "parquet" and not output:
+        raise click.UsageError("--format parquet writes a file: give --output FILE")
     if "month_closes" not in inspect(ctx.engine).get_table_names():
         raise click.ClickException("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
-    if output:
-        tmp = Path(output).with_name(Path(output).name + ".partial")
-        with tmp.open("w", newline="", encoding="utf-8") as out:
-            n = export_month(ctx.engine, str(month), out)
-        os.replace(tmp, output)
-    else:
-        n = export_month(ctx.engine, str(month), sys.stdout)
-        sys.stdout.flush()
-    logs.get_logger().info("export.done", period=str(month), lines=n, output=output or "stdout")
+    rows = (month_headers if headers else month_lines)(ctx.engine, str(month))
+    n = write_export(rows, fmt, output)
+    logs.get_logger().info(
+        "export.done",
+        period=str(month),
+        **{"invoices" if headers else "lines": n},
+        format=fmt,
+        output=output or "stdout",
+    )
 
 
 @cli.command()
