@@ -5,8 +5,8 @@ names as `str`, amounts as integer units (1/10,000, or cents for money), days as
 `date`, times as naive UTC `datetime`, and `None` where there is nothing. CSV
 writes them as the contract's text; Parquet as typed columns: amounts are
 `decimal128(19, 4)` (`decimal128(19, 2)` for money) built from the integer units
-exactly (never through a float), days `date32`, times `timestamp[s, UTC]`. An
-empty CSV field is a null in Parquet.
+exactly (never through a float), days `date32`, times `timestamp[ms, UTC]` holding
+whole seconds (as the CSV). An empty CSV field is a null in Parquet.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ INTEGER = Kind(pa.int32(), str)
 UNITS = Kind(pa.decimal128(DECIMAL_DIGITS, MAX_FRACTION_DIGITS), format_units)  # credits, quantities
 CENTS = Kind(pa.decimal128(DECIMAL_DIGITS, 2), format_cents)  # money
 DAY = Kind(pa.date32(), _day_text)
-TIMESTAMP = Kind(pa.timestamp("s", tz="UTC"), _timestamp_text)
+TIMESTAMP = Kind(pa.timestamp("ms", tz="UTC"), _timestamp_text)  # Parquet has no seconds unit
 
 
 @dataclass(frozen=True)
