@@ -24,8 +24,8 @@ LINE_FIELDS = [
     Field("unit_price", STRING),  # the price as set: any number of decimals; empty for refunds
     Field("amount", UNITS),
     Field("invoice_sequence", INTEGER),
-    Field("finalized_at", TIMESTAMP),
     Field("invoice_number", STRING),
+    Field("finalized_at", TIMESTAMP),  # last: the one column that differs between equal re-runs
 ]
 HEADER = [f.name for f in LINE_FIELDS]
 
@@ -73,8 +73,8 @@ def month_lines(engine: Engine, period: str, batch: int = 50_000) -> Rows:
             case((il.unit_price == "", None), else_=il.unit_price),
             il.amount_units,
             inv.sequence,
-            inv.finalized_at,
             inv.invoice_number,
+            inv.finalized_at,
         )
         .join(invoices, inv.invoice_id == il.invoice_id)
         .where(il.period == period, inv.status == "finalized")

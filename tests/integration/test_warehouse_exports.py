@@ -41,8 +41,8 @@ LINES = pa.schema(
         ("unit_price", pa.string()),
         ("amount", UNITS),
         ("invoice_sequence", pa.int32()),
-        ("finalized_at", AT),
         ("invoice_number", pa.string()),
+        ("finalized_at", AT),
     ]
 )
 HEADERS = pa.schema(
