@@ -20,7 +20,7 @@ from sqlalchemy import inspect
 
 from billing_jobs import __version__, logs
 from billing_jobs.commands import register_commands
-from billing_jobs.commands.common import Context, utcnow, yesterday_in
+from billing_jobs.commands.common import Context, check_export_target, export_options, utcnow, yesterday_in
 from billing_jobs.db.engine import (
     DEFAULT_DB_URL,
     DatabaseUrlError,
@@ -495,20 +495,7 @@ def month_end(
 
 @cli.command()
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The billing month.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="Write to this file instead of stdout (required for Parquet).",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "parquet"]),
-    default="csv",
-    show_default=True,
-    help="CSV (the contract's) or Parquet with typed columns (docs/exports.md).",
-)
+@export_options
 @click.option("--headers", is_flag=True, help="One row per invoice (its header) instead of per line.")
 @click.pass_obj
 def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers: bool) -> None:
@@ -517,8 +504,7 @@ def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers:
     from billing_jobs.jobs.warehouse import write_export
 
     month = _parse_month(month_text)
-    if fmt == "parquet" and not output:
-        raise click.UsageError("--format parquet writes a file: give --output FILE")
+    check_export_target(fmt, output)
     if "month_closes" not in inspect(ctx.engine).get_table_names():
         raise click.ClickException("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
     rows = (month_headers if headers else month_lines)(ctx.engine, str(month))

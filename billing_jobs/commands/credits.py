@@ -169,20 +169,7 @@ def quote(
 
 @credits_group.command("export")
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The ledger period.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="Write to this file (required for Parquet).",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "parquet"]),
-    default="csv",
-    show_default=True,
-    help="CSV (the contract's) or Parquet with typed columns (docs/exports.md).",
-)
+@common.export_options
 @click.pass_obj
 def export(ctx: Context, month_text: str, output: str | None, fmt: str) -> None:
     """Write the ledger entries of a month's period as CSV or Parquet."""
@@ -190,8 +177,7 @@ def export(ctx: Context, month_text: str, output: str | None, fmt: str) -> None:
     from billing_jobs.jobs.warehouse import write_export
 
     month = _month(month_text)
-    if fmt == "parquet" and not output:
-        raise click.UsageError("--format parquet writes a file: give --output FILE")
+    common.check_export_target(fmt, output)
     rows = _ledger_call(lambda: ledger_rows(ctx.engine, str(month)))
     write_export(rows, fmt, output)
 
