@@ -20,7 +20,7 @@ from sqlalchemy import inspect
 
 from billing_jobs import __version__, logs
 from billing_jobs.commands import register_commands
-from billing_jobs.commands.common import Context, utcnow, yesterday_in
+from billing_jobs.commands.common import Context, check_export_target, export_options, utcnow, yesterday_in
 from billing_jobs.db.engine import (
     DEFAULT_DB_URL,
     DatabaseUrlError,
@@ -496,29 +496,27 @@ def month_end(
 
 @cli.command()
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The billing month.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="Write the CSV to this file instead of stdout.",
-)
+@export_options
+@click.option("--headers", is_flag=True, help="One row per invoice (its header) instead of per line.")
 @click.pass_obj
-def export(ctx: Context, month_text: str, output: str | None) -> None:
-    """Write every invoice line of a month as CSV."""
-    from billing_jobs.jobs.export import export_month
+def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers: bool) -> None:
+    """Write every invoice line (or invoice header) of a month as CSV or Parquet."""
+    from billing_jobs.jobs.export import month_headers, month_lines
+    from billing_jobs.jobs.warehouse import write_export
 
     month = _parse_month(month_text)
+    check_export_target(fmt, output)
     if "month_closes" not in inspect(ctx.engine).get_table_names():
         raise click.ClickException("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
-    if output:
-        tmp = Path(output).with_name(Path(output).name + ".partial")
-        with tmp.open("w", newline="", encoding="utf-8") as out:
-            n = export_month(ctx.engine, str(month), out)
-        os.replace(tmp, output)
-    else:
-        n = export_month(ctx.engine, str(month), sys.stdout)
-        sys.stdout.flush()
-    logs.get_logger().info("export.done", period=str(month), lines=n, output=output or "stdout")
+    rows = (month_headers if headers else month_lines)(ctx.engine, str(month))
+    n = write_export(rows, fmt, output)
+    logs.get_logger().info(
+        "export.done",
+        period=str(month),
+        **{"invoices" if headers else "lines": n},
+        format=fmt,
+        output=output or "stdout",
+    )
 
 
 @cli.command()

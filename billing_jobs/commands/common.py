@@ -1,10 +1,13 @@
-"""What every command shares: the context object and the one clock."""
+"""What every command shares: the context object, the one clock, export options."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 
+import click
 from sqlalchemy import Engine
 
 from billing_jobs.db.engine import make_engine
@@ -48,3 +51,29 @@ def utcnow() -> datetime:
 
 def yesterday_in(settings: Settings, now: datetime) -> date:
     return now.astimezone(settings.zone).date() - timedelta(days=1)
+
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def export_options(command: F) -> F:
+    """`--output F` and `--format csv|parquet` of an export command (docs/exports.md)."""
+    command = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["csv", "parquet"]),
+        default="csv",
+        show_default=True,
+        help="CSV (the contract's) or Parquet with typed columns (docs/exports.md).",
+    )(command)
+    return click.option(
+        "--output",
+        type=click.Path(dir_okay=False, writable=True),
+        default=None,
+        help="Write to this file instead of stdout (required for Parquet).",
+    )(command)
+
+
+def check_export_target(fmt: str, output: str | None) -> None:
+    if fmt == "parquet" and not output:
+        raise click.UsageError("--format parquet writes a file: give --output FILE")

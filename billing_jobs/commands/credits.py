@@ -169,17 +169,17 @@ def quote(
 
 @credits_group.command("export")
 @click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="The ledger period.")
-@click.option(
-    "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to this file."
-)
+@common.export_options
 @click.pass_obj
-def export(ctx: Context, month_text: str, output: str | None) -> None:
-    """Write the ledger entries of a month's period as CSV."""
-    from billing_jobs.jobs.credits import export_ledger
+def export(ctx: Context, month_text: str, output: str | None, fmt: str) -> None:
+    """Write the ledger entries of a month's period as CSV or Parquet."""
+    from billing_jobs.jobs.credits import ledger_rows
+    from billing_jobs.jobs.warehouse import write_export
 
     month = _month(month_text)
-    with _output(output) as out:
-        _ledger_call(lambda: export_ledger(ctx.engine, str(month), out))
+    common.check_export_target(fmt, output)
+    rows = _ledger_call(lambda: ledger_rows(ctx.engine, str(month)))
+    write_export(rows, fmt, output)
 
 
 @credits_group.command("balance")

@@ -163,8 +163,21 @@ invoices = Table(
     Column("run_id", String(36), nullable=False),
     Column("created_at", DateTime, nullable=False),
     Column("finalized_at", DateTime),
+    # R-2026-000001 / A-2026-000001: set when finalized (`rules.numbering`); NULL for drafts.
+    Column("invoice_number", String(32)),
     UniqueConstraint("account_id", "period", "kind", "sequence"),
     Index("ix_invoices_period_status", "period", "status"),
+    Index("ix_invoices_invoice_number", "invoice_number", unique=True),
+)
+
+# The last invoice number given in each series (regular | adjustment) and year: numbers
+# follow it without a gap and are never given again.
+invoice_series = Table(
+    "invoice_series",
+    billing_metadata,
+    Column("series", String(16), primary_key=True),
+    Column("year", Integer, primary_key=True),
+    Column("last_number", Integer, nullable=False),
 )
 
 invoice_lines = Table(

@@ -7,7 +7,6 @@ computed from the source data as a preview (marked so), never written.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -29,6 +28,7 @@ from billing_jobs.db.credit_reads import (
 from billing_jobs.db.reads import Chunk, read_frame
 from billing_jobs.db.reads import day_number as sql_day_number
 from billing_jobs.jobs.ledger import HELD_SIGN, decide_codes, read_events, states_at, validate_top_ups
+from billing_jobs.jobs.warehouse import CENTS, DAY, STRING, UNITS, Field, Row, Rows, write_csv
 from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_midnight_utc
 from billing_jobs.rules.credits import (
     ARREARS,
@@ -48,7 +48,18 @@ from billing_jobs.rules.money import format_cents, format_units
 from billing_jobs.rules.rejects import RejectStatus
 from billing_jobs.settings import Settings
 
-EXPORT_HEADER = ["entry_id", "account_id", "lot_id", "kind", "day", "period", "corrects", "credits", "money"]
+# contract.md, Ledger export; an empty `lot_id`, `corrects` or `money` is a null in Parquet.
+LEDGER_FIELDS = [
+    Field("entry_id", STRING),
+    Field("account_id", STRING),
+    Field("lot_id", STRING),
+    Field("kind", STRING),
+    Field("day", DAY),
+    Field("period", STRING),
+    Field("corrects", STRING),
+    Field("credits", UNITS),
+    Field("money", CENTS),
+]
 
 
 class LedgerMissing(RuntimeError):
@@ -73,35 +84,36 @@ def _entries(conn: Connection, *where: Any) -> pd.DataFrame:
     return read_frame(conn, stmt, ints=["day", "revision", "credit_units"])
 
 
-def export_ledger(engine: Engine, period: str, out: TextIO) -> int:
-    """The ledger entries of `period` as CSV, ordered by day, account, lot, kind (code points)."""
+def ledger_rows(engine: Engine, period: str) -> Rows:
+    """The ledger entries of `period`, ordered by day, account, lot, kind (code points)."""
     with engine.connect() as conn:
         if not ledger_exists(conn):
             raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
         df = _entries(conn, credit_entries.c.period == period, published_entries(conn))
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(EXPORT_HEADER)
-    if df.empty:
-        return 0
     rows = sorted(
         df.itertuples(index=False),
         key=lambda r: (r.day, r.account_id, r.lot_id, r.kind, r.cause, r.corrects, r.revision, r.entry_id),
     )
-    writer.writerows(
+    typed: list[Row] = [
         (
             r.entry_id,
             r.account_id,
-            r.lot_id,
+            r.lot_id or None,
             r.kind,
-            day_from_number(r.day).isoformat(),
+            day_from_number(r.day),
             r.period,
-            r.corrects,
-            format_units(r.credit_units),
-            "" if r.money_cents is None or pd.isna(r.money_cents) else format_cents(int(r.money_cents)),
+            r.corrects or None,
+            int(r.credit_units),
+            None if r.money_cents is None or pd.isna(r.money_cents) else int(r.money_cents),
         )
         for r in rows
-    )
-    return len(rows)
+    ]
+    return Rows(LEDGER_FIELDS, [typed])
+
+
+def export_ledger(engine: Engine, period: str, out: TextIO) -> int:
+    """The ledger entries of `period` as CSV (contract.md, Ledger export)."""
+    return write_csv(ledger_rows(engine, period), out)
 
 
 @dataclass(frozen=True)

@@ -1,45 +1,65 @@
-"""Invoice export: every finalized invoice line of a month as CSV (contract.md)."""
+"""Invoice export: every finalized invoice line of a month (contract.md), or one row
+per finalized invoice (its header); as CSV or Parquet (`jobs.warehouse`, docs/exports.md)."""
 
 from __future__ import annotations
 
-import csv
+from collections.abc import Iterator
 from typing import TextIO
 
-from sqlalchemy import ColumnElement, Engine, case, select
+from sqlalchemy import ColumnElement, Engine, Select, case, select
 
 from billing_jobs.db.billing_tables import invoice_lines, invoices
+from billing_jobs.jobs.warehouse import INTEGER, STRING, TIMESTAMP, UNITS, Field, Row, Rows, write_csv
 from billing_jobs.rules.invoice import LINE_ORDER
-from billing_jobs.rules.money import format_units
 
-HEADER = [
-    "invoice_id",
-    "invoice_kind",
-    "account_id",
-    "project_id",
-    "period",
-    "line_type",
-    "quantity",
-    "unit_price",
-    "amount",
-    "invoice_sequence",
-    "finalized_at",
+# The contract's columns first and in its order; the columns after them are ours.
+LINE_FIELDS = [
+    Field("invoice_id", STRING),
+    Field("invoice_kind", STRING),
+    Field("account_id", STRING),
+    Field("project_id", STRING),
+    Field("period", STRING),
+    Field("line_type", STRING),
+    Field("quantity", UNITS),
+    Field("unit_price", STRING),  # the price as set: any number of decimals; empty for refunds
+    Field("amount", UNITS),
+    Field("invoice_sequence", INTEGER),
+    Field("invoice_number", STRING),
+    Field("finalized_at", TIMESTAMP),  # last: the one column that differs between equal re-runs
+]
+HEADER = [f.name for f in LINE_FIELDS]
+
+HEADER_FIELDS = [
+    Field("invoice_id", STRING),
+    Field("invoice_number", STRING),
+    Field("invoice_kind", STRING),
+    Field("account_id", STRING),
+    Field("period", STRING),
+    Field("status", STRING),
+    Field("total", UNITS),
+    Field("line_count", INTEGER),
+    Field("invoice_sequence", INTEGER),
+    Field("finalized_at", TIMESTAMP),
 ]
 
 
-def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) -> int:
-    """Write the month's lines to `out`; returns the number of lines written.
+def _code_point(engine: Engine, column: ColumnElement[str]) -> ColumnElement[str]:
+    """Ids ordered by code point (PostgreSQL's "C" collation, SQLite's BINARY on UTF-8),
+    never by the server's linguistic collation."""
+    return column.collate("C") if engine.dialect.name == "postgresql" else column
 
-    Rows are ordered by account, invoice (regular first, then adjustments in
-    order), project and line type, so the same data always gives the same bytes.
-    Ids are ordered by code point (PostgreSQL's "C" collation, SQLite's BINARY on
-    UTF-8), never by the server's linguistic collation.
-    """
+
+def _batches(engine: Engine, stmt: Select[tuple[object, ...]], batch: int) -> Iterator[list[Row]]:
+    with engine.connect() as conn:
+        result = conn.execute(stmt.execution_options(yield_per=batch))
+        for rows in result.partitions():
+            yield [tuple(r) for r in rows]
+
+
+def month_lines(engine: Engine, period: str, batch: int = 50_000) -> Rows:
+    """The month's finalized lines, ordered by account, invoice (regular first, then
+    adjustments in order), project and line type: the same data gives the same bytes."""
     il, inv = invoice_lines.c, invoices.c
-    postgres = engine.dialect.name == "postgresql"
-
-    def code_point(column: ColumnElement[str]) -> ColumnElement[str]:
-        return column.collate("C") if postgres else column
-
     line_rank = case({t: i for i, t in enumerate(LINE_ORDER)}, value=il.line_type, else_=99)
     stmt = (
         select(
@@ -50,36 +70,47 @@ def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) 
             il.period,
             il.line_type,
             il.quantity_units,
-            il.unit_price,
+            case((il.unit_price == "", None), else_=il.unit_price),
             il.amount_units,
             inv.sequence,
+            inv.invoice_number,
             inv.finalized_at,
         )
         .join(invoices, inv.invoice_id == il.invoice_id)
         .where(il.period == period, inv.status == "finalized")
-        .order_by(code_point(il.account_id), inv.sequence, code_point(il.project_id), line_rank, il.line_type)
+        .order_by(
+            _code_point(engine, il.account_id),
+            inv.sequence,
+            _code_point(engine, il.project_id),
+            line_rank,
+            il.line_type,
+        )
     )
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(HEADER)
-    written = 0
-    with engine.connect() as conn:
-        result = conn.execute(stmt.execution_options(yield_per=batch))
-        for rows in result.partitions():
-            writer.writerows(
-                (
-                    r.invoice_id,
-                    r.kind,
-                    r.account_id,
-                    r.project_id,
-                    r.period,
-                    r.line_type,
-                    format_units(r.quantity_units),
-                    r.unit_price,
-                    format_units(r.amount_units),
-                    r.sequence,
-                    r.finalized_at.strftime("%Y-%m-%dT%H:%M:%SZ") if r.finalized_at else "",
-                )
-                for r in rows
-            )
-            written += len(rows)
-    return written
+    return Rows(LINE_FIELDS, _batches(engine, stmt, batch))
+
+
+def month_headers(engine: Engine, period: str, batch: int = 50_000) -> Rows:
+    """The month's finalized invoices, one row each, in the order of `month_lines`."""
+    inv = invoices.c
+    stmt = (
+        select(
+            inv.invoice_id,
+            inv.invoice_number,
+            inv.kind,
+            inv.account_id,
+            inv.period,
+            inv.status,
+            inv.total_units,
+            inv.line_count,
+            inv.sequence,
+            inv.finalized_at,
+        )
+        .where(inv.period == period, inv.status == "finalized")
+        .order_by(_code_point(engine, inv.account_id), inv.sequence)
+    )
+    return Rows(HEADER_FIELDS, _batches(engine, stmt, batch))
+
+
+def export_month(engine: Engine, period: str, out: TextIO, batch: int = 50_000) -> int:
+    """Write the month's lines to `out` as CSV; returns the number of lines written."""
+    return write_csv(month_lines(engine, period, batch), out)

@@ -48,6 +48,7 @@ from billing_jobs.jobs.compute import (
     platform_rejects,
 )
 from billing_jobs.jobs.ledger import ACCOUNTS_PER_CHUNK, LedgerOutcome, write_ledger
+from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
@@ -482,9 +483,10 @@ def _finalize(
     found: pd.DataFrame | None = None,
     examined: Examined | None = None,
 ) -> None:
-    """Finalize the month's drafts (of the runs `drafts`, or all) and record the close,
-    with the platform's rejects (`found`) that the run met beside its chunks, and the
-    rejects of what it re-examined (`examined`) that it no longer found closed."""
+    """Finalize the month's drafts (of the runs `drafts`, or all), giving each its invoice
+    number, and record the close, with the platform's rejects (`found`) that the run met
+    beside its chunks, and the rejects of what it re-examined (`examined`) that it no
+    longer found closed."""
     if found is not None:
         run.count("rejects_new", record_rejects(conn, found, run_id=run.run_id, now=run.now))
     if examined is not None:
@@ -493,8 +495,10 @@ def _finalize(
     where = [inv.period == str(month), inv.status == "draft"]
     if drafts is not None:
         where.append(inv.run_id.in_(list(drafts)))
+    numbered = number_drafts(conn, str(month), *where)  # gapless: rolls back with the rest
     finalized = conn.execute(update(invoices).where(*where).values(status="finalized", finalized_at=run.now))
     written = finalized.rowcount or 0
+    check_numbered(numbered, written)
     days = [{"billing_day": d, "run_id": run.run_id, "billed_at": run.now} for d in month_days(month)]
     insert_ignore(conn, billed_days, days)
     conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))

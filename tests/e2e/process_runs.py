@@ -34,6 +34,7 @@ from billing_jobs.db.billing_tables import (
     credit_refunds,
     daily_charges,
     invoice_lines,
+    invoice_series,
     invoices,
     month_closes,
     rejects,
@@ -167,6 +168,7 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                 "month_closes": _rows(
                     conn, month_closes, "closed_at", "close_run_id", "last_run_id", "last_run_at"
                 ),
+                "invoice_series": _rows(conn, invoice_series),
             }
             if "credit_entries" in sa.inspect(conn).get_table_names():
                 state.update(

@@ -43,6 +43,7 @@ JOB_TABLES = {
     "credit_periods",
     "credit_refunds",
     "credit_inputs",
+    "invoice_series",
 }
 WRITING = re.compile(r"^\s*(CREATE|ALTER|DROP|INSERT|UPDATE|DELETE|TRUNCATE|COPY|COMMENT|GRANT)\b", re.I)
 SOURCE_WORD = re.compile(r"\b(" + "|".join(sorted(SOURCE_NAMES)) + r")\b", re.I)

@@ -56,7 +56,8 @@ JOB_ROLE_GRANTS = [
     " top_ups, redemption_codes, refund_requests TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
     " month_closes, month_shards, month_holds, month_reconciles, invoices, invoice_lines, rejects,"
-    " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs TO {job}",
+    " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs,"
+    " invoice_series TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
 
