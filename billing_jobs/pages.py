@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from billing_jobs.jobs.report import MonthReport
-from billing_jobs.jobs.statement import STATUS_WORDS, Statement
+from billing_jobs.jobs.statement import NOT_ACTIVE, STATUS_WORDS, Statement
 from billing_jobs.rules.invoice import LINE_ORDER, STORAGE_FEE, STORAGE_REFUND
 from billing_jobs.rules.money import format_cents, format_units
 
@@ -124,7 +124,8 @@ def render_report(r: MonthReport) -> str:
 
 
 def render_statement(s: Statement) -> str:
-    return environment().get_template("statement.html.j2").render(s=s, words=STATUS_WORDS)
+    template = environment().get_template("statement.html.j2")
+    return template.render(s=s, words=STATUS_WORDS, not_active=NOT_ACTIVE)
 
 
 class NoBrowser(RuntimeError):

@@ -40,6 +40,7 @@ STATUS_WORDS = {
     BEFORE_EFFECTIVE: "free: before the storage fee started",
     CAP_REACHED: "free: monthly cap reached",
 }
+NOT_ACTIVE = "no active day this month (archived, deleted or not created yet)"
 CSV_HEADER = ["account_id", "period", "project_id", "line_type", "quantity", "amount", "note"]
 
 
@@ -186,20 +187,11 @@ def csv_rows(s: Statement) -> list[list[Any]]:
     rows: list[list[Any]] = []
     period = str(s.month)
     for p in s.projects:
-        note = "; ".join(f"{n} day(s) {STATUS_WORDS[k]}" for k, n in p.days.items() if n)
-        for t, q, a in p.lines:
-            rows.append(
-                [
-                    s.account_id,
-                    period,
-                    p.project_id,
-                    t,
-                    format_units(q),
-                    format_units(a),
-                    note if t == STORAGE_FEE else p.waiver if t == STORAGE_REFUND else "",
-                ]
-            )
-        if not p.lines and note:
+        note = "; ".join(f"{n} day(s) {STATUS_WORDS[k]}" for k, n in p.days.items() if n) or NOT_ACTIVE
+        for i, (t, q, a) in enumerate(p.lines):
+            why = p.waiver if t == STORAGE_REFUND else note if i == 0 else ""
+            rows.append([s.account_id, period, p.project_id, t, format_units(q), format_units(a), why])
+        if not p.lines:
             rows.append([s.account_id, period, p.project_id, "", "0", "0", note])
     rows.append([s.account_id, period, "", "total", "", format_units(s.total_units), ""])
     return rows
