@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -35,14 +37,20 @@ def _write(text: str, output: str | None) -> None:
     os.replace(tmp, output)
 
 
-@click.command("report")
-@click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="A closed billing month.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="The HTML file to write (default: stdout).",
+def _output_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--output", type=click.Path(dir_okay=False, writable=True), default=None, help=help_text
+    )
+
+
+_month_option = click.option(
+    "--month", "month_text", required=True, metavar="YYYY-MM", help="A closed billing month."
 )
+
+
+@click.command("report")
+@_month_option
+@_output_option("The HTML file to write (default: stdout).")
 @click.pass_obj
 def report(ctx: Context, month_text: str, output: str | None) -> None:
     """The month for finance, as one self-contained HTML file (no network needed to view).
@@ -69,7 +77,7 @@ def report(ctx: Context, month_text: str, output: str | None) -> None:
 
 @click.command("statement")
 @click.option("--account", "account_id", required=True, metavar="ID", help="The account.")
-@click.option("--month", "month_text", required=True, metavar="YYYY-MM", help="A closed billing month.")
+@_month_option
 @click.option(
     "--format",
     "fmt",
@@ -78,12 +86,7 @@ def report(ctx: Context, month_text: str, output: str | None) -> None:
     show_default=True,
     help="HTML page, CSV of the invoiced lines with a total, or PDF (printed by headless Chromium).",
 )
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="The file to write (default: stdout; required for pdf).",
-)
+@_output_option("The file to write (default: stdout; required for pdf).")
 @click.pass_obj
 def statement(ctx: Context, account_id: str, month_text: str, fmt: str, output: str | None) -> None:
     """One account's month for the customer: each project, days charged and not and why,
