@@ -37,9 +37,17 @@ _STYLE: Any = {  # matplotlib's rcParams keys are typed as literals
 }
 
 
+def _figure() -> tuple[Figure, Any]:
+    """Every chart the same size with the same margins (room on the right for a legend),
+    so charts side by side line up."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    fig.subplots_adjust(left=0.14, right=0.76, bottom=0.2, top=0.9)
+    return fig, ax
+
+
 def _svg(fig: Figure) -> str:
     out = io.StringIO()
-    fig.savefig(out, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    fig.savefig(out, format="svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     text = out.getvalue()
     return text[text.index("<svg") :]  # inline: no XML declaration or doctype
@@ -55,7 +63,7 @@ def stacked_bars(
 ) -> str:
     """Bars per period, one stacked segment per series (positive values)."""
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 2.8))
+        fig, ax = _figure()
         bottom = [0.0] * len(periods)
         for i, (name, values) in enumerate(series.items()):
             heights = [v / UNITS_PER_CREDIT if units else float(v) for v in values]
@@ -66,15 +74,14 @@ def stacked_bars(
         ax.tick_params(axis="x", labelrotation=45)
         if not units:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        if len(series) > 1:
-            ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         return _svg(fig)
 
 
 def grouped_bars(title: str, periods: Sequence[str], series: Mapping[str, Sequence[int]]) -> str:
     """Bars per period side by side, one per series (credits)."""
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 2.8))
+        fig, ax = _figure()
         width = 0.8 / max(len(series), 1)
         xs = range(len(periods))
         for i, (name, values) in enumerate(series.items()):

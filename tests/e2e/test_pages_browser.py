@@ -53,7 +53,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "pdf",
             "--output",
             str(where / "s.pdf"),
-        ),  # noqa: E501
+        ),
     ):
         result = run_process(db_url, *args, cwd=where)
         assert result.code == 0, result.stderr
