@@ -4,10 +4,13 @@ screenshot is not blank, and nothing is fetched from outside the file."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from process_runs import run_process
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+from billing_jobs.rules.money import UNITS_PER_CREDIT
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +62,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ):
         result = run_process(db_url, *args, cwd=where)
         assert result.code == 0, result.stderr
-    return {name: where / name for name in ("report.html", "statement.html", "s.pdf")}
+    return {name: where / name for name in ("demo.db", "report.html", "statement.html", "s.pdf")}
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,22 @@ def test_the_statement_prints_to_pdf(pages: dict[str, Path]) -> None:
     data = pages["s.pdf"].read_bytes()
     assert data.startswith(b"%PDF-")
     assert b"/Type /Page" in data or b"/Type/Page" in data
+
+
+def test_the_demo_statement_and_report_add_up_to_the_export(pages: dict[str, Path]) -> None:
+    db = pages["demo.db"]
+    result = run_process(f"sqlite:///{db}", "export", "--month", MONTH, cwd=db.parent)
+    assert result.code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    account = sum(Decimal(r["amount"]) for r in rows if r["account_id"] == ACCOUNT)
+    assert account > 0
+
+    statement = pages["statement.html"].read_text(encoding="utf-8")
+    found = re.search(r'id="statement-total" data-units="(-?\d+)"', statement)
+    assert found
+    assert Decimal(found.group(1)) / UNITS_PER_CREDIT == account
+
+    report = pages["report.html"].read_text(encoding="utf-8")
+    total = re.search(r'<tr class="total"><td>total</td>.*?data-units="(-?\d+)"', report, re.S)
+    assert total
+    assert Decimal(total.group(1)) / UNITS_PER_CREDIT == sum(Decimal(r["amount"]) for r in rows)
