@@ -9,6 +9,7 @@ into floats only to be drawn.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ def _svg(fig: Figure) -> str:
     fig.savefig(out, format="svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     text = out.getvalue()
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF about the file only
     return text[text.index("<svg") :]  # inline: no XML declaration or doctype
 
 
