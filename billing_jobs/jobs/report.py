@@ -30,6 +30,7 @@ from billing_jobs.db.billing_tables import (
 )
 from billing_jobs.jobs.compute import storage_rules
 from billing_jobs.jobs.credits import REPORT_COLUMNS, month_report
+from billing_jobs.jobs.month_controls import changes, pinned
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import LINE_ORDER, STORAGE_FEE, STORAGE_REFUND
 from billing_jobs.rules.lifecycle import build_lifecycle
@@ -71,6 +72,8 @@ class MonthReport:
     history: pd.DataFrame  # period, one column per line type, waiver_refunds, rejects, funded, drawn
     top_accounts: pd.DataFrame  # account_id, projects, invoices, amount_units
     runs: pd.DataFrame  # run_id, job, status, settings_hash, started_at, finished_at
+    settings_hash: str | None  # the settings the month was last billed with (month_closes)
+    settings_changes: list[str]  # how the settings in force now differ from those: `key: old -> new`
 
 
 def _finalized_lines(period: str) -> Any:
@@ -265,6 +268,7 @@ def build_report(engine: Engine, settings: Settings, month: Month) -> MonthRepor
         bad = _rejects(conn, period)
         history = _history(conn, closed_months(conn, month))
         runs = _runs(conn, period)
+        pin = pinned(conn, month)
     return MonthReport(
         month=month,
         currency=settings.currency,
@@ -279,4 +283,6 @@ def build_report(engine: Engine, settings: Settings, month: Month) -> MonthRepor
         history=history,
         top_accounts=_top_accounts(lines),
         runs=runs,
+        settings_hash=pin.settings_hash if pin else None,
+        settings_changes=changes(pin, settings.for_month(month.first_day)),
     )

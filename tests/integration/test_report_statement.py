@@ -110,6 +110,17 @@ def test_report_of_the_legacy_month_and_its_runs(db_url: str, tmp_path: Path) ->
     assert _units(html, "data-promotion", "free first month") == 11
     assert "The last 1 closed month(s)" in html  # 2026-05 comes after the month reported
     assert "<td>month-end</td><td>succeeded</td>" in html
+    assert re.search(r'<p id="settings">Billed with the settings <code>[0-9a-f]{8,}</code>.\s*</p>', html)
+
+    # With other promotions in force now, the report says so (its free-month figures follow them).
+    settings = tmp_path / "billing.toml"
+    settings.write_text("[promotions]\nlegacy_free_months = 0\n")
+    out = tmp_path / "other.html"
+    result = run_cli(db_url, "--config", str(settings), "report", "--month", "2026-04", "--output", str(out))
+    assert result.code == 0, result.stderr
+    other = out.read_text(encoding="utf-8")
+    assert "<code>legacy_free_months: &#39;1&#39; -&gt; &#39;0&#39;</code>" in other
+    assert _units(other, "data-promotion", "legacy free month") == 0
 
 
 def test_statement_total_equals_the_export(db_url: str, tmp_path: Path) -> None:
