@@ -85,8 +85,11 @@ def _shard_count(name: str) -> int | None:
 
 
 def compatible(mine: str, other: str) -> bool:
-    """Whether two writer locks may be held at once: shards of the same split of the
-    accounts (same N, different I) may; anything else excludes the other."""
+    """Whether two locks may be held at once. Writer locks: shards of the same split of
+    the accounts (same N, different I) may; anything else excludes the other. A lock of
+    another name (`billing-reconcile`) excludes only itself."""
+    if not (mine.startswith(WRITER_LOCK) and other.startswith(WRITER_LOCK)):
+        return mine != other
     a, b = _shard_count(mine), _shard_count(other)
     return a is not None and a == b and mine != other
 
