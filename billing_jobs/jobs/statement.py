@@ -81,6 +81,7 @@ class Statement:
     projects: list[ProjectPart]
     credits: dict[str, int] | None  # the account's row of `credits report`; None without a ledger
     credit_history: list[dict[str, str]] = field(default_factory=list)
+    invoice_numbers: list[str] = field(default_factory=list)  # the numbers finalization gave them
 
     @property
     def total_units(self) -> int:
@@ -110,16 +111,18 @@ def build_statement(engine: Engine, settings: Settings, account_id: str, month: 
             raise NotInvoiced(f"month {period} is not closed: run `billing-jobs month-end --month {period}`")
         lines = read_lines(conn, period)
         lines = lines.loc[lines["account_id"] == account_id]
-        invoice_ids = sorted(
-            r.invoice_id
+        finalized = sorted(
+            (r.invoice_id, r.invoice_number or "")
             for r in conn.execute(
-                select(invoices.c.invoice_id).where(
+                select(invoices.c.invoice_id, invoices.c.invoice_number).where(
                     invoices.c.account_id == account_id,
                     invoices.c.period == period,
                     invoices.c.status == "finalized",
                 )
             )
         )
+        invoice_ids = [i for i, _ in finalized]
+        invoice_numbers = sorted(n for _, n in finalized if n)
         has_projects = (
             conn.execute(select(projects.c.project_id).where(projects.c.account_id == account_id)).first()
             is not None
@@ -179,6 +182,7 @@ def build_statement(engine: Engine, settings: Settings, account_id: str, month: 
         projects=parts,
         credits=credits_row,
         credit_history=history,
+        invoice_numbers=invoice_numbers,
     )
 
 

@@ -135,6 +135,10 @@ def test_statement_total_equals_the_export(db_url: str, tmp_path: Path) -> None:
     assert "22 × free: first month of a new project" in result.stdout
     assert "2 × free: monthly cap reached" in result.stdout
     assert "compute 30 ≥ 30 credits: storage fee 29 refunded" in result.stdout
+    # The statement names the numbers finalization gave the account's invoices (as the export).
+    numbers = sorted({r["invoice_number"] for r in rows if r["account_id"] == "acct-1"})
+    assert numbers
+    assert re.findall(r'<code class="invoice-number">([^<]+)</code>', result.stdout) == numbers
 
     result = run_cli(db_url, "statement", "--account", "acct-1", "--month", "2026-05", "--format", "csv")
     assert result.code == 0, result.stderr
