@@ -53,11 +53,13 @@ from sqlalchemy import Engine, create_engine, select
 from support import CliResult, SourceData, run_cli
 
 from billing_jobs.db.billing_tables import billing_metadata, daily_charges, invoice_lines, invoices
+from billing_jobs.settings import DEFAULT_CONFIG_TEXT
 
 # The rules' numbers: the defaults of billing-rules.md, written out here so that a
 # change of the built-in settings is caught, not followed.
 EFFECTIVE = date(2026, 3, 24)
 CAP = Decimal(29)
+REPRICED_CAP = Decimal(25)
 RATE = Decimal(1)
 THRESHOLD = Decimal(30)
 UNIT = Decimal("0.0001")
@@ -204,12 +206,21 @@ class BillingMachine(RuleBasedStateMachine):
                 out[(account, project, line_type)] = (qq + units(q), aa + units(a))
         return {k: v for k, v in out.items() if v != (0, 0)}
 
-    def fresh(self, month: str) -> dict[tuple[str, str, str], tuple[Decimal, Decimal]]:
-        """What a first close of `month` would write on a database with the same source rows."""
+    def fresh(self, month: str, *settings: str) -> dict[tuple[str, str, str], tuple[Decimal, Decimal]]:
+        """What a first close of `month` would write on a database with the same source rows
+        (`settings`: `--config FILE`, else the defaults)."""
         output = self.tmp / f"fresh-{month}.csv"
         with time_machine.travel(self.now, tick=False):
             result = run_cli(
-                self.mirror, "month-end", "--month", month, "--dry-run", "--output", str(output), env=ENV
+                self.mirror,
+                *settings,
+                "month-end",
+                "--month",
+                month,
+                "--dry-run",
+                "--output",
+                str(output),
+                env=ENV,
             )
         assert result.code == 0, result.stderr[-2000:]
         out: dict[tuple[str, str, str], tuple[Decimal, Decimal]] = {}
@@ -382,6 +393,32 @@ class BillingMachine(RuleBasedStateMachine):
         month = data.draw(st.sampled_from(months), label="month")
         self.close(month, approval=data.draw(st.booleans(), label="hold and approve"))
 
+    @precondition(lambda self: bool(self.closed))
+    @rule(data=st.data())
+    def reprice(self, data: st.DataObject) -> None:
+        """A closed month re-billed with a lower cap from its first day on (`[[changes]]`):
+        refused without `--reprice`, then written with it; then back to the settings of the
+        other months, again with `--reprice`."""
+        month = data.draw(st.sampled_from(sorted(self.closed)), label="month")
+        config = self.tmp / f"cap-{month}.toml"
+        change = (
+            f'\n[[changes]]\neffective_from = "{month}-01"\n'
+            f'storage_fee = {{ monthly_cap = "{REPRICED_CAP}" }}\n'
+        )
+        config.write_text(DEFAULT_CONFIG_TEXT + change, encoding="utf-8")
+        lower = ("--config", str(config))
+        refused = self.cli(*lower, "month-end", "--month", month)
+        assert refused.code == 2, refused.stderr[-2000:]
+        assert f"monthly_cap: '{CAP}' -> '{REPRICED_CAP}'" in refused.stderr
+        self.command(*lower, "month-end", "--month", month, "--reprice")
+        lines = self.invoiced(month)
+        assert all(v[1] <= REPRICED_CAP for k, v in lines.items() if k[2] == "storage_fee"), lines
+        assert lines == self.fresh(month, *lower), f"{month}: repriced invoices differ from a fresh close"
+        self.command("month-end", "--month", month, "--reprice")
+        self.closed[month] = len(self.compute)
+        assert self.invoiced(month) == self.fresh(month), f"{month}: invoices differ from a fresh close"
+        self.compared[month] = self.version
+
     @precondition(lambda self: self.last is not None)
     @rule()
     def repeat_last_command(self) -> None:
@@ -542,6 +579,8 @@ def test_scripted_steps_of_the_machine(databases: tuple[str, NewDatabase]) -> No
         (machine.month_end, (Draws("2026-05", True),)),  # held, then approved
         (machine.repeat_last_command, ()),
         (machine.month_end, (Draws("2026-04", False),)),
+        (machine.reprice, (Draws("2026-05"),)),  # cap 25 with --reprice, then back
+        (machine.repeat_last_command, ()),
         (machine.nightly, (Draws("closed day", "2026-05", date(2026, 5, 3)),)),
         (machine.advance_clock, (5, Draws(None, None, "30", False))),
         (machine.nightly, (Draws("open day", date(2026, 6, 3)),)),
