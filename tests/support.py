@@ -216,6 +216,13 @@ def run_cli(db_url: str | None, *args: str, env: dict[str, str] | None = None) -
     return CliResult(code, stdout, stderr)
 
 
+def ok(db_url: str | None, *args: str) -> str:
+    """`run_cli` that must exit 0; its stdout."""
+    result = run_cli(db_url, *args)
+    assert result.code == 0, result.stderr
+    return result.stdout
+
+
 @contextmanager
 def holding_writer_lock(
     db_url: str,

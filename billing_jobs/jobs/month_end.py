@@ -323,12 +323,12 @@ def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: i
         hold = controls.held(conn, month)
         closed = is_closed(conn, month)
         drafts = controls.draft_lines(conn, month, hold.run_id) if hold is not None else None
-    if (hold is None or drafts is None) and closed:
+    if hold is None and closed:
         empty = pd.DataFrame()
         written = credits_ledger(run, month, workers=workers)
         note = "nothing held: the month is closed (approved before); its credits ledger is up to date"
         return MonthPreview(month, ADJUSTMENT, True, empty, empty, empty, note=note, ledger=written)
-    if hold is None or drafts is None:
+    if hold is None or drafts is None:  # (drafts is None only without a hold)
         raise controls.NothingHeld(
             f"no drafts of {month} are held for approval: run month-end --month {month} --hold first"
         )

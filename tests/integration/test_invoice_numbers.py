@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import time_machine
-from support import SourceData, run_cli, ts
+from support import SourceData, ok, run_cli, ts
 
 from billing_jobs.db.billing_tables import invoice_series, invoices
 from billing_jobs.db.engine import make_engine, upgrade
@@ -42,12 +42,6 @@ def frozen_clock() -> Iterator[None]:
 
 class FinalizeFault(RuntimeError):
     pass
-
-
-def ok(db_url: str, *args: str) -> str:
-    result = run_cli(db_url, *args)
-    assert result.code == 0, result.stderr
-    return result.stdout
 
 
 def failing_inside_finalize(db_url: str, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:

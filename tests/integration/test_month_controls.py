@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import time_machine
 from sqlalchemy import create_engine, func, select
-from support import SourceData, export_rows, export_text, run_cli
+from support import SourceData, export_rows, export_text, ok, run_cli
 
 from billing_jobs.db.billing_tables import (
     billing_runs,
@@ -86,12 +86,6 @@ def last_run(db_url: str) -> tuple[dict[str, object], dict[str, object], str]:
     finally:
         engine.dispose()
     return json.loads(row.arguments), json.loads(row.counts or "{}"), row.status
-
-
-def ok(db_url: str, *args: str) -> str:
-    result = run_cli(db_url, *args)
-    assert result.code == 0, result.stderr
-    return result.stdout
 
 
 def refused(db_url: str, code: int, *args: str) -> str:

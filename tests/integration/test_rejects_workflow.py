@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import time_machine
-from support import SourceData, run_cli, run_sql
+from support import SourceData, ok, run_cli, run_sql
 
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.reads import shard_of
@@ -32,12 +32,6 @@ LEGACY = "2025-11-02"
 def frozen_clock() -> Iterator[None]:
     with time_machine.travel(NOW, tick=False):
         yield
-
-
-def ok(db_url: str, *args: str) -> str:
-    result = run_cli(db_url, *args)
-    assert result.code == 0, result.stderr
-    return result.stdout
 
 
 def summary_of(db_url: str, *args: str) -> dict[str, Any]:

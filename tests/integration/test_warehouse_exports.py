@@ -19,7 +19,7 @@ import pytest
 import time_machine
 from hypothesis import given
 from hypothesis import strategies as st
-from support import SourceData, run_cli
+from support import SourceData, ok, run_cli
 
 from billing_jobs.jobs.warehouse import decimal_array
 
@@ -78,12 +78,6 @@ LEDGER = pa.schema(
 def frozen_clock() -> Iterator[None]:
     with time_machine.travel(NOW, tick=False):
         yield
-
-
-def ok(db_url: str, *args: str) -> str:
-    result = run_cli(db_url, *args)
-    assert result.code == 0, result.stderr
-    return result.stdout
 
 
 def closed_and_adjusted_month(db_url: str) -> None:
