@@ -6,8 +6,10 @@ and `explain` all call `compute_chunk`, so they cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -256,34 +258,69 @@ def month_days(month: Month) -> list[date]:
     return [month.first_day + timedelta(days=i) for i in range(month.days)]
 
 
-def platform_rejects(engine: Engine, settings: Settings, first: date, last: date) -> pd.DataFrame:
+def platform_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
     """Rows of days first..last rejected whatever the chunk: bad amounts, unknown
     projects, events of unknown projects. Platform-wide scans, so a job runs them
     beside its chunks (`InBackground`), not before them."""
-    with engine.connect() as conn:
-        return pd.concat(
-            [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
-            ignore_index=True,
-        )
+    return pd.concat(
+        [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
+        ignore_index=True,
+    )
 
 
 class InBackground:
-    """`work()` on a thread of its own (a read on its own connection: the database does
-    the work while this process runs the chunks); `result()` waits for it and raises
-    what it raised. A daemon thread: a run that fails or is stopped does not wait."""
+    """`work(conn)` on a thread of its own, on a connection of its own (the database
+    does the work while this process runs the chunks); `result()` waits for it and
+    raises what it raised.
 
-    def __init__(self, work: Callable[[], pd.DataFrame]) -> None:
+    Used as a context manager: a run that fails before it asked for the result
+    cancels the statement in flight and waits for the thread, so the side read's
+    connection is closed before the run's engine is disposed (none is left open
+    for the garbage collector)."""
+
+    STOP_SECONDS = 30.0
+
+    def __init__(self, engine: Engine, work: Callable[[Connection], pd.DataFrame]) -> None:
+        self._engine = engine
         self._work = work
         self._value: pd.DataFrame | None = None
         self._error: BaseException | None = None
+        self._dbapi: object | None = None
+        self._stopping = threading.Event()
+        self._guard = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="billing-side-read", daemon=True)
         self._thread.start()
 
+    def __enter__(self) -> InBackground:
+        return self
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if self._thread.is_alive():
+            self.stop()
+
     def _run(self) -> None:
         try:
-            self._value = self._work()
+            with self._engine.connect() as conn:
+                with self._guard:
+                    self._dbapi = conn.connection.dbapi_connection
+                if self._stopping.is_set():
+                    return
+                self._value = self._work(conn)
         except BaseException as exc:  # handed to result(), in the job's own thread
             self._error = exc
+        finally:
+            with self._guard:
+                self._dbapi = None
+
+    def stop(self) -> None:
+        """Cancel the statement in flight and wait for the thread (its connection closed)."""
+        self._stopping.set()
+        deadline = time.monotonic() + self.STOP_SECONDS
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with self._guard:  # again until it ends: a cancel before a statement began is lost
+                if self._dbapi is not None:
+                    _cancel(self._dbapi)
+            self._thread.join(0.2)
 
     def result(self) -> pd.DataFrame:
         self._thread.join()
@@ -291,3 +328,14 @@ class InBackground:
             raise self._error
         assert self._value is not None, "a finished read has its value"
         return self._value
+
+
+def _cancel(dbapi: object) -> None:
+    """Interrupt what a DB-API connection runs, from another thread (psycopg: a cancel
+    request to the server; sqlite3: `interrupt()`)."""
+    for name in ("cancel_safe", "interrupt", "cancel"):
+        method = getattr(dbapi, name, None)
+        if method is not None:
+            with contextlib.suppress(Exception):  # the statement ended meanwhile
+                method()
+            return

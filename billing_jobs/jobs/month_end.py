@@ -178,35 +178,36 @@ def close_month(
         raise ValueError("only a dry run may stop before the end of the month")
     settings = run.settings
     last = month.last_day if through is None else min(through, month.last_day)
-    side = InBackground(partial(platform_rejects, run.engine, settings, month.first_day, month.last_day))
-    with run.engine.connect() as conn:
-        closed = False if fresh_schema else is_closed(conn, month)
-        also = [] if fresh_schema else month_accounts(month)
-        chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
-    kind = ADJUSTMENT if closed else REGULAR
-    all_heads: list[pd.DataFrame] = []
-    all_lines: list[pd.DataFrame] = []
-    all_rejects: list[pd.DataFrame] = []
+    side_read = partial(platform_rejects, settings=settings, first=month.first_day, last=month.last_day)
+    with InBackground(run.engine, side_read) as side:
+        with run.engine.connect() as conn:
+            closed = False if fresh_schema else is_closed(conn, month)
+            also = [] if fresh_schema else month_accounts(month)
+            chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
+        kind = ADJUSTMENT if closed else REGULAR
+        all_heads: list[pd.DataFrame] = []
+        all_lines: list[pd.DataFrame] = []
+        all_rejects: list[pd.DataFrame] = []
 
-    if (
-        closed
-        and not confirm
-        and not run.dry_run
-        and shard is None
-        and settings.adjustment_confirm_share is not None
-    ):
-        _check_share(run, month, projects_per_chunk, workers)
-    if not run.dry_run:
-        run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
+        if (
+            closed
+            and not confirm
+            and not run.dry_run
+            and shard is None
+            and settings.adjustment_confirm_share is not None
+        ):
+            _check_share(run, month, projects_per_chunk, workers)
+        if not run.dry_run:
+            run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
-    done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
-    for step, (heads, lines, rejected) in enumerate(done, start=1):
-        all_rejects.append(rejected)
-        if run.dry_run:
-            all_heads.append(heads)
-            all_lines.append(lines)
-        run.progress(step, len(chunks), str(month))
-    found = side.result()
+        done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
+        for step, (heads, lines, rejected) in enumerate(done, start=1):
+            all_rejects.append(rejected)
+            if run.dry_run:
+                all_heads.append(heads)
+                all_lines.append(lines)
+            run.progress(step, len(chunks), str(month))
+        found = side.result()
     run.saw_rejects(found)
     all_rejects.insert(0, found)
 

@@ -165,16 +165,17 @@ def bill_days(
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:
-        side = InBackground(partial(platform_rejects, run.engine, settings, first, last))
         month_rejects: list[pd.DataFrame] = []
-        done = run_chunks(run, bill_chunk, chunks, workers, month=month, first=first, last=last)
-        for charges, rejected in done:
-            if charges is not None:
-                preview_charges.append(charges)
-                month_rejects.append(rejected)
-            step += 1
-            run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
-        found = side.result()
+        side_read = partial(platform_rejects, settings=settings, first=first, last=last)
+        with InBackground(run.engine, side_read) as side:
+            done = run_chunks(run, bill_chunk, chunks, workers, month=month, first=first, last=last)
+            for charges, rejected in done:
+                if charges is not None:
+                    preview_charges.append(charges)
+                    month_rejects.append(rejected)
+                step += 1
+                run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
+            found = side.result()
         run.saw_rejects(found)
         if run.dry_run:
             preview_rejects.extend([found, *month_rejects])
