@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,7 @@ class Step:
     rows: int
     peak_rss_mib: float | None
     ledger_seconds: float | None = None  # of which the credits ledger (month-end)
+    ledger_phases: dict[str, float] = field(default_factory=dict)  # summed over its chunks
 
 
 class TreeMemory(threading.Thread):
@@ -150,7 +151,8 @@ def _rss_kib(pid: int) -> int:
 
 def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
     """Run `billing-jobs ARGS` as its own process; wall time, rows written, peak RSS."""
-    argv = [sys.executable, "-m", "billing_jobs", "--db-url", url, "--log-level", "INFO", *args]
+    level = "DEBUG" if args[0] == "month-end" else "INFO"  # DEBUG: the ledger chunks' phases
+    argv = [sys.executable, "-m", "billing_jobs", "--db-url", url, "--log-level", level, *args]
     if args[0] in ("nightly", "month-end"):
         argv += ["--workers", str(workers), "--projects-per-chunk", str(chunk)]
     env = dict(os.environ)  # stderr is a file: JSON logs, the run.summary line parsed below
@@ -170,7 +172,12 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
         raise SystemExit(f"{' '.join(args)} failed:\n{log[-3000:]}")
     counts: dict[str, Any] = {}
     ledger_seconds = None
+    phases: dict[str, float] = {}
     for line in log.splitlines():
+        if '"ledger.chunk"' in line:
+            for key, value in json.loads(line).items():
+                if key.endswith("_seconds"):
+                    phases[key.removesuffix("_seconds")] = phases.get(key.removesuffix("_seconds"), 0) + value
         if '"run.summary"' in line:
             counts = json.loads(line)
         if '"ledger.done"' in line:
@@ -180,7 +187,7 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
         if args[0] == "export"
         else int(counts.get("rows_inserted", 0)) + int(counts.get("invoice_lines", 0))
     )
-    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds)
+    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases)
 
 
 def floor(engine: Engine) -> Step:
@@ -314,6 +321,8 @@ def main() -> None:
             print(f"  {step.label:<44} {step.seconds:8.1f} s {rate:12,.0f} rows/s {rss}", flush=True)
             if step.ledger_seconds is not None:
                 print(f"    of which the credits ledger {step.ledger_seconds:17.1f} s", flush=True)
+                phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(step.ledger_phases.items()))
+                print(f"      its chunks' phases (summed over the workers): {phases}", flush=True)
             return step
 
         kw = {"workers": args.workers, "chunk": args.chunk}

@@ -263,6 +263,7 @@ credit_entries = Table(
     Column("recorded_at", DateTime, nullable=False),
     UniqueConstraint("account_id", "lot_id", "kind", "day", "cause", "period", "corrects", "revision"),
     Index("ix_credit_entries_period", "period"),
+    Index("ix_credit_entries_recorded_at", "recorded_at"),
 )
 
 # Each account's arrears and credits held at the end of each written period.

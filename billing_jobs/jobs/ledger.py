@@ -17,13 +17,16 @@ same run and under the same lock. Per chunk of accounts, in one transaction:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import structlog
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from billing_jobs.db.billing_tables import (
@@ -91,6 +94,20 @@ from billing_jobs.rules.credits import (
 )
 from billing_jobs.rules.rejects import Examined
 from billing_jobs.settings import Settings
+
+log = structlog.get_logger("billing_jobs.ledger")
+
+
+@contextmanager
+def _phase(phases: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the block's wall seconds to `phases[name]` (the chunk's log line)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if phases is not None:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
 
 ACCOUNTS_PER_CHUNK = 2_000
 
@@ -348,6 +365,7 @@ def read_events(
     has_ledger: bool = True,
     compute_from: date | None = None,
     written: pd.DataFrame | None = None,
+    phases: dict[str, float] | None = None,
 ) -> SourceEvents:
     """The chunk's lots, compute per day, invoice totals and refund requests through `through`
     (compute from `compute_from` on, else from the effective date). written: the refunds
@@ -360,7 +378,8 @@ def read_events(
     requests = read_refund_requests(conn, end, chunk)
     requests["day"] = _day_of(requests["requested_at"], settings)
     effective = settings.effective_from
-    compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
+    with _phase(phases, "compute_read"):
+        compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
     last_period = str(Month.of(through))
     totals = (
         read_invoice_totals(conn, chunk, last_period)
@@ -424,6 +443,7 @@ def compute_chunk_ledger(
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
     cut: date | None = None,
+    phases: dict[str, float] | None = None,
 ) -> ChunkTruth:
     """Replay the chunk's accounts through day `through` on the source data.
 
@@ -433,19 +453,21 @@ def compute_chunk_ledger(
     the days after it are replayed and compared. Any other account is replayed whole.
     """
     window = None if cut is None else cut + timedelta(days=1)
-    written_refunds = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
-    source = read_events(
-        conn,
-        settings,
-        chunk,
-        through,
-        codes=codes,
-        code_decisions=code_decisions,
-        extra_invoices=extra_invoices,
-        has_ledger=has_ledger,
-        compute_from=window,
-        written=written_refunds,
-    )
+    with _phase(phases, "read"):
+        written_refunds = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
+        source = read_events(
+            conn,
+            settings,
+            chunk,
+            through,
+            codes=codes,
+            code_decisions=code_decisions,
+            extra_invoices=extra_invoices,
+            has_ledger=has_ledger,
+            compute_from=window,
+            written=written_refunds,
+            phases=phases,
+        )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
     starts: dict[str, AccountState] = {}
@@ -454,7 +476,8 @@ def compute_chunk_ledger(
     if cut is not None:
         cut_day = day_number(cut)
         stored = read_lots(conn, chunk)
-        changed = changed_accounts(conn, settings, chunk, source, cut, stored, written_refunds)
+        with _phase(phases, "history_check"):
+            changed = changed_accounts(conn, settings, chunk, source, cut, stored, written_refunds)
         starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
         stored_restores = stored[
             (stored["channel"] == RESTORED)
@@ -462,9 +485,10 @@ def compute_chunk_ledger(
             & ~stored["account_id"].isin(changed)
         ][list(lots.columns)]
         if changed:
-            history = read_compute_per_day(
-                conn, settings.effective_from, cut, settings.zone, Chunk(tuple(sorted(changed)))
-            )
+            with _phase(phases, "history_read"):
+                history = read_compute_per_day(
+                    conn, settings.effective_from, cut, settings.zone, Chunk(tuple(sorted(changed)))
+                )
             for account, day, amount in history.itertuples(index=False):
                 if account not in source.events:
                     source.events[account] = AccountEvents(account, compute={})
@@ -473,6 +497,7 @@ def compute_chunk_ledger(
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
+    replay_started = time.perf_counter()
     for account in sorted(set(source.events) | set(starts)):
         events = source.events.get(account, AccountEvents(account))
         if account in starts:
@@ -492,6 +517,8 @@ def compute_chunk_ledger(
         refunds.extend((r.request_id, r.lot_id, account, r.day, r.credits, r.money) for r in ledger.refunds)
         restore_lots.extend(_lot_record(account, spec) for spec in ledger.restore_lots)
         balances.append(_balance(account, ledger.state))
+    if phases is not None:
+        phases["replay"] = time.perf_counter() - replay_started
     entries = pd.DataFrame(rows, columns=ENTRY_COLUMNS) if rows else _empty_entries()
     refund_frame = pd.DataFrame(
         refunds, columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
@@ -827,6 +854,8 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
     """One chunk of a ledger write: replay, diff with what is written, write (one
     transaction). Returns the entries and refunds written (or previewed), the chunk's
     rejects and price exceptions, its lots and balances."""
+    phases: dict[str, float] = {}
+    started = time.perf_counter()
     with run.engine.connect() as conn:
         truth = compute_chunk_ledger(
             conn,
@@ -838,13 +867,16 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
             extra_invoices=plan.extra_invoices,
             has_ledger=plan.has_ledger,
             cut=plan.cut,
+            phases=phases,
         )
-        written = (
-            read_written_entries(conn, chunk, plan.last, after=plan.cut, except_accounts=truth.changed)
-            if plan.has_ledger
-            else pd.DataFrame()
-        )
-    new = ledger_diff(truth.entries, written, plan.month, plan.written_through)
+        with _phase(phases, "written_read"):
+            written = (
+                read_written_entries(conn, chunk, plan.last, after=plan.cut, except_accounts=truth.changed)
+                if plan.has_ledger
+                else pd.DataFrame()
+            )
+    with _phase(phases, "diff"):
+        new = ledger_diff(truth.entries, written, plan.month, plan.written_through)
     seen = set(zip(truth.written_refunds["request_id"], truth.written_refunds["lot_id"], strict=True))
     refunds = (
         truth.refunds[
@@ -861,7 +893,17 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
     run.count("refunds_written", len(refunds))
     run.count("accounts_replayed_whole", len(truth.changed))
     if not run.dry_run:
-        run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, run=run))
+        with _phase(phases, "write"):
+            run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, run=run))
+    log.debug(
+        "ledger.chunk",
+        chunk=chunk.index,
+        accounts=len(chunk.accounts or ()),
+        seconds=round(time.perf_counter() - started, 3),
+        entries=len(new),
+        replayed_whole=len(truth.changed),
+        **{f"{k}_seconds": round(v, 3) for k, v in sorted(phases.items())},
+    )
     return new, refunds, truth.rejects, truth.exceptions, truth.lots, truth.balances
 
 

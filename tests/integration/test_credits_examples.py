@@ -577,3 +577,32 @@ def test_the_ledger_does_not_depend_on_its_chunks_or_workers(db_url: str, tmp_pa
     close(other, "2026-05", "2026-06")
     assert got == [r for m in ("2026-05", "2026-06") for r in ledger(other, m)]
     assert any(r["kind"] == "refund" for r in got)
+
+
+def test_a_month_end_logs_each_ledger_chunk_with_where_its_time_went(db_url: str) -> None:
+    """At DEBUG, one `ledger.chunk` line per chunk of accounts, with its phases in seconds
+    (what ops and the benchmark read to see where a ledger's time goes)."""
+    data = _c6(SourceData()).project("q1", created="2025-11-02", account="b")
+    data.top_up("Q", "2026-05-02 10:00", "online", account="b", credits="1000", amount="95.00")
+    data.compute("q1", "2026-05-15 12:00", "5").compute("q1", "2026-06-03 12:00", "5").write_url(db_url)
+    close(db_url, "2026-05")
+    SourceData().compute("p1", "2026-05-16 12:00", "7").write_url(db_url)
+    result = run_cli(
+        db_url,
+        "--log-level",
+        "DEBUG",
+        "month-end",
+        "--month",
+        "2026-06",
+        env={**NO_CHUNK_ENV, "BILLING_LEDGER_ACCOUNTS_PER_CHUNK": "1"},
+    )
+    assert result.code == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    chunks = [e for e in events if e["event"] == "ledger.chunk"]
+    assert [c["accounts"] for c in chunks] == [1, 1]
+    reopened = [c for c in chunks if c["replayed_whole"]]
+    assert len(reopened) == 1, "the late usage reopens its account only"
+    for phase in ("read", "compute_read", "history_check", "history_read", "replay", "diff", "write"):
+        assert reopened[0][f"{phase}_seconds"] >= 0
+    assert all(c["seconds"] >= c["read_seconds"] for c in chunks)
+    assert "history_read_seconds" not in {k for c in chunks if not c["replayed_whole"] for k in c}
