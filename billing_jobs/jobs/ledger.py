@@ -109,7 +109,16 @@ def _phase(phases: dict[str, float] | None, name: str) -> Iterator[None]:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
 
 
-ACCOUNTS_PER_CHUNK = 2_000
+ACCOUNTS_PER_CHUNK = 2_000  # at most, per chunk of the ledger
+CHUNKS_PER_WORKER = 4  # at least, while chunks hold more than one account
+
+
+def accounts_per_chunk(accounts: int, workers: int) -> int:
+    """The ledger's chunk size: at most `ACCOUNTS_PER_CHUNK` accounts, and small enough
+    that every worker gets several chunks (a platform of 2,000 accounts is not one
+    chunk on one core). The result never depends on it: each account is replayed whole."""
+    return max(1, min(ACCOUNTS_PER_CHUNK, accounts // (max(workers, 1) * CHUNKS_PER_WORKER)))
+
 
 # Reject reasons of top-ups and refund requests (stable codes).
 UNKNOWN_ACCOUNT = "unknown_account"
@@ -772,7 +781,7 @@ def write_ledger(
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     through: date | None = None,
     workers: int = 1,
-    accounts_per_chunk: int = ACCOUNTS_PER_CHUNK,
+    per_chunk: int | None = None,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the ledger through the last day of `month` (or
     `through`), per chunk of accounts on `workers` processes."""
@@ -822,10 +831,8 @@ def write_ledger(
             orphan_rejects = pd.concat(
                 [orphan_rejects, _refund_rejects(orphan_requests, settings)], ignore_index=True
             )
-    chunks = [
-        Chunk(tuple(ids[i : i + accounts_per_chunk]), n)
-        for n, i in enumerate(range(0, len(ids), accounts_per_chunk))
-    ]
+    size = per_chunk or accounts_per_chunk(len(ids), workers)
+    chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
     names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in names}
     for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, plan=plan):

@@ -47,7 +47,7 @@ from billing_jobs.jobs.compute import (
     month_days,
     platform_rejects,
 )
-from billing_jobs.jobs.ledger import ACCOUNTS_PER_CHUNK, LedgerOutcome, write_ledger
+from billing_jobs.jobs.ledger import LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -368,14 +368,14 @@ def credits_ledger(
     if heads is not None and not heads.empty:
         for account, total in zip(heads["account_id"], heads["total_units"], strict=True):
             extra[(account, str(month))] = extra.get((account, str(month)), 0) + int(total)
-    per_chunk = int(os.environ.get("BILLING_LEDGER_ACCOUNTS_PER_CHUNK") or ACCOUNTS_PER_CHUNK)
+    per_chunk = int(os.environ.get("BILLING_LEDGER_ACCOUNTS_PER_CHUNK") or 0)  # 0: sized by the run
     outcome = write_ledger(
         run,
         month,
         extra_invoices=extra,
         through=through,
         workers=workers,
-        accounts_per_chunk=max(per_chunk, 1),
+        per_chunk=max(per_chunk, 0) or None,
     )
     if outcome.skipped:
         log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
