@@ -17,15 +17,19 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    Date,
     Integer,
     Select,
+    String,
     case,
     cast,
     func,
     inspect,
     literal,
+    literal_column,
     or_,
     select,
+    type_coerce,
     union_all,
 )
 
@@ -77,10 +81,11 @@ def cents(column: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(func.round(column * 100), BigInteger)
 
 
-def _epoch_seconds(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
-    if conn.dialect.name == "sqlite":
-        return cast(func.strftime("%s", column), BigInteger)
-    return func.floor(func.extract("epoch", column))
+def _epoch_seconds_sqlite(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """Whole seconds since 1970 of a stored timestamp, its fraction cut off first:
+    SQLite's date functions round fractions to milliseconds, which would move an
+    instant in the last half millisecond before midnight to the next day."""
+    return cast(func.strftime("%s", func.substr(type_coerce(column, String), 1, 19)), BigInteger)
 
 
 def billing_day(
@@ -110,12 +115,18 @@ def billing_day(
             run_first = following
         elif not next_regular or following > last:
             run_start = local_midnight_utc(run_first, zone)
-            base = (run_first - date(1970, 1, 1)).days
-            offset = int((run_start - epoch0).total_seconds())
-            elapsed = (_epoch_seconds(conn, column) - offset) / 86400
             if conn.dialect.name == "postgresql":
-                elapsed = func.floor(elapsed)
-            branches.append((raw(conn, column) < ts_param(conn, end), base + cast(elapsed, BigInteger)))
+                # The run's days all have the same UTC offset: the local date is the date
+                # of the instant shifted by it (a cast, about half the cost of epoch math).
+                shift = int((datetime.combine(run_first, datetime.min.time()) - run_start).total_seconds())
+                local = raw(conn, column) + literal_column(f"INTERVAL '{shift} seconds'")
+                number = cast(local, Date) - literal_column("DATE '1970-01-01'")
+                branches.append((raw(conn, column) < ts_param(conn, end), number))
+            else:
+                base = (run_first - date(1970, 1, 1)).days
+                offset = int((run_start - epoch0).total_seconds())
+                elapsed = (_epoch_seconds_sqlite(column) - offset) / 86400
+                branches.append((raw(conn, column) < ts_param(conn, end), base + cast(elapsed, BigInteger)))
             run_first = following
         d = following
     return cast(case(*branches, else_=None), BigInteger)
