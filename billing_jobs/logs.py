@@ -9,10 +9,19 @@ import structlog
 
 from billing_jobs.redact import scrub_event
 
+_configured: tuple[str, bool] = ("INFO", True)
+
+
+def configured() -> tuple[str, bool]:
+    """The level and format last set by `configure` (for worker processes to follow)."""
+    return _configured
+
 
 def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     """Send logs to stderr; results go to stdout only."""
+    global _configured  # noqa: PLW0603  # one set-up per process
     as_json = (not sys.stderr.isatty()) if json is None else json
+    _configured = (level, as_json)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if as_json

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from billing_jobs import logs
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.lock import Lease
 from billing_jobs.db.reads import Chunk
@@ -57,6 +58,7 @@ class RunSpec:
     dry_run: bool
     lease: tuple[str, str, str, int, int, int | None] | None  # see Lease.spec
     faults: FaultPlan | None = None  # fault injection: each worker counts its own writes
+    log: tuple[str, bool] = ("INFO", True)  # the run's log level and format (JSON or not)
 
     @classmethod
     def of(cls, run: Run) -> RunSpec:
@@ -69,6 +71,7 @@ class RunSpec:
             dry_run=run.dry_run,
             lease=None if lease is None else lease.spec(),
             faults=None if run.faults is None else run.faults.plan,
+            log=logs.configured(),
         )
 
 
@@ -77,6 +80,8 @@ _worker_run: Run | None = None
 
 def _start_worker(spec: RunSpec, write_turn: Any) -> None:
     global _worker_run  # noqa: PLW0603  # one run per worker process, set once at its start
+    level, as_json = spec.log
+    logs.configure(level, json=as_json)  # the run's logs, on stderr as the run's own
     engine = make_engine(spec.db_url)
     lease = None if spec.lease is None else Lease(engine, *spec.lease)
     faults = None if spec.faults is None else Faults(spec.faults, WORKER)
