@@ -342,15 +342,21 @@ def read_lots(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     )
 
 
-def read_entry_sums(conn: Connection, chunk: Chunk, last_day: int) -> pd.DataFrame:
+def read_entry_sums(
+    conn: Connection, chunk: Chunk, last_day: int, *, published: bool = False
+) -> pd.DataFrame:
     """account_id, lot_id, kind, credit_units: the chunk's entries of days up to `last_day`
-    summed per lot and kind (corrections included)."""
+    summed per lot and kind (corrections included). published: only the entries a
+    finished ledger write published (for readers; see `published_entries`)."""
     e = credit_entries.c
+    where = [chunk.clause(e.account_id), e.day <= day_from_number(last_day)]
+    if published:
+        where.append(published_entries(conn))
     stmt = (
         select(
             e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units")
         )
-        .where(chunk.clause(e.account_id), e.day <= day_from_number(last_day))
+        .where(*where)
         .group_by(e.account_id, e.lot_id, e.kind)
     )
     return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)

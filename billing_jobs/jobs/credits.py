@@ -158,8 +158,8 @@ class Balance:
 def _state_from_ledger(conn: Connection, account: str, cutoff: int) -> tuple[AccountState, pd.DataFrame]:
     """The account's lots and arrears at the end of day `cutoff` (from its entries), and
     its entries of days up to it."""
-    state = states_at(conn, Chunk.only(account), cutoff).get(account, AccountState())
-    entries = _entries(conn, credit_entries.c.account_id == account)
+    state = states_at(conn, Chunk.only(account), cutoff, published=True).get(account, AccountState())
+    entries = _entries(conn, credit_entries.c.account_id == account, published_entries(conn))
     return state, entries[entries["day"] <= cutoff]
 
 

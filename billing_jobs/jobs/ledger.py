@@ -620,14 +620,26 @@ def changed_accounts(
 
 
 def states_at(
-    conn: Connection, chunk: Chunk, cut_day: int, lots: pd.DataFrame | None = None
+    conn: Connection,
+    chunk: Chunk,
+    cut_day: int,
+    lots: pd.DataFrame | None = None,
+    *,
+    published: bool = False,
 ) -> dict[str, AccountState]:
     """Each of the chunk's accounts' lots and arrears at the end of day `cut_day`, from the
     written ledger: the stored lots (`lots`, read here when not given), and their entries
-    summed up to that day."""
+    summed up to that day.
+
+    published: what the readers show: only published entries, and only the lots they
+    name (a lot stored by a ledger write still in progress has none yet)."""
+    sums = read_entry_sums(conn, chunk, cut_day, published=published)
+    named = set(zip(sums["account_id"], sums["lot_id"], strict=True)) if published else set()
     states: dict[str, AccountState] = {}
     for r in (read_lots(conn, chunk) if lots is None else lots).itertuples(index=False):
         if int(r.valid_from) > cut_day:
+            continue
+        if published and (r.account_id, r.lot_id) not in named:
             continue
         spec = LotSpec(
             r.lot_id,
@@ -639,7 +651,7 @@ def states_at(
             int(r.valid_until),
         )
         states.setdefault(r.account_id, AccountState()).lots[r.lot_id] = LotState(spec)
-    for account, lot_id, kind, units in read_entry_sums(conn, chunk, cut_day).itertuples(index=False):
+    for account, lot_id, kind, units in sums.itertuples(index=False):
         state = states.setdefault(account, AccountState())
         if kind == ARREARS:
             state.arrears += int(units)

@@ -8,8 +8,10 @@ then for every k = 1..K, on a copy of the same database:
 
 1. the run is killed after write k (a real process: forked from the test, no cleanup);
 2. the readers (`export`, `explain`, `status --json`, `credits export`,
-   `credits report`) each show the complete state before the run or the complete
-   state an uninterrupted run leaves, never a half-written month;
+   `credits report`; for a re-close also support's `credits balance` and
+   `credits history`, which must agree with the export) each show the complete
+   state before the run or the complete state an uninterrupted run leaves, never a
+   half-written month;
 3. once the dead run's lease is out of the way, the same command again leaves
    exactly what an uninterrupted run leaves (invoices, lines, charges, rejects,
    closes, the credits ledger tables and the export).
@@ -91,6 +93,7 @@ class Scenario:
     clock: str | None = None  # the instant every run and reader sees (else the real clock)
     settings: str | None = None  # a settings file's text
     env: dict[str, str] = field(default_factory=dict)
+    ledger_written: bool = False  # the month's ledger is written before the run (support readers)
 
 
 SCENARIOS = {
@@ -107,6 +110,7 @@ SCENARIOS = {
             ("month-end", "--month", MONTH),
             before=(("nightly", "--date", "2026-05-09"), ("month-end", "--month", MONTH)),
             late=True,
+            ledger_written=True,
         ),
         Scenario(
             "approve",
@@ -339,11 +343,26 @@ READERS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "credits export": (("credits", "export", "--month", MONTH), lambda out: out),
     "credits report": (("credits", "report", "--month", MONTH), lambda out: out),
 }
+# Support's view of a written month (before the ledger is written, `credits balance`
+# and `credits history` preview it from the source data, finalized invoices included):
+# acct-000 gets a late top-up (a new lot), acct-001 late compute.
+SUPPORT_READERS: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
+    "credits balance": (
+        ("credits", "balance", "--account", "acct-000", "--date", "2026-05-31", "--json"),
+        json.loads,
+    ),
+    "credits balance late compute": (
+        ("credits", "balance", "--account", "acct-001", "--date", "2026-05-31", "--json"),
+        json.loads,
+    ),
+    "credits history": (("credits", "history", "--account", "acct-001", "--month", MONTH), lambda out: out),
+}
 
 
 def read_all(url: str, scenario: Scenario, env: dict[str, str]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
-    for name, (args, parse) in READERS.items():
+    readers = {**READERS, **(SUPPORT_READERS if scenario.ledger_written else {})}
+    for name, (args, parse) in readers.items():
         result = _cli(url, scenario, env, *args)
         assert result.code in (0, 1), (name, result.stderr)  # status exits 1 on problems
         seen[name] = parse(result.stdout)
@@ -386,7 +405,7 @@ def assert_whole(seen: dict[str, Any], ref: Reference, where: str) -> dict[str, 
     """Each reader shows the state before or after the run, never one in between;
     rejects (recorded as found, row by row) lie between the two."""
     which = {}
-    for name in READERS:
+    for name in [*READERS, *(n for n in SUPPORT_READERS if n in seen)]:
         if ref.before[name] == ref.after[name] == seen[name]:
             which[name] = "same"  # the run does not change what this reader shows
         elif seen[name] == ref.before[name]:
@@ -402,6 +421,11 @@ def assert_whole(seen: dict[str, Any], ref: Reference, where: str) -> dict[str, 
             )
     for key, count in seen["rejects"].items():
         assert ref.before["rejects"].get(key, 0) <= count <= ref.after["rejects"].get(key, 0), (where, key)
+    # Support and finance see the same ledger: the account's history and balance show
+    # the state the export shows (both before the run, or both after it).
+    for support in (n for n in SUPPORT_READERS if n in seen):
+        if "same" not in (which[support], which["credits export"]):
+            assert which[support] == which["credits export"], (where, support, which)
     return which
 
 
