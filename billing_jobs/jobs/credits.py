@@ -318,7 +318,9 @@ _COST_SIGN = {
 }
 
 
-def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[str, tuple[str, int, int]]]:
+def _read_report_rows(
+    engine: Engine, period: str, account: str | None = None
+) -> tuple[pd.DataFrame, dict[str, tuple[str, int, int]]]:
     with engine.connect() as conn:
         if not ledger_exists(conn):
             raise LedgerMissing("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
@@ -333,7 +335,11 @@ def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[s
                 cast(func.sum(e.credit_units), BigInteger).label("credit_units"),
                 cast(func.coalesce(func.sum(e.money_cents), 0), BigInteger).label("money_cents"),
             )
-            .where(e.period <= period, published_entries(conn))
+            .where(
+                e.period <= period,
+                published_entries(conn),
+                *([e.account_id == account] if account is not None else []),
+            )
             .group_by(e.account_id, e.lot_id, e.kind, e.cause, e.period)
         )
         df = read_frame(conn, stmt, ints=["credit_units", "money_cents"], aggregate=True)
@@ -342,7 +348,9 @@ def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[s
         lo = credit_lots.c
         lots = read_frame(
             conn,
-            select(lo.lot_id, lo.channel, lo.credit_units, lo.money_cents),
+            select(lo.lot_id, lo.channel, lo.credit_units, lo.money_cents).where(
+                *([lo.account_id == account] if account is not None else [])
+            ),
             ints=["credit_units", "money_cents"],
         )
     cost = {
@@ -351,12 +359,12 @@ def _read_report_rows(engine: Engine, period: str) -> tuple[pd.DataFrame, dict[s
     return df, cost
 
 
-def month_report(engine: Engine, period: str) -> pd.DataFrame:
+def month_report(engine: Engine, period: str, only: str | None = None) -> pd.DataFrame:
     """The month's roll-forward per account (credit units and cents), from the ledger: what
     the entries of periods before `period` left (opening), the movements booked in
     `period` (corrections of earlier months included), and the closing. Money at cost
-    is each lot's cost per credit, rounded half up per lot."""
-    df, cost = _read_report_rows(engine, period)
+    is each lot's cost per credit, rounded half up per lot. only: that account's row alone."""
+    df, cost = _read_report_rows(engine, period, only)
     if df.empty:
         return pd.DataFrame(columns=REPORT_COLUMNS)
     acc: dict[str, dict[str, int]] = {}

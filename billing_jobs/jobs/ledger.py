@@ -506,28 +506,28 @@ def compute_chunk_ledger(
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
-    replay_started = time.perf_counter()
-    for account in sorted(set(source.events) | set(starts)):
-        events = source.events.get(account, AccountEvents(account))
-        if account in starts:
-            ledger = run_account(
-                events,
-                through_day,
-                settings.validity_days,
-                start=starts[account],
-                after=day_number(cut),  # type: ignore[arg-type]
+    with _phase(phases, "replay"):
+        for account in sorted(set(source.events) | set(starts)):
+            events = source.events.get(account, AccountEvents(account))
+            if account in starts:
+                ledger = run_account(
+                    events,
+                    through_day,
+                    settings.validity_days,
+                    start=starts[account],
+                    after=day_number(cut),  # type: ignore[arg-type]
+                )
+            else:
+                ledger = run_account(events, through_day, settings.validity_days)
+            rows.extend(
+                (account, lot, kind, day, cause, credits, money)
+                for (lot, kind, day, cause), (credits, money) in ledger.entries.items()
             )
-        else:
-            ledger = run_account(events, through_day, settings.validity_days)
-        rows.extend(
-            (account, lot, kind, day, cause, credits, money)
-            for (lot, kind, day, cause), (credits, money) in ledger.entries.items()
-        )
-        refunds.extend((r.request_id, r.lot_id, account, r.day, r.credits, r.money) for r in ledger.refunds)
-        restore_lots.extend(_lot_record(account, spec) for spec in ledger.restore_lots)
-        balances.append(_balance(account, ledger.state))
-    if phases is not None:
-        phases["replay"] = time.perf_counter() - replay_started
+            refunds.extend(
+                (r.request_id, r.lot_id, account, r.day, r.credits, r.money) for r in ledger.refunds
+            )
+            restore_lots.extend(_lot_record(account, spec) for spec in ledger.restore_lots)
+            balances.append(_balance(account, ledger.state))
     entries = pd.DataFrame(rows, columns=ENTRY_COLUMNS) if rows else _empty_entries()
     refund_frame = pd.DataFrame(
         refunds, columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]

@@ -167,7 +167,7 @@ def build_statement(engine: Engine, settings: Settings, account_id: str, month: 
     credits_row: dict[str, int] | None = None
     history: list[dict[str, str]] = []
     try:
-        report = month_report(engine, period)
+        report = month_report(engine, period, account_id)
         mine_row = report.loc[report["account_id"] == account_id]
         credits_row = {c: int(mine_row[c].sum()) for c in REPORT_COLUMNS[1:]}
         history = list(history_rows(account_balance(engine, settings, account_id, month.last_day), month))
