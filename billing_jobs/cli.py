@@ -1,7 +1,8 @@
 """Command line: parse, call a job, print. The only place that asks the clock.
 
 Exit status: 0 done; 2 bad arguments or settings (one line on stderr);
-75 another run holds the lock; 1 any other failure (nothing half-written).
+75 another run holds the lock, or this run lost it (another run took it over:
+nothing more was written); 1 any other failure (nothing half-written).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 from sqlalchemy import inspect
 
-from billing_jobs import __version__, logs
+from billing_jobs import __version__, lifeline, logs
 from billing_jobs.commands import register_commands
 from billing_jobs.commands.common import Context, check_export_target, export_options, utcnow, yesterday_in
 from billing_jobs.db.engine import (
@@ -586,6 +587,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: maps errors to exit statuses with one line each; always exits."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # A run started by `billing-jobs schedule` stops (SIGTERM) when the scheduler ends.
+        lifeline.die_with_named_parent(signal.SIGTERM)
     try:
         code = cli.main(args=argv, prog_name="billing-jobs", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -605,7 +608,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except LockHeld as exc:
         _fail(str(exc), EX_TEMPFAIL)
     except LockLost as exc:
-        _fail(str(exc), 1)
+        _fail(f"this run lost its lock: {exc}", EX_TEMPFAIL)
     except click.ClickException as exc:
         _fail(f"error: {exc.format_message()}", exc.exit_code)
     except Exception as exc:

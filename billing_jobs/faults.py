@@ -8,9 +8,17 @@ For crash tests and drills only; off unless one of these variables is set (see
 - `BILLING_FAULT_KILL_IN_WRITE=k`: SIGKILL inside the k-th write transaction, after
   its work and before its commit (the database rolls it back).
 - `BILLING_FAULT_KILL_JOB=J`: only runs of job `J` (`nightly`, `month-end`) are killed.
-- `BILLING_FAULT_KILL_PROCESS=run|worker`: which processes count and die (default
-  `run`, the process that started the run; `worker`: each worker process of
-  `--workers N`, counting its own writes from 1).
+- `BILLING_FAULT_KILL_PROCESS=run|worker|run-by-worker`: which processes count and
+  die (default `run`, the process that started the run; `worker`: each worker
+  process of `--workers N`, counting its own writes from 1; `run-by-worker`: each
+  worker counts its own writes, and the first to reach k kills the run's process,
+  not itself, and goes on: the run's process killed while its workers write).
+- `BILLING_FAULT_STOP_BEFORE_WRITE=k`: the counting processes stop themselves
+  (SIGSTOP) just before their k-th write transaction, after the reads and rules of
+  its chunk; SIGCONT resumes them.
+- `BILLING_FAULT_ORPHANS=keep`: the run's worker processes and their fork server do
+  not ask for the parent-death signal (as where the kernel has none), so that only
+  the check before each chunk and the fencing of each write stop them.
 - `BILLING_FAULT_TRACE=FILE`: append one line per committed write point to FILE,
   `<pid> <process> <job> <k> <label>`, in any process (counting mode: a run with
   only this set shows every write point it has).
@@ -28,8 +36,14 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-RUN, WORKER = "run", "worker"
-_VARIABLES = ("BILLING_FAULT_KILL_AFTER_WRITE", "BILLING_FAULT_KILL_IN_WRITE", "BILLING_FAULT_TRACE")
+RUN, WORKER, RUN_BY_WORKER = "run", "worker", "run-by-worker"
+_VARIABLES = (
+    "BILLING_FAULT_KILL_AFTER_WRITE",
+    "BILLING_FAULT_KILL_IN_WRITE",
+    "BILLING_FAULT_STOP_BEFORE_WRITE",
+    "BILLING_FAULT_ORPHANS",
+    "BILLING_FAULT_TRACE",
+)
 
 
 @dataclass(frozen=True)
@@ -39,8 +53,10 @@ class FaultPlan:
     job: str
     kill_after: int | None
     kill_in: int | None
-    process: str  # run | worker: which processes count towards the kill
+    process: str  # run | worker | run-by-worker: which processes count towards the kill
     trace: str | None
+    stop_before: int | None = None
+    keep_orphans: bool = False
 
 
 def plan_for(job: str) -> FaultPlan | None:
@@ -63,22 +79,31 @@ def plan_for(job: str) -> FaultPlan | None:
         kill_in=number("BILLING_FAULT_KILL_IN_WRITE"),
         process=env.get("BILLING_FAULT_KILL_PROCESS") or RUN,
         trace=env.get("BILLING_FAULT_TRACE") or None,
+        stop_before=number("BILLING_FAULT_STOP_BEFORE_WRITE"),
+        keep_orphans=armed and env.get("BILLING_FAULT_ORPHANS") == "keep",
     )
 
 
 class Faults:
     """One process's count of its write points under a plan."""
 
-    def __init__(self, plan: FaultPlan, process: str = RUN) -> None:
+    def __init__(self, plan: FaultPlan, process: str = RUN, run_pid: int | None = None) -> None:
         self.plan = plan
         self.process = process
         self.seen = 0
-        self._counts = plan.process == process
+        self._counts = plan.process == process or (plan.process == RUN_BY_WORKER and process == WORKER)
+        # run-by-worker: the process a worker kills instead of itself (the run's)
+        self._victim = run_pid if plan.process == RUN_BY_WORKER else None
+
+    def before_write(self, label: str) -> None:
+        """Before a write transaction begins (the chunk's reads and rules are done)."""
+        if self._counts and self.plan.stop_before == self.seen + 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def before_commit(self, label: str) -> None:
         """Inside a write transaction (or just before one that writes a single row)."""
         if self._counts and self.plan.kill_in == self.seen + 1:
-            _die()
+            _die(self._victim)
 
     def committed(self, label: str) -> None:
         self.seen += 1
@@ -87,7 +112,7 @@ class Faults:
             with open(self.plan.trace, "a", encoding="utf-8") as out:
                 out.write(line)
         if self._counts and self.plan.kill_after == self.seen:
-            _die()
+            _die(self._victim)
 
 
 def label_of(work: Any) -> str:
@@ -96,5 +121,5 @@ def label_of(work: Any) -> str:
     return str(getattr(inner, "__qualname__", type(inner).__name__)).replace(".<locals>.", ".")
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def _die(victim: int | None = None) -> None:
+    os.kill(os.getpid() if victim is None else victim, signal.SIGKILL)

@@ -85,6 +85,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, func, inspect, select
 
+from billing_jobs import lifeline
 from billing_jobs.db.billing_tables import billing_runs, month_closes
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month
@@ -230,6 +231,9 @@ def subprocess_runner(
         else:
             env.pop("BILLING_CONFIG", None)
         command = [python, "-m", "billing_jobs", "--log-level", log_level, *argv]
+        # The child stops (SIGTERM from the kernel) if this process dies, even by SIGKILL:
+        # no run outlives its scheduler (`lifeline`). This thread waits for it meanwhile.
+        env[lifeline.PARENT_VARIABLE] = str(os.getpid())
         # stdout and stderr are the scheduler's: the child's results and JSON logs land
         # in the same log stream. A new session keeps terminal and group signals away.
         return subprocess.run(command, env=env, check=False, start_new_session=True).returncode

@@ -29,11 +29,15 @@ database's clock (`julianday('now')`), never a host's. A holder known to be aliv
 on this host keeps its lock even past its lease.
 
 Fencing: every write transaction proves the lock is still the run's
-(`assert_held`), so a run that lost it commits nothing more. PostgreSQL: the
-transaction holds `GUARD_KEY` shared, then finds the run's lock session holding
-its key in `pg_locks` and the run's row in `billing_locks`. A taker that clears a
-dead holder's row takes `GUARD_KEY` exclusively first, so it waits for writes
-still in flight (workers of a killed run) before it goes on. SQLite: the write
+(`assert_held`), so a run that lost it commits nothing more. The token is the
+run's id on the lock's row: a takeover replaces the row, and a write finds its
+own id there or fails. Both back ends also fail a write when the row's process
+(the run's own, whose pid and start time it records) has died on this host, so
+the workers of a killed run cannot write in the moments before a takeover.
+PostgreSQL: the transaction holds `GUARD_KEY` shared, then finds the run's lock
+session holding its key in `pg_locks` and the run's row in `billing_locks`. A
+taker that clears a dead holder's row takes `GUARD_KEY` exclusively first, so it
+waits for writes still in flight before it goes on. SQLite: the write
 transaction renews the run's row, at its start and just before it commits; the
 database's single write lock serializes it with any takeover.
 
@@ -329,14 +333,21 @@ class Lease:
             )
 
     def _renew(self, conn: Connection) -> None:
+        lk = billing_locks.c
         renewed = conn.execute(
             update(billing_locks)
-            .where(billing_locks.c.name == self.name, billing_locks.c.run_id == self.run_id)
+            .where(lk.name == self.name, lk.run_id == self.run_id)
             .values(expires_at=_sqlite_expiry(self.seconds))
-            .returning(billing_locks.c.name)
+            .returning(lk.host, lk.pid, lk.process_key)
         ).first()
         if renewed is None:
             raise LockLost(f"lock '{self.name}' was taken over by another run; nothing committed")
+        if process_alive(renewed.host, renewed.pid, renewed.process_key) is False:
+            # A worker of a run whose process died: the lock is the dead process's, not its workers'.
+            raise LockLost(
+                f"lock '{self.name}' belongs to a run whose process has died (pid {renewed.pid}); "
+                "nothing committed"
+            )
 
     # --- PostgreSQL -----------------------------------------------------------
 
@@ -424,10 +435,12 @@ class Lease:
         alive = (self.session_pid, *_halves(lock_key(self.name))) in _advisory_held(conn)
         lk = billing_locks.c
         mine = conn.execute(
-            select(lk.name).where(
+            select(lk.host, lk.pid, lk.process_key).where(
                 lk.name == self.name, lk.run_id == self.run_id, lk.session_pid == self.session_pid
             )
         ).first()
+        if mine is not None and process_alive(mine.host, mine.pid, mine.process_key) is False:
+            mine = None  # a worker of a run whose process died, in the moment before its session ends
         if not alive or mine is None:
             raise LockLost(
                 f"lock '{self.name}' is no longer held by this run (its lock session ended "

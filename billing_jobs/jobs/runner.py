@@ -88,6 +88,8 @@ class Run:
     def write(self, work: Callable[[Connection], None]) -> None:
         """Run `work` in one transaction that also proves the lock is still ours."""
         assert not self.dry_run, "a dry run writes nothing"
+        if self.faults is not None:
+            self.faults.before_write(label_of(work))
         turn = self.write_turn if self.write_turn is not None else nullcontext()
         with turn, self.engine.begin() as conn:
             if self.lease is not None:

@@ -11,21 +11,30 @@ lock is held, so a worker of a run that lost its lock cannot commit.
 
 Results come back in chunk order, so a run's output does not depend on which
 worker finished first; counts and rejects seen are merged into the parent's run.
+
+No worker outlives its run (`docs/locks.md`): the fork server and each worker ask
+the kernel for SIGKILL when their parent ends (`lifeline`), so a run killed with
+SIGKILL takes its workers with it at once; a worker checks that the run's process
+lives before each chunk and after a failed one; and a run that fails or is stopped
+kills its workers before it records the failure, instead of waiting for the chunks
+in flight.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from billing_jobs import logs
+from billing_jobs import lifeline, logs
 from billing_jobs.db.engine import make_engine
-from billing_jobs.db.lock import Lease
+from billing_jobs.db.lock import Lease, process_alive, process_key
 from billing_jobs.db.reads import Chunk
 from billing_jobs.faults import WORKER, FaultPlan, Faults
 from billing_jobs.jobs.runner import Run
@@ -36,7 +45,13 @@ T = TypeVar("T")
 # A fresh server process forks the workers: nothing of this process (its database
 # connections above all) reaches them, and the modules are imported once, not per worker.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-PRELOAD = ["billing_jobs.jobs.month_end", "billing_jobs.jobs.nightly", "billing_jobs.jobs.ledger"]
+# `jobs.forkserver` first: the fork server ends with the run before it imports the rest.
+PRELOAD = [
+    "billing_jobs.jobs.forkserver",
+    "billing_jobs.jobs.month_end",
+    "billing_jobs.jobs.nightly",
+    "billing_jobs.jobs.ledger",
+]
 
 
 def default_workers() -> int:
@@ -59,6 +74,7 @@ class RunSpec:
     lease: tuple[str, str, str, int, int, int | None] | None  # see Lease.spec
     faults: FaultPlan | None = None  # fault injection: each worker counts its own writes
     log: tuple[str, bool] = ("INFO", True)  # the run's log level and format (JSON or not)
+    parent: tuple[str, int, str | None] = ("", 0, None)  # the run's process: host, pid, process_key
 
     @classmethod
     def of(cls, run: Run) -> RunSpec:
@@ -72,19 +88,35 @@ class RunSpec:
             lease=None if lease is None else lease.spec(),
             faults=None if run.faults is None else run.faults.plan,
             log=logs.configured(),
+            parent=(socket.gethostname(), os.getpid(), process_key(os.getpid())),
         )
+
+    def run_alive(self) -> bool:
+        """Whether the run's process still lives (True where this host cannot tell)."""
+        return process_alive(*self.parent) is not False
 
 
 _worker_run: Run | None = None
+_worker_spec: RunSpec | None = None
+
+
+def _orphaned() -> None:
+    """The run's process is gone: nobody waits for this worker's results. End now."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _start_worker(spec: RunSpec, write_turn: Any) -> None:
-    global _worker_run  # noqa: PLW0603  # one run per worker process, set once at its start
+    global _worker_run, _worker_spec  # noqa: PLW0603  # one run per worker process, set once at its start
+    if spec.faults is None or not spec.faults.keep_orphans:
+        lifeline.die_with_parent(signal.SIGKILL)  # the fork server, which dies with the run
+    if not spec.run_alive():
+        _orphaned()
+    _worker_spec = spec
     level, as_json = spec.log
     logs.configure(level, json=as_json)  # the run's logs, on stderr as the run's own
     engine = make_engine(spec.db_url)
     lease = None if spec.lease is None else Lease(engine, *spec.lease)
-    faults = None if spec.faults is None else Faults(spec.faults, WORKER)
+    faults = None if spec.faults is None else Faults(spec.faults, WORKER, run_pid=spec.parent[1])
     _worker_run = Run(
         engine,
         spec.settings,
@@ -100,11 +132,19 @@ def _start_worker(spec: RunSpec, write_turn: Any) -> None:
 def _in_worker(
     work: Callable[..., T], chunk: Chunk, kwargs: dict[str, Any]
 ) -> tuple[T, dict[str, Any], set[tuple[str, str, str]]]:
-    run = _worker_run
+    run, spec = _worker_run, _worker_spec
     assert run is not None, "the pool's initializer made the worker's run"
+    assert spec is not None
+    if not spec.run_alive():
+        _orphaned()
     run.counts = {}
     run.clear_rejects()
-    result = work(run, chunk, **kwargs)
+    try:
+        result = work(run, chunk, **kwargs)
+    except BaseException:
+        if not spec.run_alive():  # e.g. its writes were fenced off: the run is gone
+            _orphaned()
+        raise
     return result, dict(run.counts), run.reject_keys()
 
 
@@ -130,19 +170,19 @@ def run_chunks(
             yield work(run, chunk, **kwargs)
         return
     context = multiprocessing.get_context(START_METHOD)
+    spec = RunSpec.of(run)
     if START_METHOD == "forkserver":
-        context.set_forkserver_preload(PRELOAD)
+        _start_forkserver(context, keep_orphans=spec.faults is not None and spec.faults.keep_orphans)
     write_turn = context.Lock() if run.engine.dialect.name == "sqlite" else None
     with ProcessPoolExecutor(
         max_workers=min(workers, len(chunks)),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(RunSpec.of(run), write_turn),
+        initargs=(spec, write_turn),
     ) as pool:
-        futures: list[Future[tuple[T, dict[str, Any], set[tuple[str, str, str]]]]] = [
-            pool.submit(_in_worker, work, chunk, kwargs) for chunk in chunks
-        ]
+        futures: list[Future[tuple[T, dict[str, Any], set[tuple[str, str, str]]]]] = []
         try:
+            futures.extend(pool.submit(_in_worker, work, chunk, kwargs) for chunk in chunks)
             for future in futures:
                 result, counts, rejected = future.result()
                 for key, value in counts.items():
@@ -150,7 +190,30 @@ def run_chunks(
                         run.count(key, value)
                 run.add_reject_keys(rejected)
                 yield result
-        except BaseException:
+        except BaseException:  # a failed chunk, SIGTERM, a lost lock, the caller gone
             for future in futures:
                 future.cancel()
+            _kill_workers(pool)
             raise
+
+
+def _start_forkserver(context: Any, *, keep_orphans: bool) -> None:
+    """The fork server of this process's pools, started (once per process) knowing its
+    parent, so that it ends with this process (`jobs.forkserver`)."""
+    from multiprocessing import forkserver
+
+    context.set_forkserver_preload(PRELOAD)
+    if keep_orphans:  # fault injection: a fork server and workers that outlive the run
+        forkserver.ensure_running()
+        return
+    with lifeline.parent_variable():
+        forkserver.ensure_running()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers: a chunk in flight rolls back, and nothing of a run
+    that is ending goes on computing or writing after it."""
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        if process.is_alive():
+            process.kill()
