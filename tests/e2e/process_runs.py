@@ -8,11 +8,14 @@ and timestamps, so two databases can be compared with ==.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,18 +56,24 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_cli(
-    db_url: str, *args: str, cwd: Path, env: dict[str, str] | None = None, script: str | None = None
+    db_url: str,
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    script: str | None = None,
+    output: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """Start `python -m billing_jobs --db-url URL ARGS` (or `python -c SCRIPT ...`)."""
+    """Start `python -m billing_jobs --db-url URL ARGS` (or `python -c SCRIPT ...`); its
+    stdout and stderr are pipes, or both the file `output` (for processes that may outlive
+    it and keep a pipe open: wait for it with `wait`, not `communicate`)."""
     prefix = ["-c", script] if script else ["-m", "billing_jobs"]
-    return subprocess.Popen(
-        [PYTHON, *prefix, "--db-url", db_url, *args],
-        cwd=cwd,
-        env=child_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = [PYTHON, *prefix, "--db-url", db_url, *args]
+    if output is None:
+        return subprocess.Popen(
+            command, cwd=cwd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    with output.open("w", encoding="utf-8") as out:
+        return subprocess.Popen(command, cwd=cwd, env=child_env(env), stdout=out, stderr=out, text=True)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = SECONDS) -> CliResult:
@@ -75,6 +84,57 @@ def finish(proc: subprocess.Popen[str], timeout: float = SECONDS) -> CliResult:
         out, err = proc.communicate()
         raise AssertionError(f"run did not finish in {timeout}s; stderr:\n{err}") from None
     return CliResult(proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------
+# The processes of one run, found by a tag in their environment
+# ---------------------------------------------------------------------------
+
+RUN_TAG = "BILLING_TEST_RUN_TAG"
+
+
+def run_tag() -> dict[str, str]:
+    """An environment variable every process of a run inherits (its fork server, its
+    workers): `processes_of` finds them by it, also once they are re-parented."""
+    return {RUN_TAG: uuid.uuid4().hex}
+
+
+def processes_of(env: dict[str, str]) -> dict[int, str]:
+    """pid -> state (`R`, `S`, `T` stopped, ...) of every live process carrying the run
+    tag of `env` (a zombie has died: its parent only has not read its status yet)."""
+    wanted = f"{RUN_TAG}={env[RUN_TAG]}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if wanted in environ.split(b"\0") and state not in ("Z", "X"):
+            found[int(entry.name)] = state
+    return found
+
+
+def wait_for_processes(
+    env: dict[str, str], done: Callable[[dict[int, str]], bool], seconds: float
+) -> dict[int, str]:
+    """Poll the run's processes until `done(processes)`; the last processes seen."""
+    deadline = time.monotonic() + seconds
+    while True:
+        seen = processes_of(env)
+        if done(seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.02)
+
+
+def end_processes(env: dict[str, str]) -> None:
+    """SIGKILL what is left of a run (a test's cleanup)."""
+    for pid in processes_of(env):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def run_process(

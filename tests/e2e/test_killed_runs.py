@@ -1,0 +1,158 @@
+"""A killed run takes its worker processes with it, and a worker that outlives its run
+writes nothing: real `billing-jobs month-end --workers 2` processes on both back ends.
+
+Every process of a run (the command's, its fork server, its workers) inherits a tag in
+its environment, so the test finds them all, also once the kernel has re-parented them.
+
+1. The run's process is killed (SIGKILL, nothing of it runs after) while its workers
+   write: within 5 s no process of the run is left (the kernel's parent-death signal,
+   `billing_jobs.lifeline`), and the next run leaves what a clean run leaves.
+2. Fencing, with the parent-death signal switched off (`BILLING_FAULT_ORPHANS=keep`,
+   as on a kernel without it): a worker stops itself (SIGSTOP) in the middle of a
+   chunk, before its write; the run's process is killed; a new run takes the lock over
+   and completes; the stopped worker, resumed (SIGCONT), commits nothing (each write
+   proves the lock is its run's) and ends; the state is still a clean run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from process_runs import (
+    another_database,
+    billing_state,
+    busy_month,
+    end_processes,
+    lock_holder,
+    processes_of,
+    run_process,
+    run_records,
+    run_tag,
+    start_cli,
+    wait_for_processes,
+    write_source,
+)
+
+pytestmark = pytest.mark.slow
+
+MONTH = "2026-05"
+SOURCE = busy_month(24)
+# 24 chunks of one account for the close, and 24 for the ledger: the workers write for a while.
+ENV = {"BILLING_WORKERS": "2", "BILLING_PROJECTS_PER_CHUNK": "3", "BILLING_LEDGER_ACCOUNTS_PER_CHUNK": "1"}
+GONE_SECONDS = 5.0
+
+
+def _prepared(url: str, folder: Path) -> str:
+    write_source(SOURCE, url)
+    assert run_process(url, "db", "upgrade", cwd=folder).code == 0
+    return url
+
+
+@pytest.fixture
+def clean(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """What an uninterrupted run leaves, on another database of the same back end."""
+    for url in another_database(request, db_url):
+        _prepared(url, tmp_path)
+        done = run_process(url, "month-end", "--month", MONTH, cwd=tmp_path, env=ENV)
+        assert done.code == 0, done.stderr
+        yield billing_state(url, MONTH)
+
+
+def _trace(path: Path) -> list[list[str]]:
+    """Committed write points: `<pid> <process> <job> <k> <label>` each."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def _wait_for(condition: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not seen within {seconds}s: {what}"
+        time.sleep(0.02)
+
+
+def test_a_run_killed_while_its_workers_write_takes_them_with_it(
+    db_url: str, clean: dict[str, Any], tmp_path: Path
+) -> None:
+    url = _prepared(db_url, tmp_path)
+    trace = tmp_path / "trace"
+    env = {**ENV, **run_tag(), "BILLING_FAULT_TRACE": str(trace)}  # counting only: nothing dies
+    log = tmp_path / "killed.log"
+    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
+    try:
+        _wait_for(lambda: any(t[1] == "worker" for t in _trace(trace)), 120, "a worker's write")
+        running = processes_of(env)
+        assert len(running) >= 3, running  # the run, its fork server, its workers
+        proc.kill()  # the run's process alone, as the OOM killer or `kill -9` would
+        killed = time.monotonic()
+        proc.wait()
+        left = wait_for_processes(env, lambda seen: not seen, GONE_SECONDS)
+        assert left == {}, f"alive {GONE_SECONDS}s after the kill: {left}"
+        print(f"{len(running)} processes of the run gone {time.monotonic() - killed:.2f}s after the kill")
+    finally:
+        end_processes(env)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert lock_holder(url) is not None, "killed before its end: it still names the lock"
+    assert billing_state(url, MONTH) != clean, "killed before it was done"
+
+    rerun = run_process(url, "month-end", "--month", MONTH, cwd=tmp_path, env=ENV)
+    assert rerun.code == 0, rerun.stderr
+    assert billing_state(url, MONTH) == clean
+    assert [r["status"] for r in run_records(url)] == ["abandoned", "succeeded"]
+
+
+def test_a_stopped_worker_of_a_killed_run_resumed_after_a_takeover_writes_nothing(
+    db_url: str, clean: dict[str, Any], tmp_path: Path
+) -> None:
+    url = _prepared(db_url, tmp_path)
+    trace = tmp_path / "trace"
+    env = {
+        **ENV,
+        **run_tag(),
+        "BILLING_FAULT_TRACE": str(trace),
+        "BILLING_FAULT_ORPHANS": "keep",  # no parent-death signal: only the fencing stops them
+        "BILLING_FAULT_KILL_PROCESS": "worker",
+        "BILLING_FAULT_STOP_BEFORE_WRITE": "2",  # each worker, after its chunk's reads and rules
+    }
+    log = tmp_path / "killed.log"
+    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
+    try:
+        seen = wait_for_processes(env, lambda seen: "T" in seen.values(), 120)
+        stopped = {pid for pid, state in seen.items() if state == "T"}
+        assert stopped, f"no worker stopped itself: {seen}"
+        proc.kill()
+        proc.wait()
+        time.sleep(0.5)
+        orphans = processes_of(env)
+        assert stopped <= set(orphans), "the stopped workers outlive their run (fault mode)"
+
+        takeover = run_process(url, "month-end", "--month", MONTH, cwd=tmp_path, env=ENV)
+        assert takeover.code == 0, takeover.stderr
+        assert billing_state(url, MONTH) == clean
+        committed = _trace(trace)
+        assert all(int(pid) not in stopped or int(k) == 1 for pid, _, _, k, _ in committed)
+
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        left = wait_for_processes(env, lambda seen: not seen, 30)
+        assert left == {}, f"resumed orphans did not end: {left}"
+    finally:
+        end_processes(env)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _trace(trace) == committed, "a resumed worker committed a write"
+    assert billing_state(url, MONTH) == clean
+    statuses = [r["status"] for r in run_records(url)]
+    assert statuses == ["abandoned", "succeeded"], statuses
