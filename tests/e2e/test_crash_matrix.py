@@ -22,8 +22,9 @@ the credits ledger in chunks of one account (so every step of the ledger is a ki
 point), on SQLite and PostgreSQL.
 The re-close is also killed inside each of its data writes, before the commit
 (`BILLING_FAULT_KILL_IN_WRITE`). A run of `--workers 2` (real processes) is killed
-in its own process after the close is finalized, and in a worker after its first
-chunk.
+in its own process after the close is finalized, in a worker after its first
+chunk, and in its own process while its workers write (a worker kills it after its
+first chunk): then no process of the run is left 5 s later.
 
 Databases are copies of one prepared template per scenario (a file copy on SQLite,
 `CREATE DATABASE .. TEMPLATE` on PostgreSQL), so a kill point costs one killed run,
@@ -53,7 +54,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import time_machine
-from process_runs import billing_state, busy_month, finish, late_changes, lock_holder, start_cli
+from process_runs import (
+    RUN_TAG,
+    billing_state,
+    busy_month,
+    finish,
+    late_changes,
+    lock_holder,
+    run_tag,
+    start_cli,
+    wait_for_processes,
+)
 from psycopg import sql
 from support import run_cli
 
@@ -443,6 +454,9 @@ def kill_and_rerun(
     url = databases.copy(ref.template)
     code, output = run_killed(url, scenario, {**env, **kill}, folder)
     assert code == killed_code, f"{where}: exit {code}\n{output}"
+    if RUN_TAG in kill:  # no process of the run outlives it (its workers, their fork server)
+        left = wait_for_processes(kill, lambda seen: not seen, 5.0)
+        assert left == {}, f"{where}: alive 5 s after the run ended: {left}"
     which = assert_whole(read_all(url, scenario, env), ref, where)
     get_past_the_dead_runs_lease(url)
     rerun = _cli(url, scenario, env, *scenario.command)
@@ -508,8 +522,9 @@ def test_a_run_of_two_workers_killed_then_rerun_leaves_what_an_uninterrupted_run
     databases: Databases, tmp_path: Path
 ) -> None:
     """--workers 2: the run's process killed after the close is finalized (its chunks were
-    written by the workers), and a worker killed after its first chunk (the run fails,
-    exit 1, and gives its lease back)."""
+    written by the workers); a worker killed after its first chunk (the run fails, exit 1,
+    kills its other worker and gives its lease back); the run's process killed while its
+    workers write (by a worker, after that worker's first chunk): the workers end with it."""
     scenario = SCENARIOS["month-end"]
     env = _env(scenario, tmp_path, BILLING_WORKERS="2")
     ref = reference(databases, scenario, env, tmp_path)
@@ -526,10 +541,14 @@ def test_a_run_of_two_workers_killed_then_rerun_leaves_what_an_uninterrupted_run
     )
     assert seen["export"] == "after"
     assert seen["credits export"] == "before"
-    worker = {"BILLING_FAULT_KILL_PROCESS": "worker", "BILLING_FAULT_KILL_AFTER_WRITE": "1"}
+    worker = {"BILLING_FAULT_KILL_PROCESS": "worker", "BILLING_FAULT_KILL_AFTER_WRITE": "1", **run_tag()}
     seen = kill_and_rerun(
         databases, scenario, ref, env, tmp_path, worker, "two workers: a worker killed", killed_code=1
     )
+    assert set(seen.values()) <= {"before", "same"}
+    parent = {"BILLING_FAULT_KILL_PROCESS": "run-by-worker", "BILLING_FAULT_KILL_AFTER_WRITE": "1"}
+    where = "two workers: the run's process killed while they write"
+    seen = kill_and_rerun(databases, scenario, ref, env, tmp_path, {**parent, **run_tag()}, where)
     assert set(seen.values()) <= {"before", "same"}
 
 
