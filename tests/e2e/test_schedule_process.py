@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 import time_machine
+from process_runs import end_processes, processes_of, run_tag, wait_for_processes
 from support import SourceData, holding_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import billed_days, billing_runs
@@ -305,3 +306,59 @@ def test_the_commands_explain_themselves_in_their_help(command: str) -> None:
     result = run_cli(None, command, "--help")
     assert result.code == 0
     assert len(result.stdout.split()) > 40
+
+
+# --- A scheduler that dies takes its running job with it -----------------------------------------
+
+
+def test_a_scheduler_killed_while_its_job_runs_takes_the_job_with_it(db_url: str, tmp_path: Path) -> None:
+    """SIGKILL to the scheduler alone (no code of it runs after): the run it started stops
+    at once (the kernel sends it SIGTERM), records `failed`, frees the lock; its workers
+    end with it. The next run completes."""
+    clock = LAST_OF_MONTH
+    data = SourceData()
+    for n in range(400):  # a catch-up of half a year for 400 projects: a run of some seconds
+        data.project(f"p{n:03d}", created="2026-01-10", account=f"acct-{n % 40}")
+    data.write_url(db_url)
+    config = write_config(tmp_path, date(2026, 5, 1))
+    tag = run_tag()
+    env = {**child_env(clock), **tag, "BILLING_PROJECTS_PER_CHUNK": "20", "BILLING_WORKERS": "2"}
+    with (tmp_path / "output.txt").open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "billing_jobs", "--db-url", db_url, "--config", config, "schedule"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + RUN_SECONDS
+        while not any(s == "running" for s in job_statuses_or_none(db_url).get("nightly", [])):
+            assert time.monotonic() < deadline, "the scheduler's nightly never started"
+            assert proc.poll() is None, (tmp_path / "output.txt").read_text()
+            time.sleep(0.05)
+        time.sleep(1.0)  # the run is under way: its workers compute and write
+        running = processes_of(tag)
+        assert len(running) >= 2, running  # the scheduler and its run, at least
+        proc.kill()
+        proc.wait()
+        left = wait_for_processes(tag, lambda seen: not seen, 5.0)
+        assert left == {}, f"alive 5 s after the scheduler was killed: {left}"
+    finally:
+        end_processes(tag)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert job_statuses(db_url) == {"nightly": ["failed"]}, (tmp_path / "output.txt").read_text()
+    with time_machine.travel(clock, tick=False):
+        again = run_cli(db_url, "--config", config, "nightly")
+    assert again.code == 0, again.stderr  # the lock was given back: no wait, no takeover
+    assert read_billed_days(db_url) == days_from(date(2026, 5, 1), local_yesterday(clock, "UTC"))
+
+
+def job_statuses_or_none(db_url: str) -> dict[str, list[str]]:
+    """`job_statuses`, or nothing while the scheduler has not created the tables yet."""
+    try:
+        return job_statuses(db_url)
+    except sa.exc.SQLAlchemyError:
+        return {}
