@@ -48,7 +48,6 @@ Abandoned runs: the taker marks the runs of the dead holders it cleared
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 import threading
@@ -61,6 +60,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 
 from billing_jobs.db.billing_tables import billing_locks, billing_runs
+from billing_jobs.logs import get_logger
 
 WRITER_LOCK = "billing-writer"
 SHARD_LOCK_PREFIX = WRITER_LOCK + "/shard-"
@@ -73,8 +73,6 @@ DYING_SESSION_SECONDS = 5.0
 # PostgreSQL server-side keepalives of the lock session: a vanished host frees it in about a minute.
 KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
 ABANDONED = "abandoned"
-
-log = logging.getLogger(__name__)
 
 
 def writer_lock_name(shard_index: int | None = None, shard_count: int = 1) -> str:
@@ -470,7 +468,8 @@ class Lease:
                 session.commit()
                 return
             except Exception as exc:  # the session had ended: its locks went with it
-                log.warning("lock session already gone at release: %s", exc)
+                first = (str(exc).strip().splitlines() or [""])[0]
+                get_logger().warning("lock.session_gone", lock=self.name, run_id=self.run_id, error=first)
             finally:
                 if not session.invalidated:
                     session.invalidate()  # the session ends: nothing of it outlives the run
@@ -497,7 +496,7 @@ class _Heartbeat(threading.Thread):
             except LockLost:
                 return  # taken over: the run's next write raises LockLost
             except Exception as exc:  # the database busy for long; try again at the next beat
-                log.warning("lock heartbeat failed: %s", exc)
+                get_logger().warning("lock.heartbeat_failed", lock=self.lease.name, error=str(exc))
 
     def stop(self) -> None:
         self.stopped.set()

@@ -31,6 +31,7 @@ from process_runs import (
     busy_month,
     end_processes,
     lock_holder,
+    plain_lines,
     processes_of,
     run_process,
     run_records,
@@ -39,6 +40,7 @@ from process_runs import (
     wait_for_processes,
     write_source,
 )
+from support import run_sql
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +158,43 @@ def test_a_stopped_worker_of_a_killed_run_resumed_after_a_takeover_writes_nothin
     assert billing_state(url, MONTH) == clean
     statuses = [r["status"] for r in run_records(url)]
     assert statuses == ["abandoned", "succeeded"], statuses
+
+
+def test_a_run_that_lost_its_lock_exits_75_with_one_line_and_writes_nothing_more(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The run stops itself before its first chunk's write; meanwhile its lock is taken
+    from it (SQLite: the row names another run; PostgreSQL: its lock session is cut off);
+    resumed, it commits nothing more and exits 75 with one line."""
+    url = _prepared(db_url, tmp_path)
+    trace, log = tmp_path / "trace", tmp_path / "run.log"
+    env = {
+        "BILLING_WORKERS": "1",
+        "BILLING_FAULT_TRACE": str(trace),
+        "BILLING_FAULT_STOP_BEFORE_WRITE": "4",  # run.start, lock.acquire, _start, then a chunk
+    }
+    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
+    try:
+        _wait_for(lambda: _state(proc.pid) == "T", 120, "the run stopped before its chunk's write")
+        if url.startswith("sqlite"):
+            run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
+        else:
+            run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=120) == 75
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = plain_lines(log.read_text(encoding="utf-8"))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("billing-jobs: this run lost its lock: lock 'billing-writer'"), lines
+    assert [t[4] for t in _trace(trace)] == ["run.start", "lock.acquire", "_start", "run.end", "lock.release"]
+    assert [r["status"] for r in run_records(url)] == ["failed"]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
