@@ -10,8 +10,11 @@ stopped or busy in C code.
 Two things to know about it:
 
 - The signal is sent when the *thread* that started the child ends, not the
-  process. Every process here is started by a thread that waits for it (the pool
-  of a chunked step, `subprocess.run` of the scheduler), so the two are the same.
+  process. The scheduler's runs are started by a thread that waits for them
+  (`subprocess.run`). The fork server serves every pool of its process for as long
+  as the process lives, so it is tied only when the main thread starts it (a
+  command's job runs there); started from another thread it is not, and its
+  workers keep the check before each chunk and the fencing of each write.
 - A parent that dies before the child has asked leaves it orphaned at once: the
   child compares its parent's pid after asking (`die_with_parent`), and if its
   parent has already changed, sends itself the signal.

@@ -26,8 +26,10 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -203,10 +205,11 @@ def _start_forkserver(context: Any, *, keep_orphans: bool) -> None:
     from multiprocessing import forkserver
 
     context.set_forkserver_preload(PRELOAD)
-    if keep_orphans:  # fault injection: a fork server and workers that outlive the run
-        forkserver.ensure_running()
-        return
-    with lifeline.parent_variable():
+    # The parent-death signal follows the thread that starts the server, and the server
+    # serves the whole process: only the main thread's end is the process's end. Pools
+    # started from other threads (tests, an in-process scheduler) keep the other guards.
+    tied = not keep_orphans and threading.current_thread() is threading.main_thread()
+    with lifeline.parent_variable() if tied else nullcontext():
         forkserver.ensure_running()
 
 
