@@ -193,9 +193,11 @@ def run_chunks(
                 run.add_reject_keys(rejected)
                 yield result
         except BaseException:  # a failed chunk, SIGTERM, a lost lock, the caller gone
-            for future in futures:
-                future.cancel()
-            _kill_workers(pool)
+            # Killed workers break the pool, which fails every chunk not done. (Cancelling
+            # them as well makes Python 3.11's pool thread fail on a cancelled future.)
+            if not _kill_workers(pool):
+                for future in futures:
+                    future.cancel()
             raise
 
 
@@ -213,10 +215,11 @@ def _start_forkserver(context: Any, *, keep_orphans: bool) -> None:
         forkserver.ensure_running()
 
 
-def _kill_workers(pool: ProcessPoolExecutor) -> None:
+def _kill_workers(pool: ProcessPoolExecutor) -> int:
     """SIGKILL the pool's workers: a chunk in flight rolls back, and nothing of a run
-    that is ending goes on computing or writing after it."""
+    that is ending goes on computing or writing after it. How many were killed."""
     processes = getattr(pool, "_processes", None) or {}
-    for process in list(processes.values()):
-        if process.is_alive():
-            process.kill()
+    alive = [process for process in list(processes.values()) if process.is_alive()]
+    for process in alive:
+        process.kill()
+    return len(alive)

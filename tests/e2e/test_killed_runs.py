@@ -193,6 +193,47 @@ def test_a_run_that_lost_its_lock_exits_75_with_one_line_and_writes_nothing_more
     assert [r["status"] for r in run_records(url)] == ["failed"]
 
 
+def test_a_worker_that_finds_the_lock_lost_makes_the_run_exit_75_and_ends_the_pool(
+    db_url: str, tmp_path: Path
+) -> None:
+    """--workers 2: the workers stop before their first write; the lock is taken from
+    the run; resumed, a worker's write fails, the run kills its pool, exits 75 with one
+    line, and no process of it is left."""
+    url = _prepared(db_url, tmp_path)
+    trace, log = tmp_path / "trace", tmp_path / "run.log"
+    env = {
+        **ENV,
+        **run_tag(),
+        "BILLING_FAULT_TRACE": str(trace),
+        "BILLING_FAULT_KILL_PROCESS": "worker",
+        "BILLING_FAULT_STOP_BEFORE_WRITE": "1",
+    }
+    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
+    try:
+        seen = wait_for_processes(env, lambda seen: "T" in seen.values(), 120)
+        assert "T" in seen.values(), seen
+        if url.startswith("sqlite"):
+            run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
+        else:
+            run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
+        for pid, state in processes_of(env).items():
+            if state == "T":
+                os.kill(pid, signal.SIGCONT)
+        assert proc.wait(timeout=120) == 75
+        left = wait_for_processes(env, lambda seen: not seen, GONE_SECONDS)
+        assert left == {}, f"alive {GONE_SECONDS}s after the run ended: {left}"
+    finally:
+        end_processes(env)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = plain_lines(log.read_text(encoding="utf-8"))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("billing-jobs: this run lost its lock: lock 'billing-writer'"), lines
+    assert [t[4] for t in _trace(trace) if t[1] == "worker"] == [], "no worker committed"
+    assert [r["status"] for r in run_records(url)] == ["failed"]
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
