@@ -132,9 +132,23 @@ def wait_for_processes(
 
 def end_processes(env: dict[str, str]) -> None:
     """SIGKILL what is left of a run (a test's cleanup)."""
+    if RUN_TAG not in env:
+        return
     for pid in processes_of(env):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def owned(proc: subprocess.Popen[Any], env: dict[str, str]) -> Iterator[subprocess.Popen[Any]]:
+    """`proc` for the block; after it, whatever is left of its run is killed and reaped."""
+    try:
+        yield proc
+    finally:
+        end_processes(env)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def run_process(

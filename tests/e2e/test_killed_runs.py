@@ -29,8 +29,8 @@ from process_runs import (
     another_database,
     billing_state,
     busy_month,
-    end_processes,
     lock_holder,
+    owned,
     plain_lines,
     processes_of,
     run_process,
@@ -67,6 +67,11 @@ def clean(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterat
         yield billing_state(url, MONTH)
 
 
+def _month_end(url: str, folder: Path, env: dict[str, str], log: Path) -> Any:
+    """`month-end` of MONTH in a process of its own, its output in `log`."""
+    return start_cli(url, "month-end", "--month", MONTH, cwd=folder, env=env, output=log)
+
+
 def _trace(path: Path) -> list[list[str]]:
     """Committed write points: `<pid> <process> <job> <k> <label>` each."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -87,8 +92,7 @@ def test_a_run_killed_while_its_workers_write_takes_them_with_it(
     trace = tmp_path / "trace"
     env = {**ENV, **run_tag(), "BILLING_FAULT_TRACE": str(trace)}  # counting only: nothing dies
     log = tmp_path / "killed.log"
-    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
-    try:
+    with owned(_month_end(url, tmp_path, env, log), env) as proc:
         _wait_for(lambda: any(t[1] == "worker" for t in _trace(trace)), 120, "a worker's write")
         running = processes_of(env)
         assert len(running) >= 3, running  # the run, its fork server, its workers
@@ -98,11 +102,6 @@ def test_a_run_killed_while_its_workers_write_takes_them_with_it(
         left = wait_for_processes(env, lambda seen: not seen, GONE_SECONDS)
         assert left == {}, f"alive {GONE_SECONDS}s after the kill: {left}"
         print(f"{len(running)} processes of the run gone {time.monotonic() - killed:.2f}s after the kill")
-    finally:
-        end_processes(env)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert lock_holder(url) is not None, "killed before its end: it still names the lock"
     assert billing_state(url, MONTH) != clean, "killed before it was done"
@@ -127,8 +126,7 @@ def test_a_stopped_worker_of_a_killed_run_resumed_after_a_takeover_writes_nothin
         "BILLING_FAULT_STOP_BEFORE_WRITE": "2",  # each worker, after its chunk's reads and rules
     }
     log = tmp_path / "killed.log"
-    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
-    try:
+    with owned(_month_end(url, tmp_path, env, log), env) as proc:
         seen = wait_for_processes(env, lambda seen: "T" in seen.values(), 120)
         stopped = {pid for pid, state in seen.items() if state == "T"}
         assert stopped, f"no worker stopped itself: {seen}"
@@ -149,11 +147,6 @@ def test_a_stopped_worker_of_a_killed_run_resumed_after_a_takeover_writes_nothin
                 os.kill(pid, signal.SIGCONT)
         left = wait_for_processes(env, lambda seen: not seen, 30)
         assert left == {}, f"resumed orphans did not end: {left}"
-    finally:
-        end_processes(env)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert _trace(trace) == committed, "a resumed worker committed a write"
     assert billing_state(url, MONTH) == clean
     statuses = [r["status"] for r in run_records(url)]
@@ -173,8 +166,7 @@ def test_a_run_that_lost_its_lock_exits_75_with_one_line_and_writes_nothing_more
         "BILLING_FAULT_TRACE": str(trace),
         "BILLING_FAULT_STOP_BEFORE_WRITE": "4",  # run.start, lock.acquire, _start, then a chunk
     }
-    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
-    try:
+    with owned(_month_end(url, tmp_path, env, log), env) as proc:
         _wait_for(lambda: _state(proc.pid) == "T", 120, "the run stopped before its chunk's write")
         if url.startswith("sqlite"):
             run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
@@ -182,10 +174,6 @@ def test_a_run_that_lost_its_lock_exits_75_with_one_line_and_writes_nothing_more
             run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
         os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=120) == 75
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     lines = plain_lines(log.read_text(encoding="utf-8"))
     assert len(lines) == 1, lines
     assert lines[0].startswith("billing-jobs: this run lost its lock: lock 'billing-writer'"), lines
@@ -208,25 +196,25 @@ def test_a_worker_that_finds_the_lock_lost_makes_the_run_exit_75_and_ends_the_po
         "BILLING_FAULT_KILL_PROCESS": "worker",
         "BILLING_FAULT_STOP_BEFORE_WRITE": "1",
     }
-    proc = start_cli(url, "month-end", "--month", MONTH, cwd=tmp_path, env=env, output=log)
-    try:
+    with owned(_month_end(url, tmp_path, env, log), env) as proc:
         seen = wait_for_processes(env, lambda seen: "T" in seen.values(), 120)
         assert "T" in seen.values(), seen
         if url.startswith("sqlite"):
             run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
         else:
             run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
-        for pid, state in processes_of(env).items():
-            if state == "T":
-                os.kill(pid, signal.SIGCONT)
-        assert proc.wait(timeout=120) == 75
+        # Resume every worker, also one that stops itself only now: the run reads results
+        # in chunk order, so it may wait for that worker's chunk before the failed one.
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid, state in processes_of(env).items():
+                if state == "T":
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        assert proc.wait(timeout=1) == 75
         left = wait_for_processes(env, lambda seen: not seen, GONE_SECONDS)
         assert left == {}, f"alive {GONE_SECONDS}s after the run ended: {left}"
-    finally:
-        end_processes(env)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     lines = plain_lines(log.read_text(encoding="utf-8"))
     assert len(lines) == 1, lines
     assert lines[0].startswith("billing-jobs: this run lost its lock: lock 'billing-writer'"), lines

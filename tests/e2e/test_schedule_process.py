@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 import time_machine
-from process_runs import end_processes, processes_of, run_tag, wait_for_processes
+from process_runs import owned, processes_of, run_tag, wait_for_processes
 from support import SourceData, holding_writer_lock, run_cli
 
 from billing_jobs.db.billing_tables import billed_days, billing_runs
@@ -331,7 +331,7 @@ def test_a_scheduler_killed_while_its_job_runs_takes_the_job_with_it(db_url: str
             stdout=out,
             stderr=out,
         )
-    try:
+    with owned(proc, tag):
         deadline = time.monotonic() + RUN_SECONDS
         while not any(s == "running" for s in job_statuses_or_none(db_url).get("nightly", [])):
             assert time.monotonic() < deadline, "the scheduler's nightly never started"
@@ -344,11 +344,6 @@ def test_a_scheduler_killed_while_its_job_runs_takes_the_job_with_it(db_url: str
         proc.wait()
         left = wait_for_processes(tag, lambda seen: not seen, 5.0)
         assert left == {}, f"alive 5 s after the scheduler was killed: {left}"
-    finally:
-        end_processes(tag)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert job_statuses(db_url) == {"nightly": ["failed"]}, (tmp_path / "output.txt").read_text()
     with time_machine.travel(clock, tick=False):
         again = run_cli(db_url, "--config", config, "nightly")
