@@ -123,3 +123,13 @@ def label_of(work: Any) -> str:
 
 def _die(victim: int | None = None) -> None:
     os.kill(os.getpid() if victim is None else victim, signal.SIGKILL)
+
+
+MIGRATION_VARIABLE = "BILLING_FAULT_KILL_IN_MIGRATION"
+
+
+def in_migration(revision: str) -> None:
+    """`BILLING_FAULT_KILL_IN_MIGRATION=R`: SIGKILL inside migration R after its data is
+    moved, before its transaction commits (the database rolls the migration back)."""
+    if os.environ.get(MIGRATION_VARIABLE) == revision:
+        _die()

@@ -19,19 +19,20 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+import pandas as pd
 from click.testing import CliRunner
-from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy import Connection, Engine, create_engine, insert, select
 from sqlalchemy import text as sql_text
 
 from billing_jobs.cli import main
-from billing_jobs.db.billing_tables import rejects
+from billing_jobs.db.billing_tables import billed_days, charge_periods, month_closes, rejects
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.lock import WRITER_LOCK, Lease
 from billing_jobs.db.source_tables import (
@@ -45,6 +46,8 @@ from billing_jobs.db.source_tables import (
     source_metadata,
     top_ups,
 )
+from billing_jobs.rules import periods
+from billing_jobs.rules.calendar import day_from_number, day_number
 
 _ids = itertools.count(1)
 
@@ -289,3 +292,97 @@ def lines_by(rows: list[dict[str, str]], *key: str) -> dict[tuple[str, ...], Dec
 
 def iter_lines(rows: list[dict[str, str]], line_type: str) -> Iterator[dict[str, str]]:
     return (r for r in rows if r["line_type"] == line_type)
+
+
+# --- The charge store, day by day --------------------------------------------------------
+
+CHARGE_DAY_COLUMNS = [
+    "project_id",
+    "charge_type",
+    "charge_date",
+    "account_id",
+    "quantity_units",
+    "amount_units",
+]
+
+
+def _stored_periods(conn: Connection) -> pd.DataFrame:
+    rows = conn.execute(
+        select(
+            charge_periods.c.project_id,
+            charge_periods.c.charge_type,
+            charge_periods.c.first_day,
+            charge_periods.c.last_day,
+            charge_periods.c.account_id,
+            charge_periods.c.quantity_units,
+            charge_periods.c.amount_units,
+        )
+    ).all()
+    frame = pd.DataFrame(rows, columns=periods.COLUMNS)
+    for column in ("first_day", "last_day"):
+        frame[column] = [day_number(d) for d in frame[column]]
+    return frame
+
+
+def charge_days(db_url: str | Connection, *, billed_only: bool = False) -> list[tuple[Any, ...]]:
+    """Every stored charge as one row per day (CHARGE_DAY_COLUMNS, the date as ISO text),
+    sorted: (project_id, charge_type, charge_date, account_id, quantity_units,
+    amount_units). billed_only: without the storage fee stored ahead of the last billed day
+    (days after it in months not closed)."""
+    if not isinstance(db_url, str):
+        return _charge_days(db_url, billed_only)
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return _charge_days(conn, billed_only)
+    finally:
+        engine.dispose()
+
+
+def _charge_days(conn: Connection, billed_only: bool) -> list[tuple[Any, ...]]:
+    days = periods.to_days(_stored_periods(conn))
+    out = sorted(
+        (p, t, day_from_number(int(d)).isoformat(), a, int(q), int(m))
+        for p, a, t, d, q, m in days[periods.DAY_COLUMNS].itertuples(index=False)
+    )
+    if not billed_only:
+        return out
+    billed = {str(d)[:10] for (d,) in conn.execute(select(billed_days.c.billing_day))}
+    closed = {p for (p,) in conn.execute(select(month_closes.c.period))}
+    return [r for r in out if r[2] in billed or r[2][:7] in closed]
+
+
+def rewrite_charge_days(db_url: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    """Change the stored charges day by day, as a person editing the table would: every
+    day read (DAY_COLUMNS, days as day numbers), `edit`ed, and stored back as periods."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            days = edit(periods.to_days(_stored_periods(conn)))
+            stored = periods.from_days(days)
+            conn.execute(charge_periods.delete())
+            if len(stored):
+                conn.execute(
+                    charge_periods.insert(),
+                    [
+                        {
+                            "project_id": p,
+                            "charge_type": t,
+                            "first_day": day_from_number(int(f)),
+                            "last_day": day_from_number(int(e)),
+                            "days": int(e) - int(f) + 1,
+                            "account_id": a,
+                            "quantity_units": int(q),
+                            "amount_units": int(m),
+                            "run_id": "edited",
+                            "recorded_at": ts("2026-01-01"),
+                        }
+                        for p, t, f, e, a, q, m in stored[periods.COLUMNS].itertuples(index=False)
+                    ],
+                )
+    finally:
+        engine.dispose()
+
+
+def day_of(iso: str) -> int:
+    return day_number(date.fromisoformat(iso))

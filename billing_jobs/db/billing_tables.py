@@ -74,19 +74,27 @@ billed_days = Table(
     Column("billed_at", DateTime, nullable=False),
 )
 
-# One charge per (project, charge type, billing day): a re-run cannot double-charge.
-daily_charges = Table(
-    "daily_charges",
+# What was charged, as periods (`rules.periods`): one row per project, charge type and
+# run of consecutive days of one month with the same account, daily quantity and daily
+# amount; days first_day..last_day, both included; `days` = their number. Canonical: no
+# two rows of a (project, charge type) overlap or could be merged. The storage fee of
+# the current month may run past the last billed day: the nightly job stores it through
+# the month's end as the lifecycle known then gives it (a quiet night changes nothing);
+# the days up to the last one billed (`billed_days`, or a closed month) are charged.
+charge_periods = Table(
+    "charge_periods",
     billing_metadata,
     Column("project_id", String(64), primary_key=True),
     Column("charge_type", String(32), primary_key=True),
-    Column("charge_date", Date, primary_key=True),
+    Column("first_day", Date, primary_key=True),
+    Column("last_day", Date, nullable=False),
+    Column("days", Integer, nullable=False),
     Column("account_id", String(64), nullable=False),
-    Column("quantity_units", BigInteger, nullable=False),
-    Column("amount_units", BigInteger, nullable=False),
+    Column("quantity_units", BigInteger, nullable=False),  # per day
+    Column("amount_units", BigInteger, nullable=False),  # per day
     Column("run_id", String(36), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
-    Index("ix_daily_charges_account_date", "account_id", "charge_date"),
+    Index("ix_charge_periods_account_first", "account_id", "first_day"),
 )
 
 # Month closes: a month is closed once its regular invoices are finalized.

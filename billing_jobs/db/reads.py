@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import BindParameter
 
-from billing_jobs.db.billing_tables import daily_charges
+from billing_jobs.db.billing_tables import charge_periods
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -192,19 +192,24 @@ def plan_chunks(
 
 
 def accounts_charged(first: date, last: date) -> Select[Any]:
-    """The accounts with daily charges on days first..last, without reading the charges.
+    """The accounts with charges stored on days first..last, without reading the charges.
 
-    A loose index scan of `(account_id, charge_date)`: each step jumps to the next
-    account id in the index and looks up whether it has a charge in those days. Its
-    work grows with the number of accounts, not with the charges of all history (a
-    `SELECT DISTINCT` has no index to filter days with, and reads every stored row).
-    The ids come in the index's order, which no result depends on.
+    A loose index scan of `(account_id, first_day)`: each step jumps to the next
+    account id in the index and looks up whether it has a period that reaches those
+    days. A period lies in one month, so one that reaches day `first` starts at most 30
+    days before it: each lookup reads a bounded range of the index, and the work grows
+    with the number of accounts, not with all history. The ids come in the index's
+    order, which no result depends on.
     """
-    dc = daily_charges.c
-    walk = select(func.min(dc.account_id).label("account_id")).cte("account_walk", recursive=True)
-    following = select(func.min(dc.account_id)).where(dc.account_id > walk.c.account_id).scalar_subquery()
+    cp = charge_periods.c
+    walk = select(func.min(cp.account_id).label("account_id")).cte("account_walk", recursive=True)
+    following = select(func.min(cp.account_id)).where(cp.account_id > walk.c.account_id).scalar_subquery()
     walk = walk.union_all(select(following).where(walk.c.account_id.is_not(None)))
-    charged = exists().where(dc.account_id == walk.c.account_id, dc.charge_date.between(first, last))
+    charged = exists().where(
+        cp.account_id == walk.c.account_id,
+        cp.first_day.between(first - timedelta(days=30), last),
+        cp.last_day >= first,
+    )
     return select(walk.c.account_id).where(walk.c.account_id.is_not(None), charged)
 
 

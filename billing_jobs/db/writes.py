@@ -3,35 +3,31 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import date, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
-    BigInteger,
-    Column,
     Connection,
-    Date,
     DateTime,
-    Integer,
-    MetaData,
-    String,
     Table,
+    bindparam,
     delete,
-    exists,
-    func,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 
-from billing_jobs.db.billing_tables import daily_charges, rejects
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.billing_tables import charge_periods, rejects
+from billing_jobs.db.reads import Chunk, among, date_param, read_frame
+from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
+from billing_jobs.rules import periods
+from billing_jobs.rules.calendar import Month, day_from_number, day_number
+from billing_jobs.rules.invoice import STORAGE_FEE
 from billing_jobs.rules.rejects import RejectStatus, reject_id
 
 SQL_BATCH = 5_000
@@ -159,235 +155,143 @@ def insert_ignore(conn: Connection, table: Table, records: list[dict[str, Any]])
     return added
 
 
-def sync_daily_charges(
+@dataclass(frozen=True)
+class Window:
+    """The days a run decides, per charge type: days first..last, and for the storage
+    fee first..storage_last (the nightly job's storage fee runs to the month's end)."""
+
+    first: date
+    last: date
+    storage_last: date
+
+    @classmethod
+    def days(cls, first: date, last: date, storage_last: date | None = None) -> Window:
+        return cls(first, last, storage_last or last)
+
+    def bounds(self, charge_types: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        storage = (charge_types == STORAGE_FEE).to_numpy(dtype=bool)
+        lo = np.full(len(charge_types), day_number(self.first), dtype=np.int64)
+        hi = np.where(storage, day_number(self.storage_last), day_number(self.last)).astype(np.int64)
+        return lo, hi
+
+
+def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: date, hi: date) -> pd.DataFrame:
+    """The stored periods of one month that overlap or touch days lo..hi (both in that
+    month), of the chunk's accounts and of `projects` whatever their account (a project
+    that moved to the chunk's accounts)."""
+    cp = charge_periods.c
+    month = Month.of(lo)
+    columns = [
+        cp.project_id,
+        cp.charge_type,
+        day_number_of(conn, cp.first_day).label("first_day"),
+        day_number_of(conn, cp.last_day).label("last_day"),
+        cp.account_id,
+        cp.quantity_units,
+        cp.amount_units,
+    ]
+    reach = (
+        cp.first_day >= date_param(conn, month.first_day),
+        cp.first_day <= date_param(conn, min(hi + timedelta(days=1), month.last_day)),
+        cp.last_day >= date_param(conn, max(lo - timedelta(days=1), month.first_day)),
+    )
+    ints = ["first_day", "last_day", "quantity_units", "amount_units"]
+    frames = [
+        read_frame(
+            conn, select(*columns).where(chunk.clause(cp.account_id), *reach), ints=ints, aggregate=True
+        )
+    ]
+    if chunk.accounts is not None and len(projects):
+        moved = select(*columns).where(among(cp.project_id, projects), *reach)
+        frames.append(read_frame(conn, moved, ints=ints, aggregate=True))
+    found = pd.concat(frames, ignore_index=True)
+    return found.drop_duplicates(periods.KEY, ignore_index=True) if len(frames) > 1 else found
+
+
+def sync_charges(
     conn: Connection,
     truth: pd.DataFrame,
-    first: date,
-    last: date,
+    window: Window,
     chunk: Chunk,
     *,
     run_id: str,
     now: datetime,
 ) -> tuple[int, int]:
-    """Make the stored charges of days first..last of the chunk equal `truth`, exactly.
+    """Make the stored charges of the chunk say exactly `truth` inside `window`.
 
-    truth: project_id, account_id, charge_type, day, quantity_units, amount_units, for
-    every project of the chunk's accounts. It goes to a temporary table as runs of
-    days; then, in the database:
+    truth: the daily charges the rules give (project_id, account_id, charge_type, day,
+    quantity_units, amount_units) inside the window, for every project of the chunk's
+    accounts. The stored periods that overlap or touch the window (the chunk's
+    accounts', and any account's of the truth's projects) are read; the change that
+    keeps what lies outside the window and holds the truth inside it, in canonical
+    form, is computed (`rules.periods.change`) and written: the periods it no longer
+    holds deleted, the new ones inserted. Over unchanged data the change is empty and
+    nothing is written; every day is compared, so any difference is corrected.
 
-    1. every stored row of the chunk's accounts in those days that no truth row
-       equals on every column is deleted;
-    2. the truth rows not stored yet are inserted: all of them with a plain INSERT
-       when none is stored (a first close), none when all are (a re-run);
-    3. only if a truth row's key (project, charge type, day) turned out to be stored
-       with other values (a project that moved here from another account), those
-       rows are deleted and the missing truth rows inserted.
-
-    Counts first (stored rows of the chunk's accounts in those days; of them, the
-    ones equal to the truth) tell which of these passes can change anything: over
-    unchanged data none runs, and with nothing stored the truth is inserted as it is.
-
-    Nothing is compared by a summary, so any difference on any day is corrected; a
-    re-run over unchanged data writes nothing. Returns (rows written, rows deleted).
+    Returns (periods written, periods deleted).
     """
-    runs = to_runs(truth) if len(truth) else None
-    if runs is not None and int(runs["n_days"].max()) > 31:
+    wanted = periods.from_days(truth)
+    if len(wanted):
+        lo, hi = window.bounds(wanted["charge_type"])
+        f, e = wanted["first_day"].to_numpy(), wanted["last_day"].to_numpy()
+        if bool(((f < lo) | (e > hi)).any()):
+            raise ValueError("a charge lies outside the days the run decides")
+    if Month.of(window.first) != Month.of(max(window.last, window.storage_last)):
         raise ValueError("a run of charges spans more than one month")
-    dialect = conn.dialect.name
-    truth_runs.create(conn)
-    try:
-        if runs is not None:
-            bulk_insert(
-                conn,
-                truth_runs,
-                runs.assign(last_day=runs["first_day"] + runs["n_days"] - 1),
-                date_columns=["first_day", "last_day"],
+    projects = pd.unique(truth["project_id"]).tolist() if len(truth) else []
+    stored = read_periods(conn, chunk, projects, window.first, max(window.last, window.storage_last))
+    lo, hi = window.bounds(stored["charge_type"])
+    diff = periods.change(stored, wanted, lo, hi)
+    if diff.empty:
+        return 0, 0
+    deleted = 0
+    if len(diff.delete):
+        rows = diff.delete
+        params = [
+            {"p": p, "t": t, "f": day_from_number(f), "e": day_from_number(e), "a": a, "q": q, "m": m}
+            for p, t, f, e, a, q, m in zip(
+                rows["project_id"],
+                rows["charge_type"],
+                rows["first_day"].tolist(),
+                rows["last_day"].tolist(),
+                rows["account_id"],
+                rows["quantity_units"].tolist(),
+                rows["amount_units"].tolist(),
+                strict=True,
             )
-        dc, r = daily_charges.c, truth_runs.c
-        in_scope = (chunk.clause(dc.account_id), dc.charge_date >= first, dc.charge_date <= last)
-        stored = int(
-            conn.execute(select(func.count()).select_from(daily_charges).where(*in_scope)).scalar_one()
+        ]
+        cp = charge_periods.c
+        stmt = delete(charge_periods).where(
+            cp.project_id == bindparam("p"),
+            cp.charge_type == bindparam("t"),
+            cp.first_day == bindparam("f"),
+            cp.last_day == bindparam("e"),
+            cp.account_id == bindparam("a"),
+            cp.quantity_units == bindparam("q"),
+            cp.amount_units == bindparam("m"),
         )
-        wanted = int(runs["n_days"].sum()) if runs is not None else 0
-        joined = False
-
-        def join_ready() -> None:
-            # The index and statistics only the joins below need: a first close skips them.
-            nonlocal joined
-            if not joined:
-                conn.execute(text(_TRUTH_INDEX))
-                if dialect == "postgresql":
-                    conn.exec_driver_sql("ANALYZE billing_truth_runs")
-                joined = True
-
-        # Counts decide which passes are needed. Every stored row equal to a truth row is
-        # in scope (the truth holds the chunk's accounts and days first..last), so with
-        # nothing stored in scope nothing is kept; a re-run over unchanged data (every
-        # stored row equal to the truth, nothing else stored) needs no other pass.
-        kept = 0
-        if stored and wanted:
-            join_ready()
-            kept = int(conn.execute(text(_COUNT_EQUAL)).scalar_one())
-        deleted = 0
-        if stored > kept:
-            # Stored rows of the chunk's accounts that no truth row equals.
-            equal = exists().where(
-                r.project_id == dc.project_id,
-                r.charge_type == dc.charge_type,
-                dc.charge_date >= r.first_day,
-                dc.charge_date <= r.last_day,
-                r.account_id == dc.account_id,
-                r.quantity_units == dc.quantity_units,
-                r.amount_units == dc.amount_units,
-            )
-            if wanted:
-                join_ready()
-            deleted += conn.execute(delete(daily_charges).where(*in_scope, ~equal)).rowcount or 0
-        written = 0
-        if kept < wanted:
-            stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if dialect == "sqlite" else now
-            params = {"run_id": run_id, "now": stamp}
-
-            def insert(missing_only: bool) -> int:
-                sql = _EXPAND[dialect] + (_MISSING[dialect] if missing_only else "")
-                if missing_only:
-                    join_ready()
-                return conn.execute(text(sql), params).rowcount or 0
-
-            # None kept (a first close): a plain insert; some: only the missing ones. Rows
-            # still stored on the truth's keys can only be other accounts' (a project that
-            # moved here): the plain insert then fails on the key, the other inserts fewer
-            # rows than are missing. Only then are those rows found and removed (a join
-            # driven by the truth through daily_charges' primary key) and the rest inserted.
-            try:
-                with _undo_on_error(conn):
-                    written = insert(missing_only=kept > 0)
-                complete = written == wanted - kept
-            except IntegrityError:
-                written, complete = 0, False
-            if not complete:
-                join_ready()
-                deleted += conn.execute(text(_DELETE_COVERED_DIFFERENT[dialect])).rowcount or 0
-                written += insert(missing_only=True)
-    finally:
-        # SQLite may have committed the CREATE on its own: drop it even after an error. On
-        # PostgreSQL an error aborts the transaction, whose rollback removes the table.
-        if dialect != "postgresql":
-            truth_runs.drop(conn)
-    if dialect == "postgresql":
-        truth_runs.drop(conn)
-    return written, deleted
-
-
-@contextmanager
-def _undo_on_error(conn: Connection) -> Iterator[None]:
-    """A statement that fails leaves the transaction usable: on PostgreSQL through a
-    savepoint; SQLite undoes only the failed statement (its ABORT conflict resolution)."""
-    if conn.dialect.name == "postgresql":
-        with conn.begin_nested():
-            yield
+        for start in range(0, len(params), SQL_BATCH):
+            # A row already gone was deleted by a chunk of the same run at the same time
+            # (a project that moved between accounts): both want it gone.
+            deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
+    rows = diff.insert.assign(
+        days=diff.insert["last_day"] - diff.insert["first_day"] + 1, run_id=run_id, recorded_at=now
+    )
+    if chunk.accounts is not None:
+        # Periods of other accounts (the part outside the window of a project that moved
+        # here) may be written by their own chunk at the same time: the same rows.
+        theirs = ~rows["account_id"].isin(chunk.accounts)
+        foreign, rows = rows.loc[theirs], rows.loc[~theirs]
     else:
-        yield
-
-
-_TRUTH_INDEX = "CREATE INDEX billing_truth_runs_key ON billing_truth_runs (project_id, charge_type)"
-
-# The truth of a chunk's charges, as runs of consecutive days with the same amount.
-truth_runs = Table(
-    "billing_truth_runs",
-    MetaData(),
-    Column("project_id", String(64)),
-    Column("charge_type", String(32)),
-    Column("first_day", Date),
-    Column("n_days", Integer),
-    Column("account_id", String(64)),
-    Column("quantity_units", BigInteger),
-    Column("amount_units", BigInteger),
-    Column("last_day", Date),
-    prefixes=["TEMPORARY"],
-)
-
-_COLUMNS = (
-    "INSERT INTO daily_charges (project_id, charge_type, charge_date, account_id, quantity_units,"
-    " amount_units, run_id, recorded_at)"
-)
-_DAY = {"postgresql": "r.first_day + g.n", "sqlite": "date(r.first_day, '+' || g.n || ' days')"}
-_EXPAND = {
-    "postgresql": (
-        _COLUMNS + " SELECT r.project_id, r.charge_type, r.first_day + g.n, r.account_id, r.quantity_units,"
-        " r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r CROSS JOIN LATERAL generate_series(0, r.n_days - 1) AS g(n)"
-    ),
-    # The WITH inside the INSERT: sqlite3 counts rows only for statements starting with INSERT.
-    "sqlite": (
-        _COLUMNS + " WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30)"
-        " SELECT r.project_id, r.charge_type, date(r.first_day, '+' || g.n || ' days'), r.account_id,"
-        " r.quantity_units, r.amount_units, :run_id, :now"
-        " FROM billing_truth_runs r JOIN g ON g.n < r.n_days"
-    ),
-}
-_MISSING = {
-    name: " WHERE NOT EXISTS (SELECT 1 FROM daily_charges d WHERE d.project_id = r.project_id"
-    f" AND d.charge_type = r.charge_type AND d.charge_date = {day})"
-    for name, day in _DAY.items()
-}
-# Stored rows on the keys of the truth's runs, found from the runs (a join driven by the
-# small temporary table through daily_charges' primary key).
-_ON_COVERED = (
-    " d.project_id = r.project_id AND d.charge_type = r.charge_type"
-    " AND d.charge_date >= r.first_day AND d.charge_date <= r.last_day"
-)
-_DIFFERENT = (
-    " (r.account_id <> d.account_id OR r.quantity_units <> d.quantity_units"
-    " OR r.amount_units <> d.amount_units)"
-)
-_DELETE_COVERED_DIFFERENT = {
-    "postgresql": "DELETE FROM daily_charges d USING billing_truth_runs r WHERE"
-    + _ON_COVERED
-    + " AND"
-    + _DIFFERENT,
-    "sqlite": (
-        "DELETE FROM daily_charges WHERE rowid IN (SELECT d.rowid FROM billing_truth_runs r"
-        " JOIN daily_charges d ON" + _ON_COVERED + " WHERE" + _DIFFERENT + ")"
-    ),
-}
-_COUNT_EQUAL = (
-    "SELECT count(*) FROM billing_truth_runs r JOIN daily_charges d ON"
-    + _ON_COVERED
-    + " AND r.account_id = d.account_id AND r.quantity_units = d.quantity_units"
-    " AND r.amount_units = d.amount_units"
-)
-
-
-def to_runs(rows: pd.DataFrame) -> pd.DataFrame:
-    """Charges (project_id, account_id, charge_type, day, quantity_units, amount_units)
-    as runs of consecutive days with equal quantity and amount: ..., first_day, n_days."""
-    # Sorted codes: the runs (and the rows the database expands from them) come in key order.
-    pcode, _ = pd.factorize(rows["project_id"], sort=True)
-    tcode, _ = pd.factorize(rows["charge_type"], sort=True)
-    day = rows["day"].to_numpy(dtype=np.int64)
-    order = np.lexsort((day, tcode, pcode))
-    p, t, d = pcode[order], tcode[order], day[order]
-    q = rows["quantity_units"].to_numpy(dtype=np.int64)[order]
-    a = rows["amount_units"].to_numpy(dtype=np.int64)[order]
-    start = np.ones(len(order), dtype=bool)
-    start[1:] = (
-        (p[1:] != p[:-1]) | (t[1:] != t[:-1]) | (d[1:] != d[:-1] + 1) | (q[1:] != q[:-1]) | (a[1:] != a[:-1])
-    )
-    first = np.flatnonzero(start)
-    n_days = np.diff(np.append(first, len(order)))
-    picked = order[first]
-    return pd.DataFrame(
-        {
-            "project_id": rows["project_id"].to_numpy(dtype=object)[picked],
-            "charge_type": rows["charge_type"].to_numpy(dtype=object)[picked],
-            "first_day": d[first],
-            "n_days": n_days,
-            "account_id": rows["account_id"].to_numpy(dtype=object)[picked],
-            "quantity_units": q[first],
-            "amount_units": a[first],
-        }
-    )
+        foreign = rows.iloc[0:0]
+    written = bulk_insert(conn, charge_periods, rows, date_columns=["first_day", "last_day"])
+    if len(foreign):
+        records = foreign.assign(
+            first_day=[day_from_number(d) for d in foreign["first_day"].tolist()],
+            last_day=[day_from_number(d) for d in foreign["last_day"].tolist()],
+        ).to_dict("records")
+        written += insert_ignore(conn, charge_periods, records)
+    return written, deleted
 
 
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:

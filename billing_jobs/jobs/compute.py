@@ -63,7 +63,7 @@ class ChunkResult:
     lifecycle: Lifecycle
     storage: pd.DataFrame  # every active day of the month: project_id, day, status, amount_units
     cloud: pd.DataFrame  # project_id, day, metric, line_type, quantity_units, amount_units
-    charges: pd.DataFrame  # daily charges, days first..last
+    charges: pd.DataFrame  # daily charges, days first..last (storage fee: ..storage_last)
     compute: pd.DataFrame | None  # project_id, compute_units (month-end only)
     refunds: pd.DataFrame | None  # project_id, amount_units, compute_units (month-end only)
     lines: pd.DataFrame | None  # invoice lines for the month (month-end only)
@@ -84,14 +84,17 @@ def compute_chunk(
     first: date | None = None,
     last: date | None = None,
     whole_month: bool = True,
+    storage_last: date | None = None,
 ) -> ChunkResult:
     """Recompute billing for the chunk's projects from the source tables.
 
     Every read is of the chunk's accounts alone (aggregated by the database), so
     what this holds is bounded by the chunk, not by the platform. Storage days are
     always computed from the start of the month (the cap counts from day one);
-    charges are returned for `first..last` (default: the month). With
-    `whole_month`, compute totals, waiver refunds and invoice lines too.
+    charges are returned for `first..last` (default: the month), the storage fee's
+    for `first..storage_last` when that is later (what the lifecycle known now gives
+    the days not billed yet). With `whole_month`, compute totals, waiver refunds and
+    invoice lines too.
     """
     settings = settings.for_month(month.first_day)  # prices and promotions in force that month
     zone = ZoneInfo(settings.timezone)
@@ -108,7 +111,9 @@ def compute_chunk(
     storage = storage_days(projects, active, month, zone, rules)
     lo, hi = day_number(first), day_number(last)
     charged = storage_charges(storage)
-    charged = charged.loc[(charged["day"] >= lo) & (charged["day"] <= hi)]
+    stored_through = max(hi, day_number(storage_last)) if storage_last else hi
+    charged_ahead = charged.loc[(charged["day"] >= lo) & (charged["day"] <= stored_through)]
+    charged = charged_ahead.loc[charged_ahead["day"] <= hi]
 
     usage = reads.read_cloud_usage(conn, first, last, chunk)
     pub_days = published_days(published, lo, hi, zone)
@@ -120,11 +125,11 @@ def compute_chunk(
     )
     storage_rows = pd.DataFrame(
         {
-            "project_id": charged["project_id"].to_numpy(dtype=object),
+            "project_id": charged_ahead["project_id"].to_numpy(dtype=object),
             "charge_type": STORAGE_FEE,
-            "day": charged["day"].to_numpy(dtype=np.int64),
-            "quantity_units": np.full(len(charged), UNITS_PER_CREDIT, dtype=np.int64),
-            "amount_units": charged["amount_units"].to_numpy(dtype=np.int64),
+            "day": charged_ahead["day"].to_numpy(dtype=np.int64),
+            "quantity_units": np.full(len(charged_ahead), UNITS_PER_CREDIT, dtype=np.int64),
+            "amount_units": charged_ahead["amount_units"].to_numpy(dtype=np.int64),
         }
     )
     cloud_rows = pd.DataFrame(

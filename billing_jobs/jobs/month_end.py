@@ -28,7 +28,7 @@ from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, selec
 
 from billing_jobs.db.billing_tables import (
     billed_days,
-    daily_charges,
+    charge_periods,
     invoice_lines,
     invoices,
     month_closes,
@@ -38,7 +38,7 @@ from billing_jobs.db.billing_tables import (
 from billing_jobs.db.reads import Chunk, Shard, accounts_charged, plan_chunks, read_frame
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
-from billing_jobs.db.writes import analyze, bulk_insert, insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.db.writes import Window, analyze, bulk_insert, insert_ignore, record_rejects, sync_charges
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
     ChunkResult,
@@ -393,7 +393,7 @@ def credits_ledger(
 def _analyze(conn: Connection, *, run: Run) -> None:
     """Statistics refreshed where the run changed a large share of a table."""
     charges = run.counts.get("rows_inserted", 0) + run.counts.get("rows_deleted", 0)
-    analyze(conn, daily_charges, changed=charges)
+    analyze(conn, charge_periods, changed=charges)
     analyze(conn, invoices, invoice_lines, changed=run.counts.get("invoice_lines", 0))
 
 
@@ -655,12 +655,11 @@ def _write_chunk(
     heads: pd.DataFrame,
     lines: pd.DataFrame,
 ) -> None:
-    """One chunk's writes: daily charges corrected, rejects recorded, draft invoices."""
-    inserted, deleted = sync_daily_charges(
+    """One chunk's writes: stored charges corrected, rejects recorded, draft invoices."""
+    inserted, deleted = sync_charges(
         conn,
         result.charges,
-        month.first_day,
-        month.last_day,
+        Window.days(month.first_day, month.last_day),
         chunk,
         run_id=run.run_id,
         now=run.now,

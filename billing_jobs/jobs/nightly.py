@@ -3,7 +3,10 @@
 For each month touched, one pass per chunk of accounts computes the month from
 its first day (the cap counts from day one) and makes the charges of the days
 being billed equal to what the rules give; days already billed with unchanged
-source data are left untouched.
+source data are left untouched. The storage fee is stored through the last day
+before the next billed one (the month's end, usually) as the lifecycle known now
+gives it: a night on which no project's storage fee changes from what was stored
+writes no storage row.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from itertools import groupby
 import pandas as pd
 from sqlalchemy import Connection, Engine, inspect, select
 
-from billing_jobs.db.billing_tables import billed_days, daily_charges
+from billing_jobs.db.billing_tables import billed_days, charge_periods
 from billing_jobs.db.reads import Chunk, accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
-from billing_jobs.db.writes import analyze, insert_ignore, record_rejects, sync_daily_charges
+from billing_jobs.db.writes import Window, analyze, insert_ignore, record_rejects, sync_charges
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
-from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.calendar import Month, day_number
 from billing_jobs.rules.invoice import STORAGE_FEE
 from billing_jobs.rules.rejects import Examined
 
@@ -69,6 +72,25 @@ def _month_runs(days: Iterable[date]) -> list[tuple[Month, date, date]]:
     return out
 
 
+def billed_after(conn: Connection, days: list[date]) -> set[date]:
+    """The billed days after the first of `days`, in the months of `days`."""
+    bd = billed_days.c
+    start = min(days)
+    end = Month.of(max(days)).last_day
+    return {
+        d if isinstance(d, date) else date.fromisoformat(str(d))
+        for (d,) in conn.execute(select(bd.billing_day).where(bd.billing_day > start, bd.billing_day <= end))
+    }
+
+
+def storage_through(month: Month, last: date, billed: set[date]) -> date:
+    """The last day the storage fee is stored through after billing days ..last: the
+    month's end, or the day before the next day already billed (a re-run of an earlier
+    day leaves the storage fee of the days billed after it as it is)."""
+    later = [d for d in billed if last < d <= month.last_day]
+    return min(later) - timedelta(days=1) if later else month.last_day
+
+
 def _keep_rejects(
     conn: Connection, *, run: Run, found: pd.DataFrame, examined: Examined | None = None
 ) -> None:
@@ -101,14 +123,12 @@ def _sync_chunk(
     run: Run,
     result: ChunkResult,
     chunk: Chunk,
-    first: date,
-    last: date,
+    window: Window,
 ) -> None:
-    inserted, deleted = sync_daily_charges(
+    inserted, deleted = sync_charges(
         conn,
         result.charges,
-        first,
-        last,
+        window,
         chunk,
         run_id=run.run_id,
         now=run.now,
@@ -119,7 +139,7 @@ def _sync_chunk(
 
 
 def _analyze(conn: Connection, *, changed: int) -> None:
-    analyze(conn, daily_charges, changed=changed)
+    analyze(conn, charge_periods, changed=changed)
 
 
 def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]) -> None:
@@ -127,15 +147,25 @@ def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]
 
 
 def bill_chunk(
-    run: Run, chunk: Chunk, *, month: Month, first: date, last: date
+    run: Run, chunk: Chunk, *, month: Month, window: Window
 ) -> tuple[pd.DataFrame | None, pd.DataFrame]:
     """One chunk of nightly: read -> rules -> exact diff -> write (one transaction).
 
     Returns the charges (in a dry run; None otherwise) and the rows the rules rejected.
     """
+    first, last = window.first, window.last
     with run.engine.connect() as conn:
-        result = compute_chunk(conn, run.settings, month, chunk, first=first, last=last, whole_month=False)
-    charges = result.charges
+        result = compute_chunk(
+            conn,
+            run.settings,
+            month,
+            chunk,
+            first=first,
+            last=last,
+            whole_month=False,
+            storage_last=window.storage_last,
+        )
+    charges = result.charges.loc[result.charges["day"] <= day_number(last)]
     run.saw_rejects(result.rejects)
     storage = charges["charge_type"] == STORAGE_FEE
     run.count("storage_charges", int(storage.sum()))
@@ -144,7 +174,7 @@ def bill_chunk(
     run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
     if run.dry_run:
         return charges, result.rejects
-    run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, first=first, last=last))
+    run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, window=window))
     return None, result.rejects
 
 
@@ -159,16 +189,18 @@ def bill_days(
     with run.engine.connect() as conn:
         # Accounts with charges on these days are planned even if no project of theirs is left.
         also = []
-        if days and (not run.dry_run or inspect(conn).has_table(daily_charges.name)):
+        if days and (not run.dry_run or inspect(conn).has_table(charge_periods.name)):
             also.append(accounts_charged(min(days), max(days)))
         chunks = plan_chunks(conn, projects_per_chunk, also=also)
+        billed = billed_after(conn, days) if days and not run.dry_run else set()
     total_steps = len(months) * len(chunks)
     step = 0
     for month, first, last in months:
         month_rejects: list[pd.DataFrame] = []
         side_read = partial(platform_rejects, settings=settings, first=first, last=last)
         with InBackground(run.engine, side_read) as side:
-            done = run_chunks(run, bill_chunk, chunks, workers, month=month, first=first, last=last)
+            window = Window.days(first, last, storage_through(month, last, billed))
+            done = run_chunks(run, bill_chunk, chunks, workers, month=month, window=window)
             for charges, rejected in done:
                 if charges is not None:
                     preview_charges.append(charges)

@@ -40,7 +40,7 @@ import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
 
 from billing_jobs.db.billing_tables import (
-    daily_charges,
+    charge_periods,
     invoices,
     month_closes,
     month_reconciles,
@@ -197,19 +197,20 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
 
 
 def stored_charges(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
-    """The month's stored daily charges of the chunk's accounts, summed per (account,
-    project, charge type) and named as invoice lines (a charge type is its line type)."""
-    dc = daily_charges.c
+    """The month's stored charges of the chunk's accounts, summed per (account, project,
+    charge type) and named as invoice lines (a charge type is its line type). A period
+    counts its days: a daily quantity and amount times their number."""
+    cp = charge_periods.c
     stmt = (
         select(
-            dc.account_id,
-            dc.project_id,
-            dc.charge_type.label("line_type"),
-            cast(func.sum(dc.quantity_units), BigInteger).label("quantity_units"),
-            cast(func.sum(dc.amount_units), BigInteger).label("amount_units"),
+            cp.account_id,
+            cp.project_id,
+            cp.charge_type.label("line_type"),
+            cast(func.sum(cp.quantity_units * cp.days), BigInteger).label("quantity_units"),
+            cast(func.sum(cp.amount_units * cp.days), BigInteger).label("amount_units"),
         )
-        .where(chunk.clause(dc.account_id), dc.charge_date.between(month.first_day, month.last_day))
-        .group_by(dc.account_id, dc.project_id, dc.charge_type)
+        .where(chunk.clause(cp.account_id), cp.first_day.between(month.first_day, month.last_day))
+        .group_by(cp.account_id, cp.project_id, cp.charge_type)
     )
     return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from support import CliResult, SourceData, export_rows
+from support import CliResult, SourceData, charge_days, export_rows
 
 from billing_jobs.db.billing_tables import (
     billed_days,
@@ -35,7 +35,6 @@ from billing_jobs.db.billing_tables import (
     credit_lots,
     credit_periods,
     credit_refunds,
-    daily_charges,
     invoice_lines,
     invoice_series,
     invoices,
@@ -236,7 +235,7 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
             state: dict[str, Any] = {
                 "invoices": _rows(conn, invoices, "run_id", "created_at", "finalized_at"),
                 "invoice_lines": _rows(conn, invoice_lines),
-                "daily_charges": _rows(conn, daily_charges, "run_id", "recorded_at"),
+                "daily_charges": charge_days(conn),  # day by day
                 "rejects": _rows(conn, rejects, "first_run_id", "first_seen_at", "resolved_at", "resolution"),
                 "billed_days": _rows(conn, billed_days, "run_id", "billed_at"),
                 "month_closes": _rows(

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from support import SourceData, export_text, run_cli
 
-from billing_jobs.db.billing_tables import billing_metadata, daily_charges, invoice_lines, rejects
+from billing_jobs.db.billing_tables import billing_metadata, charge_periods, invoice_lines, rejects
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.reads import accounts_charged
 
@@ -60,7 +60,7 @@ def _bill(db_url: str, *extra: str) -> dict[str, list[tuple[object, ...]]]:
     for args in (["nightly", "--date", "2026-05-12"], ["month-end", "--month", "2026-05"]):
         result = run_cli(db_url, *args, *extra)
         assert result.code == 0, result.stderr
-    tables = {t.name: _table(db_url, t) for t in (daily_charges, invoice_lines, rejects)}
+    tables = {t.name: _table(db_url, t) for t in (charge_periods, invoice_lines, rejects)}
     tables["export"] = [(line.rsplit(",", 1)[0],) for line in export_text(db_url, "2026-05").splitlines()]
     return tables
 
@@ -98,7 +98,9 @@ def test_the_accounts_charged_in_a_period_are_found_by_index_jumps_exactly(db_ur
         {
             "project_id": f"p-{ids.index(a)}",
             "charge_type": "storage_fee",
-            "charge_date": d,
+            "first_day": d,
+            "last_day": d,
+            "days": 1,
             "account_id": a,
             "quantity_units": 10_000,
             "amount_units": 10_000,
@@ -111,7 +113,7 @@ def test_the_accounts_charged_in_a_period_are_found_by_index_jumps_exactly(db_ur
     try:
         upgrade(engine)
         with engine.begin() as conn:
-            conn.execute(daily_charges.insert(), rows)
+            conn.execute(charge_periods.insert(), rows)
         with engine.connect() as conn:
             for first, last in [
                 (date(2026, 5, 1), date(2026, 5, 31)),
@@ -121,8 +123,8 @@ def test_the_accounts_charged_in_a_period_are_found_by_index_jumps_exactly(db_ur
             ]:
                 found = [a for (a,) in conn.execute(accounts_charged(first, last))]
                 distinct = conn.execute(
-                    sa.select(daily_charges.c.account_id)
-                    .where(daily_charges.c.charge_date.between(first, last))
+                    sa.select(charge_periods.c.account_id)
+                    .where(charge_periods.c.first_day.between(first, last))
                     .distinct()
                 )
                 assert sorted(found) == sorted(a for (a,) in distinct)

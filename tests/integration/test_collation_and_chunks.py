@@ -20,7 +20,7 @@ from pg_server import PgServer
 from psycopg import sql
 from support import SourceData, export_text, run_cli
 
-from billing_jobs.db.billing_tables import daily_charges, invoice_lines, invoices, rejects
+from billing_jobs.db.billing_tables import charge_periods, invoice_lines, invoices, rejects
 
 ACCOUNTS = ["Acc-1", "acc-2", "_acc 3", "Zed-4", "zed-5", "a.b", "A_b", "Ärger-7", "acc-10", "ACC-9"]
 
@@ -67,7 +67,7 @@ def _bill(db_url: str, *extra: str) -> dict[str, object]:
         result = run_cli(db_url, *args, *extra)
         assert result.code == 0, result.stderr
     tables: dict[str, object] = {
-        t.name: _rows(db_url, t) for t in (daily_charges, invoices, invoice_lines, rejects)
+        t.name: _rows(db_url, t) for t in (charge_periods, invoices, invoice_lines, rejects)
     }
     # The export without its finalized_at column (the run's time): byte for byte otherwise.
     tables["export"] = "\n".join(

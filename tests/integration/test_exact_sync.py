@@ -11,9 +11,17 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 import time_machine
-from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
+from support import (
+    SourceData,
+    charge_days,
+    day_of,
+    export_rows,
+    lines_by,
+    reject_reasons,
+    rewrite_charge_days,
+    run_cli,
+)
 
-from billing_jobs.db.billing_tables import daily_charges
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.reads import plan_chunks
 from billing_jobs.db.writes import bulk_insert
@@ -30,31 +38,29 @@ def clock() -> Iterator[None]:
 
 
 def _charges(db_url: str) -> dict[tuple[str, str, str], tuple[int, int]]:
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            dc = daily_charges.c
-            return {
-                (r.project_id, r.charge_type, str(r.charge_date)): (r.quantity_units, r.amount_units)
-                for r in conn.execute(
-                    sa.select(
-                        dc.project_id, dc.charge_type, dc.charge_date, dc.quantity_units, dc.amount_units
-                    )
-                )
-            }
-    finally:
-        engine.dispose()
+    """The stored charges, day by day."""
+    return {(p, t, d): (q, m) for p, t, d, _, q, m in charge_days(db_url)}
 
 
 def _owners(db_url: str) -> set[tuple[str, str]]:
-    """The (project, account) pairs that daily charges are stored under."""
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT DISTINCT project_id, account_id FROM daily_charges"))
-            return {(p, a) for p, a in rows}
-    finally:
-        engine.dispose()
+    """The (project, account) pairs that charges are stored under."""
+    return {(p, a) for p, _, _, a, _, _ in charge_days(db_url)}
+
+
+def _set_amounts(db_url: str, changes: dict[tuple[str | None, str], int]) -> None:
+    """Store other amounts on some days ((project or None for every project, ISO day) ->
+    amount units), as an edit of the table by hand would."""
+
+    def edit(days: pd.DataFrame) -> pd.DataFrame:
+        days = days.copy()
+        for (project, day), amount in changes.items():
+            hit = days["day"] == day_of(day)
+            if project is not None:
+                hit &= days["project_id"] == project
+            days.loc[hit, "amount_units"] = amount
+        return days
+
+    rewrite_charge_days(db_url, edit)
 
 
 def _sql(db_url: str, *statements: str) -> None:
@@ -93,12 +99,8 @@ def test_stored_charges_that_keep_count_sum_and_day_weighted_sum_but_differ_are_
     truth = _charges(db_url)
     assert truth[("p1", "storage_fee", "2026-05-02")] == (10_000, 10_000)
 
-    update = "UPDATE daily_charges SET amount_units = {} WHERE project_id = 'p1' AND charge_date = '{}'"
-    _sql(
-        db_url,
-        update.format(12500, "2026-05-01"),
-        update.format(5000, "2026-05-02"),
-        update.format(12500, "2026-05-03"),
+    _set_amounts(
+        db_url, {("p1", "2026-05-01"): 12500, ("p1", "2026-05-02"): 5000, ("p1", "2026-05-03"): 12500}
     )
     tampered = _charges(db_url)
     assert tampered != truth
@@ -110,7 +112,8 @@ def test_stored_charges_that_keep_count_sum_and_day_weighted_sum_but_differ_are_
 
     assert _charges(db_url) == truth
     counts = _last_counts(db_url)
-    assert counts["rows_deleted"] == counts["rows_inserted"] == 3
+    # Stored as periods: days 1, 2, 3 and 4..29 (four), now one period 1..29 again.
+    assert (counts["rows_deleted"], counts["rows_inserted"]) == (4, 1)
     assert counts["invoices"] == 0  # the invoices were right all along
 
 
@@ -121,8 +124,7 @@ def test_nightly_corrects_exactly_the_day_it_bills(db_url: str) -> None:
     for day in ("2026-05-01", "2026-05-02", "2026-05-03"):
         assert run_cli(db_url, "nightly", "--date", day).code == 0
     truth = _charges(db_url)
-    update = "UPDATE daily_charges SET amount_units = {} WHERE charge_date = '{}'"
-    _sql(db_url, update.format(12500, "2026-05-01"), update.format(5000, "2026-05-02"))
+    _set_amounts(db_url, {(None, "2026-05-01"): 12500, (None, "2026-05-02"): 5000})
 
     assert run_cli(db_url, "nightly", "--date", "2026-05-02").code == 0
 
@@ -255,8 +257,8 @@ def test_a_project_moved_to_an_account_in_another_chunk_has_its_charges_moved_wi
 def test_a_project_moved_to_an_account_with_nothing_billed_yet_has_its_charges_moved_with_it(
     db_url: str,
 ) -> None:
-    """The new account's chunk comes first and has nothing stored: its plain insert meets
-    the old account's rows on the same keys, which are then replaced, not doubled."""
+    """The new account's chunk comes first and has nothing stored of its own: it finds
+    the old account's periods of the project it now holds, which are replaced, not doubled."""
     data = SourceData()
     data.project("p-moved", created="2025-11-02", account="acct-old")
     data.project("p-other", created="2025-11-02", account="acct-zzz")

@@ -258,7 +258,7 @@ def test_example_18_a_second_month_end_writes_nothing_and_the_export_is_byte_ide
     close(db_url, "2026-05")
     contents, export = billing_tables_contents(db_url), export_text(db_url, "2026-05")
     runs = run_count(db_url)
-    assert all(contents[t] for t in ("invoice_lines", "rejects", "daily_charges", "month_closes"))
+    assert all(contents[t] for t in ("invoice_lines", "rejects", "charge_periods", "month_closes"))
 
     with time_machine.travel(datetime(2027, 6, 2, 8, 0, tzinfo=UTC), tick=False):
         close(db_url, "2026-05")

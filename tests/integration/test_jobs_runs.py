@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import time_machine
-from sqlalchemy import create_engine, func, inspect, select, text
-from support import CliResult, SourceData, export_rows, export_text, run_cli
+from sqlalchemy import create_engine, inspect, select, text
+from support import CliResult, SourceData, charge_days, export_rows, export_text, run_cli
 
-from billing_jobs.db.billing_tables import billed_days, daily_charges, invoice_lines
+from billing_jobs.db.billing_tables import billed_days, invoice_lines
 from billing_jobs.rules.money import format_units
 
 LEGACY = "2025-11-02"
@@ -62,19 +62,14 @@ def all_tables(db_url: str, *, skip: tuple[str, ...] = ()) -> dict[str, list[str
 
 
 def charges(db_url: str, first: date, last: date) -> dict[tuple[str, str], tuple[int, Decimal]]:
-    """(project, charge type) -> (rows, amount) of the daily charges of days first..last."""
-    engine = create_engine(db_url)
-    dc = daily_charges.c
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(dc.project_id, dc.charge_type, func.count(), func.sum(dc.amount_units))
-                .where(dc.charge_date >= first, dc.charge_date <= last)
-                .group_by(dc.project_id, dc.charge_type)
-            ).all()
-    finally:
-        engine.dispose()
-    return {(p, t): (int(n), Decimal(format_units(int(a)))) for p, t, n, a in rows}
+    """(project, charge type) -> (days, amount) of the charges of days first..last (the
+    days billed: not the storage fee stored ahead of them)."""
+    out: dict[tuple[str, str], tuple[int, Decimal]] = {}
+    for p, t, d, _, _, m in charge_days(db_url, billed_only=True):
+        if first.isoformat() <= d <= last.isoformat():
+            n, total = out.get((p, t), (0, Decimal(0)))
+            out[(p, t)] = (n + 1, total + Decimal(format_units(m)))
+    return out
 
 
 def billed(db_url: str) -> list[date]:
@@ -115,7 +110,7 @@ def test_repeating_nightly_for_the_same_date_changes_nothing(db_url: str):
     first = ok(db_url, "nightly", "--date", "2026-05-20")
     assert summary(first)["storage_charges"] == 3
     before = all_tables(db_url, skip=("billing_runs",))
-    assert before["daily_charges"]
+    assert before["charge_periods"]
     again = ok(db_url, "nightly", "--date", "2026-05-20")
     assert all_tables(db_url, skip=("billing_runs",)) == before
     assert summary(again).get("rows_inserted", 0) == 0

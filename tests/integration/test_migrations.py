@@ -29,7 +29,7 @@ JOB_TABLES = {
     "billing_runs",
     "billing_locks",
     "billed_days",
-    "daily_charges",
+    "charge_periods",
     "month_closes",
     "month_shards",
     "month_holds",

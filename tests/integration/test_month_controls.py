@@ -25,8 +25,8 @@ from support import SourceData, export_rows, export_text, ok, run_cli
 
 from billing_jobs.db.billing_tables import (
     billing_runs,
+    charge_periods,
     credit_periods,
-    daily_charges,
     invoices,
     month_closes,
     month_holds,
@@ -108,11 +108,11 @@ def test_nightly_refuses_days_before_the_effective_date_not_ended_or_in_a_closed
 
     ok(db_url, "nightly", "--date", "2026-05-10")
     ok(db_url, "month-end", "--month", "2026-05")
-    charges = count(db_url, daily_charges)
+    charges = count(db_url, charge_periods)
     closed = refused(db_url, 2, "nightly", "--date", "2026-05-10")
     assert "month 2026-05, which is closed" in closed
     assert "billing-jobs month-end --month 2026-05" in closed
-    assert count(db_url, daily_charges) == charges
+    assert count(db_url, charge_periods) == charges
     # A preview writes nothing and stays allowed; a day of an open month is billed.
     ok(db_url, "nightly", "--date", "2026-05-10", "--dry-run")
     ok(db_url, "nightly", "--date", "2026-06-10")
@@ -173,7 +173,7 @@ def test_a_large_re_close_shows_its_differences_and_needs_confirm(db_url: str, t
     two_projects(db_url)
     ok(db_url, "--config", careful, "month-end", "--month", "2026-05")
     before = export_text(db_url, "2026-05")
-    charges = count(db_url, daily_charges)
+    charges = count(db_url, charge_periods)
 
     # Late compute takes p1 over the waiver threshold: a refund of 29 of the month's 58.
     SourceData().compute("p1", "2026-05-31 23:00", "1").write_url(db_url)
@@ -183,7 +183,7 @@ def test_a_large_re_close_shows_its_differences_and_needs_confirm(db_url: str, t
     assert "move 29 credits, more than 5% of its invoiced total of 58" in result.stderr
     assert "--confirm" in result.stderr.splitlines()[-1]
     assert export_text(db_url, "2026-05") == before
-    assert count(db_url, daily_charges) == charges
+    assert count(db_url, charge_periods) == charges
 
     ok(db_url, "--config", careful, "month-end", "--month", "2026-05", "--confirm")
     adjustments = [r for r in export_rows(db_url, "2026-05") if r["invoice_kind"] == "adjustment"]

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 
-from billing_jobs.db.billing_tables import billing_metadata, billing_runs, daily_charges, rejects
+from billing_jobs.db.billing_tables import billing_metadata, billing_runs, charge_periods, rejects
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.source_tables import SOURCE_TABLES
 from billing_jobs.db.writes import analyze
@@ -54,7 +54,7 @@ JOB_ROLE_GRANTS = [
     "GRANT USAGE ON SCHEMA public TO {job}",
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage,"
     " top_ups, redemption_codes, refund_requests TO {job}",
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, daily_charges,"
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, charge_periods,"
     " month_closes, month_shards, month_holds, month_reconciles, invoices, invoice_lines, rejects,"
     " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs,"
     " invoice_series TO {job}",
@@ -335,21 +335,26 @@ def test_a_month_end_of_20k_projects_writes_its_charges_with_copy(
     counts = _last_counts(pg_db_url, "month-end")
     written = _scalar(
         pg_db_url,
-        "SELECT count(*) FROM daily_charges WHERE charge_date BETWEEN '2026-06-01' AND '2026-06-30'",
+        "SELECT count(*) FROM charge_periods WHERE first_day BETWEEN '2026-06-01' AND '2026-06-30'",
     )
-    assert written == counts["storage_charges"] + counts["cloud_charges"] == counts["rows_inserted"]
-    assert written > 15_000 * 20  # most projects are charged most days
-    # The charges travel by COPY (straight into daily_charges, or as runs of days into a
-    # temporary table that one INSERT .. SELECT expands), and so do the invoice lines.
-    assert any(re.match(r'COPY "?(daily_charges|billing_truth_runs)"? ', s) for s in copies), copies
+    days = _scalar(
+        pg_db_url,
+        "SELECT sum(days) FROM charge_periods WHERE first_day BETWEEN '2026-06-01' AND '2026-06-30'",
+    )
+    assert written == counts["rows_inserted"]
+    assert days == counts["storage_charges"] + counts["cloud_charges"]
+    assert days > 15_000 * 20  # most projects are charged most days
+    assert written * 3 < days  # stored as periods: a month of storage fee is one row
+    # The charges travel by COPY, and so do the invoice lines.
+    assert any(re.match(r'COPY "?charge_periods"? ', s) for s in copies), copies
     assert any(re.match(r'COPY "?invoice_lines"? ', s) for s in copies), copies
     # The invoices say the same as the charges, project by project.
     mismatches = _scalar(
         pg_db_url,
         """
         SELECT count(*) FROM (
-          SELECT project_id, count(*) * 10000 AS days, sum(amount_units) AS amount
-          FROM daily_charges WHERE charge_type = 'storage_fee' GROUP BY project_id
+          SELECT project_id, sum(days) * 10000 AS days, sum(amount_units * days) AS amount
+          FROM charge_periods WHERE charge_type = 'storage_fee' GROUP BY project_id
         ) d FULL JOIN (
           SELECT project_id, quantity_units AS days, amount_units AS amount
           FROM invoice_lines WHERE line_type = 'storage_fee' AND amount_units <> 0
@@ -394,14 +399,15 @@ def test_concurrent_and_repeated_nightly_runs_write_each_charge_once(pg_db_url: 
         with engine.connect() as conn:
             keys = conn.execute(
                 sa.select(
-                    daily_charges.c.project_id, daily_charges.c.charge_type, daily_charges.c.charge_date
+                    charge_periods.c.project_id, charge_periods.c.charge_type, charge_periods.c.first_day
                 )
             ).all()
             billed = conn.execute(sa.text("SELECT count(*) FROM billed_days")).scalar_one()
             reject_rows = conn.execute(sa.select(sa.func.count()).select_from(rejects)).scalar_one()
     finally:
         engine.dispose()
-    assert len(keys) == len(set(keys)) == 150 + 30  # a storage fee per project, a domains fee per site
+    # A storage fee per project (June 10 to the month's end), a domains fee per site.
+    assert len(keys) == len(set(keys)) == 150 + 30
     assert billed == 1
     assert reject_rows == 30
     again = _last_counts(pg_db_url, "nightly")
@@ -493,7 +499,9 @@ def test_statistics_are_refreshed_only_after_a_large_share_of_a_table_changed(pg
             {
                 "project_id": f"p-{i:04d}",
                 "charge_type": "storage_fee",
-                "charge_date": date(2026, 5, 1),
+                "first_day": date(2026, 5, 1),
+                "last_day": date(2026, 5, 1),
+                "days": 1,
                 "account_id": "a",
                 "quantity_units": 10_000,
                 "amount_units": 10_000,
@@ -503,12 +511,12 @@ def test_statistics_are_refreshed_only_after_a_large_share_of_a_table_changed(pg
             for i in range(1000)
         ]
         with engine.begin() as conn:
-            conn.execute(daily_charges.insert(), rows)
+            conn.execute(charge_periods.insert(), rows)
         with engine.begin() as conn:
-            assert analyze(conn, daily_charges, changed=1000) == 1  # never analyzed: always
+            assert analyze(conn, charge_periods, changed=1000) == 1  # never analyzed: always
         with engine.begin() as conn:
-            assert analyze(conn, daily_charges, changed=99) == 0  # 99 < 10% of 1,000
-            assert analyze(conn, daily_charges, changed=100) == 1
-            assert analyze(conn, daily_charges) == 1  # no count given: always
+            assert analyze(conn, charge_periods, changed=99) == 0  # 99 < 10% of 1,000
+            assert analyze(conn, charge_periods, changed=100) == 1
+            assert analyze(conn, charge_periods) == 1  # no count given: always
     finally:
         engine.dispose()

@@ -10,18 +10,18 @@ the scheduler's reconcile job re-closes a differing month when `auto_adjust` is 
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import time_machine
-from sqlalchemy import Executable, Select, create_engine, insert, select, update
-from support import SourceData, holding_writer_lock, run_cli
+from sqlalchemy import Executable, Select, create_engine, insert, select
+from support import SourceData, day_of, holding_writer_lock, rewrite_charge_days, run_cli
 
 from billing_jobs.db.billing_tables import (
     billing_runs,
-    daily_charges,
     invoice_lines,
     invoices,
     month_reconciles,
@@ -184,13 +184,14 @@ def test_a_daily_charge_changed_in_the_database_is_reported_and_shown_by_status(
     closed_db: str, tmp_path: Path
 ) -> None:
     db_url = closed_db
-    dc = daily_charges.c
-    tamper = (
-        update(daily_charges)
-        .where(dc.project_id == "pa", dc.charge_type == "storage_fee", dc.charge_date == date(2026, 5, 10))
-        .values(amount_units=dc.amount_units + 5000)
-    )
-    assert execute(db_url, tamper) == [1]
+
+    def tamper(days: pd.DataFrame) -> pd.DataFrame:
+        hit = (days["project_id"] == "pa") & (days["charge_type"] == "storage_fee")
+        hit &= days["day"] == day_of("2026-05-10")
+        assert int(hit.sum()) == 1
+        return days.assign(amount_units=days["amount_units"] + 5000 * hit)
+
+    rewrite_charge_days(db_url, tamper)
     with at(3):
         code, out, err = reconcile(db_url)  # the last reconcile_months (3) closed months: May and June
     assert code == 1, err

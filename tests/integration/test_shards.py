@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import SourceData, export_text, holding_writer_lock, run_cli
 
-from billing_jobs.db.billing_tables import daily_charges, invoice_lines, invoices, rejects
+from billing_jobs.db.billing_tables import charge_periods, invoice_lines, invoices, rejects
 from billing_jobs.db.lock import writer_lock_name
 from billing_jobs.db.reads import Shard, shard_of
 
@@ -44,7 +44,7 @@ def _state(db_url: str) -> dict[str, object]:
     try:
         with engine.connect() as conn:
             out: dict[str, object] = {}
-            for table in (daily_charges, invoices, invoice_lines, rejects):
+            for table in (charge_periods, invoices, invoice_lines, rejects):
                 columns = [c for c in table.c if c.name not in skip]
                 out[table.name] = sorted(tuple(str(v) for v in r) for r in conn.execute(sa.select(*columns)))
     finally:

@@ -17,7 +17,11 @@ After every step the database is checked against the rules (billing-rules.md):
 - after every close or re-close, the sum of the month's invoices (regular and
   adjustments) per account, project and line type equals a fresh computation: a
   `month-end --dry-run` on a second database holding the same source rows and no
-  billing tables at all.
+  billing tables at all;
+- after every close or re-close, the month's stored charge periods, whatever nightly
+  runs came before (any days, any order, repeats), are row for row those of a third
+  database with the same source rows on which only month-end ran; and stored charges
+  never go past the cap, the free windows or the effective date day by day.
 
 Runs on SQLite and (fewer examples) PostgreSQL; both stay well under a minute. A
 second test replays pinned steps of the machine that the random search reaches rarely.
@@ -50,9 +54,9 @@ from hypothesis.stateful import (
 )
 from pg_server import PgServer
 from sqlalchemy import Engine, create_engine, select
-from support import CliResult, SourceData, run_cli
+from support import CliResult, SourceData, charge_days, run_cli
 
-from billing_jobs.db.billing_tables import billing_metadata, daily_charges, invoice_lines, invoices
+from billing_jobs.db.billing_tables import billing_metadata, charge_periods, invoice_lines, invoices
 from billing_jobs.settings import DEFAULT_CONFIG_TEXT
 
 # The rules' numbers: the defaults of billing-rules.md, written out here so that a
@@ -119,9 +123,12 @@ class BillingMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="stateful-billing-"))
         self.url, drop_db = self.new_database()
         self.mirror, drop_mirror = self.new_database()
-        self.drops = [drop_db, drop_mirror]
+        # Closes only (no nightly): what month-end alone stores, compared after each close.
+        self.closes_only, drop_closes_only = self.new_database()
+        self.drops = [drop_db, drop_mirror, drop_closes_only]
         self.engine: Engine = create_engine(self.url)
         self.mirror_engine: Engine = create_engine(self.mirror)
+        self.closes_only_engine: Engine = create_engine(self.closes_only)
         self.now = datetime(2026, 3, 20, 6, 0, tzinfo=UTC)
         self.projects: dict[str, tuple[str, datetime]] = {}  # project -> (account, created_at)
         self.compute: list[tuple[str, datetime, Decimal]] = []
@@ -146,8 +153,8 @@ class BillingMachine(RuleBasedStateMachine):
         return self.now.replace(tzinfo=None)
 
     def insert(self, build: Callable[[SourceData], object]) -> None:
-        """The same source rows into the driven database and its mirror."""
-        for engine in (self.engine, self.mirror_engine):
+        """The same source rows into the driven database and its mirrors."""
+        for engine in (self.engine, self.mirror_engine, self.closes_only_engine):
             data = SourceData()
             build(data)
             data.write(engine)
@@ -241,6 +248,29 @@ class BillingMachine(RuleBasedStateMachine):
         if self.compared.get(month) != self.version:  # else the repeat check covers it
             assert self.invoiced(month) == self.fresh(month), f"{month}: invoices differ from a fresh close"
             self.compared[month] = self.version
+            self.same_store_as_a_close_alone(month)
+
+    def same_store_as_a_close_alone(self, month: str) -> None:
+        """The month's stored charges, after whatever nightly runs came before the close,
+        are the periods a database on which only month-end ran stores: row for row."""
+        with time_machine.travel(self.now, tick=False):
+            alone = run_cli(self.closes_only, "month-end", "--month", month, "--reprice", env=ENV)
+        assert alone.code == 0, alone.stderr[-2000:]
+        driven, closes_only = (
+            self.stored_periods(self.engine, month),
+            self.stored_periods(self.closes_only_engine, month),
+        )
+        assert driven == closes_only, f"{month}: stored charges differ from those of a close alone"
+
+    @staticmethod
+    def stored_periods(engine: Engine, month: str) -> list[tuple[object, ...]]:
+        days = month_days(month)
+        cp = charge_periods.c
+        columns = [cp.project_id, cp.charge_type, cp.first_day, cp.last_day, cp.days, cp.account_id]
+        columns += [cp.quantity_units, cp.amount_units]
+        with engine.connect() as conn:
+            rows = conn.execute(select(*columns).where(cp.first_day.between(days[0], days[-1]))).all()
+        return sorted(tuple(r) for r in rows)
 
     # --- rules --------------------------------------------------------------------------
 
@@ -434,14 +464,13 @@ class BillingMachine(RuleBasedStateMachine):
 
     @invariant()
     def daily_charges_respect_the_effective_date_free_windows_and_cap(self) -> None:
-        dc = daily_charges.c
         with self.engine.connect() as conn:
-            if not conn.dialect.has_table(conn, "daily_charges"):
+            if not conn.dialect.has_table(conn, "charge_periods"):
                 return
-            rows = conn.execute(select(dc.project_id, dc.charge_type, dc.charge_date, dc.amount_units)).all()
+            rows = charge_days(conn)  # the storage fee stored ahead of the billed days too
         per_month: dict[tuple[str, str], Decimal] = {}
-        for project, charge_type, charge_date, amount in rows:
-            day = charge_date if isinstance(charge_date, date) else date.fromisoformat(str(charge_date))
+        for project, charge_type, charge_date, _, _, amount in rows:
+            day = date.fromisoformat(charge_date)
             assert day >= EFFECTIVE, f"{project} charged {charge_type} on {day}, before {EFFECTIVE}"
             if charge_type != "storage_fee":
                 continue
@@ -486,6 +515,7 @@ class BillingMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.engine.dispose()
         self.mirror_engine.dispose()
+        self.closes_only_engine.dispose()
         for drop in self.drops:
             drop()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""`db upgrade` turns a database written by the version that stored one charge row per
+project and day (migration 0011) into charges stored as periods, in place.
+
+The fixture `tests/fixtures/v0011/billing.db.xz` was written by that version (see
+`tests/fixtures/v0011/README.md`): the demo's 8 accounts, March to September closed
+in order with their credits ledger, then nightly for October 1..12. Next to it, what
+that version printed: every closed month's invoice export and ledger export, two
+`explain --json`, its daily charges; and, after `nightly --date 2026-10-13` and
+`month-end --month 2026-10` on a copy, October's exports and the daily charges then.
+
+On PostgreSQL the same database is rebuilt: the demo's source rows (same seed), the
+jobs' tables at revision 0011, and the fixture's rows copied into them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import time_machine
+from support import charge_days, run_cli
+
+from billing_jobs.db.engine import downgrade, make_engine, upgrade
+from billing_jobs.db.source_tables import SOURCE_TABLES
+from billing_jobs.migrations import VERSION_TABLE
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "v0011"
+CLOSED = [f"2026-{m:02d}" for m in range(3, 10)]
+EXPLAINED = [("prj-0001-01", "2026-06"), ("prj-0002-02", "2026-09")]
+
+
+@pytest.fixture(autouse=True)
+def clock() -> Iterator[None]:
+    """November 2, 2026: October is over, the jobs' runs stamp this day."""
+    with time_machine.travel(datetime(2026, 11, 2, 3, 0, tzinfo=UTC), tick=True):
+        yield
+
+
+def _unpacked(tmp_path: Path) -> Path:
+    path = tmp_path / "v0011.db"
+    with lzma.open(FIXTURE / "billing.db.xz") as packed, open(path, "wb") as out:
+        shutil.copyfileobj(packed, out)
+    return path
+
+
+def _load(db_url: str, tmp_path: Path) -> str:
+    """The fixture's database at `db_url`: the file itself on SQLite; on PostgreSQL the
+    demo's source rows, the jobs' tables at 0011, and the fixture's rows in them."""
+    path = _unpacked(tmp_path)
+    if db_url.startswith("sqlite"):
+        target = Path(db_url.removeprefix("sqlite:///"))
+        shutil.copyfile(path, target)
+        return db_url
+    demo = run_cli(db_url, "demo", "--accounts", "8")
+    assert demo.code == 0, demo.stderr
+    source = sa.create_engine(f"sqlite:///{path}")
+    target_engine = make_engine(db_url)
+    try:
+        upgrade(target_engine, "0011")  # the jobs' tables as that version had them
+        if "daily_charges" not in sa.inspect(target_engine).get_table_names():
+            downgrade(target_engine, "0011")  # the demo command created the newest ones
+        theirs, ours = sa.MetaData(), sa.MetaData()
+        theirs.reflect(source)
+        skip = {t.name for t in SOURCE_TABLES} | {VERSION_TABLE}
+        names = [t.name for t in theirs.sorted_tables if t.name not in skip]
+        ours.reflect(target_engine, only=names)
+        with source.connect() as read, target_engine.begin() as write:
+            for name in names:
+                rows = [dict(r._mapping) for r in read.execute(sa.select(theirs.tables[name]))]
+                if rows:
+                    write.execute(ours.tables[name].insert(), rows)
+    finally:
+        source.dispose()
+        target_engine.dispose()
+    return db_url
+
+
+def _expected_days(name: str) -> list[tuple[Any, ...]]:
+    with lzma.open(FIXTURE / name) as packed:
+        text = packed.read().decode()
+    return sorted((p, t, d, a, int(q), int(m)) for p, t, d, a, q, m in csv.reader(io.StringIO(text)))
+
+
+def _tables(db_url: str) -> set[str]:
+    engine = sa.create_engine(db_url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _out(db_url: str, *args: str) -> str:
+    result = run_cli(db_url, *args)
+    assert result.code == 0, result.stderr
+    return result.stdout
+
+
+def _without_finalized_at(export: str) -> list[list[str]]:
+    return [row[:-1] for row in csv.reader(io.StringIO(export))]
+
+
+def _assert_closed_months_unchanged(db_url: str) -> None:
+    for month in CLOSED:
+        assert _out(db_url, "export", "--month", month) == (FIXTURE / f"invoices-{month}.csv").read_text()
+        assert (
+            _out(db_url, "credits", "export", "--month", month)
+            == (FIXTURE / f"ledger-{month}.csv").read_text()
+        )
+    for project, month in EXPLAINED:
+        shown = _out(db_url, "explain", "--project", project, "--month", month, "--json")
+        assert shown == (FIXTURE / f"explain-{project}-{month}.json").read_text()
+    assert charge_days(db_url) == _expected_days("daily_charges.csv.xz")
+
+
+def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp_path: Path) -> None:
+    _load(db_url, tmp_path)
+    assert "daily_charges" in _tables(db_url)
+
+    assert run_cli(db_url, "db", "upgrade").code == 0
+
+    tables = _tables(db_url)
+    assert "charge_periods" in tables
+    assert "daily_charges" not in tables
+    _assert_closed_months_unchanged(db_url)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(sa.text("SELECT count(*), sum(days) FROM charge_periods")).one()
+    finally:
+        engine.dispose()
+    assert stored[1] == len(_expected_days("daily_charges.csv.xz")) == 18_204
+    assert stored[0] < stored[1] * 0.6  # fewer rows: a run of equal days is one
+    reconciled = run_cli(db_url, "reconcile", "--since", "2026-03")
+    assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
+    assert run_cli(db_url, "db", "upgrade").code == 0  # again: nothing to do
+    _assert_closed_months_unchanged(db_url)
+
+
+def test_after_the_upgrade_the_jobs_go_on_as_the_old_version_did(db_url: str, tmp_path: Path) -> None:
+    _load(db_url, tmp_path)
+    assert run_cli(db_url, "db", "upgrade").code == 0
+
+    _out(db_url, "nightly", "--date", "2026-10-13", "--workers", "1")
+    _out(db_url, "month-end", "--month", "2026-10", "--workers", "2")
+
+    export = _out(db_url, "export", "--month", "2026-10")
+    assert _without_finalized_at(export) == _without_finalized_at(
+        (FIXTURE / "invoices-2026-10.csv").read_text()
+    )
+    ledger = _out(db_url, "credits", "export", "--month", "2026-10")
+    assert ledger == (FIXTURE / "ledger-2026-10.csv").read_text()
+    assert charge_days(db_url, billed_only=True) == _expected_days("daily_charges_after_october.csv.xz")
+    _assert_closed_months_unchanged_but_days(db_url)
+
+
+def _assert_closed_months_unchanged_but_days(db_url: str) -> None:
+    for month in CLOSED:
+        assert _out(db_url, "export", "--month", month) == (FIXTURE / f"invoices-{month}.csv").read_text()
+
+
+def _upgrade_process(db_url: str, **extra: str) -> subprocess.CompletedProcess[bytes]:
+    """`billing-jobs db upgrade` in a process of its own (`extra`: more environment)."""
+    env = {**os.environ, "BILLING_DB_URL": db_url, **extra}
+    command = [sys.executable, "-m", "billing_jobs", "db", "upgrade"]
+    return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
+
+
+def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run_again(
+    db_url: str, tmp_path: Path
+) -> None:
+    _load(db_url, tmp_path)
+
+    killed = _upgrade_process(db_url, BILLING_FAULT_KILL_IN_MIGRATION="0012")
+
+    assert killed.returncode == -9, killed.stderr
+    tables = _tables(db_url)
+    assert "daily_charges" in tables  # rolled back
+    assert "charge_periods" not in tables
+    again = _upgrade_process(db_url)
+    assert again.returncode == 0, again.stderr
+    _assert_closed_months_unchanged(db_url)

@@ -1,0 +1,135 @@
+"""`rules.periods`: daily charges as canonical periods, and the change a run writes."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing_jobs.rules import periods
+from billing_jobs.rules.calendar import day_number
+
+MAY_1 = day_number(date(2026, 5, 1))
+JUNE_1 = day_number(date(2026, 6, 1))
+
+# (project, charge type, day offset from May 1 (0..44: into June), account, amount)
+Day = tuple[str, str, int, str, int]
+a_day = st.tuples(
+    st.sampled_from(["p1", "p2"]),
+    st.sampled_from(["storage_fee", "cloud_domains"]),
+    st.integers(0, 44),
+    st.sampled_from(["acct-a", "acct-b"]),
+    st.sampled_from([0, 5_000, 10_000]),
+)
+
+
+def _frame(days: list[Day]) -> pd.DataFrame:
+    """One charge per (project, charge type, day): the first drawn wins."""
+    seen: dict[tuple[str, str, int], tuple[str, int]] = {}
+    for p, t, d, a, m in days:
+        seen.setdefault((p, t, d), (a, m))
+    rows = [(p, a, t, MAY_1 + d, 10_000, m) for (p, t, d), (a, m) in seen.items()]
+    frame = pd.DataFrame(rows, columns=periods.DAY_COLUMNS)
+    return frame.astype({"day": np.int64, "quantity_units": np.int64, "amount_units": np.int64})
+
+
+def _rows(days: pd.DataFrame) -> list[tuple[object, ...]]:
+    return sorted(tuple(r) for r in days[periods.DAY_COLUMNS].itertuples(index=False))
+
+
+def _assert_canonical(stored: pd.DataFrame) -> None:
+    ordered = stored.sort_values(["project_id", "charge_type", "first_day"]).reset_index(drop=True)
+    assert (ordered["first_day"] <= ordered["last_day"]).all()
+    month = ordered["first_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
+    end_month = ordered["last_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
+    assert (month == end_month).all(), "a period spans two months"
+    for i in range(1, len(ordered)):
+        before, this = ordered.iloc[i - 1], ordered.iloc[i]
+        if (before["project_id"], before["charge_type"]) != (this["project_id"], this["charge_type"]):
+            continue
+        assert before["last_day"] < this["first_day"], "periods overlap"
+        same = all(before[c] == this[c] for c in periods.VALUES) and month[i] == month[i - 1]
+        assert not (same and before["last_day"] + 1 == this["first_day"]), "two periods could be one"
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(a_day, max_size=60))
+def test_periods_give_back_exactly_the_days_they_were_made_of(
+    days: list[Day],
+) -> None:
+    charges = _frame(days)
+    stored = periods.from_days(charges)
+    _assert_canonical(stored)
+    assert _rows(periods.to_days(stored)) == _rows(charges)
+
+
+def test_an_always_charged_month_is_one_period_and_a_month_boundary_splits_it() -> None:
+    charges = _frame([("p1", "storage_fee", d, "acct-a", 10_000) for d in range(0, 40)])
+    stored = periods.from_days(charges)
+    assert stored[["first_day", "last_day"]].values.tolist() == [[MAY_1, MAY_1 + 30], [JUNE_1, MAY_1 + 39]]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(a_day, max_size=50),
+    st.lists(a_day, max_size=50),
+    st.integers(0, 30),
+    st.integers(0, 30),
+    st.integers(0, 30),
+)
+def test_the_change_keeps_what_lies_outside_the_window_and_writes_the_truth_inside(
+    before: list[Day],
+    after: list[Day],
+    start: int,
+    length: int,
+    storage_extra: int,
+) -> None:
+    """May only: a window of days lo..hi (the storage fee's reaching further), the stored
+    periods as they were, the truth inside the window; applied, the change leaves the
+    store canonical and equal, day by day, to the old days outside and the truth inside."""
+    lo = MAY_1 + start
+    hi = min(lo + length, MAY_1 + 30)
+    storage_hi = min(hi + storage_extra, MAY_1 + 30)
+    stored = periods.from_days(_frame([d for d in before if d[2] <= 30]))
+
+    def window_of(charge_type: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        storage = (charge_type == "storage_fee").to_numpy()
+        return np.full(len(charge_type), lo), np.where(storage, storage_hi, hi)
+
+    truth_days = _frame([d for d in after if d[2] <= 30])
+    w_lo, w_hi = window_of(truth_days["charge_type"])
+    truth_days = truth_days.loc[(truth_days["day"] >= w_lo) & (truth_days["day"] <= w_hi)]
+    s_lo, s_hi = window_of(stored["charge_type"])
+
+    change = periods.change(stored, periods.from_days(truth_days), s_lo, s_hi)
+
+    key = periods.COLUMNS
+    kept = stored.merge(change.delete, on=key, how="left", indicator=True)
+    kept = kept.loc[kept["_merge"] == "left_only", key]
+    result = pd.concat([kept, change.insert[key]], ignore_index=True)
+    _assert_canonical(result)
+    old = periods.to_days(stored)
+    o_lo, o_hi = window_of(old["charge_type"])
+    outside = old.loc[(old["day"] < o_lo) | (old["day"] > o_hi)]
+    assert _rows(periods.to_days(result)) == _rows(pd.concat([outside, truth_days], ignore_index=True))
+    # What the change deletes is stored, what it inserts is not: no row written in vain.
+    assert len(change.delete.merge(stored, on=key)) == len(change.delete)
+    assert change.insert.merge(stored, on=key).empty
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(a_day, max_size=50), st.integers(0, 30), st.integers(0, 30))
+def test_the_truth_already_stored_changes_nothing(days: list[Day], start: int, length: int) -> None:
+    stored = periods.from_days(_frame([d for d in days if d[2] <= 30]))
+    lo, hi = MAY_1 + start, min(MAY_1 + start + length, MAY_1 + 30)
+    expanded = periods.to_days(stored)
+    inside = expanded.loc[(expanded["day"] >= lo) & (expanded["day"] <= hi)]
+
+    change = periods.change(
+        stored, periods.from_days(inside), np.full(len(stored), lo), np.full(len(stored), hi)
+    )
+
+    assert change.empty
