@@ -19,6 +19,8 @@ For crash tests and drills only; off unless one of these variables is set (see
 - `BILLING_FAULT_ORPHANS=keep`: the run's worker processes and their fork server do
   not ask for the parent-death signal (as where the kernel has none), so that only
   the check before each chunk and the fencing of each write stop them.
+- `BILLING_FAULT_KILL_IN_MIGRATION=R`: `db upgrade` dies inside migration R, before its
+  transaction commits (`in_migration`).
 - `BILLING_FAULT_TRACE=FILE`: append one line per committed write point to FILE,
   `<pid> <process> <job> <k> <label>`, in any process (counting mode: a run with
   only this set shows every write point it has).

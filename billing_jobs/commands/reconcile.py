@@ -75,12 +75,12 @@ def reconcile(
     workers: int | None,
     projects_per_chunk: int,
 ) -> None:
-    """Check closed months against their source data and their daily charges.
+    """Check closed months against their source data and their stored charges.
 
     For each closed month: its finalized invoices (regular and adjustments) are
     compared with the month recomputed from the source tables now (what
     `month-end --month M` would write as adjustments), and with the month's
-    stored daily charges. Prints each difference per account and line type,
+    stored charges. Prints each difference per account and line type,
     and one summary line per month; records the result (see `status`).
 
     \b
@@ -203,7 +203,7 @@ def _print(checks: list[MonthCheck], overall: str) -> None:
 def _summary(check: MonthCheck) -> str:
     if check.status == "ok":
         return (
-            f"{check.month}: ok: invoices agree with the source data and the daily charges "
+            f"{check.month}: ok: invoices agree with the source data and the stored charges "
             f"({check.accounts} accounts)"
         )
     if check.status == "busy":

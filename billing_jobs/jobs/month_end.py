@@ -3,7 +3,7 @@
 1. Drafts left by an interrupted run of this month are removed.
 2. Per chunk of accounts, one pipeline (`close_chunk`): read the chunk's
    sources and finalized invoice lines -> rules -> exact diff -> write, in its own
-   transaction: daily charges made equal to the recomputed ones row by row, the
+   transaction: stored charges made equal to the recomputed ones day by day, the
    month's lines compared with what the month's finalized invoices already hold,
    and written as draft `regular` invoices (first close) or draft `adjustment`
    invoices holding exactly the differences (re-close).

@@ -1,4 +1,4 @@
-"""Reconcile: does a closed month still agree with its source data and its daily charges?
+"""Reconcile: does a closed month still agree with its source data and its stored charges?
 
 Late data after a close (usage rows arriving late, back-dated lifecycle events)
 changes what a month should have cost; nothing else would notice until someone
@@ -7,7 +7,7 @@ re-runs `month-end`. For each closed month, per chunk of accounts, one pipeline
 
 - the chunk's sources, recomputed by `compute_chunk` exactly as `month-end` does;
 - the sum of the month's finalized invoice lines (regular and adjustments);
-- the sum of the month's stored daily charges;
+- the sum of the month's stored charges (`charge_periods`, each counted for its days);
 
 and compares (`rules.reconcile.differences`) the invoices with the recomputed
 lines (what a re-close would write as adjustments) and with the stored charges.
@@ -18,7 +18,7 @@ so two reconciles do not run at once), never the writer lock: it neither waits
 for a close nor makes one wait.
 
 A close of the month running at the same time: each chunk reads one snapshot,
-in which a chunk's drafts and its corrected daily charges appear together (they
+in which a chunk's drafts and its corrected charges appear together (they
 are written in one transaction). A month is taken as checked only when its
 `month_closes` row is the same after the chunks as before (no close finalized
 meanwhile) and no chunk saw drafts of a close still running (a live writer
@@ -73,7 +73,7 @@ class MonthCheck:
     month: Month
     status: str  # ok | differs | busy
     recomputed: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the source data now
-    stored: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the stored daily charges
+    stored: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the stored charges
     accounts: int
 
     @property

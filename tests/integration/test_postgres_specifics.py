@@ -50,7 +50,7 @@ MIGRATE_ROLE_GRANTS = [
     "GRANT USAGE, CREATE ON SCHEMA public TO {migrate}",
 ]
 JOB_ROLE_GRANTS = [
-    "GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {job}",
+    "GRANT CONNECT ON DATABASE {database} TO {job}",
     "GRANT USAGE ON SCHEMA public TO {job}",
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage,"
     " top_ups, redemption_codes, refund_requests TO {job}",
