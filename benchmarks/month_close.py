@@ -190,6 +190,21 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
     return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases)
 
 
+def rows_stored(engine: Engine, projects: int) -> None:
+    """Print the rows in the jobs' tables (after one month closed: what a month wrote),
+    per project."""
+    with engine.connect() as conn:
+        counts = {
+            t.name: int(conn.execute(text(f'SELECT count(*) FROM "{t.name}"')).scalar_one())
+            for t in billing_metadata.sorted_tables
+        }
+    total = sum(counts.values())
+    largest = ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+    print(
+        f"    rows in the jobs' tables: {total:,} ({total / projects:.2f} per project): {largest}", flush=True
+    )
+
+
 def floor(engine: Engine) -> Step:
     """One statement: the month's compute per project, joined to projects, one row each."""
     with engine.begin() as conn:
@@ -330,6 +345,7 @@ def main() -> None:
         if not args.skip_naive:
             run(naive(engine, args.projects))
         run(command(url, "month-end", "--month", "2026-05", **kw))
+        rows_stored(engine, args.projects)
         if args.first_close_only:
             run(command(url, "month-end", "--month", "2026-06", **kw))
             engine.dispose()
