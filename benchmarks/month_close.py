@@ -9,7 +9,9 @@ of its own, so its peak RSS is its own) and times, in one run:
                      project, joins projects and writes one row per project
   naive loop         the per-project loop a naive user would write (a query per
                      project and an INSERT per project-day), on 2k projects, scaled to N
-  month-end (first)  first close of May from scratch: every daily charge written
+  month-end (first)  first close of May from scratch: every charge written
+  db upgrade         migration 0012 of that month (charges turned back into a row per
+                     project and day first, by a downgrade that is not timed)
   nightly x31        the nightly run catching up every day of May (one run), on a
                      database without charges: the state "nightly ran every day"
   month-end (after)  close of May after nightly ran every day
@@ -50,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from billing_jobs.db.billing_tables import billed_days, billing_metadata  # noqa: E402
-from billing_jobs.db.engine import make_engine, upgrade  # noqa: E402
+from billing_jobs.db.engine import downgrade, make_engine, upgrade  # noqa: E402
 from billing_jobs.demo import generate_bulk  # noqa: E402
 
 NAIVE_PROJECTS = 2_000
@@ -271,6 +273,17 @@ def days_until_yesterday() -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
+def migration(url: str, engine: Engine) -> Step:
+    """Migration 0012 on the month just closed: the store turned back into a row per
+    project and day (`downgrade` to 0011, untimed), then `db upgrade` timed as the
+    command it is."""
+    downgrade(engine, "0011")
+    with engine.connect() as conn:
+        days = int(conn.execute(text("SELECT count(*) FROM daily_charges")).scalar_one())
+    step = command(url, "db", "upgrade")
+    return Step(f"db upgrade: {days:,} daily charges to periods", step.seconds, days, step.peak_rss_mib)
+
+
 def reset_jobs_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         for table in reversed(billing_metadata.sorted_tables):
@@ -346,6 +359,7 @@ def main() -> None:
             run(naive(engine, args.projects))
         run(command(url, "month-end", "--month", "2026-05", **kw))
         rows_stored(engine, args.projects)
+        run(migration(url, engine))
         if args.first_close_only:
             run(command(url, "month-end", "--month", "2026-06", **kw))
             engine.dispose()

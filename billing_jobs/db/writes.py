@@ -202,10 +202,11 @@ def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: da
         )
     ]
     if chunk.accounts is not None and len(projects):
-        moved = select(*columns).where(among(cp.project_id, projects), *reach)
+        # Through the primary key, only other accounts' rows: the chunk's are read above.
+        others = ~among(cp.account_id, chunk.accounts)
+        moved = select(*columns).where(among(cp.project_id, projects), others, *reach)
         frames.append(read_frame(conn, moved, ints=ints, aggregate=True))
-    found = pd.concat(frames, ignore_index=True)
-    return found.drop_duplicates(periods.KEY, ignore_index=True) if len(frames) > 1 else found
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def sync_charges(
