@@ -22,6 +22,7 @@ import pandas as pd
 VALUES = ["account_id", "quantity_units", "amount_units"]
 KEY = ["project_id", "charge_type", "first_day"]
 COLUMNS = ["project_id", "charge_type", "first_day", "last_day", *VALUES]
+INTS = ("first_day", "last_day", "quantity_units", "amount_units")
 DAY_COLUMNS = ["project_id", "account_id", "charge_type", "day", "quantity_units", "amount_units"]
 
 
@@ -163,11 +164,24 @@ def change(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi: np.nda
     wanted = canonical(pd.concat([outside(stored, lo, hi), truth[COLUMNS]], ignore_index=True))
     if stored.empty:
         return Change(delete=empty(), insert=wanted)
-    marks = pd.concat([stored[COLUMNS].assign(_side=1), wanted.assign(_side=2)], ignore_index=True).astype(
-        {"quantity_units": np.int64, "amount_units": np.int64, "first_day": np.int64, "last_day": np.int64}
-    )
-    side = marks.groupby(COLUMNS, sort=False, dropna=False)["_side"].transform("sum")
-    only = marks.loc[side != 3]
-    delete = only.loc[only["_side"] == 1, COLUMNS].reset_index(drop=True)
-    insert = only.loc[only["_side"] == 2, COLUMNS].reset_index(drop=True)
+    # Rows are unique on each side, so a row equal to its neighbour once all rows are
+    # sorted on every column is on both sides. Integer codes keep the sort light.
+    both = pd.concat([stored[COLUMNS], wanted], ignore_index=True)
+    codes = [
+        both[c].to_numpy(dtype=np.int64) if c in INTS else pd.factorize(both[c])[0].astype(np.int64)
+        for c in COLUMNS
+    ]
+    order = np.lexsort(codes[::-1])
+    same = np.ones(len(order) - 1, dtype=bool)
+    for column in codes:
+        ranked = column[order]
+        same &= ranked[1:] == ranked[:-1]
+    paired = np.zeros(len(order), dtype=bool)
+    paired[1:] |= same
+    paired[:-1] |= same
+    matched = np.empty(len(order), dtype=bool)
+    matched[order] = paired
+    n = len(stored)
+    delete = stored.loc[~matched[:n], COLUMNS].reset_index(drop=True)
+    insert = wanted.loc[~matched[n:]].reset_index(drop=True)
     return Change(delete=delete, insert=insert)
