@@ -307,17 +307,7 @@ CHARGE_DAY_COLUMNS = [
 
 
 def _stored_periods(conn: Connection) -> pd.DataFrame:
-    rows = conn.execute(
-        select(
-            charge_periods.c.project_id,
-            charge_periods.c.charge_type,
-            charge_periods.c.first_day,
-            charge_periods.c.last_day,
-            charge_periods.c.account_id,
-            charge_periods.c.quantity_units,
-            charge_periods.c.amount_units,
-        )
-    ).all()
+    rows = conn.execute(select(*[charge_periods.c[c] for c in periods.COLUMNS])).all()
     frame = pd.DataFrame(rows, columns=periods.COLUMNS)
     for column in ("first_day", "last_day"):
         frame[column] = [day_number(d) for d in frame[column]]
@@ -370,14 +360,15 @@ def rewrite_charge_days(db_url: str, edit: Callable[[pd.DataFrame], pd.DataFrame
                             "charge_type": t,
                             "first_day": day_from_number(int(f)),
                             "last_day": day_from_number(int(e)),
-                            "days": int(e) - int(f) + 1,
+                            "days": int(n),
                             "account_id": a,
                             "quantity_units": int(q),
                             "amount_units": int(m),
+                            "daily": d,
                             "run_id": "edited",
                             "recorded_at": ts("2026-01-01"),
                         }
-                        for p, t, f, e, a, q, m in stored[periods.COLUMNS].itertuples(index=False)
+                        for p, t, f, e, n, a, q, m, d in stored[periods.COLUMNS].itertuples(index=False)
                     ],
                 )
     finally:

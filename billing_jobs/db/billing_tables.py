@@ -74,10 +74,15 @@ billed_days = Table(
     Column("billed_at", DateTime, nullable=False),
 )
 
-# What was charged, as periods (`rules.periods`): one row per project, charge type and
-# run of consecutive days of one month with the same account, daily quantity and daily
-# amount; days first_day..last_day, both included; `days` = their number. Canonical: no
-# two rows of a (project, charge type) overlap or could be merged. The storage fee of
+# What was charged, as periods (`rules.periods`), in one of two forms. A run (`daily`
+# NULL): one row per project, charge type and run of consecutive days of one month with
+# the same account, daily quantity and daily amount (the storage fee); days
+# first_day..last_day, both included, `days` their number, quantity and amount per day.
+# A month (`daily` set): one row per project, charge type, month and account holding
+# every day charged (the cloud fees, whose amounts differ day to day): `daily` lists
+# `offset quantity amount` per day charged (offset from first_day, units), `days` their
+# number, quantity and amount the month's totals. Canonical: runs of a (project, charge
+# type) do not overlap and none could be merged. The storage fee of
 # the current month may run past the last billed day: the nightly job stores it through
 # the month's end as the lifecycle known then gives it (a quiet night changes nothing);
 # the days up to the last one billed (`billed_days`, or a closed month) are charged.
@@ -90,8 +95,9 @@ charge_periods = Table(
     Column("last_day", Date, nullable=False),
     Column("days", Integer, nullable=False),
     Column("account_id", String(64), nullable=False),
-    Column("quantity_units", BigInteger, nullable=False),  # per day
-    Column("amount_units", BigInteger, nullable=False),  # per day
+    Column("quantity_units", BigInteger, nullable=False),  # per day (a run) or in all (a month)
+    Column("amount_units", BigInteger, nullable=False),  # per day (a run) or in all (a month)
+    Column("daily", Text),  # a month's days: "offset quantity amount ..."; NULL for a run
     Column("run_id", String(36), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
     Index("ix_charge_periods_account_first", "account_id", "first_day"),

@@ -14,8 +14,11 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Table,
+    Text,
+    and_,
     bindparam,
     delete,
+    or_,
     select,
     text,
 )
@@ -168,6 +171,11 @@ class Window:
     def days(cls, first: date, last: date, storage_last: date | None = None) -> Window:
         return cls(first, last, storage_last or last)
 
+    @property
+    def through(self) -> date:
+        """The last day the window decides, any charge type."""
+        return max(self.last, self.storage_last)
+
     def bounds(self, charge_types: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         storage = (charge_types == STORAGE_FEE).to_numpy(dtype=bool)
         lo = np.full(len(charge_types), day_number(self.first), dtype=np.int64)
@@ -176,9 +184,10 @@ class Window:
 
 
 def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: date, hi: date) -> pd.DataFrame:
-    """The stored periods of one month that overlap or touch days lo..hi (both in that
-    month), of the chunk's accounts and of `projects` whatever their account (a project
-    that moved to the chunk's accounts)."""
+    """The stored periods of one month that a run deciding days lo..hi (both in that
+    month) may change: the runs that overlap or touch those days and every month form
+    of the month; of the chunk's accounts and of `projects` whatever their account (a
+    project that moved to the chunk's accounts)."""
     cp = charge_periods.c
     month = Month.of(lo)
     columns = [
@@ -186,16 +195,22 @@ def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: da
         cp.charge_type,
         day_number_of(conn, cp.first_day).label("first_day"),
         day_number_of(conn, cp.last_day).label("last_day"),
+        cp.days,
         cp.account_id,
         cp.quantity_units,
         cp.amount_units,
+        cp.daily,
     ]
-    reach = (
-        cp.first_day >= date_param(conn, month.first_day),
+    touches = and_(
         cp.first_day <= date_param(conn, min(hi + timedelta(days=1), month.last_day)),
         cp.last_day >= date_param(conn, max(lo - timedelta(days=1), month.first_day)),
     )
-    ints = ["first_day", "last_day", "quantity_units", "amount_units"]
+    reach = (
+        cp.first_day >= date_param(conn, month.first_day),
+        cp.first_day <= date_param(conn, month.last_day),
+        or_(cp.daily.is_not(None), touches),
+    )
+    ints = ["first_day", "last_day", "days", "quantity_units", "amount_units"]
     frames = [
         read_frame(
             conn, select(*columns).where(chunk.clause(cp.account_id), *reach), ints=ints, aggregate=True
@@ -222,12 +237,12 @@ def sync_charges(
 
     truth: the daily charges the rules give (project_id, account_id, charge_type, day,
     quantity_units, amount_units) inside the window, for every project of the chunk's
-    accounts. The stored periods that overlap or touch the window (the chunk's
-    accounts', and any account's of the truth's projects) are read; the change that
-    keeps what lies outside the window and holds the truth inside it, in canonical
-    form, is computed (`rules.periods.change`) and written: the periods it no longer
-    holds deleted, the new ones inserted. Over unchanged data the change is empty and
-    nothing is written; every day is compared, so any difference is corrected.
+    accounts. The stored periods the window can change (the chunk's accounts', and any
+    account's of the truth's projects) are read; the change that keeps what lies
+    outside the window and holds the truth inside it, in canonical form, is computed
+    (`rules.periods.change`) and written: the periods it no longer holds deleted, the
+    new ones inserted. Over unchanged data the change is empty and nothing is written;
+    every day is compared, so any difference is corrected.
 
     Returns (periods written, periods deleted).
     """
@@ -237,10 +252,10 @@ def sync_charges(
         f, e = wanted["first_day"].to_numpy(), wanted["last_day"].to_numpy()
         if bool(((f < lo) | (e > hi)).any()):
             raise ValueError("a charge lies outside the days the run decides")
-    if Month.of(window.first) != Month.of(max(window.last, window.storage_last)):
+    if Month.of(window.first) != Month.of(window.through):
         raise ValueError("a run of charges spans more than one month")
     projects = pd.unique(truth["project_id"]).tolist() if len(truth) else []
-    stored = read_periods(conn, chunk, projects, window.first, max(window.last, window.storage_last))
+    stored = read_periods(conn, chunk, projects, window.first, window.through)
     lo, hi = window.bounds(stored["charge_type"])
     diff = periods.change(stored, wanted, lo, hi)
     if diff.empty:
@@ -249,8 +264,8 @@ def sync_charges(
     if len(diff.delete):
         rows = diff.delete
         params = [
-            {"p": p, "t": t, "f": day_from_number(f), "e": day_from_number(e), "a": a, "q": q, "m": m}
-            for p, t, f, e, a, q, m in zip(
+            {"p": p, "t": t, "f": day_from_number(f), "e": day_from_number(e), "a": a, "q": q, "m": m, "d": d}
+            for p, t, f, e, a, q, m, d in zip(
                 rows["project_id"],
                 rows["charge_type"],
                 rows["first_day"].tolist(),
@@ -258,6 +273,7 @@ def sync_charges(
                 rows["account_id"],
                 rows["quantity_units"].tolist(),
                 rows["amount_units"].tolist(),
+                rows["daily"].astype(object).where(rows["daily"].notna(), None),
                 strict=True,
             )
         ]
@@ -270,14 +286,13 @@ def sync_charges(
             cp.account_id == bindparam("a"),
             cp.quantity_units == bindparam("q"),
             cp.amount_units == bindparam("m"),
+            cp.daily.is_not_distinct_from(bindparam("d", type_=Text)),
         )
         for start in range(0, len(params), SQL_BATCH):
             # A row already gone was deleted by a chunk of the same run at the same time
             # (a project that moved between accounts): both want it gone.
             deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
-    rows = diff.insert.assign(
-        days=diff.insert["last_day"] - diff.insert["first_day"] + 1, run_id=run_id, recorded_at=now
-    )
+    rows = diff.insert.assign(run_id=run_id, recorded_at=now)
     if chunk.accounts is not None:
         # Periods of other accounts (the part outside the window of a project that moved
         # here) may be written by their own chunk at the same time: the same rows.

@@ -7,7 +7,7 @@ re-runs `month-end`. For each closed month, per chunk of accounts, one pipeline
 
 - the chunk's sources, recomputed by `compute_chunk` exactly as `month-end` does;
 - the sum of the month's finalized invoice lines (regular and adjustments);
-- the sum of the month's stored charges (`charge_periods`, each counted for its days);
+- the sum of the month's stored charges (`charge_periods`: a run for its days, a month form its totals);
 
 and compares (`rules.reconcile.differences`) the invoices with the recomputed
 lines (what a re-close would write as adjustments) and with the stored charges.
@@ -37,7 +37,7 @@ from functools import partial
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
+from sqlalchemy import BigInteger, Connection, Engine, case, cast, func, select
 
 from billing_jobs.db.billing_tables import (
     charge_periods,
@@ -199,15 +199,17 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
 def stored_charges(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
     """The month's stored charges of the chunk's accounts, summed per (account, project,
     charge type) and named as invoice lines (a charge type is its line type). A period
-    counts its days: a daily quantity and amount times their number."""
+    counts its days: a run its daily quantity and amount times their number, a month
+    form its totals."""
     cp = charge_periods.c
+    times = case((cp.daily.is_(None), cp.days), else_=1)
     stmt = (
         select(
             cp.account_id,
             cp.project_id,
             cp.charge_type.label("line_type"),
-            cast(func.sum(cp.quantity_units * cp.days), BigInteger).label("quantity_units"),
-            cast(func.sum(cp.amount_units * cp.days), BigInteger).label("amount_units"),
+            cast(func.sum(cp.quantity_units * times), BigInteger).label("quantity_units"),
+            cast(func.sum(cp.amount_units * times), BigInteger).label("amount_units"),
         )
         .where(chunk.clause(cp.account_id), cp.first_day.between(month.first_day, month.last_day))
         .group_by(cp.account_id, cp.project_id, cp.charge_type)

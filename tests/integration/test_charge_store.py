@@ -43,8 +43,8 @@ def _platform() -> SourceData:
     return data
 
 
-def _periods(db_url: str, month: str = "2026-05") -> int:
-    """The stored periods of the month."""
+def _periods(db_url: str, month: str = "2026-05", charge_type: str | None = None) -> int:
+    """The stored periods of the month (of one charge type)."""
     engine = sa.create_engine(db_url)
     first = date.fromisoformat(f"{month}-01")
     last = Month.of(first).last_day
@@ -52,6 +52,8 @@ def _periods(db_url: str, month: str = "2026-05") -> int:
         with engine.connect() as conn:
             cp = charge_periods.c
             query = sa.select(sa.func.count()).where(cp.first_day.between(first, last))
+            if charge_type is not None:
+                query = query.where(cp.charge_type == charge_type)
             return int(conn.execute(query).scalar_one())
     finally:
         engine.dispose()
@@ -79,8 +81,13 @@ def test_a_quiet_night_writes_no_charge_row_and_a_change_writes_only_its_project
     late.cloud("site", "2026-05-12", "page_views", "500")
     late.write_url(db_url)
     changed = _summary(run_cli(db_url, "nightly", "--date", "2026-05-12"))
-    assert changed["rows_deleted"] == 1  # p3's storage fee to the month's end
-    assert changed["rows_inserted"] == 2  # p3's to the 12th, the site's page views of the 12th
+    # p3's storage fee to the month's end, and the site's page views of May (the 10th) ...
+    assert changed["rows_deleted"] == 2
+    # ... become p3's storage fee to the 12th, and the site's page views of May (10th, 12th).
+    assert changed["rows_inserted"] == 2
+    assert _periods(db_url, charge_type="cloud_page_views") == 1
+    days = [r for r in charge_days(db_url) if r[0] == "site" and r[1] == "cloud_page_views"]
+    assert [r[2] for r in days] == ["2026-05-10", "2026-05-12"]
 
 
 def test_a_dry_run_shows_the_day_it_bills_and_stores_nothing(db_url: str) -> None:

@@ -139,11 +139,47 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
             stored = conn.execute(sa.text("SELECT count(*), sum(days) FROM charge_periods")).one()
     finally:
         engine.dispose()
-    assert stored[1] == len(_expected_days("daily_charges.csv.xz")) == 18_204
-    assert stored[0] < stored[1] * 0.6  # fewer rows: a run of equal days is one
+    expected = _expected_days("daily_charges.csv.xz")
+    assert stored[1] == len(expected) == 18_204
+    # A run of equal storage-fee days is one row; a cloud fee's month one per account.
+    months = {(r[0], r[1], r[2][:7], r[3]) for r in expected if r[1] != "storage_fee"}
+    assert _count_forms(db_url) == (len(months), len(months))
+    assert stored[0] < stored[1] * 0.2, stored
+    assert charge_days(db_url) == expected
     reconciled = run_cli(db_url, "reconcile", "--since", "2026-03")
     assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
     assert run_cli(db_url, "db", "upgrade").code == 0  # again: nothing to do
+    _assert_closed_months_unchanged(db_url)
+
+
+def _count_forms(db_url: str) -> tuple[int, int]:
+    """Cloud-fee rows, and those in the month form."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT count(*), count(daily) FROM charge_periods WHERE charge_type <> 'storage_fee'"
+            return tuple(conn.execute(sa.text(query)).one())  # type: ignore[return-value]
+    finally:
+        engine.dispose()
+
+
+def test_a_downgrade_to_runs_and_an_upgrade_again_keep_every_day(db_url: str, tmp_path: Path) -> None:
+    """0013 down to 0012 gives back the runs 0012 made (9,522 rows for the 18,204
+    days); up again, the month forms and every closed month are as before."""
+    _load(db_url, tmp_path)
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        months = _count_forms(db_url)
+        downgrade(engine, "0012")
+        with engine.connect() as conn:
+            runs = conn.execute(sa.text("SELECT count(*), sum(days) FROM charge_periods")).one()
+        assert tuple(runs) == (9_522, 18_204)
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    assert _count_forms(db_url) == months
+    assert charge_days(db_url) == _expected_days("daily_charges.csv.xz")
     _assert_closed_months_unchanged(db_url)
 
 
@@ -176,12 +212,15 @@ def _upgrade_process(db_url: str, **extra: str) -> subprocess.CompletedProcess[b
     return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
 
 
+@pytest.mark.parametrize("revision", ["0012", "0013"])
 def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run_again(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, revision: str
 ) -> None:
+    """Killed inside either migration (0012: runs; 0013: cloud fees per month), the
+    upgrade's one transaction rolls back to the old version's store."""
     _load(db_url, tmp_path)
 
-    killed = _upgrade_process(db_url, BILLING_FAULT_KILL_IN_MIGRATION="0012")
+    killed = _upgrade_process(db_url, BILLING_FAULT_KILL_IN_MIGRATION=revision)
 
     assert killed.returncode == -9, killed.stderr
     tables = _tables(db_url)

@@ -22,7 +22,7 @@ a_day = st.tuples(
     st.sampled_from(["storage_fee", "cloud_domains"]),
     st.integers(0, 44),
     st.sampled_from(["acct-a", "acct-b"]),
-    st.sampled_from([0, 5_000, 10_000]),
+    st.sampled_from([0, 5_000, 10_000, 12_345]),
 )
 
 
@@ -31,7 +31,7 @@ def _frame(days: list[Day]) -> pd.DataFrame:
     seen: dict[tuple[str, str, int], tuple[str, int]] = {}
     for p, t, d, a, m in days:
         seen.setdefault((p, t, d), (a, m))
-    rows = [(p, a, t, MAY_1 + d, 10_000, m) for (p, t, d), (a, m) in seen.items()]
+    rows = [(p, a, t, MAY_1 + d, 10_000 + m // 1_000, m) for (p, t, d), (a, m) in seen.items()]
     frame = pd.DataFrame(rows, columns=periods.DAY_COLUMNS)
     return frame.astype({"day": np.int64, "quantity_units": np.int64, "amount_units": np.int64})
 
@@ -41,17 +41,34 @@ def _rows(days: pd.DataFrame) -> list[tuple[object, ...]]:
 
 
 def _assert_canonical(stored: pd.DataFrame) -> None:
-    ordered = stored.sort_values(["project_id", "charge_type", "first_day"]).reset_index(drop=True)
-    assert (ordered["first_day"] <= ordered["last_day"]).all()
-    month = ordered["first_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
-    end_month = ordered["last_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
+    """Runs (the storage fee) neither overlap nor could be merged; a month form (any
+    other charge type) is one row per (project, charge type, month, account) whose
+    first and last days, number of days and totals are those of the days it holds."""
+    month = stored["first_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
+    end_month = stored["last_day"].to_numpy().astype("datetime64[D]").astype("datetime64[M]")
+    assert (stored["first_day"] <= stored["last_day"]).all()
     assert (month == end_month).all(), "a period spans two months"
+    forms = stored.assign(month=month)
+    month_form = forms["daily"].notna()
+    assert (month_form == (forms["charge_type"] != "storage_fee")).all()
+    months = forms.loc[month_form]
+    assert not months.duplicated(["project_id", "charge_type", "month", "account_id"]).any()
+    for row in months.itertuples(index=False):
+        days = periods.to_days(pd.DataFrame([row], columns=forms.columns)[periods.COLUMNS])
+        assert (row.first_day, row.last_day, row.days) == (days["day"].min(), days["day"].max(), len(days))
+        assert (row.quantity_units, row.amount_units) == (
+            days["quantity_units"].sum(),
+            days["amount_units"].sum(),
+        )
+    runs = forms.loc[~month_form]
+    ordered = runs.sort_values(["project_id", "charge_type", "first_day"]).reset_index(drop=True)
+    assert (ordered["days"] == ordered["last_day"] - ordered["first_day"] + 1).all()
     for i in range(1, len(ordered)):
         before, this = ordered.iloc[i - 1], ordered.iloc[i]
         if (before["project_id"], before["charge_type"]) != (this["project_id"], this["charge_type"]):
             continue
         assert before["last_day"] < this["first_day"], "periods overlap"
-        same = all(before[c] == this[c] for c in periods.VALUES) and month[i] == month[i - 1]
+        same = all(before[c] == this[c] for c in periods.VALUES) and this["month"] == before["month"]
         assert not (same and before["last_day"] + 1 == this["first_day"]), "two periods could be one"
 
 
@@ -70,6 +87,21 @@ def test_an_always_charged_month_is_one_period_and_a_month_boundary_splits_it() 
     charges = _frame([("p1", "storage_fee", d, "acct-a", 10_000) for d in range(0, 40)])
     stored = periods.from_days(charges)
     assert stored[["first_day", "last_day"]].values.tolist() == [[MAY_1, MAY_1 + 30], [JUNE_1, MAY_1 + 39]]
+
+
+def test_a_month_of_cloud_fees_is_one_row_per_account_and_gives_every_day_back() -> None:
+    days = [("p1", "cloud_page_views", d, "acct-a", 1_000 * (d % 7)) for d in range(0, 40)]
+    days.append(("p1", "cloud_page_views", 41, "acct-b", 70))
+    charges = _frame(days)
+    stored = periods.from_days(charges)
+    assert stored[["first_day", "last_day", "days", "account_id"]].values.tolist() == [
+        [MAY_1, MAY_1 + 30, 31, "acct-a"],
+        [JUNE_1, MAY_1 + 39, 9, "acct-a"],
+        [MAY_1 + 41, MAY_1 + 41, 1, "acct-b"],
+    ]
+    assert stored["daily"].iloc[2] == "0 10000 70"
+    assert stored["daily"].iloc[0].startswith("0 10000 0 1 10001 1000 2 10002 2000 ")
+    assert _rows(periods.to_days(stored)) == _rows(charges)
 
 
 @settings(max_examples=120, deadline=None)
@@ -133,3 +165,20 @@ def test_the_truth_already_stored_changes_nothing(days: list[Day], start: int, l
     )
 
     assert change.empty
+
+
+def test_a_night_that_adds_a_day_after_a_stored_month_extends_that_month_row() -> None:
+    """The nightly's common case: the month row of May 1-9 and the 10th's charge become
+    the one row of May 1-10, exactly as if built from the ten days at once."""
+    days = [("p1", "cloud_bandwidth", d, "acct-a", 1_000 * d) for d in range(0, 10)]
+    days += [("p2", "cloud_bandwidth", d, "acct-a", 7) for d in (3, 10)]  # p2: only its row
+    stored = periods.from_days(_frame([d for d in days if d[2] < 9]))
+    truth = periods.from_days(_frame([d for d in days if d[2] == 9]))
+    window = np.full(len(stored), MAY_1 + 9)
+
+    change = periods.change(stored, truth, window, window)
+
+    assert change.delete["project_id"].tolist() == ["p1"]
+    whole = periods.from_days(_frame([d for d in days if d[2] <= 9]))
+    assert change.insert.equals(whole.loc[whole["project_id"] == "p1"].reset_index(drop=True))
+    assert change.insert["daily"].iloc[0].endswith(" 9 10009 9000")

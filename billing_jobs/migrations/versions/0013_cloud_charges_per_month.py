@@ -1,0 +1,148 @@
+"""charge_periods: cloud fees stored per project, charge type, month and account
+
+Revision ID: 0013
+Revises: 0012
+
+The cloud fees' daily amounts differ from day to day, so as runs of equal days they
+took about as many rows as days. This revision adds `charge_periods.daily` and turns
+every charge type but the storage fee into the month form of `rules.periods`: one row
+per (project, charge type, month, account) listing each day's quantity and amount.
+Projects are converted in batches in the migration's one transaction on both back
+ends: a kill rolls it back, and a re-run starts over. Downgrade expands the month
+forms back into runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date, datetime
+
+import pandas as pd
+import sqlalchemy as sa
+from alembic import op
+
+from billing_jobs import faults
+from billing_jobs.rules import periods
+from billing_jobs.rules.calendar import day_from_number, day_number
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+PROJECTS_PER_BATCH = 20_000
+_TABLE = sa.table(
+    "charge_periods",
+    sa.column("project_id", sa.String),
+    sa.column("charge_type", sa.String),
+    sa.column("first_day", sa.Date),
+    sa.column("last_day", sa.Date),
+    sa.column("days", sa.Integer),
+    sa.column("account_id", sa.String),
+    sa.column("quantity_units", sa.BigInteger),
+    sa.column("amount_units", sa.BigInteger),
+    sa.column("daily", sa.Text),
+    sa.column("run_id", sa.String),
+    sa.column("recorded_at", sa.DateTime),
+)
+_STORED = [*periods.COLUMNS, "run_id", "recorded_at"]
+
+
+def _as_date(value: object) -> date:
+    return date.fromisoformat(str(value)[:10])
+
+
+def _as_instant(value: object) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def _month(days: pd.Series) -> object:
+    return days.to_numpy(dtype="int64").astype("datetime64[D]").astype("datetime64[M]")
+
+
+def _batches(conn: sa.Connection, *, month_form: bool) -> Iterator[list[str]]:
+    """The ids of the projects with rows to convert, in batches, in id order."""
+    t = _TABLE.c
+    which = t.daily.is_(None) if month_form else t.daily.is_not(None)
+    after: str | None = None
+    while True:
+        stmt = sa.select(t.project_id).where(t.charge_type != "storage_fee", which).distinct()
+        if after is not None:
+            stmt = stmt.where(t.project_id > after)
+        ids = [p for (p,) in conn.execute(stmt.order_by(t.project_id).limit(PROJECTS_PER_BATCH))]
+        if not ids:
+            return
+        yield ids
+        after = ids[-1]
+
+
+def _read(conn: sa.Connection, ids: list[str], which: sa.ColumnElement[bool]) -> pd.DataFrame:
+    t = _TABLE.c
+    rows = conn.execute(
+        sa.select(*[getattr(t, c) for c in _STORED]).where(
+            t.project_id.in_(ids), t.charge_type != "storage_fee", which
+        )
+    ).all()
+    frame = pd.DataFrame(rows, columns=_STORED)
+    for column in ("first_day", "last_day"):
+        frame[column] = [day_number(_as_date(d)) for d in frame[column]]
+    for column in ("days", "quantity_units", "amount_units"):
+        frame[column] = frame[column].astype("int64")
+    frame["recorded_at"] = [_as_instant(v) for v in frame["recorded_at"]]
+    return frame
+
+
+def _rewrite(
+    conn: sa.Connection, ids: list[str], old: pd.DataFrame, new: pd.DataFrame, which: sa.ColumnElement[bool]
+) -> None:
+    """Replace the batch's rows by `new`, each with the latest run and time of the old
+    rows of its (project, charge type, month, account)."""
+    t = _TABLE.c
+    key = ["project_id", "charge_type", "account_id", "month"]
+    old = old.assign(month=_month(old["first_day"]))
+    latest = old.sort_values(["recorded_at", "run_id"]).drop_duplicates(key, keep="last")[
+        [*key, "run_id", "recorded_at"]
+    ]
+    new = new.assign(month=_month(new["first_day"])).merge(latest, on=key, how="left")
+    conn.execute(sa.delete(_TABLE).where(t.project_id.in_(ids), t.charge_type != "storage_fee", which))
+    records = [
+        {
+            **row,
+            "first_day": day_from_number(int(row["first_day"])),
+            "last_day": day_from_number(int(row["last_day"])),
+            "days": int(row["days"]),
+            "quantity_units": int(row["quantity_units"]),
+            "amount_units": int(row["amount_units"]),
+        }
+        for row in new[_STORED].to_dict("records")
+    ]
+    for start in range(0, len(records), 5_000):
+        conn.execute(sa.insert(_TABLE), records[start : start + 5_000])
+
+
+def upgrade() -> None:
+    op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
+    conn = op.get_bind()
+    runs = _TABLE.c.daily.is_(None)
+    for ids in _batches(conn, month_form=True):
+        old = _read(conn, ids, runs)
+        _rewrite(conn, ids, old, periods.from_days(periods.to_days(old)), runs)
+    faults.in_migration(revision)
+
+
+def downgrade() -> None:
+    conn = op.get_bind()
+    months = _TABLE.c.daily.is_not(None)
+    for ids in _batches(conn, month_form=False):
+        old = _read(conn, ids, months)
+        _rewrite(
+            conn,
+            ids,
+            old,
+            periods.canonical(
+                periods.to_days(old).assign(first_day=lambda d: d["day"], last_day=lambda d: d["day"])
+            ),
+            months,
+        )
+    with op.batch_alter_table("charge_periods") as batch:
+        batch.drop_column("daily")
