@@ -15,22 +15,23 @@ forms back into runs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date, datetime
 
 import pandas as pd
 import sqlalchemy as sa
 from alembic import op
 
 from billing_jobs import faults
+from billing_jobs.db.billing_tables import charge_periods
+from billing_jobs.db.reads import day_number, read_frame
+from billing_jobs.db.writes import bulk_insert
 from billing_jobs.rules import periods
-from billing_jobs.rules.calendar import day_from_number, day_number
 
 revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
 
-PROJECTS_PER_BATCH = 20_000
+PROJECTS_PER_BATCH = 2_000
 _TABLE = sa.table(
     "charge_periods",
     sa.column("project_id", sa.String),
@@ -46,24 +47,16 @@ _TABLE = sa.table(
     sa.column("recorded_at", sa.DateTime),
 )
 _STORED = [*periods.COLUMNS, "run_id", "recorded_at"]
-
-
-def _as_date(value: object) -> date:
-    return date.fromisoformat(str(value)[:10])
-
-
-def _as_instant(value: object) -> datetime:
-    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+_INTS = ["first_day", "last_day", "days", "quantity_units", "amount_units"]
 
 
 def _month(days: pd.Series) -> object:
     return days.to_numpy(dtype="int64").astype("datetime64[D]").astype("datetime64[M]")
 
 
-def _batches(conn: sa.Connection, *, month_form: bool) -> Iterator[list[str]]:
+def _batches(conn: sa.Connection, which: sa.ColumnElement[bool]) -> Iterator[list[str]]:
     """The ids of the projects with rows to convert, in batches, in id order."""
     t = _TABLE.c
-    which = t.daily.is_(None) if month_form else t.daily.is_not(None)
     after: str | None = None
     while True:
         stmt = sa.select(t.project_id).where(t.charge_type != "storage_fee", which).distinct()
@@ -77,19 +70,11 @@ def _batches(conn: sa.Connection, *, month_form: bool) -> Iterator[list[str]]:
 
 
 def _read(conn: sa.Connection, ids: list[str], which: sa.ColumnElement[bool]) -> pd.DataFrame:
+    """The batch's rows, days as day numbers (computed by the database)."""
     t = _TABLE.c
-    rows = conn.execute(
-        sa.select(*[getattr(t, c) for c in _STORED]).where(
-            t.project_id.in_(ids), t.charge_type != "storage_fee", which
-        )
-    ).all()
-    frame = pd.DataFrame(rows, columns=_STORED)
-    for column in ("first_day", "last_day"):
-        frame[column] = [day_number(_as_date(d)) for d in frame[column]]
-    for column in ("days", "quantity_units", "amount_units"):
-        frame[column] = frame[column].astype("int64")
-    frame["recorded_at"] = [_as_instant(v) for v in frame["recorded_at"]]
-    return frame
+    columns = [day_number(conn, t[c]).label(c) if c in ("first_day", "last_day") else t[c] for c in _STORED]
+    stmt = sa.select(*columns).where(t.project_id.in_(ids), t.charge_type != "storage_fee", which)
+    return read_frame(conn, stmt, ints=_INTS, aggregate=True)
 
 
 def _rewrite(
@@ -100,31 +85,17 @@ def _rewrite(
     t = _TABLE.c
     key = ["project_id", "charge_type", "account_id", "month"]
     old = old.assign(month=_month(old["first_day"]))
-    latest = old.sort_values(["recorded_at", "run_id"]).drop_duplicates(key, keep="last")[
-        [*key, "run_id", "recorded_at"]
-    ]
-    new = new.assign(month=_month(new["first_day"])).merge(latest, on=key, how="left")
+    latest = old.sort_values(["recorded_at", "run_id"]).drop_duplicates(key, keep="last")
+    new = new.assign(month=_month(new["first_day"])).merge(latest[[*key, "run_id", "recorded_at"]], on=key)
     conn.execute(sa.delete(_TABLE).where(t.project_id.in_(ids), t.charge_type != "storage_fee", which))
-    records = [
-        {
-            **row,
-            "first_day": day_from_number(int(row["first_day"])),
-            "last_day": day_from_number(int(row["last_day"])),
-            "days": int(row["days"]),
-            "quantity_units": int(row["quantity_units"]),
-            "amount_units": int(row["amount_units"]),
-        }
-        for row in new[_STORED].to_dict("records")
-    ]
-    for start in range(0, len(records), 5_000):
-        conn.execute(sa.insert(_TABLE), records[start : start + 5_000])
+    bulk_insert(conn, charge_periods, new[_STORED], date_columns=["first_day", "last_day"])
 
 
 def upgrade() -> None:
     op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
     conn = op.get_bind()
     runs = _TABLE.c.daily.is_(None)
-    for ids in _batches(conn, month_form=True):
+    for ids in _batches(conn, runs):
         old = _read(conn, ids, runs)
         _rewrite(conn, ids, old, periods.from_days(periods.to_days(old)), runs)
     faults.in_migration(revision)
@@ -133,7 +104,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     conn = op.get_bind()
     months = _TABLE.c.daily.is_not(None)
-    for ids in _batches(conn, month_form=False):
+    for ids in _batches(conn, months):
         old = _read(conn, ids, months)
         _rewrite(
             conn,
