@@ -739,24 +739,24 @@ def ledger_diff(
     out["credit_units"] = out["d_credits"]
     has_money = out["kind"].isin([FUND, REFUND])
     out["money_cents"] = pd.Series(
-        [int(m) if h else None for m, h in zip(out["d_money"], has_money, strict=True)],
+        [m if h else None for m, h in zip(out["d_money"].tolist(), has_money.tolist(), strict=True)],
         index=out.index,
         dtype=object,
     )
-    out["entry_id"] = [
-        entry_id(a, lo, k, int(d), c, p, co, int(r))
-        for a, lo, k, d, c, p, co, r in zip(
-            out["account_id"],
-            out["lot_id"],
-            out["kind"],
-            out["day"],
-            out["cause"],
-            out["period"],
-            out["corrects"],
-            out["revision"],
-            strict=True,
+    # Plain lists, not Series: iterating a pandas column costs more than the hash.
+    out["entry_id"] = list(
+        map(
+            entry_id,
+            out["account_id"].tolist(),
+            out["lot_id"].tolist(),
+            out["kind"].tolist(),
+            out["day"].astype(np.int64).tolist(),
+            out["cause"].tolist(),
+            out["period"].tolist(),
+            out["corrects"].tolist(),
+            out["revision"].astype(np.int64).tolist(),
         )
-    ]
+    )
     cols = [*KEY, "period", "corrects", "revision", "credit_units", "money_cents", "entry_id"]
     return out[cols].reset_index(drop=True)
 
