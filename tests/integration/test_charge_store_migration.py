@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import lzma
 import os
 import shutil
@@ -148,8 +149,17 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
     assert charge_days(db_url) == expected
     reconciled = run_cli(db_url, "reconcile", "--since", "2026-03")
     assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
+    # The migrated rows are the jobs' own canonical form: a re-close rewrites none.
+    reclose = run_cli(db_url, "month-end", "--month", "2026-09", "--workers", "1")
+    assert reclose.code == 0, reclose.stderr
+    summary = next(e for e in map(json.loads, _log_lines(reclose.stderr)) if e["event"] == "run.summary")
+    assert (summary["rows_inserted"], summary["rows_deleted"]) == (0, 0)
     assert run_cli(db_url, "db", "upgrade").code == 0  # again: nothing to do
     _assert_closed_months_unchanged(db_url)
+
+
+def _log_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("{")]
 
 
 def _count_forms(db_url: str) -> tuple[int, int]:

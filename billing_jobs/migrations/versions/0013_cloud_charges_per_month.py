@@ -7,9 +7,9 @@ The cloud fees' daily amounts differ from day to day, so as runs of equal days t
 took about as many rows as days. This revision adds `charge_periods.daily` and turns
 every charge type but the storage fee into the month form of `rules.periods`: one row
 per (project, charge type, month, account) listing each day's quantity and amount.
-Projects are converted in batches in the migration's one transaction on both back
-ends: a kill rolls it back, and a re-run starts over. Downgrade expands the month
-forms back into runs.
+PostgreSQL converts them in one statement, SQLite in batches of projects; both in the
+migration's one transaction: a kill rolls it back, and a re-run starts over.
+Downgrade expands the month forms back into runs.
 """
 
 from __future__ import annotations
@@ -91,13 +91,46 @@ def _rewrite(
     bulk_insert(conn, charge_periods, new[_STORED], date_columns=["first_day", "last_day"])
 
 
+# PostgreSQL builds the month forms in one statement, in the same spelling as
+# `rules.periods` (day order, single spaces, integers as text): the runs deleted and
+# expanded into days, grouped per (project, charge type, account, month), each group
+# with its latest run. The grouping reads every deleted run before it inserts a row,
+# and a row the statement deleted does not conflict with one it inserts. No temporary
+# table: the migration role needs no TEMPORARY privilege.
+_POSTGRESQL = """
+WITH old AS (
+    DELETE FROM charge_periods WHERE charge_type <> 'storage_fee' AND daily IS NULL
+    RETURNING project_id, charge_type, first_day, days, account_id, quantity_units, amount_units,
+              run_id, recorded_at
+), day_rows AS (
+    SELECT o.project_id, o.charge_type, o.account_id, o.quantity_units, o.amount_units,
+           o.run_id, o.recorded_at, o.first_day + g.n AS day,
+           MIN(o.first_day) OVER (PARTITION BY o.project_id, o.charge_type, o.account_id,
+                                  date_trunc('month', o.first_day)) AS month_first
+      FROM old o CROSS JOIN LATERAL generate_series(0, o.days - 1) AS g(n)
+)
+INSERT INTO charge_periods (project_id, charge_type, first_day, last_day, days, account_id,
+                            quantity_units, amount_units, daily, run_id, recorded_at)
+SELECT project_id, charge_type, MIN(day), MAX(day), COUNT(*), account_id,
+       SUM(quantity_units), SUM(amount_units),
+       string_agg((day - month_first)::text || ' ' || quantity_units::text || ' ' || amount_units::text,
+                  ' ' ORDER BY day),
+       (array_agg(run_id ORDER BY recorded_at DESC, run_id DESC))[1], MAX(recorded_at)
+  FROM day_rows
+ GROUP BY project_id, charge_type, account_id, month_first
+"""
+
+
 def upgrade() -> None:
     op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
     conn = op.get_bind()
-    runs = _TABLE.c.daily.is_(None)
-    for ids in _batches(conn, runs):
-        old = _read(conn, ids, runs)
-        _rewrite(conn, ids, old, periods.from_days(periods.to_days(old)), runs)
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_POSTGRESQL)
+    else:  # SQLite 3.40 cannot order a group_concat: batches of projects through pandas
+        runs = _TABLE.c.daily.is_(None)
+        for ids in _batches(conn, runs):
+            old = _read(conn, ids, runs)
+            _rewrite(conn, ids, old, periods.from_days(periods.to_days(old)), runs)
     faults.in_migration(revision)
 
 
