@@ -204,9 +204,13 @@ def _days_of_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _days_of_months(months: pd.DataFrame) -> pd.DataFrame:
     n = months["days"].to_numpy(dtype=np.int64)
-    values = np.array(" ".join(months["daily"].tolist()).split(), dtype=np.int64).reshape(-1, 3)
-    if len(values) != int(n.sum()):
-        raise ValueError("a stored month of charges does not hold its number of days")
+    try:
+        flat = np.array(" ".join(months["daily"].tolist()).split(), dtype=np.int64)
+    except ValueError:
+        flat = np.empty(0, dtype=np.int64)
+    if len(flat) != 3 * int(n.sum()):
+        raise ValueError(_unreadable(months))
+    values = flat.reshape(-1, 3)
     rows = np.repeat(np.arange(len(months)), n)
     return pd.DataFrame(
         {
@@ -218,6 +222,20 @@ def _days_of_months(months: pd.DataFrame) -> pd.DataFrame:
             "amount_units": values[:, 2],
         }
     )
+
+
+def _unreadable(months: pd.DataFrame) -> str:
+    """Which stored month row cannot be read back (an edit outside the jobs), named."""
+    for row in months.itertuples(index=False):
+        tokens = str(row.daily).split()
+        if len(tokens) != 3 * int(row.days) or not all(t.lstrip("-").isdigit() for t in tokens):
+            first = np.datetime64(int(row.first_day), "D")
+            return (
+                f"charge_periods row (project {row.project_id}, {row.charge_type}, first_day {first}) "
+                f"does not hold {int(row.days)} days as 'offset quantity amount' in `daily`: "
+                "it was changed outside the jobs; a month-end of its month rewrites it"
+            )
+    return "a stored month of charges cannot be read back"
 
 
 def to_days(periods: pd.DataFrame) -> pd.DataFrame:

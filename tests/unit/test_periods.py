@@ -6,6 +6,7 @@ from datetime import date
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,12 @@ def test_a_night_that_adds_a_day_after_a_stored_month_extends_that_month_row() -
     whole = periods.from_days(_frame([d for d in days if d[2] <= 9]))
     assert change.insert.equals(whole.loc[whole["project_id"] == "p1"].reset_index(drop=True))
     assert change.insert["daily"].iloc[0].endswith(" 9 10009 9000")
+
+
+def test_a_month_row_edited_outside_the_jobs_is_named_when_it_cannot_be_read_back() -> None:
+    stored = periods.from_days(_frame([("p2", "cloud_domains", d, "acct-a", 5_000) for d in (1, 2)]))
+    for broken in ("0 10005 5000 1 10005", "0 10005 5000 1 10005 x"):
+        edited = stored.assign(daily=[broken])
+        named = r"project p2, cloud_domains, first_day 2026-05-02\) does not hold 2 days"
+        with pytest.raises(ValueError, match=named):
+            periods.to_days(edited)
