@@ -119,3 +119,38 @@ def test_a_month_closed_after_nightly_every_day_is_stored_in_its_canonical_perio
     storage = [r for r in after_nightly if r[1] == "storage_fee" and r[2].startswith("2026-05")]
     assert len(storage) == 7 * 29
     assert _periods(db_url) == 7 + 1  # a storage fee per project, the page views
+
+
+def test_a_month_row_edited_into_nonsense_stops_a_nightly_with_its_name_and_a_month_end_rewrites_it(
+    db_url: str,
+) -> None:
+    """The site's page views of May edited by hand so that they no longer read back: a
+    nightly that must read the row back (a re-run of a day it holds) fails naming it;
+    the month's close (which compares whole months without reading them back)
+    rewrites it to the days the rules give."""
+    _platform().write_url(db_url)
+    for day in ("2026-05-09", "2026-05-10"):
+        assert run_cli(db_url, "nightly", "--date", day).code == 0
+    before = charge_days(db_url)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cp = charge_periods.c
+            edited = conn.execute(
+                sa.update(charge_periods)
+                .where(cp.project_id == "site", cp.charge_type == "cloud_page_views")
+                .values(daily="0 1 x")
+            ).rowcount
+        assert edited == 1
+    finally:
+        engine.dispose()
+
+    night = run_cli(db_url, "nightly", "--date", "2026-05-10")
+
+    assert night.code == 1, night.stderr
+    assert "project site, cloud_page_views, first_day 2026-05-09" in night.stderr
+    closed = run_cli(db_url, "month-end", "--month", "2026-05")
+    assert closed.code == 0, closed.stderr
+    views = [r for r in charge_days(db_url) if r[1] == "cloud_page_views"]
+    assert [r[2] for r in views] == ["2026-05-09", "2026-05-10"]
+    assert views == [r for r in before if r[1] == "cloud_page_views"]
