@@ -157,6 +157,26 @@ def _month_to_close(
     return month
 
 
+def _ledger_from(text: str | None, month: Month, *, shard: Shard | None, hold: bool) -> Month | None:
+    """`--ledger-from P`: a month, at most the month closed; not with what writes no ledger."""
+    if text is None:
+        return None
+    try:
+        period = Month.parse(text)
+    except ValueError as exc:
+        raise click.UsageError(f"--ledger-from: {exc}") from None
+    if period > month:
+        raise click.UsageError(
+            f"--ledger-from {period} is after the month closed ({month}): give a period up to it"
+        )
+    if shard is not None or hold:
+        raise click.UsageError(
+            "--ledger-from takes neither --shard nor --hold (they write no credits ledger; "
+            "give it to --finalize or --approve)"
+        )
+    return period
+
+
 def _check_month_end_flags(
     *, dry_run: bool, shard: str | None, finalize: bool, hold: bool, approve: bool
 ) -> None:
@@ -377,6 +397,15 @@ def nightly(
     help="Write a re-close whose adjustments exceed [monitoring] adjustment_confirm_share of the "
     "month's invoiced total (without it such a run shows the differences and exits 2).",
 )
+@click.option(
+    "--ledger-from",
+    "ledger_from_text",
+    default=None,
+    metavar="YYYY-MM",
+    help="The credits ledger looks for late data back to this period (at most --month) instead "
+    "of the [ledger] late_data_months periods before the month; a period before the first "
+    "written one means all of them. With --dry-run: preview what it would correct.",
+)
 @_chunk_option
 @_workers_option
 @click.pass_obj
@@ -391,6 +420,7 @@ def month_end(
     approve_text: str | None,
     reprice: bool,
     confirm: bool,
+    ledger_from_text: str | None,
     projects_per_chunk: int,
     workers: int | None,
 ) -> None:
@@ -420,6 +450,7 @@ def month_end(
     shard = _shard_from(shard_text) if not finalize else None
     if settings.require_approval and not (dry_run or approve or finalize or shard is not None):
         hold = True
+    ledger_from = _ledger_from(ledger_from_text, month, shard=shard, hold=hold)
     has_schema = _ensure_schema(ctx, dry_run=dry_run)
     try:
         controls.check_settings(ctx.engine, month, settings, reprice=reprice)
@@ -433,6 +464,7 @@ def month_end(
         ("approve", approve),
         ("reprice", reprice),
         ("confirm", confirm),
+        ("ledger_from", str(ledger_from) if ledger_from else None),
     ):
         if value:
             arguments[flag] = value
@@ -443,9 +475,11 @@ def month_end(
         if repriced:
             run.counts["repriced"] = repriced
         if approve:
-            return job.approve_month(run, month, projects_per_chunk, workers=chunk_workers)
+            return job.approve_month(
+                run, month, projects_per_chunk, workers=chunk_workers, ledger_from=ledger_from
+            )
         if finalize:
-            return job.finalize_shards(run, month)
+            return job.finalize_shards(run, month, ledger_from=ledger_from)
         return job.close_month(
             run,
             month,
@@ -456,6 +490,7 @@ def month_end(
             shard=shard,
             hold=hold,
             confirm=confirm or dry_run,
+            ledger_from=ledger_from,
         )
 
     update, stop = progress_for("month-end")

@@ -237,6 +237,10 @@ class TopUpSection(_Section):
     tiers: Annotated[tuple[tuple[Decimal, Decimal], ...], BeforeValidator(_tier_list)] = DEFAULT_TIERS
 
 
+class LedgerSection(_Section):
+    late_data_months: Annotated[int, BeforeValidator(_count), Field(ge=0)] = 2
+
+
 def _month_start(value: Any) -> date:
     day = _date(value)
     if day.day != 1:
@@ -287,6 +291,7 @@ class _SettingsModel(_Section):
     lock: LockSection = LockSection()
     monitoring: MonitoringSection = MonitoringSection()
     top_up: TopUpSection = TopUpSection()
+    ledger: LedgerSection = LedgerSection()
     changes: Annotated[tuple[ChangeSection, ...], BeforeValidator(_changes)] = ()
 
 
@@ -327,6 +332,7 @@ class Settings:
     validity_days: int = 365
     tiers_from: date = date(2026, 3, 26)
     tiers: tuple[tuple[Decimal, Decimal], ...] = DEFAULT_TIERS
+    late_data_months: int = 2
     # `[[changes]]`: (first day of a month, ((field, value), ...)) in date order; a value of
     # the cloud prices is a dict of the metrics it changes.
     changes: tuple[tuple[date, tuple[tuple[str, Any], ...]], ...] = ()
@@ -374,6 +380,7 @@ class Settings:
             "top_up.validity_days": str(self.validity_days),
             "top_up.tiers_from": self.tiers_from.isoformat(),
             "top_up.tiers": ";".join(f"{m}:{p}" for m, p in self.tiers),
+            "ledger.late_data_months": str(self.late_data_months),
             **(
                 {"changes": json.dumps([[d.isoformat(), _plain(f)] for d, f in self.changes], sort_keys=True)}
                 if self.changes
@@ -453,6 +460,7 @@ def _from_model(model: _SettingsModel) -> Settings:
         validity_days=model.top_up.validity_days,
         tiers_from=model.top_up.tiers_from,
         tiers=model.top_up.tiers,
+        late_data_months=model.ledger.late_data_months,
         changes=_changes_of(model),
     )
 

@@ -30,6 +30,7 @@ RECOMPUTED, STORED = "recomputed", "stored"
 EXIT_DIFFERS = 1
 EXIT_BUSY = 75
 HEADER = ("month", "check", "account_id", "line_type", "invoiced", "recomputed/stored", "difference")
+LEDGER_HEADER = ("month", "check", "account_id", "lot_id", "kind", "written", "recomputed", "difference")
 
 
 def _month(value: str | None, option: str) -> Month | None:
@@ -80,14 +81,18 @@ def reconcile(
     For each closed month: its finalized invoices (regular and adjustments) are
     compared with the month recomputed from the source tables now (what
     `month-end --month M` would write as adjustments), and with the month's
-    stored charges. Prints each difference per account and line type,
-    and one summary line per month; records the result (see `status`).
+    stored charges. Its credits ledger, once written, is compared with the
+    rules replayed from the balances written at the end of the month before
+    (settled periods included). Prints each difference per account and line
+    type (per account, lot and kind for the ledger), and one summary line per
+    month; records the result (see `status`).
 
     \b
     Months: --month M, or --since M (every closed month from M on), or by
     default the last [schedule] reconcile_months closed months.
-    Exit status: 0 all agree, 1 a month differs (fix: month-end --month M),
-    75 a close of the month kept running during the check (try again later).
+    Exit status: 0 all agree, 1 a month differs (fix: month-end --month M; for
+    the ledger: month-end --month LATEST --ledger-from M), 75 a close of the
+    month kept running during the check (try again later).
 
     Example: billing-jobs reconcile --since 2026-04
     """
@@ -121,7 +126,12 @@ def reconcile(
     checks: list[MonthCheck] = outcome.result
     overall = _overall(checks)
     if as_json:
-        record = {"run_id": outcome.run_id, "status": overall, "months": [_month_record(c) for c in checks]}
+        record = {
+            "run_id": outcome.run_id,
+            "status": overall,
+            "months": [_month_record(c) for c in checks],
+            "ledger_fix": ledger_fixes(checks),
+        }
         click.echo(json.dumps(record, sort_keys=True))
     else:
         _print(checks, overall)
@@ -155,6 +165,38 @@ def _rows(name: str, frame: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
+def _ledger_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {
+            "account_id": r.account_id,
+            "lot_id": r.lot_id or "",
+            "kind": r.kind,
+            "written": format_units(r.written_units),
+            "recomputed": format_units(r.recomputed_units),
+            "difference": format_units(r.difference_units),
+            "written_money": _cents(r.written_money),
+            "recomputed_money": _cents(r.recomputed_money),
+        }
+        for r in frame.itertuples(index=False)
+    ]
+
+
+def _cents(value: int) -> str:
+    sign = "-" if value < 0 else ""
+    return f"{sign}{abs(value) // 100}.{abs(value) % 100:02d}"
+
+
+def ledger_fixes(checks: list[MonthCheck]) -> list[str]:
+    """The month-end runs that correct the ledger differences found: one, from the
+    earliest month whose ledger differs, re-closing the latest written period."""
+    differing = [c for c in checks if len(c.ledger)]
+    if not differing:
+        return []
+    first = min(differing, key=lambda c: c.month)
+    latest = first.latest_period or str(first.month)
+    return [f"billing-jobs month-end --month {latest} --ledger-from {first.month}"]
+
+
 def _month_record(check: MonthCheck) -> dict[str, Any]:
     return {
         "period": str(check.month),
@@ -164,6 +206,7 @@ def _month_record(check: MonthCheck) -> dict[str, Any]:
         "difference_abs": format_units(check.difference_units),
         RECOMPUTED: _rows(RECOMPUTED, check.recomputed),
         STORED: _rows(STORED, check.stored),
+        "ledger": _ledger_rows(check.ledger),
     }
 
 
@@ -186,18 +229,39 @@ def _print(checks: list[MonthCheck], overall: str) -> None:
                 )
                 for r in frame.itertuples(index=False)
             )
-    if len(table) > 1:
-        widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
-        for row in table:
-            click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _table(table)
+    ledger: list[tuple[str, ...]] = [LEDGER_HEADER]
+    for c in checks:
+        ledger.extend(
+            (
+                str(c.month),
+                "ledger",
+                r.account_id,
+                r.lot_id or "",
+                r.kind,
+                format_units(r.written_units),
+                format_units(r.recomputed_units),
+                format_units(r.difference_units),
+            )
+            for r in c.ledger.itertuples(index=False)
+        )
+    _table(ledger)
     for c in checks:
         click.echo(_summary(c))
-    differing = [str(c.month) for c in checks if c.status == "differs"]
-    if differing:
-        fixes = " ; ".join(f"billing-jobs month-end --month {m}" for m in differing)
-        click.echo(f"reconcile: {len(differing)} of {len(checks)} month(s) differ; adjust with: {fixes}")
+    differing = [str(c.month) for c in checks if len(c.recomputed) or len(c.stored)]
+    fixes = [f"billing-jobs month-end --month {m}" for m in differing] + ledger_fixes(checks)
+    count = sum(c.status == "differs" for c in checks)
+    if count:
+        click.echo(f"reconcile: {count} of {len(checks)} month(s) differ; adjust with: {' ; '.join(fixes)}")
     else:
         click.echo(f"reconcile: {overall}")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _summary(check: MonthCheck) -> str:
@@ -210,7 +274,7 @@ def _summary(check: MonthCheck) -> str:
         return f"{check.month}: busy: a close of this month kept running during the check; try again"
     return (
         f"{check.month}: differs: {check.differences} difference(s) "
-        f"({len(check.recomputed)} recomputed, {len(check.stored)} stored), "
+        f"({len(check.recomputed)} recomputed, {len(check.stored)} stored, {len(check.ledger)} ledger), "
         f"{format_units(check.difference_units)} credits in absolute value ({check.accounts} accounts)"
     )
 

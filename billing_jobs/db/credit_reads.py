@@ -205,11 +205,16 @@ def read_unknown_account_top_ups(conn: Connection, start: datetime, end: datetim
     return read_frame(conn, stmt, timestamps=["paid_at"])
 
 
-def read_refund_requests(conn: Connection, end: datetime, chunk: Chunk) -> pd.DataFrame:
+def read_refund_requests(
+    conn: Connection, end: datetime, chunk: Chunk, start: datetime | None = None
+) -> pd.DataFrame:
+    """The refund requests of the chunk's accounts made before `end` (and at or after `start`)."""
     r = refund_requests.c
     stmt = select(r.request_id, r.account_id, raw(conn, r.requested_at).label("requested_at")).where(
         chunk.clause(r.account_id), raw(conn, r.requested_at) < ts_param(conn, end)
     )
+    if start is not None:
+        stmt = stmt.where(raw(conn, r.requested_at) >= ts_param(conn, start))
     return read_frame(conn, stmt, timestamps=["requested_at"])
 
 
@@ -264,12 +269,18 @@ def compute_per_day_query(
     )
 
 
-def read_invoice_totals(conn: Connection, chunk: Chunk, last_period: str) -> pd.DataFrame:
-    """account_id, period, total_units of finalized invoices (regular and adjustments)."""
+def read_invoice_totals(
+    conn: Connection, chunk: Chunk, last_period: str, first_period: str | None = None
+) -> pd.DataFrame:
+    """account_id, period, total_units of finalized invoices (regular and adjustments) of
+    the periods up to `last_period` (from `first_period` on)."""
     inv = invoices.c
+    where = [chunk.clause(inv.account_id), inv.status == "finalized", inv.period <= last_period]
+    if first_period is not None:
+        where.append(inv.period >= first_period)
     stmt = (
         select(inv.account_id, inv.period, cast(func.sum(inv.total_units), BigInteger).label("total_units"))
-        .where(chunk.clause(inv.account_id), inv.status == "finalized", inv.period <= last_period)
+        .where(*where)
         .group_by(inv.account_id, inv.period)
     )
     return read_frame(conn, stmt, ints=["total_units"], aggregate=True)
@@ -282,15 +293,19 @@ def read_written_entries(
     *,
     after: date | None = None,
     except_accounts: frozenset[str] = frozenset(),
+    settled: date | None = None,
 ) -> pd.DataFrame:
     """The ledger's entries of the chunk's accounts for days up to `last`, summed per
     (account, lot, kind, day, cause, period, corrects), with how many there are.
 
     after: only days after it, except for the accounts `except_accounts` (all days).
+    settled: in any case only days after it (the settled periods are not compared).
     """
     e = credit_entries.c
     days = [e.day <= last]
-    if after is not None:
+    if settled is not None:
+        days.append(e.day > settled)
+    if after is not None and after != settled:
         later = e.day > after
         days.append(or_(later, among(e.account_id, sorted(except_accounts))) if except_accounts else later)
     stmt = (
@@ -362,12 +377,17 @@ def read_entry_sums(
     return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)
 
 
-def read_inputs(conn: Connection, chunk: Chunk, source: str, last_day: int) -> pd.DataFrame:
-    """account_id, day, credit_units of the stored inputs of one source, days up to `last_day`."""
+def read_inputs(
+    conn: Connection, chunk: Chunk, source: str, last_day: int, first_day: int | None = None
+) -> pd.DataFrame:
+    """account_id, day, credit_units of the stored inputs of one source, days up to
+    `last_day` (from `first_day` on)."""
     ci = credit_inputs.c
     stmt = select(ci.account_id, ci.day, ci.credit_units).where(
         chunk.clause(ci.account_id), ci.source == source, ci.day <= last_day
     )
+    if first_day is not None:
+        stmt = stmt.where(ci.day >= first_day)
     return read_frame(conn, stmt, ints=["day", "credit_units"], aggregate=True)
 
 
@@ -383,8 +403,9 @@ def changed_compute_accounts(
     now = compute_per_day_query(conn, first, cut, zone, chunk).subquery()
     ci = credit_inputs.c
     cut_day = (cut - date(1970, 1, 1)).days
+    first_day = (first - date(1970, 1, 1)).days
     was = select(ci.account_id, ci.day, (-ci.credit_units).label("compute_units")).where(
-        chunk.clause(ci.account_id), ci.source == "compute", ci.day <= cut_day
+        chunk.clause(ci.account_id), ci.source == "compute", ci.day <= cut_day, ci.day >= first_day
     )
     both = union_all(select(now.c.account_id, now.c.day, now.c.compute_units), was).subquery()
     differ = (

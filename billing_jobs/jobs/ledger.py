@@ -374,24 +374,28 @@ def read_events(
     has_ledger: bool = True,
     compute_from: date | None = None,
     written: pd.DataFrame | None = None,
+    settled: date | None = None,
     phases: dict[str, float] | None = None,
 ) -> SourceEvents:
     """The chunk's lots, compute per day, invoice totals and refund requests through `through`
     (compute from `compute_from` on, else from the effective date). written: the refunds
-    already written (read here when not given)."""
+    already written (read here when not given). settled: the last day of the settled
+    periods; nothing of days up to it is read (their state comes from the written ledger)."""
     zone = settings.zone
     terms = settings.top_up_terms()
     end = local_midnight_utc(through + timedelta(days=1), zone)
-    top = read_top_ups(conn, end, chunk)
+    start = None if settled is None else local_midnight_utc(settled + timedelta(days=1), zone)
+    top = read_top_ups(conn, end, chunk, start)
     lots, rejects, exceptions = validate_top_ups(top, settings, terms, codes, code_decisions)
-    requests = read_refund_requests(conn, end, chunk)
+    requests = read_refund_requests(conn, end, chunk, start)
     requests["day"] = _day_of(requests["requested_at"], settings)
     effective = settings.effective_from
     with _phase(phases, "compute_read"):
         compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
     last_period = str(Month.of(through))
+    first_period = None if settled is None else str(Month.of(settled).next())
     totals = (
-        read_invoice_totals(conn, chunk, last_period)
+        read_invoice_totals(conn, chunk, last_period, first_period)
         if has_ledger
         else pd.DataFrame({"account_id": [], "period": [], "total_units": []})
     )
@@ -421,7 +425,7 @@ def read_events(
         )
     for account, day, amount in compute.itertuples(index=False):
         slot(account)["compute"][int(day)] = int(amount)
-    effective_day = day_number(effective)
+    effective_day = day_number(effective) if settled is None else day_number(settled) + 1
     for (account, period), total in invoice_totals.items():
         last = day_number(Month.parse(period).last_day)
         if last >= effective_day and period <= last_period:
@@ -452,16 +456,23 @@ def compute_chunk_ledger(
     extra_invoices: Mapping[tuple[str, str], int] | None = None,
     has_ledger: bool = True,
     cut: date | None = None,
+    settled: date | None = None,
     phases: dict[str, float] | None = None,
 ) -> ChunkTruth:
     """Replay the chunk's accounts through day `through` on the source data.
 
     cut: the last day of the last written period before this one. An account whose
-    inputs up to `cut` (compute per day, invoice totals, lots, refund requests) are the
-    ones the ledger was written with continues from its written state at `cut`: only
-    the days after it are replayed and compared. Any other account is replayed whole.
+    inputs after `settled` up to `cut` (compute per day, invoice totals, lots, refund
+    requests) are the ones the ledger was written with continues from its written state
+    at `cut`: only the days after it are replayed and compared. Any other account is
+    replayed from its written state at `settled` (the last day of the settled periods),
+    or whole without one. Nothing of a day up to `settled` is read from the sources.
     """
+    if settled is not None and cut is not None and settled > cut:
+        raise ValueError(f"the settled periods end ({settled}) after the cut ({cut})")
     window = None if cut is None else cut + timedelta(days=1)
+    if window is None and settled is not None:
+        window = settled + timedelta(days=1)
     with _phase(phases, "read"):
         written_refunds = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
         source = read_events(
@@ -475,50 +486,65 @@ def compute_chunk_ledger(
             has_ledger=has_ledger,
             compute_from=window,
             written=written_refunds,
+            settled=settled,
             phases=phases,
         )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
     starts: dict[str, AccountState] = {}
+    settled_starts: dict[str, AccountState] = {}
     changed: set[str] = set(chunk.accounts or ())
-    stored_restores = pd.DataFrame(columns=list(lots.columns))
-    if cut is not None:
+    columns = list(lots.columns)
+    kept = [pd.DataFrame(columns=columns)]
+    settled_day = None if settled is None else day_number(settled)
+    stored = read_lots(conn, chunk) if cut is not None or settled is not None else None
+    if cut is not None and stored is not None:
         cut_day = day_number(cut)
-        stored = read_lots(conn, chunk)
         with _phase(phases, "history_check"):
-            changed = changed_accounts(conn, settings, chunk, source, cut, stored, written_refunds)
+            changed = changed_accounts(
+                conn, settings, chunk, source, cut, stored, written_refunds, settled=settled
+            )
         starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
-        stored_restores = stored[
-            (stored["channel"] == RESTORED)
-            & (stored["valid_from"] <= cut_day)
-            & ~stored["account_id"].isin(changed)
-        ][list(lots.columns)]
-        if changed:
+        kept.append(
+            stored[
+                (stored["channel"] == RESTORED)
+                & (stored["valid_from"] <= cut_day)
+                & ~stored["account_id"].isin(changed)
+            ][columns]
+        )
+        if changed and settled != cut:
+            first = settings.effective_from if settled is None else settled + timedelta(days=1)
             with _phase(phases, "history_read"):
-                history = read_compute_per_day(
-                    conn, settings.effective_from, cut, settings.zone, Chunk(tuple(sorted(changed)))
-                )
+                history = read_compute_per_day(conn, first, cut, settings.zone, Chunk(tuple(sorted(changed))))
             for account, day, amount in history.itertuples(index=False):
                 if account not in source.events:
                     source.events[account] = AccountEvents(account, compute={})
                 source.events[account].compute[int(day)] = int(amount)  # type: ignore[index]
+    if settled_day is not None and stored is not None:
+        # Lots of the settled periods stay as written; replays start from their state.
+        kept.insert(0, stored[stored["valid_from"] <= settled_day][columns])
+        if changed:
+            whole = Chunk(tuple(sorted(changed)))
+            settled_starts = states_at(conn, whole, settled_day, stored[stored["account_id"].isin(changed)])
     rows: list[tuple[str, str, str, int, str, int, int]] = []
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
+    cut_number = None if cut is None else day_number(cut)
     with _phase(phases, "replay"):
-        for account in sorted(set(source.events) | set(starts)):
+        for account in sorted(set(source.events) | set(starts) | set(settled_starts)):
             events = source.events.get(account, AccountEvents(account))
-            if account in starts:
-                ledger = run_account(
-                    events,
-                    through_day,
-                    settings.validity_days,
-                    start=starts[account],
-                    after=day_number(cut),  # type: ignore[arg-type]
-                )
-            else:
-                ledger = run_account(events, through_day, settings.validity_days)
+            # From the written state at the cut, at the settled periods' end, or whole.
+            start, after = starts.get(account), cut_number
+            if start is None:
+                start, after = settled_starts.get(account), settled_day
+            ledger = run_account(
+                events,
+                through_day,
+                settings.validity_days,
+                start=start,
+                after=after if start is not None else None,
+            )
             rows.extend(
                 (account, lot, kind, day, cause, credits, money)
                 for (lot, kind, day, cause), (credits, money) in ledger.entries.items()
@@ -533,9 +559,9 @@ def compute_chunk_ledger(
         refunds, columns=["request_id", "lot_id", "account_id", "day", "credit_units", "money_cents"]
     )
     all_lots = pd.concat(
-        [lots, stored_restores, pd.DataFrame(restore_lots, columns=list(lots.columns))], ignore_index=True
+        [*kept[:1], lots, *kept[1:], pd.DataFrame(restore_lots, columns=columns)], ignore_index=True
     ).drop_duplicates("lot_id", keep="last")
-    inputs = _inputs(source, changed, cut, settings, through)
+    inputs = _inputs(source, changed, cut, settings, through, settled)
     return ChunkTruth(
         entries,
         refund_frame,
@@ -550,11 +576,16 @@ def compute_chunk_ledger(
 
 
 def _inputs(
-    source: SourceEvents, changed: set[str], cut: date | None, settings: Settings, through: date
+    source: SourceEvents,
+    changed: set[str],
+    cut: date | None,
+    settings: Settings,
+    through: date,
+    settled: date | None = None,
 ) -> pd.DataFrame:
     """The inputs the replay used, to store (`credit_inputs`): compute per account and day
-    (every day for a replayed account, the days after `cut` for the others) and invoice
-    totals per account and month (as the month's last day)."""
+    (every day after `settled` for a replayed account, the days after `cut` for the
+    others) and invoice totals per account and month (as the month's last day)."""
     rows: list[tuple[str, int, str, int]] = []
     first = None if cut is None else day_number(cut)
     for account, events in source.events.items():
@@ -564,7 +595,7 @@ def _inputs(
             for day, units in events.compute.items()
             if whole or day > first  # type: ignore[operator]
         )
-    effective = day_number(settings.effective_from)
+    effective = day_number(settings.effective_from if settled is None else settled + timedelta(days=1))
     for (account, period), total in source.invoices.items():
         last = day_number(Month.parse(period).last_day)
         if effective <= last <= day_number(through):
@@ -572,8 +603,8 @@ def _inputs(
     return pd.DataFrame(rows, columns=["account_id", "day", "source", "units"])
 
 
-def _lot_keys(lots: pd.DataFrame, cut_day: int) -> set[tuple[Any, ...]]:
-    """The lots funded by top-ups up to `cut_day`, as comparable tuples."""
+def _lot_keys(lots: pd.DataFrame, cut_day: int, after: int | None = None) -> set[tuple[Any, ...]]:
+    """The lots funded by top-ups up to `cut_day` (after day `after`), as comparable tuples."""
     return {
         (
             r.account_id,
@@ -585,7 +616,9 @@ def _lot_keys(lots: pd.DataFrame, cut_day: int) -> set[tuple[Any, ...]]:
             int(r.valid_until),
         )
         for r in lots.itertuples(index=False)
-        if r.channel != RESTORED and int(r.valid_from) <= cut_day
+        if r.channel != RESTORED
+        and int(r.valid_from) <= cut_day
+        and (after is None or int(r.valid_from) > after)
     }
 
 
@@ -597,24 +630,34 @@ def changed_accounts(
     cut: date,
     stored_lots: pd.DataFrame,
     written_refunds: pd.DataFrame,
+    *,
+    settled: date | None = None,
 ) -> set[str]:
-    """The chunk's accounts whose inputs for days up to `cut` differ from those the ledger
-    was written with: compute per day (compared in the database), invoice totals, lots
-    and refund requests."""
+    """The chunk's accounts whose inputs for days after `settled` (or the effective date)
+    up to `cut` differ from those the ledger was written with: compute per day (compared
+    in the database), invoice totals, lots and refund requests."""
     cut_day = day_number(cut)
-    changed = changed_compute_accounts(conn, settings.effective_from, cut, settings.zone, chunk)
-    stored = read_inputs(conn, chunk, INPUT_INVOICE, cut_day)
+    first = settings.effective_from if settled is None else settled + timedelta(days=1)
+    first_day = day_number(first)
+    changed = changed_compute_accounts(conn, first, cut, settings.zone, chunk)
+    stored = read_inputs(conn, chunk, INPUT_INVOICE, cut_day, first_day)
     now = {
         (a, day_number(Month.parse(p).last_day)): t
         for (a, p), t in source.invoices.items()
-        if day_number(settings.effective_from) <= day_number(Month.parse(p).last_day) <= cut_day
+        if first_day <= day_number(Month.parse(p).last_day) <= cut_day
     }
     was = {(a, int(d)): int(u) for a, d, u in stored.itertuples(index=False)}
     changed.update(key[0] for key, _ in set(now.items()) ^ set(was.items()))
-    changed.update(t[0] for t in _lot_keys(stored_lots, cut_day) ^ _lot_keys(source.lots, cut_day))
+    after = None if settled is None else first_day - 1
+    changed.update(
+        t[0] for t in _lot_keys(stored_lots, cut_day, after) ^ _lot_keys(source.lots, cut_day, after)
+    )
     written = set(written_refunds["request_id"])
     for account, events in source.events.items():
-        if any(day <= cut_day and request not in written for day, request in events.refund_requests):
+        if any(
+            day <= cut_day and (after is None or day > after) and request not in written
+            for day, request in events.refund_requests
+        ):
             changed.add(account)
     return changed
 
@@ -769,7 +812,39 @@ LEDGER_COUNTS = (
     "accounts_replayed_whole",
     "topups_rejected",
     "price_exceptions",
+    "ledger_periods_read",
 )
+
+
+def look_back_from(month: Month, late_data_months: int, ledger_from: Month | None = None) -> Month:
+    """The first period a ledger write of `month` reads again: `ledger_from`, else the
+    `late_data_months` periods before `month`."""
+    if ledger_from is not None:
+        return ledger_from
+    first = month
+    for _ in range(late_data_months):
+        first = first.previous()
+    return first
+
+
+def settled_end(month: Month, periods: list[str], look_from: Month, first: Month) -> date | None:
+    """The last day of the periods a ledger write of `month` takes as settled when it
+    looks back to `look_from` (`credits.md`, Ledger periods): the day before
+    `look_from`, or the end of the last period closed before `month` if that is
+    earlier. None (nothing settled, every day replayed) when no period before `month`
+    is closed, or `look_from` is at or before the first period, `first` (the month of
+    the effective date: the first close writes every day from it on)."""
+    before = [p for p in periods if p < str(month)]
+    if not before or look_from <= min(first, Month.parse(periods[0])):
+        return None
+    return min(look_from.previous().last_day, Month.parse(before[-1]).last_day)
+
+
+def months_spanned(first: date, last: date) -> int:
+    """How many months the days first..last touch (0 if none)."""
+    if first > last:
+        return 0
+    return (last.year - first.year) * 12 + last.month - first.month + 1
 
 
 @dataclass(frozen=True)
@@ -780,6 +855,8 @@ class LedgerPlan:
     last: date
     cut: date | None
     written_through: str | None
+    settled: date | None  # the last day of the settled periods (not read again)
+    periods_read: int  # the periods whose source rows a chunk reads
     has_ledger: bool
     codes: pd.DataFrame
     decisions: dict[str, str | None]
@@ -794,13 +871,16 @@ def write_ledger(
     through: date | None = None,
     workers: int = 1,
     per_chunk: int | None = None,
+    ledger_from: Month | None = None,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the ledger through the last day of `month` (or
-    `through`), per chunk of accounts on `workers` processes."""
+    `through`), per chunk of accounts on `workers` processes, looking for late data back
+    to `ledger_from` (default: `[ledger] late_data_months` periods before `month`)."""
     settings = run.settings
     last = through or month.last_day
     for key in LEDGER_COUNTS:
         run.counts.setdefault(key, 0)
+    look_from = look_back_from(month, settings.late_data_months, ledger_from)
     with run.engine.connect() as conn:
         if not credit_sources_exist(conn):
             empty = pd.DataFrame()
@@ -818,11 +898,16 @@ def write_ledger(
         before = [p for p in periods if p < str(month)]
         end = local_midnight_utc(last + timedelta(days=1), settings.zone)
         codes = read_code_redemptions(conn, end)
+        settled = settled_end(month, periods, look_from, Month.of(settings.effective_from))
         plan = LedgerPlan(
             month=month,
             last=last,
             cut=Month.parse(before[-1]).last_day if before and through is None else None,
             written_through=periods[-1] if periods else None,
+            settled=settled,
+            periods_read=months_spanned(
+                settings.effective_from if settled is None else settled + timedelta(days=1), last
+            ),
             has_ledger=has_ledger,
             codes=codes,
             decisions=decide_codes(codes),
@@ -843,6 +928,15 @@ def write_ledger(
             orphan_rejects = pd.concat(
                 [orphan_rejects, _refund_rejects(orphan_requests, settings)], ignore_index=True
             )
+    run.counts["ledger_periods_read"] = plan.periods_read
+    log.info(
+        "ledger.plan",
+        period=str(month),
+        look_from=str(look_from),
+        settled_through=None if settled is None else settled.isoformat(),
+        periods_read=plan.periods_read,
+        accounts=len(ids),
+    )
     size = per_chunk or accounts_per_chunk(len(ids), workers)
     chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
     names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
@@ -886,11 +980,19 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
             extra_invoices=plan.extra_invoices,
             has_ledger=plan.has_ledger,
             cut=plan.cut,
+            settled=plan.settled,
             phases=phases,
         )
         with _phase(phases, "written_read"):
             written = (
-                read_written_entries(conn, chunk, plan.last, after=plan.cut, except_accounts=truth.changed)
+                read_written_entries(
+                    conn,
+                    chunk,
+                    plan.last,
+                    after=plan.cut,
+                    except_accounts=truth.changed,
+                    settled=plan.settled,
+                )
                 if plan.has_ledger
                 else pd.DataFrame()
             )
@@ -913,7 +1015,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
     run.count("accounts_replayed_whole", len(truth.changed))
     if not run.dry_run:
         with _phase(phases, "write"):
-            run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, run=run))
+            run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, plan.settled, run=run))
     log.debug(
         "ledger.chunk",
         chunk=chunk.index,
@@ -921,6 +1023,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
         seconds=round(time.perf_counter() - started, 3),
         entries=len(new),
         replayed_whole=len(truth.changed),
+        periods_read=plan.periods_read,
         **{f"{k}_seconds": round(v, 3) for k, v in sorted(phases.items())},
     )
     return new, refunds, truth.rejects, truth.exceptions, truth.lots, truth.balances
@@ -933,13 +1036,14 @@ def _writer(
     truth: ChunkTruth,
     month: Month,
     cut: date | None,
+    settled: date | None,
     *,
     run: Run,
 ) -> Callable[[Connection], None]:
     run_id, now = run.run_id, run.now
 
     def work(conn: Connection) -> None:
-        _sync_inputs(conn, chunk, truth, cut)
+        _sync_inputs(conn, chunk, truth, cut, settled)
         if len(entries):
             rows = entries.drop(columns=[]).assign(run_id=run_id, recorded_at=now)
             bulk_insert(conn, credit_entries, rows, date_columns=["day"])
@@ -953,18 +1057,23 @@ def _writer(
     return work
 
 
-def _sync_inputs(conn: Connection, chunk: Chunk, truth: ChunkTruth, cut: date | None) -> None:
+def _sync_inputs(
+    conn: Connection, chunk: Chunk, truth: ChunkTruth, cut: date | None, settled: date | None = None
+) -> None:
     """Store the inputs this replay used: the chunk's rows it replaced are deleted first
-    (invoice totals, the days after `cut`, every day of an account replayed whole)."""
+    (invoice totals, the days after `cut`, every day of an account replayed whole; those
+    of the settled periods, up to `settled`, stay as they are)."""
     ci = credit_inputs.c
-    mine = among(ci.account_id, list(chunk.accounts or ()))
+    mine = [among(ci.account_id, list(chunk.accounts or ()))]
+    if settled is not None:
+        mine.append(ci.day > day_number(settled))
     if cut is None:
-        conn.execute(delete(credit_inputs).where(mine))
+        conn.execute(delete(credit_inputs).where(*mine))
     else:
         replaced = [ci.source == INPUT_INVOICE, ci.day > day_number(cut)]
         if truth.changed:
             replaced.append(among(ci.account_id, sorted(truth.changed)))
-        conn.execute(delete(credit_inputs).where(mine, or_(*replaced)))
+        conn.execute(delete(credit_inputs).where(*mine, or_(*replaced)))
     if len(truth.inputs):
         rows = truth.inputs.rename(columns={"units": "credit_units"})
         bulk_insert(conn, credit_inputs, rows)

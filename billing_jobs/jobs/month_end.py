@@ -162,6 +162,7 @@ def close_month(
     hold: bool = False,
     confirm: bool = True,
     ledger: bool = True,
+    ledger_from: Month | None = None,
 ) -> MonthPreview:
     """Close `month` (or, in a dry run, compute what closing it would write).
 
@@ -173,6 +174,8 @@ def close_month(
     confirm: False checks a re-close's adjustments against the allowed share of the
         month first (a dry pass) and raises `NeedsConfirm`, writing nothing, beyond it.
     ledger: False leaves the credits ledger out (a dry pass that only compares invoices).
+    ledger_from: the ledger looks for late data back to this period (default: `[ledger]
+        late_data_months` periods before the month).
     """
     if through is not None and not run.dry_run:
         raise ValueError("only a dry run may stop before the end of the month")
@@ -220,7 +223,12 @@ def close_month(
     if shard is None and ledger and not (hold and not run.dry_run):
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
         written = credits_ledger(
-            run, month, heads=heads_now if run.dry_run else None, through=through, workers=workers
+            run,
+            month,
+            heads=heads_now if run.dry_run else None,
+            through=through,
+            workers=workers,
+            ledger_from=ledger_from,
         )
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
@@ -313,7 +321,9 @@ def _hold(
     run.counts["held"] = 1
 
 
-def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: int = 1) -> MonthPreview:
+def approve_month(
+    run: Run, month: Month, projects_per_chunk: int, *, workers: int = 1, ledger_from: Month | None = None
+) -> MonthPreview:
     """Finalize the held drafts of `month` if they equal a fresh computation of it, then
     write the credits ledger; `ApprovalDiffers` (nothing changed) otherwise.
 
@@ -326,7 +336,7 @@ def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: i
         drafts = controls.draft_lines(conn, month, hold.run_id) if hold is not None else None
     if hold is None and closed:
         empty = pd.DataFrame()
-        written = credits_ledger(run, month, workers=workers)
+        written = credits_ledger(run, month, workers=workers, ledger_from=ledger_from)
         note = "nothing held: the month is closed (approved before); its credits ledger is up to date"
         return MonthPreview(month, ADJUSTMENT, True, empty, empty, empty, note=note, ledger=written)
     if hold is None or drafts is None:  # (drafts is None only without a hold)
@@ -347,7 +357,7 @@ def approve_month(run: Run, month: Month, projects_per_chunk: int, *, workers: i
 
     run.write(approve)
     run.counts["approved_run"] = str(hold.run_id)
-    written = credits_ledger(run, month, workers=workers)
+    written = credits_ledger(run, month, workers=workers, ledger_from=ledger_from)
     note = f"held drafts of run {hold.run_id} approved: {'adjustments written' if closed else 'closed'}"
     empty = pd.DataFrame()
     return MonthPreview(month, kind, closed, fresh.invoices, fresh.lines, empty, note=note, ledger=written)
@@ -360,9 +370,11 @@ def credits_ledger(
     heads: pd.DataFrame | None = None,
     through: date | None = None,
     workers: int = 1,
+    ledger_from: Month | None = None,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the credits ledger through the month's end, after
-    its invoices. heads: a dry run's previewed invoices (not in the database)."""
+    its invoices. heads: a dry run's previewed invoices (not in the database).
+    ledger_from: look for late data back to this period (`write_ledger`)."""
     started = time.perf_counter()
     extra: dict[tuple[str, str], int] = {}
     if heads is not None and not heads.empty:
@@ -376,6 +388,7 @@ def credits_ledger(
         through=through,
         workers=workers,
         per_chunk=max(per_chunk, 0) or None,
+        ledger_from=ledger_from,
     )
     if outcome.skipped:
         log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
@@ -536,7 +549,7 @@ class ShardsIncomplete(RuntimeError):
     """`--finalize` found a shard missing, failed or inconsistent: nothing was finalized."""
 
 
-def finalize_shards(run: Run, month: Month) -> MonthPreview:
+def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None) -> MonthPreview:
     """Finalize a sharded close of `month` once every shard of its split is complete.
 
     The split is the one of the shard that started last. Every shard 0..N-1 of it
@@ -603,7 +616,7 @@ def finalize_shards(run: Run, month: Month) -> MonthPreview:
 
     run.write(finalize)
     run.counts["shards"] = count
-    ledger = credits_ledger(run, month)
+    ledger = credits_ledger(run, month, ledger_from=ledger_from)
     empty = pd.DataFrame()
     note = f"{count} shard(s) finalized: {'adjustments' if closed else 'closed'}"
     return MonthPreview(month, kind, closed, empty, empty, empty, note=note, ledger=ledger)

@@ -12,6 +12,12 @@ re-runs `month-end`. For each closed month, per chunk of accounts, one pipeline
 and compares (`rules.reconcile.differences`) the invoices with the recomputed
 lines (what a re-close would write as adjustments) and with the stored charges.
 
+A month whose credits ledger is written is also checked per chunk of accounts
+(`ledger_check_chunk`): its entries (corrections written later included) against
+the rules replayed on the source data from the balances written at the end of the
+month before (`credits.md`, Ledger periods), per (account, lot, kind). A
+difference there is corrected by `month-end --month <latest> --ledger-from M`.
+
 It writes nothing but its findings: one row per month in `month_reconciles`, in
 one short transaction at the end. It holds its own lock (`billing-reconcile`,
 so two reconciles do not run at once), never the writer lock: it neither waits
@@ -32,7 +38,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from functools import partial
 from typing import Any
 
@@ -45,16 +52,31 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     month_reconciles,
 )
+from billing_jobs.db.credit_reads import (
+    credit_sources_exist,
+    ledger_accounts,
+    ledger_exists,
+    read_code_redemptions,
+    read_written_entries,
+    written_periods,
+)
 from billing_jobs.db.lock import WRITER_LOCK, read_holders
 from billing_jobs.db.reads import Chunk, plan_chunks, read_frame
 from billing_jobs.jobs.compute import compute_chunk
+from billing_jobs.jobs.ledger import accounts_per_chunk, compute_chunk_ledger, decide_codes
 from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
-from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.calendar import Month, local_midnight_utc
 from billing_jobs.rules.invoice import empty_lines
-from billing_jobs.rules.reconcile import charge_lines, differences, empty_differences
+from billing_jobs.rules.reconcile import (
+    charge_lines,
+    differences,
+    empty_differences,
+    empty_ledger_differences,
+    ledger_differences,
+)
 
 RECONCILE_LOCK = "billing-reconcile"
 OK, DIFFERS, BUSY = "ok", "differs", "busy"
@@ -75,15 +97,20 @@ class MonthCheck:
     recomputed: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the source data now
     stored: pd.DataFrame  # rules.reconcile.COLUMNS: invoices vs the stored charges
     accounts: int
+    # rules.reconcile.LEDGER_COLUMNS: the written ledger vs the rules from the balances
+    # written at the end of the month before
+    ledger: pd.DataFrame = field(default_factory=empty_ledger_differences)
+    latest_period: str | None = None  # the latest written ledger period (for the fix)
 
     @property
     def differences(self) -> int:
-        return len(self.recomputed) + len(self.stored)
+        return len(self.recomputed) + len(self.stored) + len(self.ledger)
 
     @property
     def difference_units(self) -> int:
-        """The sum of the absolute differences of both checks."""
-        return sum(int(f["difference_units"].abs().sum()) for f in (self.recomputed, self.stored) if len(f))
+        """The sum of the absolute differences of the three checks."""
+        frames = (self.recomputed, self.stored, self.ledger)
+        return sum(int(f["difference_units"].abs().sum()) for f in frames if len(f))
 
 
 def closed_months(conn: Connection) -> list[Month]:
@@ -153,8 +180,9 @@ def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: in
         if not moved and not closing:
             recomputed = _concat([r for r, _, _ in parts])
             stored = _concat([s for _, s, _ in parts])
-            status = DIFFERS if len(recomputed) or len(stored) else OK
-            return MonthCheck(month, status, recomputed, stored, accounts)
+            ledger, latest = check_ledger(run, month, workers)
+            status = DIFFERS if len(recomputed) or len(stored) or len(ledger) else OK
+            return MonthCheck(month, status, recomputed, stored, accounts, ledger, latest)
         log.warning(
             "reconcile.month_closing",
             period=str(month),
@@ -176,6 +204,61 @@ def reconcile_chunk(run: Run, chunk: Chunk, *, month: Month) -> tuple[pd.DataFra
         drafts = _drafts(conn, month, chunk)
     truth = result.lines if result.lines is not None else empty_lines()
     return differences(invoiced, truth), differences(charge_lines(invoiced), stored), drafts
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """What every chunk of a month's ledger check shares (picklable)."""
+
+    month: Month
+    settled: date | None  # the month before's last day; None: replayed from the start
+    codes: pd.DataFrame
+    decisions: dict[str, str | None]
+
+
+def check_ledger(run: Run, month: Month, workers: int = 1) -> tuple[pd.DataFrame, str | None]:
+    """The month's written ledger against the rules replayed from the balances written at
+    the end of the month before, per chunk of accounts on `workers` processes. Returns
+    the differences and the latest written period (None, and no differences, when the
+    month's ledger is not written)."""
+    with run.engine.connect() as conn:
+        if not (credit_sources_exist(conn) and ledger_exists(conn)):
+            return empty_ledger_differences(), None
+        periods = written_periods(conn)
+        if str(month) not in periods:
+            return empty_ledger_differences(), periods[-1] if periods else None
+        end = local_midnight_utc(month.last_day + timedelta(days=1), run.settings.zone)
+        codes = read_code_redemptions(conn, end)
+        ids = ledger_accounts(conn)
+    first = min(Month.of(run.settings.effective_from), Month.parse(periods[0]))
+    plan = LedgerCheck(
+        month,
+        month.previous().last_day if month > first else None,
+        codes,
+        decide_codes(codes),
+    )
+    size = accounts_per_chunk(len(ids), workers)
+    chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
+    found = [f for f in run_chunks(run, ledger_check_chunk, chunks, workers, plan=plan) if len(f)]
+    out = pd.concat(found, ignore_index=True) if found else empty_ledger_differences()
+    return out, periods[-1]
+
+
+def ledger_check_chunk(run: Run, chunk: Chunk, *, plan: LedgerCheck) -> pd.DataFrame:
+    """One chunk of the ledger check: read (one snapshot) -> replay -> compare."""
+    last = plan.month.last_day
+    with snapshot(run.engine) as conn:
+        truth = compute_chunk_ledger(
+            conn,
+            run.settings,
+            chunk,
+            last,
+            codes=plan.codes,
+            code_decisions=plan.decisions,
+            settled=plan.settled,
+        )
+        written = read_written_entries(conn, chunk, last, settled=plan.settled)
+    return ledger_differences(written, truth.entries)
 
 
 @contextmanager

@@ -40,13 +40,18 @@ COLUMNS = [
 ]
 
 
+def _empty(columns: list[str], keys: list[str]) -> pd.DataFrame:
+    """No rows: the key columns as objects, the others as integers."""
+    return pd.DataFrame({c: pd.Series(dtype=object if c in keys else "int64") for c in columns})
+
+
 def empty_differences() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in REPORT_KEY else "int64") for c in COLUMNS})
+    return _empty(COLUMNS, REPORT_KEY)
 
 
 def _sums(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
-        return pd.DataFrame({c: pd.Series(dtype=object if c in KEY else "int64") for c in [*KEY, *SUMS]})
+        return _empty([*KEY, *SUMS], KEY)
     return frame.groupby(KEY, as_index=False, sort=False)[SUMS].sum()
 
 
@@ -97,3 +102,57 @@ def sort_differences(frame: pd.DataFrame) -> pd.DataFrame:
         .drop(columns="_rank")
         .reset_index(drop=True)
     )
+
+
+LEDGER_KEY = ["account_id", "lot_id", "kind"]
+LEDGER_COLUMNS = [
+    *LEDGER_KEY,
+    "written_units",
+    "recomputed_units",
+    "written_money",
+    "recomputed_money",
+    "difference_units",
+]
+
+
+def empty_ledger_differences() -> pd.DataFrame:
+    return _empty(LEDGER_COLUMNS, LEDGER_KEY)
+
+
+def _entry_sums(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return _empty([*LEDGER_KEY, "units", "money"], LEDGER_KEY)
+    sums = frame.assign(
+        units=frame["credit_units"].astype(np.int64),
+        money=frame["money_cents"].fillna(0).astype(np.int64),
+    )
+    return sums.groupby(LEDGER_KEY, as_index=False, sort=False)[["units", "money"]].sum()
+
+
+def ledger_differences(written: pd.DataFrame, recomputed: pd.DataFrame) -> pd.DataFrame:
+    """Per (account, lot, kind) where the written entries' sums differ from the recomputed.
+
+    written, recomputed: account_id, lot_id, kind, credit_units, money_cents (any other
+    columns, such as the day, are summed over). Returns `LEDGER_COLUMNS`, with
+    `difference_units` = recomputed - written credits, sorted by account, lot and kind
+    (code-point order); empty when they agree.
+    """
+    merged = _entry_sums(written).merge(
+        _entry_sums(recomputed), on=LEDGER_KEY, how="outer", suffixes=("_w", "_r")
+    )
+    for col in ("units_w", "money_w", "units_r", "money_r"):
+        merged[col] = merged[col].fillna(0).astype(np.int64)
+    differ = (merged["units_w"] != merged["units_r"]) | (merged["money_w"] != merged["money_r"])
+    if not differ.any():
+        return empty_ledger_differences()
+    out = merged.loc[differ].rename(
+        columns={
+            "units_w": "written_units",
+            "units_r": "recomputed_units",
+            "money_w": "written_money",
+            "money_r": "recomputed_money",
+        }
+    )
+    out["difference_units"] = out["recomputed_units"] - out["written_units"]
+    order = sorted(range(len(out)), key=lambda i: tuple(str(out[c].iat[i]) for c in LEDGER_KEY))
+    return out.iloc[order][LEDGER_COLUMNS].reset_index(drop=True)
