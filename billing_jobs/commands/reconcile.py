@@ -237,7 +237,7 @@ def _print(checks: list[MonthCheck], overall: str) -> None:
                 str(c.month),
                 "ledger",
                 r.account_id,
-                r.lot_id or "",
+                r.lot_id or "-",
                 r.kind,
                 format_units(r.written_units),
                 format_units(r.recomputed_units),
@@ -272,9 +272,10 @@ def _summary(check: MonthCheck) -> str:
         )
     if check.status == "busy":
         return f"{check.month}: busy: a close of this month kept running during the check; try again"
+    ledger = f", {len(check.ledger)} ledger" if len(check.ledger) else ""
     return (
         f"{check.month}: differs: {check.differences} difference(s) "
-        f"({len(check.recomputed)} recomputed, {len(check.stored)} stored, {len(check.ledger)} ledger), "
+        f"({len(check.recomputed)} recomputed, {len(check.stored)} stored{ledger}), "
         f"{format_units(check.difference_units)} credits in absolute value ({check.accounts} accounts)"
     )
 

@@ -129,10 +129,13 @@ def test_a_closed_month_reconciles_clean_and_late_data_makes_it_differ_until_re_
     assert table_rows(out) == [
         ["2026-05", "recomputed", "acct-a", "storage_refund", "0", "-29", "-29"],
         ["2026-05", "recomputed", "acct-b", "cloud_page_views", "12.345", "13.345", "1"],
+        # the credits ledger: the late compute is one more credit of arrears
+        ["2026-05", "ledger", "acct-a", "-", "arrears", "58", "59", "1"],
     ]
-    assert "2026-05: differs: 2 difference(s) (2 recomputed, 0 stored), 30 credits" in out
+    assert "2026-05: differs: 3 difference(s) (2 recomputed, 0 stored, 1 ledger), 31 credits" in out
     assert "billing-jobs month-end --month 2026-05" in out
-    assert recorded(db_url)[-1] == ("2026-05", "differs", 2, 300_000)
+    assert "billing-jobs month-end --month 2026-06 --ledger-from 2026-05" in out
+    assert recorded(db_url)[-1] == ("2026-05", "differs", 3, 310_000)
 
     with at(4):  # the same whatever the chunks and workers
         code, out, _ = reconcile(
@@ -156,7 +159,19 @@ def test_a_closed_month_reconciles_clean_and_late_data_makes_it_differ_until_re_
         ("acct-a", "storage_refund", "-29"),
         ("acct-b", "cloud_page_views", "1"),
     ]
-    assert may["difference_abs"] == "30"
+    assert may["ledger"] == [
+        {
+            "account_id": "acct-a",
+            "lot_id": "",
+            "kind": "arrears",
+            "written": "58",
+            "recomputed": "59",
+            "difference": "1",
+            "written_money": "0.00",
+            "recomputed_money": "0.00",
+        }
+    ]
+    assert may["difference_abs"] == "31"
 
     with at(5):
         assert run_cli(db_url, "month-end", "--month", "2026-05", "--workers", "1").code == 0
