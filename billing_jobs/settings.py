@@ -388,10 +388,19 @@ class Settings:
             ),
         }
 
-    def digest(self) -> str:
-        """A short hash of the billing values, stored with every run."""
-        blob = json.dumps(self.billing_values(), sort_keys=True).encode()
+    def digest(self, *, prices_only: bool = False) -> str:
+        """A short hash of the billing values, stored with every run. prices_only: of
+        those that change what an invoice bills (not `LOOK_BACK_KEYS`)."""
+        values = self.billing_values()
+        if prices_only:
+            values = {k: v for k, v in values.items() if k not in LOOK_BACK_KEYS}
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Billing values that change how far back a close looks for late data in the credits
+# ledger, not what any invoice bills: a closed month is re-closed whatever they were.
+LOOK_BACK_KEYS = frozenset({"ledger.late_data_months"})
 
 
 def _plain(fields: tuple[tuple[str, Any], ...]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from billing_jobs.db.billing_tables import invoice_lines, invoices, month_closes
 from billing_jobs.db.reads import read_frame
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
-from billing_jobs.settings import Settings
+from billing_jobs.settings import LOOK_BACK_KEYS, Settings
 
 LINE_KEY = ["invoice_id", "account_id", "project_id", "line_type"]
 LINE_VALUES = ["quantity_units", "unit_price", "amount_units"]
@@ -101,12 +101,14 @@ def pin_values(settings: Settings, month: Month) -> dict[str, Any]:
 def changes(pin: Pin | None, settings: Settings) -> list[str]:
     """`key: old -> new` for each billing setting that differs from the pinned ones
     (`settings`: those in force in the pinned month)."""
-    if pin is None or pin.settings_hash is None or pin.settings_hash == settings.digest():
+    if pin is None or pin.settings_hash is None:
+        return []
+    if pin.settings_hash in (settings.digest(), settings.digest(prices_only=True)):
         return []
     now = settings.billing_values()
     if pin.values is None:
         return [f"settings hash {pin.settings_hash} -> {settings.digest()} (the keys were not recorded)"]
-    keys = sorted(set(now) | set(pin.values))
+    keys = sorted((set(now) | set(pin.values)) - LOOK_BACK_KEYS)
     return [
         f"{key}: {pin.values.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
         for key in keys

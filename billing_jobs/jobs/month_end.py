@@ -431,7 +431,7 @@ def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kin
                 run_id=run.run_id,
                 kind=kind,
                 status="running",
-                settings_hash=run.settings.digest(),
+                settings_hash=run.settings.digest(prices_only=True),
                 started_at=run.now,
             )
         )
@@ -590,7 +590,7 @@ def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None)
             f"shard(s) {', '.join(stale)} of {month} wrote {'regular' if closed else 'adjustment'} drafts "
             f"but the month is {'closed' if closed else 'open'} now: run them again, then --finalize"
         )
-    digest = run.settings.digest()
+    digest = run.settings.digest(prices_only=True)  # the ledger's look-back is finalize's own
     changed = sorted(f"{i}/{count}" for i, r in split.items() if r.settings_hash != digest)
     if changed:
         raise ShardsIncomplete(

@@ -1,12 +1,20 @@
 """Ledger properties through `month-end` (SQLite): random top-ups and usage, months
-closed in order, late data, re-runs. The sums of every entry per
-(account, lot, kind) always equal those of a fresh database that had all the data
-from the start; a repeated month-end writes no entry."""
+closed in order, late data, re-runs.
+
+- With every period looked at again (months re-closed in order, or one close with
+  `[ledger] late_data_months` at least the number of written periods), the sums of
+  every entry per (account, lot, kind) equal those of a fresh database that had all
+  the data from the start; a repeated month-end writes no entry.
+- With a smaller window, a close leaves the settled periods' entries as they were,
+  and each period it looks at equals a fresh computation from the balances written
+  at the end of the period before (what `reconcile` checks).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,17 +23,25 @@ from hypothesis import strategies as st
 from support import SourceData, run_cli
 
 MONTHS = ("2026-05", "2026-06", "2026-07")
+# The ledger's periods: from the effective date's month (2026-03) on.
+PERIODS = ("2026-03", "2026-04", *MONTHS)
 ENV = {"BILLING_WORKERS": "1"}
 
 
-def _close(url: str, month: str) -> None:
-    result = run_cli(url, "month-end", "--month", month, env=ENV)
+def _close(url: str, month: str, env: dict[str, str] | None = None) -> None:
+    result = run_cli(url, "month-end", "--month", month, env=env or ENV)
     assert result.code == 0, result.stderr
+
+
+def _window(base: Path, late_data_months: int) -> dict[str, str]:
+    config = base / "billing.toml"
+    config.write_text(f"[ledger]\nlate_data_months = {late_data_months}\n", "utf-8")
+    return {**ENV, "BILLING_CONFIG": str(config)}
 
 
 def _entries(url: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for month in MONTHS:
+    for month in PERIODS:
         result = run_cli(url, "credits", "export", "--month", month)
         assert result.code == 0, result.stderr
         rows.extend(csv.DictReader(io.StringIO(result.stdout)))
@@ -93,6 +109,7 @@ def _write(
     st.lists(top_up, max_size=4),
     st.lists(usage, max_size=4),
     st.lists(top_up, max_size=2),
+    st.sampled_from([None, len(PERIODS), 12]),
 )
 def test_month_by_month_with_late_data_sums_to_a_fresh_computation(
     tmp_path_factory: object,
@@ -100,6 +117,7 @@ def test_month_by_month_with_late_data_sums_to_a_fresh_computation(
     top_ups: list,
     late_usages: list,
     late_top_ups: list,  # type: ignore[type-arg]
+    late_data_months: int | None,
 ) -> None:
     base: Path = tmp_path_factory.mktemp("ledger")  # type: ignore[attr-defined]
     url = f"sqlite:///{base / 'incremental.db'}"
@@ -111,11 +129,77 @@ def test_month_by_month_with_late_data_sums_to_a_fresh_computation(
     _close(url, "2026-07")
     assert _entries(url) == before, "a repeated month-end wrote entries"
     _write(url, late_usages, late_top_ups, "late", first=False)
-    for month in MONTHS:  # re-close: adjustment invoices, then the ledger's corrections
-        _close(url, month)
+    if late_data_months is None:
+        for month in MONTHS:  # re-close: adjustment invoices, then the ledger's corrections
+            _close(url, month)
+    else:  # one close that looks back over every written period
+        _close(url, "2026-07", _window(base, late_data_months))
 
     _write(fresh, usages, top_ups, "x", first=True)
     _write(fresh, late_usages, late_top_ups, "late", first=False)
     for month in MONTHS:
         _close(fresh, month)
-    assert _sums(_entries(url)) == _sums(_entries(fresh))
+    if late_data_months is None:
+        assert _sums(_entries(url)) == _sums(_entries(fresh))
+    else:
+        # Without re-closes May and June keep their invoices: compare the rest.
+        def no_invoices(rows: list[dict[str, str]]) -> dict[tuple[str, str, str], Decimal]:
+            return _sums([r for r in rows if not _invoice_draw(r)])
+
+        assert no_invoices(_entries(url)) == no_invoices(_entries(fresh))
+
+
+def _invoice_draw(row: dict[str, str]) -> bool:
+    """An entry whose cause is an invoice (its draw, or the arrears or repay it makes):
+    those follow the invoices, which only a re-close of their month changes."""
+    return row["day"][8:] in ("30", "31") and row["kind"] in ("draw", "arrears", "repay", "restore")
+
+
+def _by_day(rows: list[dict[str, str]], last: str) -> dict[tuple[str, str, str, str], Decimal]:
+    out: dict[tuple[str, str, str, str], Decimal] = {}
+    for r in rows:
+        if r["day"] <= last:
+            key = (r["account_id"], r["lot_id"], r["kind"], r["day"])
+            out[key] = out.get(key, Decimal(0)) + Decimal(r["credits"])
+    return {k: v for k, v in out.items() if v != 0}
+
+
+# No shrinking, as above.
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(
+    st.lists(usage, max_size=8),
+    st.lists(top_up, max_size=4),
+    st.lists(usage, min_size=1, max_size=4),
+    st.lists(top_up, max_size=2),
+    st.sampled_from([0, 1]),
+)
+def test_a_small_window_leaves_settled_periods_and_agrees_from_their_balances(
+    tmp_path_factory: object,
+    usages: list,
+    top_ups: list,
+    late_usages: list,
+    late_top_ups: list,  # type: ignore[type-arg]
+    late_data_months: int,
+) -> None:
+    base: Path = tmp_path_factory.mktemp("window")  # type: ignore[attr-defined]
+    url = f"sqlite:///{base / 'incremental.db'}"
+    env = _window(base, late_data_months)
+    _write(url, usages, top_ups, "x", first=True)
+    for month in MONTHS:
+        _close(url, month, env)
+    before = _entries(url)
+    _write(url, late_usages, late_top_ups, "late", first=False)
+    _close(url, "2026-07", env)
+    after = _entries(url)
+    looked_at = MONTHS[len(MONTHS) - 1 - late_data_months :]
+    settled_end = f"{MONTHS[len(MONTHS) - 2 - late_data_months]}-31"  # May and June: 31 days
+    assert _by_day(after, settled_end) == _by_day(before, settled_end), "a settled period changed"
+    found = run_cli(url, "reconcile", "--since", "2026-05", "--json", env=env)
+    assert found.code in (0, 1), found.stderr
+    ledger = {m["period"]: m["ledger"] for m in json.loads(found.stdout)["months"]}
+    assert {p: ledger[p] for p in looked_at} == {p: [] for p in looked_at}
