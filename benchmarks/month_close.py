@@ -103,6 +103,7 @@ class Step:
     peak_rss_mib: float | None
     ledger_seconds: float | None = None  # of which the credits ledger (month-end)
     ledger_phases: dict[str, float] = field(default_factory=dict)  # summed over its chunks
+    counts: dict[str, Any] = field(default_factory=dict)  # the run summary's
 
 
 class TreeMemory(threading.Thread):
@@ -189,7 +190,7 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
         if args[0] == "export"
         else int(counts.get("rows_inserted", 0)) + int(counts.get("invoice_lines", 0))
     )
-    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases)
+    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases, counts)
 
 
 def rows_stored(engine: Engine, projects: int) -> None:
