@@ -121,6 +121,11 @@ def main() -> None:
                 f" {step.peak_rss_mib or 0:6.0f} MiB",
                 flush=True,
             )
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(step.ledger_phases.items()))
+            replayed = step.counts.get("accounts_replayed_whole", "?")
+            print(
+                f"           ledger phases (s, summed over the workers): {phases}; replayed whole {replayed}"
+            )
         engine.dispose()
     print(
         f"the sixth close's ledger against the third's (each as a ratio to its month's floor): "

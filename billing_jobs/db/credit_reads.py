@@ -132,9 +132,11 @@ def billing_day(
     return cast(case(*branches, else_=None), BigInteger)
 
 
-def read_code_redemptions(conn: Connection, end: datetime) -> pd.DataFrame:
+def read_code_redemptions(conn: Connection, end: datetime, start: datetime | None = None) -> pd.DataFrame:
     """Every redemption of a code by a known account before `end`, with the code's terms:
-    top_up_id, code, paid_at, known_code, code_units, redeem_by, valid_days."""
+    top_up_id, code, paid_at, known_code, code_units, redeem_by, valid_days. start: only
+    the codes redeemed at or after it (with their earlier redemptions, which decide
+    whether a later one counts)."""
     t, rc = top_ups.c, redemption_codes.c
     stmt = (
         select(
@@ -150,6 +152,17 @@ def read_code_redemptions(conn: Connection, end: datetime) -> pd.DataFrame:
         .outerjoin(redemption_codes, rc.code == t.code)
         .where(t.channel == "code", raw(conn, t.paid_at) < ts_param(conn, end))
     )
+    if start is not None:
+        recent = top_ups.alias("recent")
+        stmt = stmt.where(
+            t.code.in_(
+                select(recent.c.code).where(
+                    recent.c.channel == "code",
+                    raw(conn, recent.c.paid_at) >= ts_param(conn, start),
+                    raw(conn, recent.c.paid_at) < ts_param(conn, end),
+                )
+            )
+        )
     df = read_frame(conn, stmt, timestamps=["paid_at"])
     original = df["redeem_by"]
     parsed = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us]")
@@ -340,7 +353,15 @@ def read_written_refunds(conn: Connection, chunk: Chunk) -> pd.DataFrame:
     return read_frame(conn, stmt, ints=["day", "credit_units", "money_cents"])
 
 
-def read_lots(conn: Connection, chunk: Chunk) -> pd.DataFrame:
+def alive_after(lots: Any, day: int) -> ColumnElement[bool]:
+    """The lots that may still matter after day number `day`: funded after it, or valid
+    on a later day. (A lot whose last valid day is `day` or earlier holds nothing after
+    it, and no later day draws from it, restores to it or refunds it.)"""
+    return or_(lots.valid_from > day_from_number(day), lots.valid_until > day_from_number(day + 1))
+
+
+def read_lots(conn: Connection, chunk: Chunk, alive_after_day: int | None = None) -> pd.DataFrame:
+    """The chunk's stored lots (only those alive after `alive_after_day`, when given)."""
     lo = credit_lots.c
     stmt = select(
         lo.lot_id,
@@ -352,21 +373,30 @@ def read_lots(conn: Connection, chunk: Chunk) -> pd.DataFrame:
         day_number(conn, lo.valid_from).label("valid_from"),
         day_number(conn, lo.valid_until).label("valid_until"),
     ).where(chunk.clause(lo.account_id))
+    if alive_after_day is not None:
+        stmt = stmt.where(alive_after(lo, alive_after_day))
     return read_frame(
         conn, stmt, ints=["credit_units", "money_cents", "valid_from", "valid_until"], timestamps=["paid_at"]
     )
 
 
 def read_entry_sums(
-    conn: Connection, chunk: Chunk, last_day: int, *, published: bool = False
+    conn: Connection, chunk: Chunk, last_day: int, *, published: bool = False, alive: bool = False
 ) -> pd.DataFrame:
     """account_id, lot_id, kind, credit_units: the chunk's entries of days up to `last_day`
     summed per lot and kind (corrections included). published: only the entries a
-    finished ledger write published (for readers; see `published_entries`)."""
+    finished ledger write published (for readers; see `published_entries`). alive: only
+    the arrears and the lots alive after `last_day` (`alive_after`): a replay from that
+    day needs no other, and their entries are bounded by the lots' validity, not by
+    the ledger's history."""
     e = credit_entries.c
     where = [chunk.clause(e.account_id), e.day <= day_from_number(last_day)]
     if published:
         where.append(published_entries(conn))
+    if alive:
+        lo = credit_lots.c
+        living = select(lo.lot_id).where(chunk.clause(lo.account_id), alive_after(lo, last_day))
+        where.append(or_(e.lot_id == "", e.lot_id.in_(living)))
     stmt = (
         select(
             e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units")

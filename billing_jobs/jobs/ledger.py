@@ -497,7 +497,8 @@ def compute_chunk_ledger(
     columns = list(lots.columns)
     kept = [pd.DataFrame(columns=columns)]
     settled_day = None if settled is None else day_number(settled)
-    stored = read_lots(conn, chunk) if cut is not None or settled is not None else None
+    # The lots a replay from the settled periods' end can touch (all of them without).
+    stored = read_lots(conn, chunk, settled_day) if cut is not None or settled is not None else None
     if cut is not None and stored is not None:
         cut_day = day_number(cut)
         with _phase(phases, "history_check"):
@@ -676,7 +677,7 @@ def states_at(
 
     published: what the readers show: only published entries, and only the lots they
     name (a lot stored by a ledger write still in progress has none yet)."""
-    sums = read_entry_sums(conn, chunk, cut_day, published=published)
+    sums = read_entry_sums(conn, chunk, cut_day, published=published, alive=not published)
     named = set(zip(sums["account_id"], sums["lot_id"], strict=True)) if published else set()
     states: dict[str, AccountState] = {}
     for r in (read_lots(conn, chunk) if lots is None else lots).itertuples(index=False):
@@ -897,8 +898,14 @@ def write_ledger(
         periods = written_periods(conn) if has_ledger else []
         before = [p for p in periods if p < str(month)]
         end = local_midnight_utc(last + timedelta(days=1), settings.zone)
-        codes = read_code_redemptions(conn, end)
         settled = settled_end(month, periods, look_from, Month.of(settings.effective_from))
+        # The sources are read from the first day after the settled periods on.
+        start = (
+            datetime(1, 1, 1)  # noqa: DTZ001 - naive UTC, as every instant inside the jobs
+            if settled is None
+            else local_midnight_utc(settled + timedelta(days=1), settings.zone)
+        )
+        codes = read_code_redemptions(conn, end, None if settled is None else start)
         plan = LedgerPlan(
             month=month,
             last=last,
@@ -914,9 +921,8 @@ def write_ledger(
             extra_invoices=dict(extra_invoices or {}),
         )
         ids = ledger_accounts(conn)
-        # Top-ups and refund requests of accounts that do not exist: rejected (every one up
-        # to the month's end: they are few, and a reject already recorded stays as it is).
-        start = datetime(1, 1, 1)  # noqa: DTZ001 - naive UTC, as every instant inside the jobs
+        # Top-ups and refund requests of accounts that do not exist: rejected (every one
+        # after the settled periods up to the month's end; a reject recorded stays as it is).
         orphans = read_unknown_account_top_ups(conn, start, end)
         orphan_rejects = pd.DataFrame()
         if not orphans.empty:
@@ -1051,7 +1057,8 @@ def _writer(
             bulk_insert(
                 conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
             )
-        run.count("lots_written", _sync_lots(conn, chunk, truth.lots, run_id=run_id, now=now))
+        written = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
+        run.count("lots_written", written)
         _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
 
     return work
@@ -1079,9 +1086,22 @@ def _sync_inputs(
         bulk_insert(conn, credit_inputs, rows)
 
 
-def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: str, now: datetime) -> int:
-    """Make the chunk's stored lots equal to `lots`; returns how many rows changed."""
+def _sync_lots(
+    conn: Connection,
+    chunk: Chunk,
+    lots: pd.DataFrame,
+    settled: date | None,
+    *,
+    run_id: str,
+    now: datetime,
+) -> int:
+    """Make the chunk's stored lots equal to `lots` (those funded after `settled`: the
+    settled periods' lots stay as written); returns how many rows changed."""
     lo = credit_lots.c
+    where = [among(lo.account_id, list(chunk.accounts or ()))]
+    if settled is not None:
+        where.append(lo.valid_from > settled)
+        lots = lots[lots["valid_from"] > day_number(settled)]
     stored = {
         r.lot_id: (
             r.account_id,
@@ -1091,7 +1111,7 @@ def _sync_lots(conn: Connection, chunk: Chunk, lots: pd.DataFrame, *, run_id: st
             r.valid_from,
             r.valid_until,
         )
-        for r in conn.execute(select(credit_lots).where(among(lo.account_id, list(chunk.accounts or ()))))
+        for r in conn.execute(select(credit_lots).where(*where))
     }
     wanted = {}
     for r in lots.itertuples(index=False):

@@ -227,16 +227,14 @@ def check_ledger(run: Run, month: Month, workers: int = 1) -> tuple[pd.DataFrame
         periods = written_periods(conn)
         if str(month) not in periods:
             return empty_ledger_differences(), periods[-1] if periods else None
-        end = local_midnight_utc(month.last_day + timedelta(days=1), run.settings.zone)
-        codes = read_code_redemptions(conn, end)
+        zone = run.settings.zone
+        end = local_midnight_utc(month.last_day + timedelta(days=1), zone)
+        first = min(Month.of(run.settings.effective_from), Month.parse(periods[0]))
+        settled = month.previous().last_day if month > first else None
+        start = local_midnight_utc(month.first_day, zone) if settled else None
+        codes = read_code_redemptions(conn, end, start)
         ids = ledger_accounts(conn)
-    first = min(Month.of(run.settings.effective_from), Month.parse(periods[0]))
-    plan = LedgerCheck(
-        month,
-        month.previous().last_day if month > first else None,
-        codes,
-        decide_codes(codes),
-    )
+    plan = LedgerCheck(month, settled, codes, decide_codes(codes))
     size = accounts_per_chunk(len(ids), workers)
     chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
     found = [f for f in run_chunks(run, ledger_check_chunk, chunks, workers, plan=plan) if len(f)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from fractions import Fraction
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -177,6 +178,12 @@ class LotSpec:
     def cost(self) -> Fraction:
         return Fraction(self.money, self.credits) if self.credits > 0 else Fraction(0)
 
+    @cached_property
+    def draw_key(self) -> tuple[int, Fraction, datetime, str]:
+        """The draw order: the lot that expires first, then the cheapest, then the
+        earliest paid (computed once per lot: a replay sorts the lots on every draw)."""
+        return (self.valid_until, self.cost, self.paid_at, self.lot_id)
+
 
 @dataclass
 class LotState:
@@ -189,8 +196,7 @@ class LotState:
         return self.spec.valid_from <= day < self.spec.valid_until
 
     def order(self) -> tuple[int, Fraction, datetime, str]:
-        s = self.spec
-        return (s.valid_until, s.cost, s.paid_at, s.lot_id)
+        return self.spec.draw_key
 
 
 @dataclass
@@ -199,6 +205,14 @@ class AccountState:
 
     lots: dict[str, LotState] = field(default_factory=dict)
     arrears: int = 0
+    _ordered: list[LotState] = field(default_factory=list, repr=False, compare=False)
+
+    def in_order(self) -> list[LotState]:
+        """The lots in draw order (`LotSpec.draw_key`), sorted again only when lots
+        were added (lots are never removed from a state)."""
+        if len(self._ordered) != len(self.lots):
+            self._ordered = sorted(self.lots.values(), key=LotState.order)
+        return self._ordered
 
 
 @dataclass(frozen=True)
@@ -336,14 +350,16 @@ def _fund(ledger: Ledger, spec: LotSpec, day: int) -> None:
 
 
 def _draw_order(state: AccountState, day: int) -> list[LotState]:
-    return sorted((lot for lot in state.lots.values() if lot.valid_on(day)), key=LotState.order)
+    return [lot for lot in state.in_order() if lot.valid_on(day)]
 
 
 def _draw(ledger: Ledger, day: int, amount: int, cause: str) -> None:
     needed = amount
-    for lot in _draw_order(ledger.state, day):
+    for lot in ledger.state.in_order():
         if needed == 0:
             break
+        if lot.held <= 0 or not lot.valid_on(day):
+            continue
         given = min(lot.held, needed)
         if given > 0:
             lot.held -= given

@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from support import SourceData, run_cli
+from support import SourceData, reject_reasons, run_cli
 
 MONTHS = ("2026-04", "2026-05", "2026-06", "2026-07", "2026-08", "2026-09")
 
@@ -173,3 +173,60 @@ def test_a_bad_late_data_months_is_one_line_and_exit_2(tmp_path: Path, value: st
     assert result.code == 2
     assert "ledger.late_data_months" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_code_redeemed_in_a_settled_period_is_still_redeemed_for_a_later_close(
+    db_url: str, tmp_path: Path
+) -> None:
+    env = _config(tmp_path, 0)  # every close settles all earlier periods
+    data = SourceData()
+    data.project("p1", created="2025-11-02", account="a")
+    data.code("K", "100", "2027-01-01", 365)
+    data.top_up("T1", "2026-04-05 08:00", "code", account="a", code="K")
+    data.top_up("T2", "2026-08-05 08:00", "code", account="a", code="K")
+    data.write_url(db_url)
+    for month in MONTHS:
+        _month_end(db_url, env, "--month", month)
+    assert ("top_ups", "T2", "code_already_redeemed") in reject_reasons(db_url)
+    funded = [r for r in _all_entries(db_url) if r["kind"] == "fund"]
+    assert [(r["lot_id"], r["credits"]) for r in funded] == [("T1", "100")]
+
+
+def _sums(rows: list[dict[str, str]]) -> dict[tuple[str, str, str], Decimal]:
+    out: dict[tuple[str, str, str], Decimal] = {}
+    for r in rows:
+        key = (r["account_id"], r["lot_id"], r["kind"])
+        out[key] = out.get(key, Decimal(0)) + Decimal(r["credits"])
+    return {k: v for k, v in out.items() if v != 0}
+
+
+def test_a_window_of_0_equals_looking_at_every_period_with_expired_lots_restores_and_refunds(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Lots that expired in settled periods are left out of the state a close starts
+    from: months closed in order settling every earlier period write the same ledger
+    as closes that look at every period again."""
+    whole = f"sqlite:///{tmp_path / 'whole.db'}"
+    for url in (db_url, whole):
+        data = SourceData()
+        data.project("p1", created="2025-11-02", account="a")
+        data.code("K", "100", "2027-01-01", 10)
+        data.top_up("T1", "2026-04-02 08:00", "code", account="a", code="K")
+        data.compute("p1", "2026-04-05 12:00", "5", usage_id="u1")
+        data.compute("p1", "2026-04-20 12:00", "3", usage_id="u2")
+        data.top_up("T2", "2026-06-01 08:00", "online", account="a", credits="1000", amount="95.00")
+        data.top_up("T3", "2026-06-03 08:00", "online", account="a", credits="100", amount="10.00")
+        data.compute("p1", "2026-07-08 12:00", "40", usage_id="u3")
+        data.compute("p1", "2026-07-09 12:00", "-12", usage_id="u4")
+        data.refund_request("R1", "2026-08-10 10:00", account="a")
+        data.compute("p1", "2026-09-02 12:00", "4", usage_id="u5")
+        data.write_url(url)
+    env, every = _config(tmp_path, 0), _config(tmp_path, 12)
+    for month in MONTHS:
+        _month_end(db_url, env, "--month", month)
+        _month_end(whole, every, "--month", month)
+    got = _sums(_all_entries(db_url))
+    assert got == _sums(_all_entries(whole))
+    assert got[("a", "T1", "expire")] == Decimal(95)
+    assert ("a", "T2", "refund") in got
+    assert run_cli(db_url, "reconcile", "--since", "2026-04", env=env).code == 0
