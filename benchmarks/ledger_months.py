@@ -10,7 +10,7 @@ project-month) and two online top-ups per account-month, with
 `billing_jobs.demo.generate_bulk`; then closes the six months in order, each as the
 real command (`python -m billing_jobs month-end`, a process of its own). Before each
 close it times that month's floor (one SQL statement that aggregates the month's
-compute per project). It prints per close: wall seconds, the ledger's seconds, both
+compute per project; the median of three runs). It prints per close: wall seconds, the ledger's seconds, both
 against the month's floor, the periods the ledger read, and at the end the sixth
 close's ledger against the third's (the third is the first with a full window).
 
