@@ -74,6 +74,9 @@ SOURCE_INDEXES = [
     "CREATE INDEX bench_cl_date ON cloud_usage (usage_date)",
     "CREATE INDEX bench_pr_account ON projects (account_id)",
     "CREATE INDEX bench_ev_project ON project_events (project_id)",
+    "CREATE INDEX bench_tu_account ON top_ups (account_id, paid_at)",
+    "CREATE INDEX bench_tu_code ON top_ups (code)",
+    "CREATE INDEX bench_rr_account ON refund_requests (account_id, requested_at)",
 ]
 MONTH_START, MONTH_END = "2026-05-01 00:00:00", "2026-06-01 00:00:00"
 
