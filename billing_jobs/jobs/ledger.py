@@ -120,6 +120,12 @@ def accounts_per_chunk(accounts: int, workers: int) -> int:
     return max(1, min(ACCOUNTS_PER_CHUNK, accounts // (max(workers, 1) * CHUNKS_PER_WORKER)))
 
 
+def account_chunks(ids: list[str], workers: int, per_chunk: int | None = None) -> list[Chunk]:
+    """The ledger's chunks of accounts `ids`, `per_chunk` each (else `accounts_per_chunk`)."""
+    size = per_chunk or accounts_per_chunk(len(ids), workers)
+    return [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
+
+
 # Reject reasons of top-ups and refund requests (stable codes).
 UNKNOWN_ACCOUNT = "unknown_account"
 UNKNOWN_CHANNEL = "unknown_channel"
@@ -943,8 +949,7 @@ def write_ledger(
         periods_read=plan.periods_read,
         accounts=len(ids),
     )
-    size = per_chunk or accounts_per_chunk(len(ids), workers)
-    chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
+    chunks = account_chunks(ids, workers, per_chunk)
     names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in names}
     for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, plan=plan):

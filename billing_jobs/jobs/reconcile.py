@@ -63,7 +63,7 @@ from billing_jobs.db.credit_reads import (
 from billing_jobs.db.lock import WRITER_LOCK, read_holders
 from billing_jobs.db.reads import Chunk, plan_chunks, read_frame
 from billing_jobs.jobs.compute import compute_chunk
-from billing_jobs.jobs.ledger import accounts_per_chunk, compute_chunk_ledger, decide_codes
+from billing_jobs.jobs.ledger import account_chunks, compute_chunk_ledger, decide_codes
 from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -235,8 +235,7 @@ def check_ledger(run: Run, month: Month, workers: int = 1) -> tuple[pd.DataFrame
         codes = read_code_redemptions(conn, end, start)
         ids = ledger_accounts(conn)
     plan = LedgerCheck(month, settled, codes, decide_codes(codes))
-    size = accounts_per_chunk(len(ids), workers)
-    chunks = [Chunk(tuple(ids[i : i + size]), n) for n, i in enumerate(range(0, len(ids), size))]
+    chunks = account_chunks(ids, workers)
     found = [f for f in run_chunks(run, ledger_check_chunk, chunks, workers, plan=plan) if len(f)]
     out = pd.concat(found, ignore_index=True) if found else empty_ledger_differences()
     return out, periods[-1]

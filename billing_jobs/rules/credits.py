@@ -181,7 +181,7 @@ class LotSpec:
     @cached_property
     def draw_key(self) -> tuple[int, Fraction, datetime, str]:
         """The draw order: the lot that expires first, then the cheapest, then the
-        earliest paid (computed once per lot: a replay sorts the lots on every draw)."""
+        earliest paid (computed once per lot, not on every sort)."""
         return (self.valid_until, self.cost, self.paid_at, self.lot_id)
 
 
