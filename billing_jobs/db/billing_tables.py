@@ -257,25 +257,26 @@ credit_lots = Table(
     Index("ix_credit_lots_account", "account_id"),
 )
 
-# Ledger entries: never changed or deleted. One per natural key; a correction of a
-# written period is a further entry (revision 1, 2, ...) in the period of the run.
+# Ledger entries: never changed or deleted. One per natural key (the primary key, so
+# that an account's new entries are stored next to its earlier ones); a correction of
+# a written period is a further entry (revision 1, 2, ...) in the period of the run.
+# entry_id, a hash of the natural key, is exported but not indexed (migration 0014).
 credit_entries = Table(
     "credit_entries",
     billing_metadata,
-    Column("entry_id", String(40), primary_key=True),
-    Column("account_id", String(64), nullable=False),
-    Column("lot_id", String(128), nullable=False),  # "" for arrears
-    Column("kind", String(16), nullable=False),
-    Column("day", Date, nullable=False),
-    Column("cause", String(16), nullable=False),  # top_up | compute | invoice | refund | expiry
-    Column("period", String(7), nullable=False),
-    Column("corrects", String(7), nullable=False),  # "" or the closed month it corrects
-    Column("revision", Integer, nullable=False),
+    Column("entry_id", String(40), nullable=False),
+    Column("account_id", String(64), primary_key=True),
+    Column("lot_id", String(128), primary_key=True),  # "" for arrears
+    Column("kind", String(16), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("cause", String(16), primary_key=True),  # top_up | compute | invoice | refund | expiry
+    Column("period", String(7), primary_key=True),
+    Column("corrects", String(7), primary_key=True),  # "" or the closed month it corrects
+    Column("revision", Integer, primary_key=True, autoincrement=False),
     Column("credit_units", BigInteger, nullable=False),
     Column("money_cents", BigInteger),  # fund and refund only
     Column("run_id", String(36), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
-    UniqueConstraint("account_id", "lot_id", "kind", "day", "cause", "period", "corrects", "revision"),
     Index("ix_credit_entries_period", "period"),
     Index("ix_credit_entries_recorded_at", "recorded_at"),
 )

@@ -504,14 +504,16 @@ def compute_chunk_ledger(
     kept = [pd.DataFrame(columns=columns)]
     settled_day = None if settled is None else day_number(settled)
     # The lots a replay from the settled periods' end can touch (all of them without).
-    stored = read_lots(conn, chunk, settled_day) if cut is not None or settled is not None else None
+    with _phase(phases, "state_read"):
+        stored = read_lots(conn, chunk, settled_day) if cut is not None or settled is not None else None
     if cut is not None and stored is not None:
         cut_day = day_number(cut)
         with _phase(phases, "history_check"):
             changed = changed_accounts(
                 conn, settings, chunk, source, cut, stored, written_refunds, settled=settled
             )
-        starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
+        with _phase(phases, "state_read"):
+            starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
         kept.append(
             stored[
                 (stored["channel"] == RESTORED)
@@ -532,7 +534,10 @@ def compute_chunk_ledger(
         kept.insert(0, stored[stored["valid_from"] <= settled_day][columns])
         if changed:
             whole = Chunk(tuple(sorted(changed)))
-            settled_starts = states_at(conn, whole, settled_day, stored[stored["account_id"].isin(changed)])
+            with _phase(phases, "state_read"):
+                settled_starts = states_at(
+                    conn, whole, settled_day, stored[stored["account_id"].isin(changed)]
+                )
     rows: list[tuple[str, str, str, int, str, int, int]] = []
     refunds: list[tuple[str, str, str, int, int, int]] = []
     restore_lots: list[dict[str, Any]] = []
@@ -1026,7 +1031,11 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
     run.count("accounts_replayed_whole", len(truth.changed))
     if not run.dry_run:
         with _phase(phases, "write"):
-            run.write(_writer(chunk, new, refunds, truth, plan.month, plan.cut, plan.settled, run=run))
+            run.write(
+                _writer(
+                    chunk, new, refunds, truth, plan.month, plan.cut, plan.settled, run=run, phases=phases
+                )
+            )
     log.debug(
         "ledger.chunk",
         chunk=chunk.index,
@@ -1050,21 +1059,26 @@ def _writer(
     settled: date | None,
     *,
     run: Run,
+    phases: dict[str, float] | None = None,
 ) -> Callable[[Connection], None]:
     run_id, now = run.run_id, run.now
 
     def work(conn: Connection) -> None:
-        _sync_inputs(conn, chunk, truth, cut, settled)
-        if len(entries):
-            rows = entries.drop(columns=[]).assign(run_id=run_id, recorded_at=now)
-            bulk_insert(conn, credit_entries, rows, date_columns=["day"])
-        if len(refunds):
-            bulk_insert(
-                conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
-            )
-        written = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
+        with _phase(phases, "write_inputs"):
+            _sync_inputs(conn, chunk, truth, cut, settled)
+        with _phase(phases, "write_entries"):
+            if len(entries):
+                rows = entries.assign(run_id=run_id, recorded_at=now)
+                bulk_insert(conn, credit_entries, rows, date_columns=["day"])
+            if len(refunds):
+                bulk_insert(
+                    conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
+                )
+        with _phase(phases, "write_lots"):
+            written = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
         run.count("lots_written", written)
-        _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
+        with _phase(phases, "write_balances"):
+            _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
 
     return work
 

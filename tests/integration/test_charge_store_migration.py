@@ -222,12 +222,13 @@ def _upgrade_process(db_url: str, **extra: str) -> subprocess.CompletedProcess[b
     return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
 
 
-@pytest.mark.parametrize("revision", ["0012", "0013"])
+@pytest.mark.parametrize("revision", ["0012", "0013", "0014"])
 def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run_again(
     db_url: str, tmp_path: Path, revision: str
 ) -> None:
-    """Killed inside either migration (0012: runs; 0013: cloud fees per month), the
-    upgrade's one transaction rolls back to the old version's store."""
+    """Killed inside any of the migrations (0012: runs; 0013: cloud fees per month;
+    0014: the ledger entries' primary key), the upgrade's one transaction rolls back to
+    the old version's store."""
     _load(db_url, tmp_path)
 
     killed = _upgrade_process(db_url, BILLING_FAULT_KILL_IN_MIGRATION=revision)
