@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    and_,
     case,
     cast,
     func,
@@ -390,21 +391,42 @@ def read_entry_sums(
     day needs no other, and their entries are bounded by the lots' validity, not by
     the ledger's history."""
     e = credit_entries.c
-    where = [chunk.clause(e.account_id), e.day <= day_from_number(last_day)]
+    where = [e.day <= day_from_number(last_day)]
     if published:
         where.append(published_entries(conn))
-    if alive:
-        lo = credit_lots.c
-        living = select(lo.lot_id).where(chunk.clause(lo.account_id), alive_after(lo, last_day))
-        where.append(or_(e.lot_id == "", e.lot_id.in_(living)))
-    stmt = (
-        select(
-            e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units")
+    sums = (e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units"))
+    if not alive:
+        stmt = (
+            select(*sums).where(chunk.clause(e.account_id), *where).group_by(e.account_id, e.lot_id, e.kind)
+        )
+        return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)
+    # Driven by the living lots, each one's entries found by the primary key's
+    # (account, lot) prefix; the arrears by (account, ""): however long the ledger's
+    # history, only the entries of those lots are read.
+    lo = credit_lots.c
+    living = (
+        select(lo.account_id, lo.lot_id)
+        .where(chunk.clause(lo.account_id), alive_after(lo, last_day))
+        .subquery("living")
+    )
+    of_lots = (
+        select(*sums)
+        .select_from(
+            living.join(
+                credit_entries, and_(e.account_id == living.c.account_id, e.lot_id == living.c.lot_id)
+            )
         )
         .where(*where)
         .group_by(e.account_id, e.lot_id, e.kind)
     )
-    return read_frame(conn, stmt, ints=["credit_units"], aggregate=True)
+    arrears = (
+        select(*sums)
+        .where(chunk.clause(e.account_id), e.lot_id == "", *where)
+        .group_by(e.account_id, e.lot_id, e.kind)
+    )
+    frames = [read_frame(conn, stmt, ints=["credit_units"], aggregate=True) for stmt in (of_lots, arrears)]
+    found = [f for f in frames if len(f)]
+    return pd.concat(found, ignore_index=True) if found else frames[0]
 
 
 def read_inputs(
