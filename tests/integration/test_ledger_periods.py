@@ -147,6 +147,34 @@ def test_a_close_reads_the_window_not_the_history(db_url: str, tmp_path: Path) -
     }
 
 
+@pytest.mark.parametrize("how", ["approve", "finalize"])
+def test_ledger_from_reaches_the_ledger_of_an_approved_or_sharded_close(
+    db_url: str, tmp_path: Path, how: str
+) -> None:
+    """`--ledger-from` given to `--approve M` (after `--hold`) or to `--finalize` (after
+    the shards) corrects the settled period as a plain close does."""
+    env = _config(tmp_path, 2)
+    _platform(db_url)
+    for month in MONTHS[:-1]:
+        _month_end(db_url, env, "--month", month)
+    _late_june(db_url)
+    before = _all_entries(db_url)
+    if how == "approve":
+        _month_end(db_url, env, "--month", "2026-09", "--hold")
+        assert _all_entries(db_url) == before, "a held close wrote entries"
+        _month_end(db_url, env, "--approve", "2026-09", "--ledger-from", "2026-06")
+    else:
+        for shard in ("0/2", "1/2"):
+            _month_end(db_url, env, "--month", "2026-09", "--shard", shard)
+        assert _all_entries(db_url) == before, "a shard wrote entries"
+        _month_end(db_url, env, "--month", "2026-09", "--finalize", "--ledger-from", "2026-06")
+    new = [r for r in _all_entries(db_url) if r not in before]
+    assert _corrections(new, "2026-06") == {("a", "A", "draw", "2026-06-15"): Decimal(5)}
+    assert all(r["period"] == "2026-09" for r in new)
+    clean = run_cli(db_url, "reconcile", "--since", "2026-04", env=env)
+    assert clean.code == 0, clean.stdout + clean.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
