@@ -416,7 +416,9 @@ def read_entry_sums(
                 credit_entries, and_(e.account_id == living.c.account_id, e.lot_id == living.c.lot_id)
             )
         )
-        .where(*where)
+        # The chunk's accounts on the entries too: PostgreSQL does not carry the
+        # condition across the join, and would read every account's entries.
+        .where(chunk.clause(e.account_id), *where)
         .group_by(e.account_id, e.lot_id, e.kind)
     )
     arrears = (
