@@ -292,6 +292,25 @@ credit_balances = Table(
     Column("run_id", String(36), nullable=False),
 )
 
+# The state the entries give at the end of a written period, per account: each lot
+# alive after that day (held, drawn, funded) and, as lot "", the arrears (held_units;
+# NULL when the account had no arrears entry by then). The row of lot "" is there for
+# every account of the period's write, so that an account's state is known. Rows of
+# an account are dropped for every period up to whose end a later write adds an
+# entry or changes a lot: a month-end continues from them instead of summing each
+# lot's entries since it was funded (migration 0015).
+credit_lot_states = Table(
+    "credit_lot_states",
+    billing_metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("period", String(7), primary_key=True),
+    Column("lot_id", String(128), primary_key=True),  # "" for the arrears
+    Column("held_units", BigInteger),
+    Column("drawn_units", BigInteger, nullable=False),
+    Column("funded_units", BigInteger, nullable=False),
+    Column("run_id", String(36), nullable=False),
+)
+
 # Periods whose ledger a month-end has written through their last day.
 credit_periods = Table(
     "credit_periods",

@@ -38,6 +38,7 @@ from billing_jobs.db.billing_tables import (
     billing_runs,
     credit_entries,
     credit_inputs,
+    credit_lot_states,
     credit_lots,
     credit_periods,
     credit_refunds,
@@ -63,7 +64,9 @@ from billing_jobs.db.source_tables import (
     refund_requests,
     top_ups,
 )
-from billing_jobs.rules.calendar import day_from_number, local_midnight_utc
+from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
+from billing_jobs.rules.calendar import day_number as number_of
+from billing_jobs.rules.credits import ARREARS, DRAWN_SIGN, FUND, HELD_SIGN
 
 CREDIT_SOURCES = ("top_ups", "redemption_codes", "refund_requests")
 LEDGER_TABLES = ("credit_entries", "credit_lots", "credit_periods", "credit_refunds", "credit_balances")
@@ -382,16 +385,24 @@ def read_lots(conn: Connection, chunk: Chunk, alive_after_day: int | None = None
 
 
 def read_entry_sums(
-    conn: Connection, chunk: Chunk, last_day: int, *, published: bool = False, alive: bool = False
+    conn: Connection,
+    chunk: Chunk,
+    last_day: int,
+    *,
+    published: bool = False,
+    alive: bool = False,
+    after: int | None = None,
 ) -> pd.DataFrame:
     """account_id, lot_id, kind, credit_units: the chunk's entries of days up to `last_day`
-    summed per lot and kind (corrections included). published: only the entries a
-    finished ledger write published (for readers; see `published_entries`). alive: only
-    the arrears and the lots alive after `last_day` (`alive_after`): a replay from that
-    day needs no other, and their entries are bounded by the lots' validity, not by
-    the ledger's history."""
+    (and after day `after`, when given) summed per lot and kind (corrections included).
+    published: only the entries a finished ledger write published (for readers; see
+    `published_entries`). alive: only the arrears and the lots alive after `last_day`
+    (`alive_after`): a replay from that day needs no other, and their entries are
+    bounded by the lots' validity, not by the ledger's history."""
     e = credit_entries.c
     where = [e.day <= day_from_number(last_day)]
+    if after is not None:
+        where.append(e.day > day_from_number(after))
     if published:
         where.append(published_entries(conn))
     sums = (e.account_id, e.lot_id, e.kind, cast(func.sum(e.credit_units), BigInteger).label("credit_units"))
@@ -429,6 +440,99 @@ def read_entry_sums(
     frames = [read_frame(conn, stmt, ints=["credit_units"], aggregate=True) for stmt in (of_lots, arrears)]
     found = [f for f in frames if len(f)]
     return pd.concat(found, ignore_index=True) if found else frames[0]
+
+
+STATE_COLUMNS = ["account_id", "lot_id", "held_units", "drawn_units", "funded_units"]
+
+
+def lot_states_of(sums: pd.DataFrame) -> pd.DataFrame:
+    """Entry sums per lot and kind (`read_entry_sums`) as each lot's credits held, drawn
+    and funded (`STATE_COLUMNS`); the arrears as lot "", in held_units."""
+    kind, amount = sums["kind"], sums["credit_units"].astype("int64")
+    held = kind.map(HELD_SIGN).fillna(0).astype("int64") * amount
+    held = held.where(kind != ARREARS, amount)
+    frame = pd.DataFrame(
+        {
+            "account_id": sums["account_id"],
+            "lot_id": sums["lot_id"],
+            "held_units": held,
+            "drawn_units": kind.map(DRAWN_SIGN).fillna(0).astype("int64") * amount,
+            "funded_units": amount.where(kind == FUND, 0),
+        }
+    )
+    return frame.groupby(["account_id", "lot_id"], as_index=False, sort=False).sum()
+
+
+def _summed_states(*frames: pd.DataFrame) -> pd.DataFrame:
+    found = [f for f in frames if len(f)]
+    if not found:
+        return pd.DataFrame({c: pd.Series(dtype=object if "_id" in c else "int64") for c in STATE_COLUMNS})
+    if len(found) == 1:
+        return found[0].reset_index(drop=True)
+    both = pd.concat(found, ignore_index=True)
+    return both.groupby(["account_id", "lot_id"], as_index=False, sort=False).sum()
+
+
+def _stored_states(conn: Connection, accounts: list[str], period: Month, last_day: int) -> pd.DataFrame:
+    """The stored states (`credit_lot_states`) of `accounts` at the end of `period`: the
+    lots alive after day `last_day`, and the arrears rows (held_units NULL when the
+    account had no arrears entry)."""
+    st, lo = credit_lot_states.c, credit_lots.c
+    columns = (st.account_id, st.lot_id, st.held_units, st.drawn_units, st.funded_units)
+    of_lots = (
+        select(*columns)
+        .select_from(credit_lot_states.join(credit_lots, lo.lot_id == st.lot_id))
+        .where(among(st.account_id, accounts), st.period == str(period), alive_after(lo, last_day))
+    )
+    arrears = select(*columns).where(
+        among(st.account_id, accounts), st.period == str(period), st.lot_id == ""
+    )
+    frames = [read_frame(conn, stmt, aggregate=True) for stmt in (of_lots, arrears)]
+    return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+
+
+def read_lot_states(conn: Connection, chunk: Chunk, last_day: int) -> tuple[pd.DataFrame, frozenset[str]]:
+    """The chunk's state at the end of day `last_day` as the written entries give it
+    (`STATE_COLUMNS`): the lots alive after that day, and an arrears row (lot "") for
+    each account with an arrears entry by then. Also the accounts whose state at that
+    day is stored (`credit_lot_states`).
+
+    When `last_day` ends a month: the state stored at its end, for the accounts that
+    have one; for the others, the state stored at the end of the month before and the
+    entries of the month's days; for the rest, the living lots' entries summed (what a
+    ledger written before migration 0015, or an account whose stored states a later
+    entry dropped, needs)."""
+    end = day_from_number(last_day)
+    month = Month.of(end)
+    rest = list(chunk.accounts or ())
+    if chunk.accounts is None or end != month.last_day:
+        return lot_states_of(read_entry_sums(conn, chunk, last_day, alive=True)), frozenset()
+    found: list[pd.DataFrame] = []
+    stored_at_end: frozenset[str] = frozenset()
+    for period in (month, month.previous()):
+        if not rest:
+            break
+        stored = _stored_states(conn, rest, period, last_day)
+        known = set(stored.loc[stored["lot_id"] == "", "account_id"])
+        if not known:
+            continue
+        # An arrears row with NULL held_units only says the account's state is stored.
+        marker = stored["lot_id"].eq("") & stored["held_units"].isna()
+        stored = stored[stored["account_id"].isin(known) & ~marker].astype(
+            {"held_units": "int64", "drawn_units": "int64", "funded_units": "int64"}
+        )
+        if period == month:
+            stored_at_end = frozenset(known)
+        else:
+            days = read_entry_sums(
+                conn, Chunk(tuple(sorted(known))), last_day, alive=True, after=number_of(period.last_day)
+            )
+            stored = _summed_states(stored, lot_states_of(days))
+        found.append(stored)
+        rest = [a for a in rest if a not in known]
+    if rest:
+        found.append(lot_states_of(read_entry_sums(conn, Chunk(tuple(rest)), last_day, alive=True)))
+    return _summed_states(*found), stored_at_end
 
 
 def read_inputs(

@@ -27,7 +27,7 @@ from billing_jobs.db.credit_reads import (
 )
 from billing_jobs.db.reads import Chunk, read_frame
 from billing_jobs.db.reads import day_number as sql_day_number
-from billing_jobs.jobs.ledger import HELD_SIGN, decide_codes, read_events, states_at, validate_top_ups
+from billing_jobs.jobs.ledger import decide_codes, read_events, states_at, validate_top_ups
 from billing_jobs.jobs.warehouse import CENTS, DAY, STRING, UNITS, Field, Row, Rows, write_csv
 from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_midnight_utc
 from billing_jobs.rules.credits import (
@@ -35,6 +35,7 @@ from billing_jobs.rules.credits import (
     DRAW,
     EXPIRE,
     FUND,
+    HELD_SIGN,
     REFUND,
     REFUNDABLE,
     REPAY,

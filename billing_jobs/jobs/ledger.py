@@ -33,20 +33,24 @@ from billing_jobs.db.billing_tables import (
     credit_balances,
     credit_entries,
     credit_inputs,
+    credit_lot_states,
     credit_lots,
     credit_periods,
     credit_refunds,
 )
 from billing_jobs.db.credit_reads import (
+    STATE_COLUMNS,
     changed_compute_accounts,
     credit_sources_exist,
     ledger_accounts,
     ledger_exists,
+    lot_states_of,
     read_code_redemptions,
     read_compute_per_day,
     read_entry_sums,
     read_inputs,
     read_invoice_totals,
+    read_lot_states,
     read_lots,
     read_refund_requests,
     read_top_ups,
@@ -70,16 +74,11 @@ from billing_jobs.rules.calendar import (
     local_midnight_utc,
 )
 from billing_jobs.rules.credits import (
-    ARREARS,
     CHANNELS,
     CODE,
-    DRAW,
-    EXPIRE,
     FUND,
     ONLINE,
     REFUND,
-    REPAY,
-    RESTORE,
     RESTORED,
     WIRE,
     AccountEvents,
@@ -688,7 +687,10 @@ def states_at(
 
     published: what the readers show: only published entries, and only the lots they
     name (a lot stored by a ledger write still in progress has none yet)."""
-    sums = read_entry_sums(conn, chunk, cut_day, published=published, alive=not published)
+    if published:
+        sums = lot_states_of(read_entry_sums(conn, chunk, cut_day, published=True))
+    else:
+        sums, _ = read_lot_states(conn, chunk, cut_day)
     named = set(zip(sums["account_id"], sums["lot_id"], strict=True)) if published else set()
     states: dict[str, AccountState] = {}
     for r in (read_lots(conn, chunk) if lots is None else lots).itertuples(index=False):
@@ -706,23 +708,18 @@ def states_at(
             int(r.valid_until),
         )
         states.setdefault(r.account_id, AccountState()).lots[r.lot_id] = LotState(spec)
-    for account, lot_id, kind, units in sums.itertuples(index=False):
+    for account, lot_id, held, drawn, funded in sums[STATE_COLUMNS].itertuples(index=False):
         state = states.setdefault(account, AccountState())
-        if kind == ARREARS:
-            state.arrears += int(units)
+        if lot_id == "":
+            state.arrears += int(held)
             continue
         lot = state.lots.get(lot_id)
         if lot is None:
             continue
-        lot.held += HELD_SIGN.get(kind, 0) * int(units)
-        lot.drawn += DRAWN_SIGN.get(kind, 0) * int(units)
-        if kind == FUND:
-            lot.funded += int(units)
+        lot.held += int(held)
+        lot.drawn += int(drawn)
+        lot.funded += int(funded)
     return states
-
-
-HELD_SIGN = {FUND: 1, RESTORE: 1, DRAW: -1, REPAY: -1, EXPIRE: -1, REFUND: -1}
-DRAWN_SIGN = {DRAW: 1, REPAY: 1, RESTORE: -1}
 
 
 def _lot_record(account: str, spec: LotSpec) -> dict[str, Any]:
@@ -1033,7 +1030,17 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
         with _phase(phases, "write"):
             run.write(
                 _writer(
-                    chunk, new, refunds, truth, plan.month, plan.cut, plan.settled, run=run, phases=phases
+                    chunk,
+                    new,
+                    refunds,
+                    truth,
+                    plan.month,
+                    plan.cut,
+                    plan.settled,
+                    run=run,
+                    last=plan.last,
+                    written_through=plan.written_through,
+                    phases=phases,
                 )
             )
     log.debug(
@@ -1059,6 +1066,8 @@ def _writer(
     settled: date | None,
     *,
     run: Run,
+    last: date,
+    written_through: str | None,
     phases: dict[str, float] | None = None,
 ) -> Callable[[Connection], None]:
     run_id, now = run.run_id, run.now
@@ -1075,12 +1084,81 @@ def _writer(
                     conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
                 )
         with _phase(phases, "write_lots"):
-            written = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
+            written, lots_changed = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
         run.count("lots_written", written)
         with _phase(phases, "write_balances"):
             _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
+        with _phase(phases, "write_states"):
+            _sync_lot_states(conn, chunk, entries, lots_changed, month, last, written_through, run_id=run_id)
 
     return work
+
+
+def _sync_lot_states(
+    conn: Connection,
+    chunk: Chunk,
+    entries: pd.DataFrame,
+    lots_changed: Mapping[str, int],
+    month: Month,
+    last: date,
+    written_through: str | None,
+    *,
+    run_id: str,
+) -> None:
+    """Keep `credit_lot_states` true to the entries: an account's stored states of every
+    period up to whose end this write adds an entry or changes a lot are dropped; then,
+    when the write reaches the month's last day, the state at its end is stored for
+    each of the chunk's accounts that has none (an account whose stored state is still
+    true is not written again: a repeat writes nothing)."""
+    firsts: dict[str, int] = dict(lots_changed)
+    if len(entries):
+        for account, day in entries.groupby("account_id", sort=False)["day"].min().items():
+            firsts[str(account)] = min(int(day), firsts.get(str(account), int(day)))
+    st = credit_lot_states.c
+    top = max(month, Month.parse(written_through)) if written_through else month
+    by_month: dict[Month, list[str]] = {}
+    for account, day in firsts.items():
+        by_month.setdefault(Month.of(day_from_number(day)), []).append(account)
+    for first, accounts in sorted(by_month.items()):
+        periods = []
+        period = first
+        while period <= top:
+            periods.append(str(period))
+            period = period.next()
+        if periods:
+            conn.execute(
+                delete(credit_lot_states).where(among(st.account_id, accounts), among(st.period, periods))
+            )
+    if last != month.last_day or not chunk.accounts:
+        return
+    end = day_number(month.last_day)
+    stored = {
+        r.account_id
+        for r in conn.execute(
+            select(st.account_id).where(
+                among(st.account_id, list(chunk.accounts)), st.period == str(month), st.lot_id == ""
+            )
+        )
+    }
+    missing = tuple(a for a in chunk.accounts if a not in stored)
+    if not missing:
+        return
+    states, _ = read_lot_states(conn, Chunk(missing), end)
+    with_arrears = set(states.loc[states["lot_id"] == "", "account_id"])
+    markers = pd.DataFrame(
+        {
+            "account_id": [a for a in missing if a not in with_arrears],
+            "lot_id": "",
+            "held_units": None,
+            "drawn_units": 0,
+            "funded_units": 0,
+        }
+    )
+    rows = pd.concat(
+        [states[STATE_COLUMNS].astype({"held_units": object}), markers.astype({"held_units": object})],
+        ignore_index=True,
+    )
+    bulk_insert(conn, credit_lot_states, rows.assign(period=str(month), run_id=run_id))
 
 
 def _sync_inputs(
@@ -1113,9 +1191,10 @@ def _sync_lots(
     *,
     run_id: str,
     now: datetime,
-) -> int:
+) -> tuple[int, dict[str, int]]:
     """Make the chunk's stored lots equal to `lots` (those funded after `settled`: the
-    settled periods' lots stay as written); returns how many rows changed."""
+    settled periods' lots stay as written); returns how many rows changed, and per
+    account the first day any changed lot is valid from."""
     lo = credit_lots.c
     where = [among(lo.account_id, list(chunk.accounts or ()))]
     if settled is not None:
@@ -1150,7 +1229,14 @@ def _sync_lots(
         rows = lots[lots["lot_id"].isin(changed)].assign(run_id=run_id, updated_at=now)
         rows = rows.assign(paid_at=rows["paid_at"].astype("datetime64[us]"))
         bulk_insert(conn, credit_lots, rows, date_columns=["valid_from", "valid_until"])
-    return len(changed) + len(gone)
+    # Per account, the first day a changed lot (as it was, or is now) is valid from.
+    firsts: dict[str, int] = {}
+    for lot_id in changed + gone:
+        for record in (stored.get(lot_id), wanted.get(lot_id)):
+            if record is not None:
+                account, day = str(record[0]), day_number(record[4])
+                firsts[account] = min(day, firsts.get(account, day))
+    return len(changed) + len(gone), firsts
 
 
 def _sync_balances(

@@ -44,6 +44,10 @@ ONLINE, WIRE, CODE, RESTORED = "online", "wire", "code", "restore"
 TOP_UP, COMPUTE, INVOICE, EXPIRY = "top_up", "compute", "invoice", "expiry"
 CHANNELS = (ONLINE, WIRE, CODE)
 REFUNDABLE = (ONLINE, WIRE)
+# How each kind of entry moves a lot's credits held and drawn (draws and repays minus
+# restores); a lot's funded credits are its fund entries; lot "" holds the arrears.
+HELD_SIGN = {FUND: 1, RESTORE: 1, DRAW: -1, REPAY: -1, EXPIRE: -1, REFUND: -1}
+DRAWN_SIGN = {DRAW: 1, REPAY: 1, RESTORE: -1}
 
 ObjArray = npt.NDArray[np.object_]
 

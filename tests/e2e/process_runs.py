@@ -32,6 +32,7 @@ from billing_jobs.db.billing_tables import (
     credit_balances,
     credit_entries,
     credit_inputs,
+    credit_lot_states,
     credit_lots,
     credit_periods,
     credit_refunds,
@@ -250,6 +251,7 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                     credit_refunds=_rows(conn, credit_refunds, "run_id", "written_at"),
                     credit_balances=_rows(conn, credit_balances, "run_id"),
                     credit_inputs=_rows(conn, credit_inputs),
+                    credit_lot_states=_rows(conn, credit_lot_states, "run_id"),
                     credit_periods=_rows(
                         conn, credit_periods, "run_id", "written_at", "last_run_id", "last_written_at"
                     ),

@@ -29,6 +29,7 @@ from billing_jobs.db.billing_tables import (
     credit_balances,
     credit_entries,
     credit_inputs,
+    credit_lot_states,
     credit_lots,
     credit_periods,
     credit_refunds,
@@ -197,6 +198,7 @@ def _forget_ledger(url: str) -> None:
                 credit_refunds,
                 credit_balances,
                 credit_inputs,
+                credit_lot_states,
             ):
                 conn.execute(table.delete())
     finally:

@@ -43,6 +43,7 @@ JOB_TABLES = {
     "credit_periods",
     "credit_refunds",
     "credit_inputs",
+    "credit_lot_states",
     "invoice_series",
 }
 WRITING = re.compile(r"^\s*(CREATE|ALTER|DROP|INSERT|UPDATE|DELETE|TRUNCATE|COPY|COMMENT|GRANT)\b", re.I)

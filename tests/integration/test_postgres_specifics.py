@@ -57,6 +57,7 @@ JOB_ROLE_GRANTS = [
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, charge_periods,"
     " month_closes, month_shards, month_holds, month_reconciles, invoices, invoice_lines, rejects,"
     " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs,"
+    " credit_lot_states,"
     " invoice_series TO {job}",
     "GRANT SELECT ON billing_alembic_version TO {job}",
 ]
