@@ -482,7 +482,13 @@ def _stored_states(conn: Connection, accounts: list[str], period: Month, last_da
     of_lots = (
         select(*columns)
         .select_from(credit_lot_states.join(credit_lots, lo.lot_id == st.lot_id))
-        .where(among(st.account_id, accounts), st.period == str(period), alive_after(lo, last_day))
+        # The accounts named on the lots too, or PostgreSQL reads every account's lots.
+        .where(
+            among(st.account_id, accounts),
+            among(lo.account_id, accounts),
+            st.period == str(period),
+            alive_after(lo, last_day),
+        )
     )
     arrears = select(*columns).where(
         among(st.account_id, accounts), st.period == str(period), st.lot_id == ""
