@@ -17,21 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from sqlalchemy import inspect
 
 from billing_jobs import __version__, lifeline, logs
 from billing_jobs.commands import register_commands
 from billing_jobs.commands.common import Context, check_export_target, export_options, utcnow, yesterday_in
-from billing_jobs.db.engine import (
-    DEFAULT_DB_URL,
-    DatabaseUrlError,
-    schema_is_current,
-    upgrade,
-)
-from billing_jobs.db.lock import LockHeld, LockLost, writer_lock_name
+from billing_jobs.defaults import DEFAULT_DB_URL
+from billing_jobs.errors import DatabaseUrlError, LockHeld, LockLost, SettingsError
 from billing_jobs.redact import scrub
 from billing_jobs.rules.calendar import Month
-from billing_jobs.settings import SettingsError
 
 if TYPE_CHECKING:
     from billing_jobs.db.reads import Shard
@@ -205,6 +198,10 @@ def _refuse_closed_day(ctx: Context, day: date) -> None:
 
 def _ensure_schema(ctx: Context, *, dry_run: bool) -> bool:
     """Migrate the jobs' tables before a writing run; True when they exist."""
+    from sqlalchemy import inspect
+
+    from billing_jobs.db.engine import schema_is_current, upgrade
+
     engine = ctx.engine
     if dry_run:
         return "month_closes" in inspect(engine).get_table_names()
@@ -260,6 +257,8 @@ def db() -> None:
 @click.pass_obj
 def db_upgrade(ctx: Context) -> None:
     """Create or migrate the jobs' own tables (safe to repeat)."""
+    from billing_jobs.db.engine import upgrade
+
     upgrade(ctx.engine)
     click.echo(f"database schema is up to date ({ctx.engine.url.render_as_string(hide_password=True)})")
 
@@ -433,6 +432,7 @@ def month_end(
     For finance's sign-off: `month-end --month M --hold` writes drafts, then
     `month-end --approve M` finalizes them.
     """
+    from billing_jobs.db.lock import writer_lock_name
     from billing_jobs.jobs import month_controls as controls
     from billing_jobs.jobs import month_end as job
     from billing_jobs.jobs.runner import Run, run_job
@@ -537,12 +537,14 @@ def month_end(
 @click.pass_obj
 def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers: bool) -> None:
     """Write every invoice line (or invoice header) of a month as CSV or Parquet."""
+    from sqlalchemy import inspect as sa_inspect
+
     from billing_jobs.jobs.export import month_headers, month_lines
     from billing_jobs.jobs.warehouse import write_export
 
     month = _parse_month(month_text)
     check_export_target(fmt, output)
-    if "month_closes" not in inspect(ctx.engine).get_table_names():
+    if "month_closes" not in sa_inspect(ctx.engine).get_table_names():
         raise click.ClickException("the jobs' tables do not exist yet: run `billing-jobs db upgrade`")
     rows = (month_headers if headers else month_lines)(ctx.engine, str(month))
     n = write_export(rows, fmt, output)
@@ -576,6 +578,7 @@ def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers:
 @click.pass_obj
 def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> None:
     """Create the source tables and fill them with realistic demo data."""
+    from billing_jobs.db.engine import upgrade
     from billing_jobs.demo import generate_demo
 
     url = ctx.engine.url

@@ -1,15 +1,22 @@
-"""structlog set-up: JSON lines on stderr when it is not a terminal, console otherwise."""
+"""structlog set-up: JSON lines on stderr when it is not a terminal, console otherwise.
+
+structlog is imported, and set up, when the first logger is asked for: a command
+that logs nothing (`--help`, `status`) starts without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-
-import structlog
+from typing import TYPE_CHECKING, Any
 
 from billing_jobs.redact import scrub_event
 
+if TYPE_CHECKING:
+    import structlog
+
 _configured: tuple[str, bool] = ("INFO", True)
+_applied = False
 
 
 def configured() -> tuple[str, bool]:
@@ -19,9 +26,20 @@ def configured() -> tuple[str, bool]:
 
 def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     """Send logs to stderr; results go to stdout only."""
-    global _configured  # noqa: PLW0603  # one set-up per process
+    global _configured, _applied  # noqa: PLW0603  # one set-up per process
     as_json = (not sys.stderr.isatty()) if json is None else json
     _configured = (level, as_json)
+    _applied = False
+    if "structlog" in sys.modules:
+        _apply()
+
+
+def _apply() -> None:
+    global _applied  # noqa: PLW0603  # one set-up per process
+    import structlog
+
+    level, as_json = _configured
+    _applied = True
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if as_json
@@ -45,4 +63,13 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
 
 
 def get_logger(**bind: object) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger("billing_jobs").bind(**bind)  # type: ignore[no-any-return]
+    return named("billing_jobs").bind(**bind)  # type: ignore[no-any-return]
+
+
+def named(name: str) -> Any:
+    """structlog's lazy logger `name`, set up as `configure` said (or its defaults)."""
+    if not _applied:
+        _apply()
+    import structlog
+
+    return structlog.get_logger(name)

@@ -14,10 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from billing_jobs.frames import pd
 from billing_jobs.jobs.report import MonthReport
 from billing_jobs.jobs.statement import NOT_ACTIVE, STATUS_WORDS, Statement
 from billing_jobs.rules.invoice import LINE_ORDER, STORAGE_FEE, STORAGE_REFUND

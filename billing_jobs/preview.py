@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from billing_jobs.frames import pd
 from billing_jobs.jobs.export import HEADER
 from billing_jobs.jobs.runner import Outcome
 from billing_jobs.rules.calendar import day_from_number

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL, make_url
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 MASK = "***"
 
@@ -54,6 +55,8 @@ def remember_password(password: str | None) -> None:
 
 def remember_url(url: str | URL) -> None:
     """Mask the password of database URL `url`, even of one SQLAlchemy cannot parse."""
+    from sqlalchemy.engine import make_url  # not at import: start-up time
+
     try:
         password = make_url(url).password
     except Exception:  # a malformed URL: what sits between the last `:` and `@` (user:password@host)

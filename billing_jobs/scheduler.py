@@ -360,7 +360,7 @@ def reconcile_and_adjust(
 def differing_months(db_url: str, since: datetime) -> list[str]:
     """Closed months whose latest check, made at or after `since`, found differences."""
     from billing_jobs.db.engine import make_engine
-    from billing_jobs.jobs.reconcile import DIFFERS, latest_reconciles
+    from billing_jobs.db.reconcile_log import DIFFERS, latest_reconciles
 
     since_naive = since.astimezone(UTC).replace(tzinfo=None) if since.tzinfo else since
     engine = make_engine(db_url)

@@ -15,20 +15,22 @@ from dataclasses import dataclass, field, replace
 from datetime import date, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from billing_jobs.rules.credits import TopUpTerms
+from billing_jobs import errors
 from billing_jobs.rules.money import MAX_FRACTION_DIGITS
+
+if TYPE_CHECKING:
+    from billing_jobs.rules.credits import TopUpTerms
 
 DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default_billing.toml")).read_text("utf-8")
 METRICS = ("page_views", "bandwidth_gb", "data_storage_gb", "domains")
 
 
-class SettingsError(ValueError):
-    """A bad settings file or value; the message names the key."""
+SettingsError = errors.SettingsError
 
 
 def _decimal(value: Any) -> Decimal:
@@ -356,6 +358,8 @@ class Settings:
         return ZoneInfo(self.timezone)
 
     def top_up_terms(self) -> TopUpTerms:
+        from billing_jobs.rules.credits import TopUpTerms  # numpy: not at start-up
+
         return TopUpTerms.of(self.tiers, self.tiers_from, self.validity_days, self.currency)
 
     def billing_values(self) -> dict[str, str]:

@@ -1,18 +1,23 @@
-"""What every command shares: the context object, the one clock, export options."""
+"""What every command shares: the context object, the one clock, export options.
+
+Light at import (no SQLAlchemy, no settings model): the engine and the settings are
+made, and their modules imported, when a command first asks for them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-from sqlalchemy import Engine
 
-from billing_jobs.db.engine import make_engine
 from billing_jobs.redact import remember_url
-from billing_jobs.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from billing_jobs.settings import Settings
 
 
 @dataclass
@@ -28,6 +33,8 @@ class Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from billing_jobs.settings import load_settings
+
             self._settings = load_settings(self.config)
         return self._settings
 
@@ -40,6 +47,8 @@ class Context:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
+            from billing_jobs.db.engine import make_engine
+
             self._engine = make_engine(self.db_url)
         return self._engine
 

@@ -15,23 +15,24 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy import inspect, select
 
 from billing_jobs.commands import common
 from billing_jobs.commands.common import Context
 from billing_jobs.rules.calendar import Month, day_number
-from billing_jobs.rules.credits import PRICE_SCALE, price_cents, tier_prices, wire_credits, wire_prices
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_cents, format_decimal, format_units
+
+if TYPE_CHECKING:  # imported by the commands that run (start-up time)
+    from rich.console import Console
 
 T = TypeVar("T")
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 
 
@@ -92,6 +93,8 @@ def _ledger_call(call: Callable[[], T]) -> T:
 
 def _known_account(ctx: Context, account: str) -> None:
     """Exit 2 with one line when `accounts` has no such account."""
+    from sqlalchemy import inspect, select
+
     from billing_jobs.db.source_tables import accounts
 
     if "accounts" not in inspect(ctx.engine).get_table_names():
@@ -117,6 +120,8 @@ def quote(
     ctx: Context, credits_text: str | None, amount_text: str | None, date_text: str | None, as_json: bool
 ) -> None:
     """The tier price of N credits, or the credits a wire of X buys, on a day."""
+    from billing_jobs.rules.credits import PRICE_SCALE, price_cents, tier_prices, wire_credits, wire_prices
+
     if (credits_text is None) == (amount_text is None):
         raise click.UsageError("give exactly one of --credits N or --amount X")
     settings = ctx.settings
@@ -191,6 +196,8 @@ def export(ctx: Context, month_text: str, output: str | None, fmt: str) -> None:
 @click.pass_obj
 def balance(ctx: Context, account: str, date_text: str | None, as_json: bool) -> None:
     """An account's lots (held, valid until, refundable money) and arrears at the end of a day."""
+    from rich.table import Table
+
     from billing_jobs.jobs.credits import account_balance
 
     settings = ctx.settings
@@ -235,6 +242,8 @@ def balance(ctx: Context, account: str, date_text: str | None, as_json: bool) ->
 def history(ctx: Context, account: str, month_text: str, as_csv: bool) -> None:
     """Day by day, what happened to an account's credits in a month (the ledger's entries,
     then a preview of the days not written yet)."""
+    from rich.table import Table
+
     from billing_jobs.jobs.credits import account_balance, history_rows
 
     settings = ctx.settings
@@ -273,6 +282,8 @@ def history(ctx: Context, account: str, month_text: str, as_csv: bool) -> None:
 def report(ctx: Context, month_text: str, output: str | None) -> None:
     """The month's roll-forward, platform-wide (and per account with --output): opening,
     funded by channel, drawn, restored, expired, refunded, arrears, closing."""
+    from rich.table import Table
+
     from billing_jobs.jobs.credits import REPORT_COLUMNS, format_report_row, month_report
 
     month = _month(month_text)
@@ -302,6 +313,8 @@ def report(ctx: Context, month_text: str, output: str | None) -> None:
 @click.pass_obj
 def exceptions(ctx: Context, month_text: str) -> None:
     """The month's price exceptions and rejected top-ups and refund requests, with reasons."""
+    from rich.table import Table
+
     from billing_jobs.jobs.credits import month_exceptions
     from billing_jobs.rules.calendar import day_from_number
 
@@ -369,6 +382,8 @@ def codes(
     80 random bits each, an alphabet without look-alikes, and a check character. It
     writes no table, and refuses a batch id that `redemption_codes` already has.
     """
+    from sqlalchemy import inspect, select
+
     from billing_jobs.db.source_tables import redemption_codes
     from billing_jobs.rules.codes import new_codes
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from billing_jobs.commands.common import Context, utcnow, yesterday_in
-from billing_jobs.jobs import explain as ex
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
 
+if TYPE_CHECKING:  # the computing modules (pandas) are imported when the command runs
+    from rich.console import Console
+    from rich.table import Table
+
+    from billing_jobs.jobs import explain as ex
+
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
@@ -39,6 +45,8 @@ def explain(ctx: Context, project_id: str, month_text: str, as_json: bool) -> No
 
     Example: billing-jobs explain --project prj-42 --month 2026-05
     """
+    from billing_jobs.jobs import explain as ex
+
     try:
         month = Month.parse(month_text)
     except ValueError as exc:
@@ -56,6 +64,8 @@ def explain(ctx: Context, project_id: str, month_text: str, as_json: bool) -> No
 
 
 def _print(x: ex.Explanation) -> None:
+    from rich.table import Table
+
     console = _console()
     console.print(
         f"project {x.project_id} (account {x.account_id}), month {x.month}, "
@@ -110,6 +120,8 @@ def _print_month(console: Console, x: ex.Explanation) -> None:
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name, justify in columns:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from billing_jobs import defaults
 from billing_jobs.commands import common
 from billing_jobs.commands.common import Context
-from billing_jobs.jobs import status as st
+
+if TYPE_CHECKING:  # imported by the commands that run (start-up time)
+    from rich.console import Console
+
+    from billing_jobs.jobs import status as st
 
 EXIT_UNHEALTHY = 1
 STATUS_STYLES = {
@@ -32,6 +35,8 @@ STATUS_STYLES = {
 
 def _console() -> Console:
     # Wide enough for the table when stdout is a pipe or a file; a terminal sets its own width.
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 
 
@@ -63,6 +68,8 @@ def _styled(status: str) -> str:
 
 
 def _tables_or_fail(call: Any) -> Any:
+    from billing_jobs.jobs import status as st
+
     try:
         return call()
     except st.TablesMissing as exc:
@@ -77,7 +84,7 @@ def _tables_or_fail(call: Any) -> Any:
     type=click.IntRange(1, 10_000),
     help="How many runs to show.",
 )
-@click.option("--job", type=click.Choice(list(st.JOBS)), default=None, help="Only runs of this job.")
+@click.option("--job", type=click.Choice(list(defaults.JOBS)), default=None, help="Only runs of this job.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
 @click.pass_obj
 def runs(ctx: Context, limit: int, job: str | None, as_json: bool) -> None:
@@ -89,6 +96,10 @@ def runs(ctx: Context, limit: int, job: str | None, as_json: bool) -> None:
 
     Example: billing-jobs runs --job month-end --limit 5
     """
+    from rich.table import Table
+
+    from billing_jobs.jobs import status as st
+
     now = _now()
     found = _tables_or_fail(lambda: st.read_runs(ctx.engine, now, limit=limit, job=job))
     if as_json:
@@ -141,6 +152,8 @@ def status(ctx: Context, as_json: bool) -> None:
 
     Example (a monitoring probe): billing-jobs status || alert
     """
+    from billing_jobs.jobs import status as st
+
     now = _now()
     settings = ctx.settings
     facts = _tables_or_fail(lambda: st.read_facts(ctx.engine, settings, now))
@@ -170,6 +183,8 @@ def _print_status(facts: st.Facts, problems: list[str]) -> None:
 
 
 def _print_billing(facts: st.Facts) -> None:
+    from billing_jobs.jobs import status as st
+
     out = click.echo
     out(f"last billed day:   {facts.last_billed_day or 'none'}")
     unbilled = st.unbilled_days(facts)

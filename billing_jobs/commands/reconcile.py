@@ -135,9 +135,11 @@ def reconcile(
         click.echo(json.dumps(record, sort_keys=True))
     else:
         _print(checks, overall)
-    if overall == job.DIFFERS:
+    from billing_jobs.db.reconcile_log import BUSY, DIFFERS
+
+    if overall == DIFFERS:
         sys.exit(EXIT_DIFFERS)
-    if overall == job.BUSY:
+    if overall == BUSY:
         sys.exit(EXIT_BUSY)
 
 

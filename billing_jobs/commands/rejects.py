@@ -10,17 +10,18 @@ import getpass
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from billing_jobs.commands import common
 from billing_jobs.commands.common import Context
-from billing_jobs.db.reject_log import RejectRow
-from billing_jobs.jobs import rejects as jr
+
+if TYPE_CHECKING:  # imported by the commands that run (start-up time)
+    from rich.console import Console
+
+    from billing_jobs.db.reject_log import RejectRow
+    from billing_jobs.jobs import rejects as jr
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.rejects import typed_id
 
@@ -41,6 +42,8 @@ CSV_COLUMNS = (
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 
 
@@ -67,6 +70,8 @@ def _resolution_text(row: RejectRow) -> str:
 
 
 def _call(work: Any) -> Any:
+    from billing_jobs.jobs import rejects as jr
+
     try:
         return work()
     except jr.SchemaNotCurrent as exc:
@@ -88,7 +93,7 @@ def _month(value: str | None) -> str | None:
 @click.option("--reason", metavar="REASON", help="Only rejects with this reason.")
 @click.option(
     "--status",
-    type=click.Choice(list(jr.STATUS_FILTERS)),
+    type=click.Choice(["open", "resolved", "closed", "all"]),  # jobs.rejects.STATUS_FILTERS
     default="open",
     show_default=True,
     help="Which rejects: open, resolved (by a person), closed (by a run), or all.",
@@ -113,6 +118,11 @@ def rejects_group(
 
     Example: billing-jobs rejects --month 2026-05 --csv > rejects-2026-05.csv
     """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from billing_jobs.jobs import rejects as jr
+
     if click_ctx.invoked_subcommand is not None:
         return
     if as_csv and as_json:
@@ -184,6 +194,8 @@ def resolve(ctx: Context, ids: tuple[str, ...], note: str, by: str | None) -> No
 
     Example: billing-jobs rejects resolve 7QK4M2HXP9TB --note "test project, not billable"
     """
+    from billing_jobs.jobs import rejects as jr
+
     if not note.strip():
         raise click.BadParameter("must not be empty", param_hint="--note")
     who = by if by is not None else getpass.getuser()

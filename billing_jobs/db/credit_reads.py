@@ -12,7 +12,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import pandas as pd
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -45,8 +44,6 @@ from billing_jobs.db.billing_tables import (
     invoices,
 )
 from billing_jobs.db.reads import (
-    Chunk,
-    among,
     amount_problem,
     day_number,
     raw,
@@ -64,6 +61,8 @@ from billing_jobs.db.source_tables import (
     refund_requests,
     top_ups,
 )
+from billing_jobs.db.sql import Chunk, among
+from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
 from billing_jobs.rules.calendar import day_number as number_of
 from billing_jobs.rules.credits import ARREARS, DRAWN_SIGN, FUND, HELD_SIGN

@@ -1,27 +1,33 @@
-"""Engines and migrations."""
+"""Engines and migrations.
+
+Alembic is imported by the functions that migrate, not at import: a command that only
+reads (`status`, `runs`, `--help`) starts without it. Whether a database is at the
+newest revision is read from the version table and compared with `SCHEMA_HEAD` (a
+test checks that it is the migrations' head).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, String, column, create_engine, event, inspect, select, table, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
+from billing_jobs import errors
 from billing_jobs.redact import remember_url, scrub
 
-DEFAULT_DB_URL = "sqlite:///billing.db"
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+SCHEMA_HEAD = "0015"  # the newest migration's revision
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 VERSION_TABLE = "billing_alembic_version"
 
 
-class DatabaseUrlError(ValueError):
-    """A database URL that SQLAlchemy cannot use."""
+DatabaseUrlError = errors.DatabaseUrlError
 
 
 def make_engine(url: str) -> Engine:
@@ -80,6 +86,8 @@ def _plan_for_whole_results(dbapi_conn, _record):  # type: ignore[no-untyped-def
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     # Alembic's options are ConfigParser values: a `%` (as in a URL-encoded password) is doubled.
@@ -91,6 +99,8 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Create or migrate the jobs' own tables (safe to repeat, and to run at once:
     a second upgrade waits for the first, then finds nothing left to do)."""
+    from alembic import command
+
     cfg = alembic_config(engine)
     with engine.begin() as conn:
         _one_migration_at_a_time(conn)
@@ -112,15 +122,24 @@ def _one_migration_at_a_time(conn: Connection) -> None:
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
     cfg = alembic_config(engine)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
 
 
+def schema_revision(conn: Connection) -> str | None:
+    """The revision the jobs' tables are migrated to (None: never migrated)."""
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return None
+    found = conn.execute(select(column("version_num", String)).select_from(table(VERSION_TABLE)))
+    versions: list[str] = list(found.scalars())
+    return versions[0] if len(versions) == 1 else None
+
+
 def schema_is_current(engine: Engine) -> bool:
     """Whether the jobs' tables are migrated to the newest revision."""
-    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        return ctx.get_current_revision() == head
+        return schema_revision(conn) == SCHEMA_HEAD

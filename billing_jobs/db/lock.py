@@ -59,6 +59,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 
+from billing_jobs import errors
 from billing_jobs.db.billing_tables import billing_locks, billing_runs
 from billing_jobs.logs import get_logger
 
@@ -108,13 +109,7 @@ def _halves(key: int) -> tuple[int, int]:
     return unsigned >> 32, unsigned & 0xFFFF_FFFF
 
 
-class LockHeld(RuntimeError):
-    """Another run holds the lock."""
-
-    def __init__(self, name: str, run_id: str, host: str, pid: int, since: datetime | None):
-        self.name, self.run_id, self.host, self.pid, self.since = name, run_id, host, pid, since
-        when = f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since is not None else ""
-        super().__init__(f"another run holds the lock '{name}' (run {run_id} on {host}, pid {pid}){when}")
+LockHeld = errors.LockHeld
 
 
 class _HolderDying(LockHeld):
@@ -122,8 +117,7 @@ class _HolderDying(LockHeld):
     ended its session yet; a taker tries again for a moment."""
 
 
-class LockLost(RuntimeError):
-    """This run no longer holds its lock: its lock session ended or another run took it over."""
+LockLost = errors.LockLost
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,6 @@ Results stream in bounded batches (`yield_per`) into DataFrames.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,10 +20,8 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     ColumnElement,
     Connection,
     Date,
@@ -32,7 +29,6 @@ from sqlalchemy import (
     Select,
     String,
     and_,
-    bindparam,
     case,
     cast,
     exists,
@@ -44,8 +40,6 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import BindParameter
 
 from billing_jobs.db.billing_tables import charge_periods
@@ -55,6 +49,8 @@ from billing_jobs.db.source_tables import (
     project_events,
     projects,
 )
+from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.money import UNITS_PER_CREDIT
 
@@ -73,61 +69,6 @@ UNKNOWN_METRIC = "unknown_metric"
 # small enough that the sums of a project's month stay exact 64-bit integers of units
 # (9.2e18 units: over 900,000 rows at this limit) on every back end.
 MAX_AMOUNT = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A set of accounts named one by one, or every account (`accounts` None).
-
-    The database decides membership by equality on `account_id` against the named
-    ids (one array parameter), never by comparing ids in order, so no collation is
-    involved and every chunk holds exactly the accounts it names.
-    """
-
-    accounts: tuple[str, ...] | None = None
-    index: int = 0
-    projects: int = 0
-
-    @classmethod
-    def only(cls, account_id: str) -> Chunk:
-        return cls(accounts=(account_id,))
-
-    def clause(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
-        if self.accounts is None:
-            return literal(True)
-        return among(column, self.accounts)
-
-
-class _Among(ColumnElement[bool]):
-    """`column` is one of `values`: `= ANY(array)` on PostgreSQL, `IN (json_each(...))` on
-    SQLite; one bound parameter whatever the number of values."""
-
-    inherit_cache = False
-    type = Boolean()
-    _is_implicitly_boolean = True  # a condition itself: never rendered as `(...) = 1`
-
-    def __init__(self, column: ColumnElement[Any], values: Sequence[str]) -> None:
-        self.column = column
-        self.values = list(values)
-
-
-def among(column: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bool]:
-    return _Among(column, values)
-
-
-@compiles(_Among, "postgresql")
-def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
-    values = bindparam(None, element.values, type_=postgresql.ARRAY(String))
-    return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(values, **kw)})"
-
-
-@compiles(_Among)
-def _among_default(element: _Among, compiler: Any, **kw: Any) -> str:
-    values = bindparam(None, json.dumps(element.values), type_=String)
-    return (
-        f"{compiler.process(element.column, **kw)} IN "
-        f"(SELECT value FROM json_each({compiler.process(values, **kw)}))"
-    )
 
 
 def shard_of(account_id: str, shards: int) -> int:

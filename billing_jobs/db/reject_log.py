@@ -14,8 +14,8 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from billing_jobs.db.billing_tables import rejects
-from billing_jobs.db.reads import among
 from billing_jobs.db.source_tables import projects
+from billing_jobs.db.sql import among
 from billing_jobs.rules.rejects import (
     Examined,
     OpenReject,

@@ -9,7 +9,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -25,9 +24,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import charge_periods, rejects
-from billing_jobs.db.reads import Chunk, among, date_param, read_frame
+from billing_jobs.db.reads import date_param, read_frame
 from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
+from billing_jobs.db.sql import Chunk, among
+from billing_jobs.frames import pd
 from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month, day_from_number, day_number
 from billing_jobs.rules.invoice import STORAGE_FEE

@@ -16,11 +16,11 @@ from datetime import date, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Connection, Engine
 
 from billing_jobs.db import reads
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import (
     Month,
     day_bounds_utc,

@@ -13,7 +13,6 @@ from datetime import date, timedelta
 from fractions import Fraction
 from typing import Any, TextIO
 
-import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
 
 from billing_jobs.db.billing_tables import credit_entries, credit_lots, rejects
@@ -25,8 +24,10 @@ from billing_jobs.db.credit_reads import (
     read_top_ups,
     written_periods,
 )
-from billing_jobs.db.reads import Chunk, read_frame
 from billing_jobs.db.reads import day_number as sql_day_number
+from billing_jobs.db.reads import read_frame
+from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
 from billing_jobs.jobs.ledger import decide_codes, read_events, states_at, validate_top_ups
 from billing_jobs.jobs.warehouse import CENTS, DAY, STRING, UNITS, Field, Row, Rows, write_csv
 from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_midnight_utc

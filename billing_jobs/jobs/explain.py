@@ -15,12 +15,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import pandas as pd
 from sqlalchemy import Connection, Engine, inspect, select
 
 from billing_jobs.db.billing_tables import invoice_lines, invoices, month_closes
-from billing_jobs.db.reads import Chunk
 from billing_jobs.db.source_tables import projects
+from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import compute_chunk, source_rejects, waiver_threshold_units
 from billing_jobs.rules.calendar import Month, day_number, local_midnight_utc
 from billing_jobs.rules.cloud_fee import published_days

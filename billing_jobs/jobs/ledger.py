@@ -25,10 +25,9 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import structlog
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
+from billing_jobs import logs
 from billing_jobs.db.billing_tables import (
     credit_balances,
     credit_entries,
@@ -60,10 +59,11 @@ from billing_jobs.db.credit_reads import (
     read_written_refunds,
     written_periods,
 )
-from billing_jobs.db.reads import Chunk, among
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import refund_requests, top_ups
+from billing_jobs.db.sql import Chunk, among
 from billing_jobs.db.writes import bulk_insert, record_rejects
+from billing_jobs.frames import pd
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.rules.calendar import (
@@ -94,7 +94,7 @@ from billing_jobs.rules.credits import (
 from billing_jobs.rules.rejects import Examined
 from billing_jobs.settings import Settings
 
-log = structlog.get_logger("billing_jobs.ledger")
+log = logs.named("billing_jobs.ledger")
 
 
 @contextmanager

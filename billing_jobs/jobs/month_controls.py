@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, cast, func, select
 
 from billing_jobs.db.billing_tables import invoice_lines, invoices, month_closes, month_holds
 from billing_jobs.db.reads import read_frame
+from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
 from billing_jobs.settings import LOOK_BACK_KEYS, Settings

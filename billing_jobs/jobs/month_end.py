@@ -23,7 +23,6 @@ from datetime import date
 from functools import partial
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, select, update
 
 from billing_jobs.db.billing_tables import (
@@ -35,10 +34,12 @@ from billing_jobs.db.billing_tables import (
     month_holds,
     month_shards,
 )
-from billing_jobs.db.reads import Chunk, Shard, accounts_charged, plan_chunks, read_frame
+from billing_jobs.db.reads import Shard, accounts_charged, plan_chunks, read_frame
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
+from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import Window, analyze, bulk_insert, insert_ignore, record_rejects, sync_charges
+from billing_jobs.frames import pd
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
     ChunkResult,

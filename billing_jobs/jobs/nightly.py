@@ -17,14 +17,15 @@ from datetime import date, timedelta
 from functools import partial
 from itertools import groupby
 
-import pandas as pd
 from sqlalchemy import Connection, Engine, inspect, select
 
 from billing_jobs.db.billing_tables import billed_days, charge_periods
-from billing_jobs.db.reads import Chunk, accounts_charged, plan_chunks
+from billing_jobs.db.reads import accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
+from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import Window, analyze, insert_ignore, record_rejects, sync_charges
+from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks

@@ -43,7 +43,6 @@ from datetime import date, timedelta
 from functools import partial
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, case, cast, func, select
 
 from billing_jobs.db.billing_tables import (
@@ -61,7 +60,10 @@ from billing_jobs.db.credit_reads import (
     written_periods,
 )
 from billing_jobs.db.lock import WRITER_LOCK, read_holders
-from billing_jobs.db.reads import Chunk, plan_chunks, read_frame
+from billing_jobs.db.reads import plan_chunks, read_frame
+from billing_jobs.db.reconcile_log import BUSY, DIFFERS, OK
+from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import compute_chunk
 from billing_jobs.jobs.ledger import account_chunks, compute_chunk_ledger, decide_codes
 from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
@@ -79,7 +81,6 @@ from billing_jobs.rules.reconcile import (
 )
 
 RECONCILE_LOCK = "billing-reconcile"
-OK, DIFFERS, BUSY = "ok", "differs", "busy"
 ATTEMPTS = 3
 log = get_logger()
 
@@ -336,16 +337,3 @@ def _record(conn: Connection, *, run: Run, checks: Sequence[MonthCheck]) -> None
             for c in checks
         ],
     )
-
-
-def latest_reconciles(conn: Connection) -> dict[str, Any]:
-    """Each closed month's latest finished check (ok or differs; busy ones are passed
-    over): period -> its month_reconciles row."""
-    mr = month_reconciles.c
-    rows = conn.execute(
-        select(month_reconciles)
-        .join(month_closes, month_closes.c.period == mr.period)
-        .where(mr.status.in_([OK, DIFFERS]))
-        .order_by(mr.period, mr.checked_at, mr.run_id)
-    )
-    return {row.period: row for row in rows}

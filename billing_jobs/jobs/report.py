@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import BigInteger, Connection, Engine, cast, func, inspect, select
 
 from billing_jobs.db import reads
@@ -28,6 +27,7 @@ from billing_jobs.db.billing_tables import (
     month_closes,
     rejects,
 )
+from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import storage_rules
 from billing_jobs.jobs.credits import REPORT_COLUMNS, month_report
 from billing_jobs.jobs.month_controls import changes, pinned

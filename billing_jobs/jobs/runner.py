@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import Connection, Engine, insert, update
 
 from billing_jobs import __version__
 from billing_jobs.db.billing_tables import billing_runs
 from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
 from billing_jobs.faults import Faults, label_of, plan_for
+from billing_jobs.frames import pd
 from billing_jobs.logs import get_logger
 from billing_jobs.redact import scrub
 from billing_jobs.settings import Settings

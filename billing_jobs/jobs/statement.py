@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Engine, inspect, select
 
 from billing_jobs.db.billing_tables import invoices, month_closes
-from billing_jobs.db.reads import Chunk
 from billing_jobs.db.source_tables import accounts, projects
+from billing_jobs.db.sql import Chunk
 from billing_jobs.jobs.compute import compute_chunk, waiver_threshold_units
 from billing_jobs.jobs.credits import (
     REPORT_COLUMNS,

@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, func, inspect, select
 
+from billing_jobs import defaults
 from billing_jobs.db.billing_tables import (
     billed_days,
     billing_locks,
@@ -46,7 +47,7 @@ from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.money import format_units
 from billing_jobs.settings import Settings
 
-JOBS = ("nightly", "month-end", "reconcile")
+JOBS = defaults.JOBS
 ABANDONED = "abandoned"
 RUNNING = "running"
 FAILED = "failed"
@@ -486,7 +487,7 @@ def _reconcile_differs(conn: Connection) -> list[ReconcileFinding]:
     """Closed months whose latest reconcile differs (none before the table exists)."""
     if "month_reconciles" not in inspect(conn).get_table_names():
         return []
-    from billing_jobs.jobs.reconcile import DIFFERS, latest_reconciles
+    from billing_jobs.db.reconcile_log import DIFFERS, latest_reconciles
 
     return [
         ReconcileFinding(p, r.run_id, _ts(r.checked_at), int(r.differences), int(r.difference_units))

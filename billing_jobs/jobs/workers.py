@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from billing_jobs import lifeline, logs
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.lock import Lease, process_alive, process_key
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.sql import Chunk
 from billing_jobs.faults import WORKER, FaultPlan, Faults
 from billing_jobs.jobs.runner import Run
 from billing_jobs.settings import Settings

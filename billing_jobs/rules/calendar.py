@@ -11,14 +11,17 @@ from __future__ import annotations
 import calendar as _cal
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-import numpy as np
-import numpy.typing as npt
-import pandas as pd
+if TYPE_CHECKING:  # numpy and pandas only where whole columns are computed (start-up time)
+    import numpy as np
+    import numpy.typing as npt
+    import pandas as pd
+
+    IntArray = npt.NDArray[np.int64]
 
 EPOCH = date(1970, 1, 1)
-IntArray = npt.NDArray[np.int64]
 
 
 def day_number(d: date) -> int:
@@ -82,6 +85,8 @@ def add_months(d: date, months: int) -> date:
 
 def add_months_days(days: IntArray, months: int) -> IntArray:
     """`add_months` over a whole column of day numbers."""
+    import numpy as np
+
     dt = np.asarray(days, dtype="int64").astype("datetime64[D]")
     month_start = dt.astype("datetime64[M]")
     day_of_month = (dt - month_start.astype("datetime64[D]")).astype(np.int64)
@@ -108,6 +113,10 @@ def day_bounds_utc(first: date, last: date, zone: ZoneInfo) -> tuple[datetime, d
 
 def local_day_numbers(utc: pd.Series | pd.DatetimeIndex, zone: ZoneInfo) -> IntArray:
     """Billing day number of each naive UTC instant (vectorized)."""
+    import numpy as np
+
+    from billing_jobs.frames import pd
+
     index = pd.DatetimeIndex(utc)
     local = index.tz_localize("UTC").tz_convert(zone).tz_localize(None)
     return np.asarray(local.values.astype("datetime64[D]").astype(np.int64), dtype=np.int64)
@@ -119,5 +128,7 @@ def local_day_numbers_before(utc: pd.Series | pd.DatetimeIndex, zone: ZoneInfo) 
     For the end of a half-open interval: an interval ending exactly at local
     midnight does not touch the day that midnight starts.
     """
+    from billing_jobs.frames import pd
+
     index = pd.DatetimeIndex(utc) - pd.Timedelta(microseconds=1)
     return local_day_numbers(index, zone)

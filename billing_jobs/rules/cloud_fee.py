@@ -6,8 +6,8 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import pandas as pd
 
+from billing_jobs.frames import pd
 from billing_jobs.rules.money import round_half_up_units
 from billing_jobs.rules.storage_fee import active_days
 

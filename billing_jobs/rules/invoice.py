@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import numpy as np
-import pandas as pd
 
+from billing_jobs.frames import pd
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_decimal
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+
+from billing_jobs.frames import pd
 
 ACTIVE, ARCHIVED, DELETED = 0, 1, 2
 EVENT_KINDS = ("archived", "restored", "deleted", "published", "unpublished")

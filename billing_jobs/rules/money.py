@@ -9,16 +9,18 @@ rule, half up (away from zero) to four decimals, lives in `round_half_up_units`.
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy only where whole columns are computed (start-up time)
+    import numpy as np
+    import numpy.typing as npt
+
+    IntArray = npt.NDArray[np.int64]
 
 MAX_FRACTION_DIGITS = 4
 UNITS_PER_CREDIT = 10**MAX_FRACTION_DIGITS
 _QUANTUM = Decimal(1).scaleb(-MAX_FRACTION_DIGITS)
 _INT64_SAFE = 2**62
-
-IntArray = npt.NDArray[np.int64]
 
 
 def to_units(value: Decimal | int | str) -> int:
@@ -72,6 +74,8 @@ def round_half_up_units(quantity_units: IntArray, price: Decimal) -> IntArray:
     `quantity_units` are units of 1/10,000 of the measured quantity; the result is
     units of 1/10,000 credit: exactly round_half_up(quantity * price, 4).
     """
+    import numpy as np
+
     num, den = price_fraction(price)
     q = np.asarray(quantity_units, dtype=np.int64)
     largest = int(np.abs(q).max()) if q.size else 0

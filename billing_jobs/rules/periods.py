@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
+from billing_jobs.frames import pd
 from billing_jobs.rules.invoice import STORAGE_FEE
 
 VALUES = ["account_id", "quantity_units", "amount_units"]

@@ -19,8 +19,8 @@ in, a frame out.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
+from billing_jobs.frames import pd
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.invoice import KEY, LINE_ORDER, STORAGE_FEE
 

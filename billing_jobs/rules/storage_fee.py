@@ -18,8 +18,8 @@ from datetime import date
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import pandas as pd
 
+from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import (
     Month,
     add_months_days,

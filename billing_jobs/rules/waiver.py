@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+
+from billing_jobs.frames import pd
 
 
 def waiver_refunds(

@@ -26,7 +26,7 @@ from billing_jobs.db.credit_reads import (
     read_entry_sums,
     read_lot_states,
 )
-from billing_jobs.db.reads import Chunk
+from billing_jobs.db.sql import Chunk
 from billing_jobs.rules.calendar import Month, day_number
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pandas as pd
 import sqlalchemy as sa
 from alembic import op
 
@@ -24,6 +23,7 @@ from billing_jobs import faults
 from billing_jobs.db.billing_tables import charge_periods
 from billing_jobs.db.reads import day_number, read_frame
 from billing_jobs.db.writes import bulk_insert
+from billing_jobs.frames import pd
 from billing_jobs.rules import periods
 
 revision = "0013"
