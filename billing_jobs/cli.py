@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from billing_jobs.settings import Settings
 
 EX_USAGE = 2
+_db_url: list[str | None] = [None]  # the command's database, for the line of a failure to connect
 EX_TEMPFAIL = 75
 
 
@@ -241,6 +242,7 @@ def cli(click_ctx: click.Context, db_url: str, config: str | None, log_level: st
     Results go to stdout, logs to stderr (JSON when stderr is not a terminal).
     """
     logs.configure(log_level)
+    _db_url[0] = db_url
     click_ctx.obj = Context(db_url=db_url, config=config)
     click_ctx.call_on_close(click_ctx.obj.close)
     if click_ctx.invoked_subcommand is not None and "--help" not in sys.argv and "-h" not in sys.argv:
@@ -569,36 +571,94 @@ def export(ctx: Context, month_text: str, output: str | None, fmt: str, headers:
 @click.option(
     "--as-of",
     "as_of",
-    default="2026-10-31",
-    show_default=True,
+    default=None,
     metavar="YYYY-MM-DD",
-    help="Last day of generated activity.",
+    help="Last day of generated activity. Default: yesterday (billing timezone).",
 )
 @click.option("--fresh", is_flag=True, help="Delete the SQLite database file first (SQLite only).")
+@click.option(
+    "--bare",
+    is_flag=True,
+    help="Only the source data: close no month and bill no day (to run the jobs yourself).",
+)
 @click.pass_obj
-def demo(ctx: Context, accounts: int, seed: int, as_of: str, fresh: bool) -> None:
-    """Create the source tables and fill them with realistic demo data."""
+def demo(ctx: Context, accounts: int, seed: int, as_of: str | None, fresh: bool, bare: bool) -> None:
+    """Create the source tables, fill them with realistic demo data, and run the jobs
+    as the scheduler would have: every month before the last one closed (credits
+    ledger included), every day of the last one billed up to --as-of."""
     from billing_jobs.db.engine import upgrade
     from billing_jobs.demo import generate_demo
 
     url = ctx.engine.url
+    last = _parse_date(as_of) if as_of is not None else yesterday_in(ctx.settings, utcnow())
     if fresh:
         if url.get_backend_name() != "sqlite" or not url.database:
             raise click.UsageError("--fresh only deletes a SQLite database file")
         ctx.engine.dispose()
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(url.database + suffix).unlink(missing_ok=True)
-    summary = generate_demo(ctx.engine, seed=seed, accounts=accounts, as_of=_parse_date(as_of))
+    try:
+        summary = generate_demo(ctx.engine, seed=seed, accounts=accounts, as_of=last)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     upgrade(ctx.engine)
-    click.echo(f"demo data written to {url.render_as_string(hide_password=True)}:")
+    click.echo(f"demo data written to {url.render_as_string(hide_password=True)}, activity up to {last}:")
     for name, value in summary.counts().items():
         click.echo(f"  {name}: {value:,} rows")
     click.echo(f"  deliberately bad rows (to be rejected): {len(summary.bad_rows)}")
     click.echo(f"  deliberately bad top-ups (to be rejected): {len(summary.bad_top_ups)}")
+    shown = Month.of(last).previous()
+    if bare:
+        click.echo(
+            f"next: billing-jobs month-end --month {shown} && billing-jobs export --month {shown} "
+            f"&& billing-jobs credits report --month {shown}"
+        )
+        return
+    closed, billed = _run_as_scheduled(ctx, last)
+    click.echo(f"months closed, credits ledger included: {closed}")
+    click.echo(f"days billed by the nightly job: {billed}")
     click.echo(
-        "next: billing-jobs month-end --month 2026-10 && billing-jobs export --month 2026-10 "
-        "&& billing-jobs credits report --month 2026-10"
+        f"next: billing-jobs status && billing-jobs export --month {shown} "
+        f"&& billing-jobs credits report --month {shown}"
     )
+
+
+def _run_as_scheduled(ctx: Context, last: date) -> tuple[str, str]:
+    """The jobs the scheduler would have run by the day after `last`, in this process:
+    month-end of every month from the effective date's up to the one before `last`'s,
+    then the nightly job for each day of `last`'s month up to `last`. Their output is
+    kept back unless one fails (then it is printed, and the demo fails)."""
+    import contextlib
+    import io
+
+    from billing_jobs.scheduler import inprocess_runner
+
+    settings = ctx.settings
+    run = inprocess_runner(ctx.db_url, ctx.config, log_level="ERROR")
+    month, final = Month.of(settings.effective_from), Month.of(last)
+    jobs: list[list[str]] = []
+    closed: list[Month] = []
+    while month < final:
+        jobs.append(["month-end", "--month", str(month)])
+        closed.append(month)
+        month = month.next()
+    first = max(final.first_day, settings.effective_from)
+    if last == yesterday_in(settings, utcnow()):
+        jobs.append(["nightly"])  # every unbilled day up to yesterday
+    else:
+        jobs += [
+            ["nightly", "--date", str(first + timedelta(days=n))] for n in range((last - first).days + 1)
+        ]
+    for argv in jobs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = run(argv)
+        if code != 0:
+            click.echo(out.getvalue(), nl=False)
+            _fail(f"demo: `billing-jobs {' '.join(argv)}` failed (exit {code})", code)
+    span = f"{closed[0]}..{closed[-1]}" if closed else "none"
+    days = f"{first}..{last}" if first <= last else "none"
+    return span, days
 
 
 register_commands(cli)
@@ -650,6 +710,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except click.ClickException as exc:
         _fail(f"error: {exc.format_message()}", exc.exit_code)
     except Exception as exc:
+        from billing_jobs.db.failures import connection_failure, missing_table
+
+        line = connection_failure(exc, _db_url[0]) or missing_table(exc)
+        if line is not None:
+            logs.get_logger().debug("command.failed", exc_info=True)  # the traceback: --log-level DEBUG
+            _fail(f"error: {line}", 1)
         logs.get_logger().exception("command.failed")
         first_line = (str(exc).strip().splitlines() or [""])[0]
         _fail(f"failed: {type(exc).__name__}: {first_line}", 1)
