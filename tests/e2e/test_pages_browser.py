@@ -43,7 +43,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     where = tmp_path_factory.mktemp("pages")
     db_url = f"sqlite:///{where / 'demo.db'}"
     for args in (
-        ("demo", "--accounts", "6"),
+        ("demo", "--accounts", "6", "--as-of", "2026-10-31", "--bare"),
         ("month-end", "--month", "2026-09"),
         ("month-end", "--month", MONTH),
         ("report", "--month", MONTH, "--output", str(where / "report.html")),

@@ -63,7 +63,7 @@ def _load(db_url: str, tmp_path: Path) -> str:
         target = Path(db_url.removeprefix("sqlite:///"))
         shutil.copyfile(path, target)
         return db_url
-    demo = run_cli(db_url, "demo", "--accounts", "8")
+    demo = run_cli(db_url, "demo", "--accounts", "8", "--as-of", "2026-10-31", "--bare")
     assert demo.code == 0, demo.stderr
     source = sa.create_engine(f"sqlite:///{path}")
     target_engine = make_engine(db_url)
