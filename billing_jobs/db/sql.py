@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, String, bindparam, literal
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 
 
@@ -56,6 +55,8 @@ def among(column: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bo
 
 @compiles(_Among, "postgresql")
 def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
+    from sqlalchemy.dialects import postgresql  # not at import: it loads asyncio (start-up time)
+
     values = bindparam(None, element.values, type_=postgresql.ARRAY(String))
     return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(values, **kw)})"
 
