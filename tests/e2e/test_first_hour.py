@@ -51,6 +51,24 @@ def test_help_imports_no_database_settings_or_log_library() -> None:
     assert _imported_by(code) == []
 
 
+def test_a_status_probe_with_the_built_in_settings_imports_no_heavy_library(tmp_path: Path) -> None:
+    """`status` needs SQLAlchemy, not the data-frame, migration or settings-schema
+    libraries (the built-in defaults are not validated again)."""
+    url = f"sqlite:///{tmp_path / 'billing.db'}"
+    assert run_cli(url, "db", "upgrade").code == 0
+    code = (
+        "import contextlib, io, os\n"
+        "os.environ.pop('BILLING_CONFIG', None)\n"
+        "from billing_jobs.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        main(['--db-url', {url!r}, 'status'])\n"
+        "    except SystemExit:\n"
+        "        pass"
+    )
+    assert [m for m in _imported_by(code) if m not in ("sqlalchemy",)] == []
+
+
 def test_the_schema_head_the_command_line_checks_is_the_migrations_head() -> None:
     from alembic.script import ScriptDirectory
 
