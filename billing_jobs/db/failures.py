@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 POSTGRESQL_PORT = 5432
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE
+LOGIN_REFUSED = ("password", "authentication", "not permitted to log in")
 
 
 def connection_failure(exc: BaseException, url: str | None) -> str | None:
@@ -36,10 +37,8 @@ def connection_failure(exc: BaseException, url: str | None) -> str | None:
     lowered = detail.lower()
     if f'database "{(parsed.database or "").lower()}" does not exist' in lowered:
         advice = "the server has no such database: create it, or fix the database name of --db-url"
-    elif (
-        "password" in lowered
-        or "authentication" in lowered
-        or ("role" in lowered and "does not exist" in lowered)
+    elif any(word in lowered for word in LOGIN_REFUSED) or (
+        "role" in lowered and "does not exist" in lowered
     ):
         advice = "the server refused the login: check the user and password of --db-url (env BILLING_DB_URL)"
     else:
