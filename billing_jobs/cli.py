@@ -590,7 +590,13 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str | None, fresh: bool,
     from billing_jobs.demo import generate_demo
 
     url = ctx.engine.url
-    last = _parse_date(as_of) if as_of is not None else yesterday_in(ctx.settings, utcnow())
+    yesterday = yesterday_in(ctx.settings, utcnow())
+    last = _parse_date(as_of) if as_of is not None else yesterday
+    if last > yesterday and not bare:
+        raise click.UsageError(
+            f"--as-of {last} is after yesterday ({yesterday}): the jobs bill only days that have ended; "
+            "add --bare for the data alone"
+        )
     if fresh:
         if url.get_backend_name() != "sqlite" or not url.database:
             raise click.UsageError("--fresh only deletes a SQLite database file")

@@ -153,6 +153,15 @@ def test_the_bare_demo_writes_only_the_source_data(db_url: str) -> None:
         assert run_cli(db_url, "status").code == 1  # months not closed, days not billed
 
 
+def test_a_demo_as_of_a_day_not_ended_is_refused_unless_bare(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'billing.db'}"
+    with time_machine.travel("2026-11-15 12:00Z", tick=False):
+        refused = run_cli(url, "demo", "--accounts", "4", "--as-of", "2026-11-15")
+        assert refused.code == 2, refused.stderr
+        assert "after yesterday (2026-11-14)" in refused.stderr
+        assert run_cli(url, "demo", "--accounts", "4", "--as-of", "2026-11-15", "--bare").code == 0
+
+
 def test_a_demo_as_of_an_earlier_day_closes_and_bills_up_to_it(db_url: str) -> None:
     with time_machine.travel("2026-11-15 12:00Z", tick=False):
         demo = run_cli(db_url, "demo", "--accounts", "4", "--as-of", "2026-10-03")
