@@ -620,7 +620,7 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str | None, fresh: bool,
             f"&& billing-jobs credits report --month {shown}"
         )
         return
-    closed, billed = _run_as_scheduled(ctx, last)
+    closed, billed = _run_as_scheduled(ctx, last, yesterday)
     click.echo(f"months closed, credits ledger included: {closed}")
     click.echo(f"days billed by the nightly job: {billed}")
     click.echo(
@@ -629,7 +629,7 @@ def demo(ctx: Context, accounts: int, seed: int, as_of: str | None, fresh: bool,
     )
 
 
-def _run_as_scheduled(ctx: Context, last: date) -> tuple[str, str]:
+def _run_as_scheduled(ctx: Context, last: date, yesterday: date) -> tuple[str, str]:
     """The jobs the scheduler would have run by the day after `last`, in this process:
     month-end of every month from the effective date's up to the one before `last`'s,
     then the nightly job for each day of `last`'s month up to `last`. Their output is
@@ -649,7 +649,7 @@ def _run_as_scheduled(ctx: Context, last: date) -> tuple[str, str]:
         closed.append(month)
         month = month.next()
     first = max(final.first_day, settings.effective_from)
-    if last == yesterday_in(settings, utcnow()):
+    if last == yesterday:
         jobs.append(["nightly"])  # every unbilled day up to yesterday
     else:
         jobs += [

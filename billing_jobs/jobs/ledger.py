@@ -1131,19 +1131,11 @@ def _sync_lot_states(
             )
     if last != month.last_day or not chunk.accounts:
         return
-    end = day_number(month.last_day)
-    stored = {
-        r.account_id
-        for r in conn.execute(
-            select(st.account_id).where(
-                among(st.account_id, list(chunk.accounts)), st.period == str(month), st.lot_id == ""
-            )
-        )
-    }
+    states, stored = read_lot_states(conn, chunk, day_number(month.last_day))
     missing = tuple(a for a in chunk.accounts if a not in stored)
     if not missing:
         return
-    states, _ = read_lot_states(conn, Chunk(missing), end)
+    states = states[states["account_id"].isin(missing)]
     with_arrears = set(states.loc[states["lot_id"] == "", "account_id"])
     markers = pd.DataFrame(
         {
