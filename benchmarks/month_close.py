@@ -106,6 +106,7 @@ class Step:
     peak_rss_mib: float | None
     ledger_seconds: float | None = None  # of which the credits ledger (month-end)
     ledger_phases: dict[str, float] = field(default_factory=dict)  # summed over its chunks
+    charge_phases: dict[str, float] = field(default_factory=dict)  # the charges' chunks, summed
     counts: dict[str, Any] = field(default_factory=dict)  # the run summary's
 
 
@@ -157,7 +158,7 @@ def _rss_kib(pid: int) -> int:
 
 def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
     """Run `billing-jobs ARGS` as its own process; wall time, rows written, peak RSS."""
-    level = "DEBUG" if args[0] == "month-end" else "INFO"  # DEBUG: the ledger chunks' phases
+    level = "DEBUG" if args[0] in ("month-end", "nightly") else "INFO"  # DEBUG: the chunks' phases
     argv = [sys.executable, "-m", "billing_jobs", "--db-url", url, "--log-level", level, *args]
     if args[0] in ("nightly", "month-end"):
         argv += ["--workers", str(workers), "--projects-per-chunk", str(chunk)]
@@ -179,11 +180,14 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
     counts: dict[str, Any] = {}
     ledger_seconds = None
     phases: dict[str, float] = {}
+    charge_phases: dict[str, float] = {}
     for line in log.splitlines():
-        if '"ledger.chunk"' in line:
-            for key, value in json.loads(line).items():
-                if key.endswith("_seconds"):
-                    phases[key.removesuffix("_seconds")] = phases.get(key.removesuffix("_seconds"), 0) + value
+        for event, summed in (('"ledger.chunk"', phases), ('"charges.chunk"', charge_phases)):
+            if event in line:
+                for key, value in json.loads(line).items():
+                    if key.endswith("_seconds"):
+                        name = key.removesuffix("_seconds")
+                        summed[name] = summed.get(name, 0) + value
         if '"run.summary"' in line:
             counts = json.loads(line)
         if '"ledger.done"' in line:
@@ -193,7 +197,9 @@ def command(url: str, *args: str, workers: int = 1, chunk: int = 1) -> Step:
         if args[0] == "export"
         else int(counts.get("rows_inserted", 0)) + int(counts.get("invoice_lines", 0))
     )
-    return Step(" ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases, counts)
+    return Step(
+        " ".join(args), seconds, rows, memory.peak_kib / 1024, ledger_seconds, phases, charge_phases, counts
+    )
 
 
 def rows_stored(engine: Engine, projects: int) -> None:
@@ -351,6 +357,9 @@ def main() -> None:
             rss = f"{step.peak_rss_mib:7.0f} MiB" if step.peak_rss_mib is not None else "          -"
             rate = step.rows / step.seconds if step.seconds else 0.0
             print(f"  {step.label:<44} {step.seconds:8.1f} s {rate:12,.0f} rows/s {rss}", flush=True)
+            if step.charge_phases:
+                phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(step.charge_phases.items()))
+                print(f"    the charges' chunks' phases (summed over the workers): {phases}", flush=True)
             if step.ledger_seconds is not None:
                 print(f"    of which the credits ledger {step.ledger_seconds:17.1f} s", flush=True)
                 phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(step.ledger_phases.items()))

@@ -413,30 +413,56 @@ def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
 
 
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
-    """Usable cloud rows of the chunk summed per (project_id, day, metric): quantity_units.
+    """Usable cloud rows of the chunk's projects summed per (project_id, day, metric):
+    project_id, day, metric, quantity_units.
 
-    Also carries each row's account_id, so a frame read for many chunks can be split.
+    One row comes back per project and metric, its days and quantities as one text of
+    `day quantity` pairs that numpy turns into columns: a chunk's published projects
+    have a row per metric and day, and a row object per day cost more than the sum
+    itself. The projects are named through the chunk's accounts in a subquery, so
+    both back ends read the usage in the index's project order and group it as it
+    comes, with no sort.
     """
     c = cloud_usage.c
-    stmt = (
+    in_chunk = select(projects.c.project_id).where(chunk.clause(projects.c.account_id))
+    days = (
         select(
             c.project_id,
-            projects.c.account_id,
-            day_number(conn, c.usage_date).label("day"),
             c.metric,
+            day_number(conn, c.usage_date).label("day"),
             summed_units(conn, c.quantity, None).label("quantity_units"),
         )
-        .join(projects, projects.c.project_id == c.project_id)
         .where(
-            chunk.clause(projects.c.account_id),
+            c.project_id.in_(in_chunk),
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
             c.metric.in_(list(LINE_TYPES)),
             usable_amount(c.quantity, signed=False),
         )
-        .group_by(c.project_id, projects.c.account_id, raw(conn, c.usage_date), c.metric)
+        .group_by(c.project_id, raw(conn, c.usage_date), c.metric)
+        .subquery()
     )
-    return read_frame(conn, stmt, ints=["day", "quantity_units"], aggregate=True)
+    pair = cast(days.c.day, String) + literal(" ") + cast(days.c.quantity_units, String)
+    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
+    stmt = select(
+        days.c.project_id,
+        days.c.metric,
+        func.count().label("days"),
+        joined(pair, literal(" ")).label("pairs"),
+    ).group_by(days.c.project_id, days.c.metric)
+    groups = read_frame(conn, stmt, ints=["days"], aggregate=True)
+    counts = groups["days"].to_numpy(dtype=np.int64)
+    values = np.array(" ".join(groups["pairs"]).split(), dtype=np.int64).reshape(-1, 2)
+    if len(values) != counts.sum():
+        raise AssertionError(f"cloud usage pairs: {len(values)} read, {counts.sum()} counted")
+    return pd.DataFrame(
+        {
+            "project_id": np.repeat(groups["project_id"].to_numpy(dtype=object), counts),
+            "day": values[:, 0],
+            "metric": np.repeat(groups["metric"].to_numpy(dtype=object), counts),
+            "quantity_units": values[:, 1],
+        }
+    )
 
 
 def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:

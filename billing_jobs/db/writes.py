@@ -29,6 +29,7 @@ from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
 from billing_jobs.db.sql import Chunk, among
 from billing_jobs.frames import pd
+from billing_jobs.phases import phase
 from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month, day_from_number, day_number
 from billing_jobs.rules.invoice import STORAGE_FEE
@@ -227,27 +228,28 @@ def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: da
 
 def sync_charges(
     conn: Connection,
-    truth: pd.DataFrame,
+    wanted: pd.DataFrame,
     window: Window,
     chunk: Chunk,
     *,
     run_id: str,
     now: datetime,
+    phases: dict[str, float] | None = None,
 ) -> tuple[int, int]:
-    """Make the stored charges of the chunk say exactly `truth` inside `window`.
+    """Make the stored charges of the chunk say exactly `wanted` inside `window`.
 
-    truth: the daily charges the rules give (project_id, account_id, charge_type, day,
-    quantity_units, amount_units) inside the window, for every project of the chunk's
-    accounts. The stored periods the window can change (the chunk's accounts', and any
-    account's of the truth's projects) are read; the change that keeps what lies
-    outside the window and holds the truth inside it, in canonical form, is computed
+    wanted: the daily charges the rules give inside the window, for every project of
+    the chunk's accounts, in their canonical periods (`rules.periods.from_days`, done
+    by the caller before its write transaction: it is the chunk's work, not the
+    write's). The stored periods the window can change (the chunk's accounts', and any
+    account's of its projects) are read; the change that keeps what lies
+    outside the window and holds `wanted` inside it, in canonical form, is computed
     (`rules.periods.change`) and written: the periods it no longer holds deleted, the
     new ones inserted. Over unchanged data the change is empty and nothing is written;
     every day is compared, so any difference is corrected.
 
-    Returns (periods written, periods deleted).
+    Returns (periods written, periods deleted). phases: `billing_jobs.phases`.
     """
-    wanted = periods.from_days(truth)
     if len(wanted):
         lo, hi = window.bounds(wanted["charge_type"])
         f, e = wanted["first_day"].to_numpy(), wanted["last_day"].to_numpy()
@@ -255,10 +257,12 @@ def sync_charges(
             raise ValueError("a charge lies outside the days the run decides")
     if Month.of(window.first) != Month.of(window.through):
         raise ValueError("a run of charges spans more than one month")
-    projects = pd.unique(truth["project_id"]).tolist() if len(truth) else []
-    stored = read_periods(conn, chunk, projects, window.first, window.through)
-    lo, hi = window.bounds(stored["charge_type"])
-    diff = periods.change(stored, wanted, lo, hi)
+    projects = pd.unique(wanted["project_id"]).tolist() if len(wanted) else []
+    with phase(phases, "stored_read"):
+        stored = read_periods(conn, chunk, projects, window.first, window.through)
+    with phase(phases, "diff"):
+        lo, hi = window.bounds(stored["charge_type"])
+        diff = periods.change(stored, wanted, lo, hi)
     if diff.empty:
         return 0, 0
     deleted = 0

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine
 from billing_jobs.db import reads
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
+from billing_jobs.phases import phase, rest
 from billing_jobs.rules.calendar import (
     Month,
     day_bounds_utc,
@@ -85,6 +86,7 @@ def compute_chunk(
     last: date | None = None,
     whole_month: bool = True,
     storage_last: date | None = None,
+    phases: dict[str, float] | None = None,
 ) -> ChunkResult:
     """Recompute billing for the chunk's projects from the source tables.
 
@@ -94,14 +96,31 @@ def compute_chunk(
     charges are returned for `first..last` (default: the month), the storage fee's
     for `first..storage_last` when that is later (what the lifecycle known now gives
     the days not billed yet). With `whole_month`, compute totals, waiver refunds and
-    invoice lines too.
+    invoice lines too. phases: where the time goes (`billing_jobs.phases`): the reads,
+    and "rules" for the rest.
     """
+    with rest(phases, "rules"):
+        return _compute_chunk(conn, settings, month, chunk, first, last, whole_month, storage_last, phases)
+
+
+def _compute_chunk(
+    conn: Connection,
+    settings: Settings,
+    month: Month,
+    chunk: Chunk,
+    first: date | None,
+    last: date | None,
+    whole_month: bool,
+    storage_last: date | None,
+    phases: dict[str, float] | None,
+) -> ChunkResult:
     settings = settings.for_month(month.first_day)  # prices and promotions in force that month
     zone = ZoneInfo(settings.timezone)
     first = first or month.first_day
     last = last or month.last_day
-    projects = reads.read_projects(conn, chunk)
-    events = reads.read_events(conn, chunk)
+    with phase(phases, "read"):
+        projects = reads.read_projects(conn, chunk)
+        events = reads.read_events(conn, chunk)
     lifecycle = build_lifecycle(projects, events)
     intervals = lifecycle.intervals
     active = intervals.loc[intervals["state"] == "active"]
@@ -115,7 +134,8 @@ def compute_chunk(
     charged_ahead = charged.loc[(charged["day"] >= lo) & (charged["day"] <= stored_through)]
     charged = charged_ahead.loc[charged_ahead["day"] <= hi]
 
-    usage = reads.read_cloud_usage(conn, first, last, chunk)
+    with phase(phases, "cloud_read"):
+        usage = reads.read_cloud_usage(conn, first, last, chunk)
     pub_days = published_days(published, lo, hi, zone)
     cloud, not_billable = cloud_fees(usage, pub_days, rules.effective_day, settings.cloud_prices)
 
@@ -146,14 +166,16 @@ def compute_chunk(
 
     rejects = [_event_rejects(lifecycle.rejected, zone)]
     if len(not_billable):
-        rows = reads.read_cloud_rows(conn, not_billable, first, last)
+        with phase(phases, "cloud_read"):
+            rows = reads.read_cloud_rows(conn, not_billable, first, last)
         rows = rows.merge(not_billable, on=["project_id", "day", "metric"])
         rejects.append(_cloud_rejects(rows))
 
     compute = refunds = lines = None
     if whole_month:
         start, end = day_bounds_utc(month.first_day, month.last_day, zone)
-        compute = reads.read_compute_totals(conn, start, end, chunk)
+        with phase(phases, "compute_read"):
+            compute = reads.read_compute_totals(conn, start, end, chunk)
         # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
             charged.groupby("project_id", as_index=False)["amount_units"].sum()

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -66,6 +65,7 @@ from billing_jobs.db.writes import bulk_insert, record_rejects
 from billing_jobs.frames import pd
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.phases import log_chunk, phase
 from billing_jobs.rules.calendar import (
     Month,
     day_from_number,
@@ -95,17 +95,6 @@ from billing_jobs.rules.rejects import Examined
 from billing_jobs.settings import Settings
 
 log = logs.named("billing_jobs.ledger")
-
-
-@contextmanager
-def _phase(phases: dict[str, float] | None, name: str) -> Iterator[None]:
-    """Add the block's wall seconds to `phases[name]` (the chunk's log line)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        if phases is not None:
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
 
 
 ACCOUNTS_PER_CHUNK = 2_000  # at most, per chunk of the ledger
@@ -395,7 +384,7 @@ def read_events(
     requests = read_refund_requests(conn, end, chunk, start)
     requests["day"] = _day_of(requests["requested_at"], settings)
     effective = settings.effective_from
-    with _phase(phases, "compute_read"):
+    with phase(phases, "compute_read"):
         compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
     last_period = str(Month.of(through))
     first_period = None if settled is None else str(Month.of(settled).next())
@@ -478,7 +467,7 @@ def compute_chunk_ledger(
     window = None if cut is None else cut + timedelta(days=1)
     if window is None and settled is not None:
         window = settled + timedelta(days=1)
-    with _phase(phases, "read"):
+    with phase(phases, "read"):
         written_refunds = read_written_refunds(conn, chunk) if has_ledger else _no_refunds()
         source = read_events(
             conn,
@@ -503,15 +492,15 @@ def compute_chunk_ledger(
     kept = [pd.DataFrame(columns=columns)]
     settled_day = None if settled is None else day_number(settled)
     # The lots a replay from the settled periods' end can touch (all of them without).
-    with _phase(phases, "state_read"):
+    with phase(phases, "state_read"):
         stored = read_lots(conn, chunk, settled_day) if cut is not None or settled is not None else None
     if cut is not None and stored is not None:
         cut_day = day_number(cut)
-        with _phase(phases, "history_check"):
+        with phase(phases, "history_check"):
             changed = changed_accounts(
                 conn, settings, chunk, source, cut, stored, written_refunds, settled=settled
             )
-        with _phase(phases, "state_read"):
+        with phase(phases, "state_read"):
             starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
         kept.append(
             stored[
@@ -522,7 +511,7 @@ def compute_chunk_ledger(
         )
         if changed and settled != cut:
             first = settings.effective_from if settled is None else settled + timedelta(days=1)
-            with _phase(phases, "history_read"):
+            with phase(phases, "history_read"):
                 history = read_compute_per_day(conn, first, cut, settings.zone, Chunk(tuple(sorted(changed))))
             for account, day, amount in history.itertuples(index=False):
                 if account not in source.events:
@@ -533,7 +522,7 @@ def compute_chunk_ledger(
         kept.insert(0, stored[stored["valid_from"] <= settled_day][columns])
         if changed:
             whole = Chunk(tuple(sorted(changed)))
-            with _phase(phases, "state_read"):
+            with phase(phases, "state_read"):
                 settled_starts = states_at(
                     conn, whole, settled_day, stored[stored["account_id"].isin(changed)]
                 )
@@ -542,7 +531,7 @@ def compute_chunk_ledger(
     restore_lots: list[dict[str, Any]] = []
     balances: list[tuple[str, int, int]] = []
     cut_number = None if cut is None else day_number(cut)
-    with _phase(phases, "replay"):
+    with phase(phases, "replay"):
         for account in sorted(set(source.events) | set(starts) | set(settled_starts)):
             events = source.events.get(account, AccountEvents(account))
             # From the written state at the cut, at the settled periods' end, or whole.
@@ -996,7 +985,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
             settled=plan.settled,
             phases=phases,
         )
-        with _phase(phases, "written_read"):
+        with phase(phases, "written_read"):
             written = (
                 read_written_entries(
                     conn,
@@ -1009,7 +998,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
                 if plan.has_ledger
                 else pd.DataFrame()
             )
-    with _phase(phases, "diff"):
+    with phase(phases, "diff"):
         new = ledger_diff(truth.entries, written, plan.month, plan.written_through)
     seen = set(zip(truth.written_refunds["request_id"], truth.written_refunds["lot_id"], strict=True))
     refunds = (
@@ -1027,7 +1016,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
     run.count("refunds_written", len(refunds))
     run.count("accounts_replayed_whole", len(truth.changed))
     if not run.dry_run:
-        with _phase(phases, "write"):
+        with phase(phases, "write"):
             run.write(
                 _writer(
                     chunk,
@@ -1043,15 +1032,15 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
                     phases=phases,
                 )
             )
-    log.debug(
+    log_chunk(
+        log,
         "ledger.chunk",
-        chunk=chunk.index,
-        accounts=len(chunk.accounts or ()),
-        seconds=round(time.perf_counter() - started, 3),
+        chunk,
+        started,
+        phases,
         entries=len(new),
         replayed_whole=len(truth.changed),
         periods_read=plan.periods_read,
-        **{f"{k}_seconds": round(v, 3) for k, v in sorted(phases.items())},
     )
     return new, refunds, truth.rejects, truth.exceptions, truth.lots, truth.balances
 
@@ -1073,9 +1062,9 @@ def _writer(
     run_id, now = run.run_id, run.now
 
     def work(conn: Connection) -> None:
-        with _phase(phases, "write_inputs"):
+        with phase(phases, "write_inputs"):
             _sync_inputs(conn, chunk, truth, cut, settled)
-        with _phase(phases, "write_entries"):
+        with phase(phases, "write_entries"):
             if len(entries):
                 rows = entries.assign(run_id=run_id, recorded_at=now)
                 bulk_insert(conn, credit_entries, rows, date_columns=["day"])
@@ -1083,12 +1072,12 @@ def _writer(
                 bulk_insert(
                     conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
                 )
-        with _phase(phases, "write_lots"):
+        with phase(phases, "write_lots"):
             written, lots_changed = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
         run.count("lots_written", written)
-        with _phase(phases, "write_balances"):
+        with phase(phases, "write_balances"):
             _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
-        with _phase(phases, "write_states"):
+        with phase(phases, "write_states"):
             _sync_lot_states(conn, chunk, entries, lots_changed, month, last, written_through, run_id=run_id)
 
     return work

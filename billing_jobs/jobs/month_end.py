@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, select, update
 
+from billing_jobs import logs
 from billing_jobs.db.billing_tables import (
     billed_days,
     charge_periods,
@@ -53,6 +54,8 @@ from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
+from billing_jobs.phases import log_chunk, phase, rest
+from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 from billing_jobs.rules.rejects import Examined
@@ -633,13 +636,19 @@ def close_chunk(
     or in a dry run only computed) and the rows the rules rejected.
     """
     closed = kind == ADJUSTMENT
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
     with run.engine.connect() as conn:
-        result = compute_chunk(conn, run.settings, month, chunk, last=last)
-        invoiced = invoiced_lines(conn, month, chunk) if closed else None
-        sequences = _next_sequences(conn, month, chunk) if closed else {}
-    truth = result.lines if result.lines is not None else empty_lines()
-    lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
-    heads, lines = _invoices_for(lines, month, kind, sequences)
+        result = compute_chunk(conn, run.settings, month, chunk, last=last, phases=phases)
+        with phase(phases, "invoiced_read"):
+            invoiced = invoiced_lines(conn, month, chunk) if closed else None
+            sequences = _next_sequences(conn, month, chunk) if closed else {}
+    with phase(phases, "rules"):
+        truth = result.lines if result.lines is not None else empty_lines()
+        lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
+        heads, lines = _invoices_for(lines, month, kind, sequences)
+    with phase(phases, "periods"):
+        wanted = periods.from_days(result.charges)
     refunds = result.refunds if result.refunds is not None else pd.DataFrame()
     storage = result.charges["charge_type"] == "storage_fee"
     run.count("storage_charges", int(storage.sum()))
@@ -653,9 +662,21 @@ def close_chunk(
     run.count("invoice_lines", len(lines))
     if run.dry_run:
         return heads, lines, result.rejects
-    run.write(
-        partial(_write_chunk, run=run, month=month, result=result, chunk=chunk, heads=heads, lines=lines)
-    )
+    with rest(phases, "write"):
+        run.write(
+            partial(
+                _write_chunk,
+                run=run,
+                month=month,
+                result=result,
+                wanted=wanted,
+                chunk=chunk,
+                heads=heads,
+                lines=lines,
+                phases=phases,
+            )
+        )
+    log_chunk(logs.named("billing_jobs.charges"), "charges.chunk", chunk, started, phases)
     return heads.iloc[0:0], lines.iloc[0:0], result.rejects  # written: nothing to carry back
 
 
@@ -665,18 +686,21 @@ def _write_chunk(
     run: Run,
     month: Month,
     result: ChunkResult,
+    wanted: pd.DataFrame,
     chunk: Chunk,
     heads: pd.DataFrame,
     lines: pd.DataFrame,
+    phases: dict[str, float] | None = None,
 ) -> None:
     """One chunk's writes: stored charges corrected, rejects recorded, draft invoices."""
     inserted, deleted = sync_charges(
         conn,
-        result.charges,
+        wanted,
         Window.days(month.first_day, month.last_day),
         chunk,
         run_id=run.run_id,
         now=run.now,
+        phases=phases,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)

@@ -11,6 +11,7 @@ writes no storage row.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -19,6 +20,7 @@ from itertools import groupby
 
 from sqlalchemy import Connection, Engine, inspect, select
 
+from billing_jobs import logs
 from billing_jobs.db.billing_tables import billed_days, charge_periods
 from billing_jobs.db.reads import accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
@@ -29,6 +31,8 @@ from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.phases import log_chunk, phase, rest
+from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month, day_number
 from billing_jobs.rules.invoice import STORAGE_FEE
 from billing_jobs.rules.rejects import Examined
@@ -123,16 +127,19 @@ def _sync_chunk(
     *,
     run: Run,
     result: ChunkResult,
+    wanted: pd.DataFrame,
     chunk: Chunk,
     window: Window,
+    phases: dict[str, float] | None = None,
 ) -> None:
     inserted, deleted = sync_charges(
         conn,
-        result.charges,
+        wanted,
         window,
         chunk,
         run_id=run.run_id,
         now=run.now,
+        phases=phases,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)
@@ -155,6 +162,8 @@ def bill_chunk(
     Returns the charges (in a dry run; None otherwise) and the rows the rules rejected.
     """
     first, last = window.first, window.last
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
     with run.engine.connect() as conn:
         result = compute_chunk(
             conn,
@@ -165,6 +174,7 @@ def bill_chunk(
             last=last,
             whole_month=False,
             storage_last=window.storage_last,
+            phases=phases,
         )
     charges = result.charges.loc[result.charges["day"] <= day_number(last)]
     run.saw_rejects(result.rejects)
@@ -175,7 +185,15 @@ def bill_chunk(
     run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
     if run.dry_run:
         return charges, result.rejects
-    run.write(partial(_sync_chunk, run=run, result=result, chunk=chunk, window=window))
+    with phase(phases, "periods"):
+        wanted = periods.from_days(result.charges)
+    with rest(phases, "write"):
+        run.write(
+            partial(
+                _sync_chunk, run=run, result=result, wanted=wanted, chunk=chunk, window=window, phases=phases
+            )
+        )
+    log_chunk(logs.named("billing_jobs.charges"), "charges.chunk", chunk, started, phases)
     return None, result.rejects
 
 
