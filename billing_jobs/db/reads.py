@@ -375,33 +375,32 @@ def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk:
 
 def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
     """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
-    return _compute_rejects(conn, start, end, None)
-
-
-def _compute_rejects(
-    conn: Connection, start: datetime, end: datetime, project_ids: Sequence[str] | None
-) -> pd.DataFrame:
     c = compute_usage.c
-    problem = amount_problem(conn, c.credits)
-    reason = case((projects.c.project_id.is_(None), UNKNOWN_PROJECT), else_=problem)
-    stmt = (
-        select(
-            c.usage_id,
-            c.project_id,
-            raw(conn, c.occurred_at).label("occurred_at"),
-            reason.label("reason"),
-            cast(c.credits, String).label("value"),
-        )
-        .outerjoin(projects, projects.c.project_id == c.project_id)
-        .where(
-            raw(conn, c.occurred_at) >= ts_param(conn, start),
-            raw(conn, c.occurred_at) < ts_param(conn, end),
-            or_(projects.c.project_id.is_(None), problem.is_not(None)),
-        )
+    in_range = (
+        raw(conn, c.occurred_at) >= ts_param(conn, start),
+        raw(conn, c.occurred_at) < ts_param(conn, end),
     )
-    if project_ids is not None:
-        stmt = stmt.where(c.project_id.in_(list(project_ids)))
+    unknown = _unknown_projects(c.project_id, in_range)
+    reason = case((c.project_id.in_(unknown), UNKNOWN_PROJECT), else_=amount_problem(conn, c.credits))
+    stmt = select(
+        c.usage_id,
+        c.project_id,
+        raw(conn, c.occurred_at).label("occurred_at"),
+        reason.label("reason"),
+        cast(c.credits, String).label("value"),
+    ).where(*in_range, or_(not_(usable_amount(c.credits, signed=True)), c.project_id.in_(unknown)))
     return read_frame(conn, stmt, timestamps=["occurred_at"])
+
+
+def _unknown_projects(project_id: ColumnElement[Any], where: Sequence[ColumnElement[bool]]) -> Select[Any]:
+    """The project ids of the usage rows `where` selects that name no project.
+
+    The distinct ids first (the usage index in order), then each looked up once: a
+    lookup per row, through a join, cost the whole month's rows as many lookups.
+    """
+    named = select(project_id.label("project_id")).where(*where).distinct().subquery()
+    known = select(projects.c.project_id).where(projects.c.project_id == named.c.project_id).exists()
+    return select(named.c.project_id).where(~known)
 
 
 def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
@@ -469,31 +468,23 @@ def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFram
     """Cloud rows that cannot be billed whatever the project's state."""
     c = cloud_usage.c
     problem = _quantity_problem(conn)
+    in_range = (
+        raw(conn, c.usage_date) >= date_param(conn, first),
+        raw(conn, c.usage_date) <= date_param(conn, last),
+    )
+    unknown = _unknown_projects(c.project_id, in_range)
     reason = case(
-        (projects.c.project_id.is_(None), UNKNOWN_PROJECT),
-        (problem.is_not(None), problem),
-        else_=NEGATIVE,
+        (c.project_id.in_(unknown), UNKNOWN_PROJECT), (problem.is_not(None), problem), else_=NEGATIVE
     )
-    stmt = (
-        select(
-            c.usage_id,
-            c.project_id,
-            raw(conn, c.usage_date).label("day"),
-            c.metric,
-            reason.label("reason"),
-            cast(c.quantity, String).label("value"),
-        )
-        .outerjoin(projects, projects.c.project_id == c.project_id)
-        .where(
-            raw(conn, c.usage_date) >= date_param(conn, first),
-            raw(conn, c.usage_date) <= date_param(conn, last),
-            or_(
-                projects.c.project_id.is_(None),
-                problem.is_not(None),
-                c.quantity < 0,
-            ),
-        )
-    )
+    usable = and_(c.metric.in_(list(LINE_TYPES)), usable_amount(c.quantity, signed=False))
+    stmt = select(
+        c.usage_id,
+        c.project_id,
+        raw(conn, c.usage_date).label("day"),
+        c.metric,
+        reason.label("reason"),
+        cast(c.quantity, String).label("value"),
+    ).where(*in_range, or_(not_(usable), c.project_id.in_(unknown)))
     return read_frame(conn, stmt, dates=["day"])
 
 
