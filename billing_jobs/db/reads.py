@@ -415,22 +415,19 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     """Usable cloud rows of the chunk's projects summed per (project_id, day, metric):
     project_id, day, metric, quantity_units.
 
-    One row comes back per project and metric, its days and quantities as one text of
-    `day quantity` pairs that numpy turns into columns: a chunk's published projects
-    have a row per metric and day, and a row object per day cost more than the sum
-    itself. The projects are named through the chunk's accounts in a subquery, so
-    both back ends read the usage in the index's project order and group it as it
-    comes, with no sort.
+    One row comes back per project and metric, its rows' days and quantities (exact
+    units, each row's) as one text of `day quantity` pairs; numpy turns the texts
+    into columns and sums the rows of a day. A chunk's published projects have a row
+    per metric and day: a row object per day, or a second grouping in the database,
+    cost more than the sum itself. The projects are named through the chunk's
+    accounts in a subquery, so the usage is read in the index's project order.
     """
     c = cloud_usage.c
     in_chunk = select(projects.c.project_id).where(chunk.clause(projects.c.account_id))
-    days = (
-        select(
-            c.project_id,
-            c.metric,
-            day_number(conn, c.usage_date).label("day"),
-            summed_units(conn, c.quantity, None).label("quantity_units"),
-        )
+    pair = cast(day_number(conn, c.usage_date), String) + literal(" ") + cast(units(c.quantity), String)
+    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
+    stmt = (
+        select(c.project_id, c.metric, func.count().label("rows"), joined(pair, literal(" ")).label("pairs"))
         .where(
             c.project_id.in_(in_chunk),
             raw(conn, c.usage_date) >= date_param(conn, first),
@@ -438,28 +435,27 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
             c.metric.in_(list(LINE_TYPES)),
             usable_amount(c.quantity, signed=False),
         )
-        .group_by(c.project_id, raw(conn, c.usage_date), c.metric)
-        .subquery()
+        .group_by(c.project_id, c.metric)
     )
-    pair = cast(days.c.day, String) + literal(" ") + cast(days.c.quantity_units, String)
-    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
-    stmt = select(
-        days.c.project_id,
-        days.c.metric,
-        func.count().label("days"),
-        joined(pair, literal(" ")).label("pairs"),
-    ).group_by(days.c.project_id, days.c.metric)
-    groups = read_frame(conn, stmt, ints=["days"], aggregate=True)
-    counts = groups["days"].to_numpy(dtype=np.int64)
+    groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+    counts = groups["rows"].to_numpy(dtype=np.int64)
     values = np.array(" ".join(groups["pairs"]).split(), dtype=np.int64).reshape(-1, 2)
     if len(values) != counts.sum():
         raise AssertionError(f"cloud usage pairs: {len(values)} read, {counts.sum()} counted")
+    group = np.repeat(np.arange(len(groups)), counts)
+    day, quantity = values[:, 0], values[:, 1]
+    order = np.lexsort((day, group))
+    group, day, quantity = group[order], day[order], quantity[order]
+    first_of_day = np.ones(len(day), dtype=bool)
+    first_of_day[1:] = (group[1:] != group[:-1]) | (day[1:] != day[:-1])
+    starts = np.flatnonzero(first_of_day)
+    kept = group[starts]
     return pd.DataFrame(
         {
-            "project_id": np.repeat(groups["project_id"].to_numpy(dtype=object), counts),
-            "day": values[:, 0],
-            "metric": np.repeat(groups["metric"].to_numpy(dtype=object), counts),
-            "quantity_units": values[:, 1],
+            "project_id": groups["project_id"].to_numpy(dtype=object)[kept],
+            "day": day[starts],
+            "metric": groups["metric"].to_numpy(dtype=object)[kept],
+            "quantity_units": np.add.reduceat(quantity, starts) if len(starts) else quantity[:0],
         }
     )
 
