@@ -24,7 +24,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
 
 from billing_jobs import logs
 from billing_jobs.db.billing_tables import (
@@ -58,6 +58,7 @@ from billing_jobs.db.credit_reads import (
     read_written_refunds,
     written_periods,
 )
+from billing_jobs.db.reads import read_frame
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import refund_requests, top_ups
 from billing_jobs.db.sql import Chunk, among
@@ -1063,7 +1064,7 @@ def _writer(
 
     def work(conn: Connection) -> None:
         with phase(phases, "write_inputs"):
-            _sync_inputs(conn, chunk, truth, cut, settled)
+            _sync_inputs(conn, chunk, truth, cut, settled, last)
         with phase(phases, "write_entries"):
             if len(entries):
                 rows = entries.assign(run_id=run_id, recorded_at=now)
@@ -1142,26 +1143,63 @@ def _sync_lot_states(
     bulk_insert(conn, credit_lot_states, rows.assign(period=str(month), run_id=run_id))
 
 
+INPUT_KEY = ["account_id", "day", "source"]
+INPUT_COLUMNS = [*INPUT_KEY, "credit_units"]
+
+
 def _sync_inputs(
-    conn: Connection, chunk: Chunk, truth: ChunkTruth, cut: date | None, settled: date | None = None
+    conn: Connection,
+    chunk: Chunk,
+    truth: ChunkTruth,
+    cut: date | None,
+    settled: date | None,
+    last: date,
 ) -> None:
-    """Store the inputs this replay used: the chunk's rows it replaced are deleted first
-    (invoice totals, the days after `cut`, every day of an account replayed whole; those
-    of the settled periods, up to `settled`, stay as they are)."""
+    """Store the inputs this replay used in place of the chunk's rows it replaces
+    (invoice totals, the days after `cut`, every day of an account replayed whole;
+    those of the settled periods, up to `settled`, stay as they are, and so do those
+    after `last`, the replay's last day: a later month's, written by its own close).
+
+    Only what differs is written: the replaced rows are read, a row the replay holds
+    unchanged stays as it is (a repeat writes nothing), the others are deleted by
+    their key and the new ones inserted. When most rows differ (a first write), the
+    replaced rows are deleted by one predicate instead.
+    """
     ci = credit_inputs.c
-    mine = [among(ci.account_id, list(chunk.accounts or ()))]
+    mine = [among(ci.account_id, list(chunk.accounts or ())), ci.day <= day_number(last)]
     if settled is not None:
         mine.append(ci.day > day_number(settled))
-    if cut is None:
-        conn.execute(delete(credit_inputs).where(*mine))
-    else:
+    if cut is not None:
         replaced = [ci.source == INPUT_INVOICE, ci.day > day_number(cut)]
         if truth.changed:
             replaced.append(among(ci.account_id, sorted(truth.changed)))
-        conn.execute(delete(credit_inputs).where(*mine, or_(*replaced)))
-    if len(truth.inputs):
-        rows = truth.inputs.rename(columns={"units": "credit_units"})
-        bulk_insert(conn, credit_inputs, rows)
+        mine.append(or_(*replaced))
+    stored = read_frame(
+        conn,
+        select(ci.account_id, ci.day, ci.source, ci.credit_units).where(*mine),
+        ints=["day", "credit_units"],
+        aggregate=True,
+    )
+    wanted = truth.inputs.rename(columns={"units": "credit_units"})
+    if wanted.empty:
+        wanted = stored.iloc[0:0]
+    both = stored.merge(wanted, on=INPUT_COLUMNS, how="outer", indicator=True)
+    gone = both.loc[both["_merge"] == "left_only", INPUT_KEY]
+    new = both.loc[both["_merge"] == "right_only", INPUT_COLUMNS]
+    if len(gone) * 2 > len(stored):
+        conn.execute(delete(credit_inputs).where(*mine))
+        new = wanted
+    elif len(gone):
+        keys = [
+            {"a": a, "d": int(d), "s": src}
+            for a, d, src in zip(gone["account_id"], gone["day"], gone["source"], strict=True)
+        ]
+        stmt = delete(credit_inputs).where(
+            ci.account_id == bindparam("a"), ci.day == bindparam("d"), ci.source == bindparam("s")
+        )
+        conn.execute(stmt, keys)
+    if len(new):
+        bulk_insert(conn, credit_inputs, new.astype({"day": "int64", "credit_units": "int64"}))
 
 
 def _sync_lots(
