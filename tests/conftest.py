@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 from pg_server import ENV_URL, PgServer, PgServerError, env_flag, start_or_connect
+from sqlalchemy import Engine
+
+from billing_jobs.db.engine import make_engine
 
 # ---------------------------------------------------------------------------
 # Databases: SQLite and a throwaway PostgreSQL 15 server (see tests/pg_server.py)
@@ -80,3 +83,13 @@ def db_url(request: pytest.FixtureRequest) -> str:
         return f"sqlite:///{tmp_path / 'billing.db'}"
     url: str = request.getfixturevalue("pg_db_url")
     return url
+
+
+@pytest.fixture
+def db_engine(db_url: str) -> Iterator[Engine]:
+    """An engine on `db_url` (the jobs' own `make_engine`), disposed when the test ends."""
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -8,12 +8,10 @@ they existed) writes the same ledger as one with them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pytest
 import sqlalchemy as sa
 from support import SourceData, run_cli
 from test_ledger_periods import MONTHS, _all_entries, _config, _late_june, _month_end, _platform
@@ -28,15 +26,6 @@ from billing_jobs.db.credit_reads import (
 )
 from billing_jobs.db.sql import Chunk
 from billing_jobs.rules.calendar import Month, day_number
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    made = sa.create_engine(db_url)
-    try:
-        yield made
-    finally:
-        made.dispose()
 
 
 def _rows(frame: pd.DataFrame) -> set[tuple[Any, ...]]:
@@ -73,30 +62,30 @@ def _periods_of(engine: sa.Engine, account: str) -> set[str]:
 
 
 def test_stored_states_are_what_the_entries_give_through_closes_corrections_and_repeats(
-    db_url: str, engine: sa.Engine, tmp_path: Path
+    db_url: str, db_engine: sa.Engine, tmp_path: Path
 ) -> None:
     env = _config(tmp_path, 2)
     _platform(db_url)
     for month in MONTHS:
         _month_end(db_url, env, "--month", month)
-    assert _periods_of(engine, "a") == set(MONTHS)
-    assert _check_states(engine, MONTHS) == {"a", "b"}
+    assert _periods_of(db_engine, "a") == set(MONTHS)
+    assert _check_states(db_engine, MONTHS) == {"a", "b"}
 
     # Late June, corrected on request: entries of June days are added in September,
     # so a's states at the ends of June, July and August are no longer true: dropped.
     _late_june(db_url)
     _month_end(db_url, env, "--month", "2026-09", "--ledger-from", "2026-06")
-    assert _periods_of(engine, "a") == {"2026-04", "2026-05", "2026-09"}
-    assert _periods_of(engine, "b") == set(MONTHS)
-    assert _check_states(engine, MONTHS) == {"a", "b"}
+    assert _periods_of(db_engine, "a") == {"2026-04", "2026-05", "2026-09"}
+    assert _periods_of(db_engine, "b") == set(MONTHS)
+    assert _check_states(db_engine, MONTHS) == {"a", "b"}
 
-    before = _state_rows(engine)
+    before = _state_rows(db_engine)
     _month_end(db_url, env, "--month", "2026-09")
-    assert _state_rows(engine) == before, "a repeated month-end rewrote stored states"
+    assert _state_rows(db_engine) == before, "a repeated month-end rewrote stored states"
 
 
 def test_a_close_without_stored_states_writes_the_same_ledger(
-    db_url: str, engine: sa.Engine, tmp_path: Path
+    db_url: str, db_engine: sa.Engine, tmp_path: Path
 ) -> None:
     """Closes on a database whose stored states are gone before each close (all of
     them, or one account's), against closes that keep them."""
@@ -114,7 +103,7 @@ def test_a_close_without_stored_states_writes_the_same_ledger(
         if month == "2026-08":
             _late_june(db_url)
             _late_june(kept)
-        with engine.begin() as conn:
+        with db_engine.begin() as conn:
             st = credit_lot_states.c
             conn.execute(sa.delete(credit_lot_states).where(sa.true() if n % 2 else st.account_id == "b"))
         _month_end(db_url, env, "--month", month)
@@ -128,4 +117,4 @@ def test_a_close_without_stored_states_writes_the_same_ledger(
 
     assert entries(db_url) == entries(kept)
     assert any(r[6] == "2026-06" for r in entries(kept)), "the late June compute was not corrected"
-    assert _check_states(engine, MONTHS) == {"a", "b"}
+    assert _check_states(db_engine, MONTHS) == {"a", "b"}

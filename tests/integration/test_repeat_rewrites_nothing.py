@@ -6,11 +6,9 @@ one checks that a repeat writes nothing at all, on both back ends."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from test_ledger_periods import _config, _month_end, _platform
 
@@ -27,15 +25,6 @@ LEDGER_AND_CHARGES = (
 )
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    made = sa.create_engine(db_url)
-    try:
-        yield made
-    finally:
-        made.dispose()
-
-
 def _physical(engine: sa.Engine) -> dict[str, set[tuple[Any, ...]]]:
     """Each table's rows with their physical identity."""
     ident = "rowid" if engine.dialect.name == "sqlite" else "xmin::text, ctid::text"
@@ -46,15 +35,15 @@ def _physical(engine: sa.Engine) -> dict[str, set[tuple[Any, ...]]]:
         }
 
 
-def test_a_repeated_month_end_rewrites_no_row(db_url: str, engine: sa.Engine, tmp_path: Path) -> None:
+def test_a_repeated_month_end_rewrites_no_row(db_url: str, db_engine: sa.Engine, tmp_path: Path) -> None:
     env = _config(tmp_path, 2)
     _platform(db_url)
     for month in ("2026-04", "2026-05", "2026-06"):
         _month_end(db_url, env, "--month", month)
-    before = _physical(engine)
+    before = _physical(db_engine)
     assert all(before[t] for t in ("charge_periods", "credit_entries", "credit_inputs", "credit_lot_states"))
     for month in ("2026-06", "2026-05"):
         _month_end(db_url, env, "--month", month)
-        after = _physical(engine)
+        after = _physical(db_engine)
         changed = {t: (len(before[t] - after[t]), len(after[t] - before[t])) for t in LEDGER_AND_CHARGES}
         assert {t: c for t, c in changed.items() if c != (0, 0)} == {}, f"re-close of {month}"
