@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from billing_jobs.db.engine import make_engine
 from billing_jobs.jobs.compute import InBackground
 
 
@@ -35,12 +33,8 @@ class Counted:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
+def engine(db_engine: Engine) -> Engine:
+    return db_engine
 
 
 @pytest.fixture
