@@ -12,6 +12,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -46,8 +47,10 @@ from billing_jobs.db.billing_tables import (
 from billing_jobs.db.reads import (
     amount_problem,
     day_number,
+    day_pairs,
     raw,
     read_frame,
+    summed_pairs,
     summed_units,
     ts_param,
     units,
@@ -260,6 +263,56 @@ def read_compute_per_day(
         compute_per_day_query(conn, first, last, zone, chunk),
         ints=["day", "compute_units"],
         aggregate=True,
+    )
+
+
+def read_compute_days(
+    conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk
+) -> pd.DataFrame:
+    """project_id, account_id, day, compute_units: the usable compute rows of the chunk's
+    projects summed per project and billing day, days first..last, in one scan.
+
+    What a month-end chunk derives both its waiver totals (per project) and the credits
+    ledger's compute per account and day from. One row comes back per project, its rows'
+    billing days and exact units as one text of `day units` pairs that numpy turns into
+    columns (a row object per row or per day would cost more than the sums); the
+    projects are named through the chunk's accounts, so the usage is read in the index's
+    project order.
+    """
+    columns = ["project_id", "account_id", "day", "compute_units"]
+    if first > last:
+        return pd.DataFrame({c: [] for c in columns})
+    c = compute_usage.c
+    start = local_midnight_utc(first, zone)
+    end = local_midnight_utc(last + timedelta(days=1), zone)
+    mine = select(projects.c.project_id, projects.c.account_id).where(chunk.clause(projects.c.account_id))
+    named = mine.subquery()
+    day = billing_day(conn, c.occurred_at, first, last, zone)
+    rows = (
+        select(
+            c.project_id, func.count().label("rows"), day_pairs(conn, day, units(c.credits)).label("pairs")
+        )
+        .where(
+            c.project_id.in_(select(named.c.project_id)),
+            raw(conn, c.occurred_at) >= ts_param(conn, start),
+            raw(conn, c.occurred_at) < ts_param(conn, end),
+            usable_amount(c.credits, signed=True),
+        )
+        .group_by(c.project_id)
+        .subquery()
+    )
+    stmt = select(rows.c.project_id, named.c.account_id, rows.c.rows, rows.c.pairs).join(
+        named, named.c.project_id == rows.c.project_id
+    )
+    groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+    group, days, amounts = summed_pairs(groups["rows"].to_numpy(dtype=np.int64), groups["pairs"].tolist())
+    return pd.DataFrame(
+        {
+            "project_id": groups["project_id"].to_numpy(dtype=object)[group],
+            "account_id": groups["account_id"].to_numpy(dtype=object)[group],
+            "day": days,
+            "compute_units": amounts,
+        }
     )
 
 

@@ -344,35 +344,6 @@ def read_orphan_events(conn: Connection) -> pd.DataFrame:
     return read_frame(conn, stmt, timestamps=["occurred_at"])
 
 
-def read_compute_totals(conn: Connection, start: datetime, end: datetime, chunk: Chunk) -> pd.DataFrame:
-    """Per project with compute rows in [start, end): account_id (None for an unknown
-    project), compute_units (sum of the usable rows) and bad_rows (rows that cannot
-    count), in one scan; `read_compute_rejects` then needs to look at those projects only."""
-    c = compute_usage.c
-    usable = usable_amount(c.credits, signed=True)
-    bad = or_(projects.c.project_id.is_(None), not_(usable))
-    columns = select(
-        c.project_id,
-        projects.c.account_id,
-        summed_units(conn, c.credits, usable).label("compute_units"),
-        func.sum(case((bad, 1), else_=0)).label("bad_rows"),
-    )
-    # A chunk names its accounts, so only known projects count: an inner join, which
-    # lets SQLite start from the chunk's projects and read their rows through the
-    # (project_id, occurred_at) index instead of the whole month once per chunk.
-    on = projects.c.project_id == c.project_id
-    stmt = (
-        (columns.join(projects, on) if chunk.accounts is not None else columns.outerjoin(projects, on))
-        .where(
-            chunk.clause(projects.c.account_id),
-            raw(conn, c.occurred_at) >= ts_param(conn, start),
-            raw(conn, c.occurred_at) < ts_param(conn, end),
-        )
-        .group_by(c.project_id, projects.c.account_id)
-    )
-    return read_frame(conn, stmt, ints=["compute_units", "bad_rows"], aggregate=True)
-
-
 def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
     """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
     c = compute_usage.c
@@ -411,6 +382,30 @@ def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
     )
 
 
+def day_pairs(conn: Connection, day: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[str]:
+    """An aggregate: the group's rows as one text of `day value` pairs (integers), read
+    back by `summed_pairs`. One text per group costs a fraction of a row object per row."""
+    pair = cast(day, String) + literal(" ") + cast(value, String)
+    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
+    return joined(pair, literal(" "))
+
+
+def summed_pairs(counts: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The texts of `day_pairs` (group i holds counts[i] pairs) summed per group and day:
+    (the group of each result, its day, the sum of its values), by group then day."""
+    values = np.array(" ".join(texts).split(), dtype=np.int64).reshape(-1, 2)
+    if len(values) != counts.sum():
+        raise AssertionError(f"day pairs: {len(values)} read, {counts.sum()} counted")
+    group = np.repeat(np.arange(len(counts)), counts)
+    day, value = values[:, 0], values[:, 1]
+    order = np.lexsort((day, group))
+    group, day, value = group[order], day[order], value[order]
+    if not len(group):
+        return group, day, value
+    starts = np.flatnonzero(np.r_[True, (group[1:] != group[:-1]) | (day[1:] != day[:-1])])
+    return group[starts], day[starts], np.add.reduceat(value, starts)
+
+
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
     """Usable cloud rows of the chunk's projects summed per (project_id, day, metric):
     project_id, day, metric, quantity_units.
@@ -424,10 +419,13 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     """
     c = cloud_usage.c
     in_chunk = select(projects.c.project_id).where(chunk.clause(projects.c.account_id))
-    pair = cast(day_number(conn, c.usage_date), String) + literal(" ") + cast(units(c.quantity), String)
-    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
     stmt = (
-        select(c.project_id, c.metric, func.count().label("rows"), joined(pair, literal(" ")).label("pairs"))
+        select(
+            c.project_id,
+            c.metric,
+            func.count().label("rows"),
+            day_pairs(conn, day_number(conn, c.usage_date), units(c.quantity)).label("pairs"),
+        )
         .where(
             c.project_id.in_(in_chunk),
             raw(conn, c.usage_date) >= date_param(conn, first),
@@ -438,24 +436,13 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
         .group_by(c.project_id, c.metric)
     )
     groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
-    counts = groups["rows"].to_numpy(dtype=np.int64)
-    values = np.array(" ".join(groups["pairs"]).split(), dtype=np.int64).reshape(-1, 2)
-    if len(values) != counts.sum():
-        raise AssertionError(f"cloud usage pairs: {len(values)} read, {counts.sum()} counted")
-    group = np.repeat(np.arange(len(groups)), counts)
-    day, quantity = values[:, 0], values[:, 1]
-    order = np.lexsort((day, group))
-    group, day, quantity = group[order], day[order], quantity[order]
-    first_of_day = np.ones(len(day), dtype=bool)
-    first_of_day[1:] = (group[1:] != group[:-1]) | (day[1:] != day[:-1])
-    starts = np.flatnonzero(first_of_day)
-    kept = group[starts]
+    group, day, quantity = summed_pairs(groups["rows"].to_numpy(dtype=np.int64), groups["pairs"].tolist())
     return pd.DataFrame(
         {
-            "project_id": groups["project_id"].to_numpy(dtype=object)[kept],
-            "day": day[starts],
-            "metric": groups["metric"].to_numpy(dtype=object)[kept],
-            "quantity_units": np.add.reduceat(quantity, starts) if len(starts) else quantity[:0],
+            "project_id": groups["project_id"].to_numpy(dtype=object)[group],
+            "day": day,
+            "metric": groups["metric"].to_numpy(dtype=object)[group],
+            "quantity_units": quantity,
         }
     )
 

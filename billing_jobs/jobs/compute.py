@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import Connection, Engine
 
 from billing_jobs.db import reads
+from billing_jobs.db.credit_reads import read_compute_days
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.phases import phase, rest
@@ -66,6 +67,7 @@ class ChunkResult:
     cloud: pd.DataFrame  # project_id, day, metric, line_type, quantity_units, amount_units
     charges: pd.DataFrame  # daily charges, days first..last (storage fee: ..storage_last)
     compute: pd.DataFrame | None  # project_id, compute_units (month-end only)
+    compute_days: pd.DataFrame | None  # account_id, day, compute_units (month-end only)
     refunds: pd.DataFrame | None  # project_id, amount_units, compute_units (month-end only)
     lines: pd.DataFrame | None  # invoice lines for the month (month-end only)
     rejects: pd.DataFrame  # rows of this chunk rejected by the rules
@@ -171,11 +173,14 @@ def _compute_chunk(
         rows = rows.merge(not_billable, on=["project_id", "day", "metric"])
         rejects.append(_cloud_rejects(rows))
 
-    compute = refunds = lines = None
+    compute = compute_days = refunds = lines = None
     if whole_month:
-        start, end = day_bounds_utc(month.first_day, month.last_day, zone)
+        # One read of the month's compute: per project and billing day, from which both
+        # the waiver's totals and the credits ledger's compute per account and day come.
         with phase(phases, "compute_read"):
-            compute = reads.read_compute_totals(conn, start, end, chunk)
+            days = read_compute_days(conn, month.first_day, month.last_day, zone, chunk)
+        compute = days.groupby("project_id", as_index=False, sort=False)["compute_units"].sum()
+        compute_days = days.groupby(["account_id", "day"], as_index=False, sort=False)["compute_units"].sum()
         # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
             charged.groupby("project_id", as_index=False)["amount_units"].sum()
@@ -193,6 +198,7 @@ def _compute_chunk(
         cloud=cloud,
         charges=charges,
         compute=compute,
+        compute_days=compute_days,
         refunds=refunds,
         lines=lines,
         rejects=pd.concat(rejects, ignore_index=True),

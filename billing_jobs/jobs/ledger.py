@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
@@ -371,6 +372,7 @@ def read_events(
     written: pd.DataFrame | None = None,
     settled: date | None = None,
     phases: dict[str, float] | None = None,
+    known: KnownCompute | None = None,
 ) -> SourceEvents:
     """The chunk's lots, compute per day, invoice totals and refund requests through `through`
     (compute from `compute_from` on, else from the effective date). written: the refunds
@@ -386,7 +388,9 @@ def read_events(
     requests["day"] = _day_of(requests["requested_at"], settings)
     effective = settings.effective_from
     with phase(phases, "compute_read"):
-        compute = read_compute_per_day(conn, max(effective, compute_from or effective), through, zone, chunk)
+        compute = compute_per_day(
+            conn, max(effective, compute_from or effective), through, zone, chunk, known
+        )
     last_period = str(Month.of(through))
     first_period = None if settled is None else str(Month.of(settled).next())
     totals = (
@@ -440,6 +444,24 @@ def read_events(
     return SourceEvents(events, lots, rejects, exceptions, compute, invoice_totals)
 
 
+def compute_per_day(
+    conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk, known: KnownCompute | None
+) -> pd.DataFrame:
+    """account_id, day, compute_units of days first..last: the days `known` holds from
+    it, the others read."""
+    if known is None or first > last or known.first > last or known.last < first:
+        return read_compute_per_day(conn, first, last, zone, chunk)
+    parts = []
+    if first < known.first:
+        parts.append(read_compute_per_day(conn, first, known.first - timedelta(days=1), zone, chunk))
+    if known.last < last:
+        parts.append(read_compute_per_day(conn, known.last + timedelta(days=1), last, zone, chunk))
+    days = known.frame["day"].to_numpy(dtype=np.int64)
+    inside = (days >= day_number(max(first, known.first))) & (days <= day_number(min(last, known.last)))
+    parts.append(known.frame.loc[inside, ["account_id", "day", "compute_units"]])
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+
+
 def compute_chunk_ledger(
     conn: Connection,
     settings: Settings,
@@ -453,6 +475,7 @@ def compute_chunk_ledger(
     cut: date | None = None,
     settled: date | None = None,
     phases: dict[str, float] | None = None,
+    known: KnownCompute | None = None,
 ) -> ChunkTruth:
     """Replay the chunk's accounts through day `through` on the source data.
 
@@ -483,6 +506,7 @@ def compute_chunk_ledger(
             written=written_refunds,
             settled=settled,
             phases=phases,
+            known=known,
         )
     lots, rejects, exceptions = source.lots, source.rejects, source.exceptions
     through_day = day_number(through)
@@ -847,6 +871,20 @@ def months_spanned(first: date, last: date) -> int:
 
 
 @dataclass(frozen=True)
+class KnownCompute:
+    """Compute per account and billing day of days first..last, already read (by the
+    month-end's chunks, from their one read of the month): what a ledger chunk takes
+    instead of reading those days again. For every account that has any."""
+
+    first: date
+    last: date
+    frame: pd.DataFrame  # account_id, day, compute_units
+
+    def of(self, accounts: Sequence[str]) -> KnownCompute:
+        return KnownCompute(self.first, self.last, self.frame[self.frame["account_id"].isin(accounts)])
+
+
+@dataclass(frozen=True)
 class LedgerPlan:
     """What every chunk of a ledger write shares (picklable, for worker processes)."""
 
@@ -871,10 +909,13 @@ def write_ledger(
     workers: int = 1,
     per_chunk: int | None = None,
     ledger_from: Month | None = None,
+    known: KnownCompute | None = None,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the ledger through the last day of `month` (or
     `through`), per chunk of accounts on `workers` processes, looking for late data back
-    to `ledger_from` (default: `[ledger] late_data_months` periods before `month`)."""
+    to `ledger_from` (default: `[ledger] late_data_months` periods before `month`).
+    known: the compute per account and day of the month's days, read already; each
+    chunk is sent its own accounts' part of it."""
     settings = run.settings
     last = through or month.last_day
     for key in LEDGER_COUNTS:
@@ -944,7 +985,8 @@ def write_ledger(
     chunks = account_chunks(ids, workers, per_chunk)
     names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
     parts: dict[str, list[pd.DataFrame]] = {k: [] for k in names}
-    for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, plan=plan):
+    each = {c.index: {"known": known.of(c.accounts or ())} for c in chunks} if known is not None else None
+    for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, each=each, plan=plan):
         for name, frame in zip(names, frames_of_chunk, strict=True):
             parts[name].append(frame)
     all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
@@ -966,7 +1008,9 @@ def write_ledger(
     )
 
 
-def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFrame, ...]:
+def ledger_chunk(
+    run: Run, chunk: Chunk, *, plan: LedgerPlan, known: KnownCompute | None = None
+) -> tuple[pd.DataFrame, ...]:
     """One chunk of a ledger write: replay, diff with what is written, write (one
     transaction). Returns the entries and refunds written (or previewed), the chunk's
     rejects and price exceptions, its lots and balances."""
@@ -985,6 +1029,7 @@ def ledger_chunk(run: Run, chunk: Chunk, *, plan: LedgerPlan) -> tuple[pd.DataFr
             cut=plan.cut,
             settled=plan.settled,
             phases=phases,
+            known=known,
         )
         with phase(phases, "written_read"):
             written = (

@@ -49,7 +49,7 @@ from billing_jobs.jobs.compute import (
     month_days,
     platform_rejects,
 )
-from billing_jobs.jobs.ledger import LedgerOutcome, write_ledger
+from billing_jobs.jobs.ledger import KnownCompute, LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -208,8 +208,10 @@ def close_month(
             run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
         done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
-        for step, (heads, lines, rejected) in enumerate(done, start=1):
+        compute_days: list[pd.DataFrame] = []
+        for step, (heads, lines, rejected, compute) in enumerate(done, start=1):
             all_rejects.append(rejected)
+            compute_days.append(compute)
             if run.dry_run:
                 all_heads.append(heads)
                 all_lines.append(lines)
@@ -226,6 +228,15 @@ def close_month(
     written = None
     if shard is None and ledger and not (hold and not run.dry_run):
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
+        # The chunks read the month's compute once, for every account with projects:
+        # the ledger takes its compute per account and day from that read.
+        known = KnownCompute(
+            month.first_day,
+            month.last_day,
+            pd.concat(compute_days, ignore_index=True)
+            if compute_days
+            else pd.DataFrame({"account_id": [], "day": [], "compute_units": []}),
+        )
         written = credits_ledger(
             run,
             month,
@@ -233,6 +244,7 @@ def close_month(
             through=through,
             workers=workers,
             ledger_from=ledger_from,
+            known=known,
         )
     for key in ("invoices", "invoice_lines", "refunds", "refund_units", "storage_charges", "cloud_charges"):
         run.counts.setdefault(key, 0)
@@ -375,10 +387,12 @@ def credits_ledger(
     through: date | None = None,
     workers: int = 1,
     ledger_from: Month | None = None,
+    known: KnownCompute | None = None,
 ) -> LedgerOutcome:
     """Write (or in a dry run preview) the credits ledger through the month's end, after
     its invoices. heads: a dry run's previewed invoices (not in the database).
-    ledger_from: look for late data back to this period (`write_ledger`)."""
+    ledger_from: look for late data back to this period (`write_ledger`). known: the
+    month's compute per account and day, read by the month's chunks."""
     started = time.perf_counter()
     extra: dict[tuple[str, str], int] = {}
     if heads is not None and not heads.empty:
@@ -393,6 +407,7 @@ def credits_ledger(
         workers=workers,
         per_chunk=max(per_chunk, 0) or None,
         ledger_from=ledger_from,
+        known=known,
     )
     if outcome.skipped:
         log.warning("ledger.skipped", period=str(month), reason=outcome.skipped)
@@ -628,12 +643,13 @@ def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None)
 
 def close_chunk(
     run: Run, chunk: Chunk, *, month: Month, kind: str, last: date
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One chunk of a month close: read -> rules -> exact diff -> write (one transaction).
 
     Everything it reads is the chunk's own: its sources, and on a re-close its
-    finalized invoice lines. Returns the draft invoice headers and lines (written,
-    or in a dry run only computed) and the rows the rules rejected.
+    finalized invoice lines. Returns the draft invoice headers and lines (in a dry run
+    only computed; written ones are not carried back), the rows the rules rejected, and
+    the chunk's compute per account and billing day (for the credits ledger).
     """
     closed = kind == ADJUSTMENT
     started = time.perf_counter()
@@ -660,8 +676,9 @@ def close_chunk(
     run.saw_rejects(result.rejects)
     run.count("invoices", len(heads))
     run.count("invoice_lines", len(lines))
+    compute = result.compute_days if result.compute_days is not None else pd.DataFrame()
     if run.dry_run:
-        return heads, lines, result.rejects
+        return heads, lines, result.rejects, compute
     with rest(phases, "write"):
         run.write(
             partial(
@@ -677,7 +694,7 @@ def close_chunk(
             )
         )
     log_chunk(logs.named("billing_jobs.charges"), "charges.chunk", chunk, started, phases)
-    return heads.iloc[0:0], lines.iloc[0:0], result.rejects  # written: nothing to carry back
+    return heads.iloc[0:0], lines.iloc[0:0], result.rejects, compute  # written: not carried back
 
 
 def _write_chunk(

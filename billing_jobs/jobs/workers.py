@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -161,15 +161,20 @@ def run_chunks(
     work: Callable[..., T],
     chunks: Sequence[Chunk],
     workers: int,
+    *,
+    each: Mapping[int, Mapping[str, Any]] | None = None,
     **kwargs: Any,
 ) -> Iterator[T]:
     """`work(run, chunk, **kwargs)` for every chunk, in chunk order, on `workers` processes.
 
+    each: more keyword arguments for one chunk only (by its index): its own slice of
+    data, sent to the worker that runs it and to no other.
     With one worker (or one chunk) everything runs in this process.
     """
+    mine = each or {}
     if workers <= 1 or len(chunks) <= 1 or not can_share(run):
         for chunk in chunks:
-            yield work(run, chunk, **kwargs)
+            yield work(run, chunk, **kwargs, **mine.get(chunk.index, {}))
         return
     context = multiprocessing.get_context(START_METHOD)
     spec = RunSpec.of(run)
@@ -184,7 +189,10 @@ def run_chunks(
     ) as pool:
         futures: list[Future[tuple[T, dict[str, Any], set[tuple[str, str, str]]]]] = []
         try:
-            futures.extend(pool.submit(_in_worker, work, chunk, kwargs) for chunk in chunks)
+            futures.extend(
+                pool.submit(_in_worker, work, chunk, {**kwargs, **mine.get(chunk.index, {})})
+                for chunk in chunks
+            )
             for future in futures:
                 result, counts, rejected = future.result()
                 for key, value in counts.items():

@@ -9,10 +9,14 @@ per-row reading of the rules gives.
 from __future__ import annotations
 
 from datetime import date
+from zoneinfo import ZoneInfo
 
 from billing_jobs.db import reads
+from billing_jobs.db.credit_reads import read_compute_days, read_compute_per_day
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.sql import Chunk
+from billing_jobs.frames import pd
+from billing_jobs.jobs.ledger import KnownCompute, compute_per_day
 from tests.support import SourceData, day_of, ts
 
 
@@ -83,6 +87,87 @@ def test_the_reject_scans_name_every_bad_row_once_with_its_reason(db_url: str) -
         assert sorted(zip(compute["usage_id"], compute["reason"], strict=True)) == [
             ("bad-compute-ghost", "unknown_project"),
             ("bad-compute-missing", "missing_amount"),
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_compute_days_give_the_ledger_its_compute_per_account_and_day_across_a_dst_change(
+    db_url: str,
+) -> None:
+    """The month-end chunk's one read of compute (per project and billing day) sums, per
+    account and day, to what the ledger's own read gives, on a month with a DST change:
+    the ledger takes it from there instead of reading the month again."""
+    zone = ZoneInfo("Europe/Berlin")  # DST starts on 2026-03-29
+    data = SourceData()
+    data.account("acct-1").account("acct-2")
+    data.project("p1", created="2026-01-02", account="acct-1")
+    data.project("p2", created="2026-01-02", account="acct-1")
+    data.project("q1", created="2026-01-02", account="acct-2")
+    data.compute("p1", "2026-02-28 23:30", "1")  # March 1, 00:30 in Berlin
+    data.compute("p1", "2026-03-28 22:30", "0.1", count=300)  # March 28, 23:30
+    data.compute("p2", "2026-03-28 23:30", "2")  # March 29, 00:30
+    data.compute("p1", "2026-03-29 22:30", "3")  # March 30, 00:30 (summer time)
+    data.compute("p2", "2026-03-31 22:30", "4")  # April 1: not March
+    data.compute("p2", "2026-03-10 10:00", None)  # missing: never counted
+    data.compute("q1", "2026-03-10 10:00", "5")  # another account
+    engine = make_engine(db_url)
+    try:
+        data.write(engine)
+        march = (date(2026, 3, 1), date(2026, 3, 31))
+        with engine.connect() as conn:
+            days = read_compute_days(conn, *march, zone, Chunk(("acct-1",)))
+            ledger = read_compute_per_day(conn, *march, zone, Chunk(("acct-1",)))
+        per_project = {
+            (p, a, int(d)): int(u)
+            for p, a, d, u in days[["project_id", "account_id", "day", "compute_units"]].itertuples(
+                index=False
+            )
+        }
+        assert per_project == {
+            ("p1", "acct-1", day_of("2026-03-01")): 10_000,
+            ("p1", "acct-1", day_of("2026-03-28")): 300_000,
+            ("p2", "acct-1", day_of("2026-03-29")): 20_000,
+            ("p1", "acct-1", day_of("2026-03-30")): 30_000,
+        }
+        summed = days.groupby(["account_id", "day"], as_index=False)["compute_units"].sum()
+        as_read = {(a, int(d)): int(u) for a, d, u in ledger.itertuples(index=False)}
+        assert {(a, int(d)): int(u) for a, d, u in summed.itertuples(index=False)} == as_read
+    finally:
+        engine.dispose()
+
+
+def test_a_ledger_chunk_reads_only_the_days_it_was_not_given(db_url: str) -> None:
+    """Days inside the known compute come from it (a sentinel value here, not what the
+    table holds); days before it are read."""
+    zone = ZoneInfo("UTC")
+    data = SourceData()
+    data.account("acct-1")
+    data.project("p1", created="2026-01-02", account="acct-1")
+    data.compute("p1", "2026-02-27 10:00", "1")
+    data.compute("p1", "2026-03-05 10:00", "2")
+    known = KnownCompute(
+        date(2026, 3, 1),
+        date(2026, 3, 31),
+        pd.DataFrame(
+            {
+                "account_id": ["acct-1", "acct-1", "acct-9"],
+                "day": [day_of("2026-03-05"), day_of("2026-03-20"), day_of("2026-03-05")],
+                "compute_units": [777, 888, 999],
+            }
+        ),
+    )
+    engine = make_engine(db_url)
+    try:
+        data.write(engine)
+        chunk = Chunk(("acct-1",))
+        with engine.connect() as conn:
+            got = compute_per_day(
+                conn, date(2026, 2, 1), date(2026, 3, 10), zone, chunk, known.of(["acct-1"])
+            )
+        assert sorted((a, int(d), int(u)) for a, d, u in got.itertuples(index=False)) == [
+            ("acct-1", day_of("2026-02-27"), 10_000),
+            ("acct-1", day_of("2026-03-05"), 777),
         ]
     finally:
         engine.dispose()
