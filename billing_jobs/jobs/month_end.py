@@ -663,8 +663,6 @@ def close_chunk(
         truth = result.lines if result.lines is not None else empty_lines()
         lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
         heads, lines = _invoices_for(lines, month, kind, sequences)
-    with phase(phases, "periods"):
-        wanted = periods.from_days(result.charges)
     refunds = result.refunds if result.refunds is not None else pd.DataFrame()
     storage = result.charges["charge_type"] == "storage_fee"
     run.count("storage_charges", int(storage.sum()))
@@ -676,9 +674,14 @@ def close_chunk(
     run.saw_rejects(result.rejects)
     run.count("invoices", len(heads))
     run.count("invoice_lines", len(lines))
-    compute = result.compute_days if result.compute_days is not None else pd.DataFrame()
+    compute = result.compute_days
+    assert compute is not None, "a month-end chunk reads the whole month"
+    chunk_log = logs.named("billing_jobs.charges")
     if run.dry_run:
+        log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
         return heads, lines, result.rejects, compute
+    with phase(phases, "periods"):
+        wanted = periods.from_days(result.charges)
     with rest(phases, "write"):
         run.write(
             partial(
@@ -693,7 +696,7 @@ def close_chunk(
                 phases=phases,
             )
         )
-    log_chunk(logs.named("billing_jobs.charges"), "charges.chunk", chunk, started, phases)
+    log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
     return heads.iloc[0:0], lines.iloc[0:0], result.rejects, compute  # written: not carried back
 
 

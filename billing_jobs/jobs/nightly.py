@@ -183,7 +183,9 @@ def bill_chunk(
     run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))
     run.count("cloud_charges", int((~storage).sum()))
     run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
+    chunk_log = logs.named("billing_jobs.charges")
     if run.dry_run:
+        log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
         return charges, result.rejects
     with phase(phases, "periods"):
         wanted = periods.from_days(result.charges)
@@ -193,7 +195,7 @@ def bill_chunk(
                 _sync_chunk, run=run, result=result, wanted=wanted, chunk=chunk, window=window, phases=phases
             )
         )
-    log_chunk(logs.named("billing_jobs.charges"), "charges.chunk", chunk, started, phases)
+    log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
     return None, result.rejects
 
 

@@ -20,7 +20,16 @@ def test_the_workers_log_at_the_runs_level_on_stderr(db_url: str, tmp_path: Path
     data.write_url(db_url)
     env = {"BILLING_WORKERS": "2", "BILLING_LEDGER_ACCOUNTS_PER_CHUNK": "1"}
     result = run_process(
-        db_url, "--log-level", "DEBUG", "month-end", "--month", "2026-05", cwd=tmp_path, env=env
+        db_url,
+        "--log-level",
+        "DEBUG",
+        "month-end",
+        "--month",
+        "2026-05",
+        "--projects-per-chunk",
+        "1",
+        cwd=tmp_path,
+        env=env,
     )
     assert result.code == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
@@ -29,7 +38,16 @@ def test_the_workers_log_at_the_runs_level_on_stderr(db_url: str, tmp_path: Path
     assert all(r["level"] == "debug" for r in chunks)
     assert "ledger.chunk" not in result.stdout
     assert "[debug" not in result.stdout
+    # The charges' chunks too, each with where its time went (what the benchmark sums).
+    charges = [r for r in records if r["event"] == "charges.chunk"]
+    assert sorted(r["chunk"] for r in charges) == [0, 1, 2, 3]
+    for record in charges:
+        phases = [k for k in record if k.endswith("_seconds")]
+        assert {"read_seconds", "cloud_read_seconds", "compute_read_seconds", "rules_seconds"} <= set(phases)
+        assert {"periods_seconds", "stored_read_seconds", "diff_seconds", "write_seconds"} <= set(phases)
+        assert sum(record[k] for k in phases) <= record["seconds"] + 0.01
 
     quiet = run_process(db_url, "month-end", "--month", "2026-05", cwd=tmp_path, env=env)
     assert quiet.code == 0, quiet.stderr
     assert "ledger.chunk" not in quiet.stderr + quiet.stdout, "not at the default level INFO"
+    assert "charges.chunk" not in quiet.stderr + quiet.stdout
