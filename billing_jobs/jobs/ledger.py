@@ -1119,7 +1119,7 @@ def _writer(
                     conn, credit_refunds, refunds.assign(run_id=run_id, written_at=now), date_columns=["day"]
                 )
         with phase(phases, "write_lots"):
-            written, lots_changed = _sync_lots(conn, chunk, truth.lots, settled, run_id=run_id, now=now)
+            written, lots_changed = _sync_lots(conn, chunk, truth.lots, settled, last, run_id=run_id, now=now)
         run.count("lots_written", written)
         with phase(phases, "write_balances"):
             _sync_balances(conn, chunk, truth.balances, month, run_id=run_id)
@@ -1252,15 +1252,18 @@ def _sync_lots(
     chunk: Chunk,
     lots: pd.DataFrame,
     settled: date | None,
+    last: date,
     *,
     run_id: str,
     now: datetime,
 ) -> tuple[int, dict[str, int]]:
     """Make the chunk's stored lots equal to `lots` (those funded after `settled`: the
-    settled periods' lots stay as written); returns how many rows changed, and per
+    settled periods' lots stay as written; and up to `last`, the replay's last day: a
+    later month's lots are its close's); returns how many rows changed, and per
     account the first day any changed lot is valid from."""
     lo = credit_lots.c
-    where = [among(lo.account_id, list(chunk.accounts or ()))]
+    where = [among(lo.account_id, list(chunk.accounts or ())), lo.valid_from <= last]
+    lots = lots[lots["valid_from"] <= day_number(last)]
     if settled is not None:
         where.append(lo.valid_from > settled)
         lots = lots[lots["valid_from"] > day_number(settled)]

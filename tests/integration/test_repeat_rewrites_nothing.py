@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from support import SourceData
 from test_ledger_periods import _config, _month_end, _platform
 
 LEDGER_AND_CHARGES = (
@@ -38,10 +39,15 @@ def _physical(engine: sa.Engine) -> dict[str, set[tuple[Any, ...]]]:
 def test_a_repeated_month_end_rewrites_no_row(db_url: str, db_engine: sa.Engine, tmp_path: Path) -> None:
     env = _config(tmp_path, 2)
     _platform(db_url)
+    # A top-up in June: its lot is June's close's, which a re-close of May must leave be.
+    june = SourceData().top_up("A6", "2026-06-05 09:00", "online", account="a", credits="500", amount="50.00")
+    june.accounts = []  # account "a" exists
+    june.write_url(db_url)
     for month in ("2026-04", "2026-05", "2026-06"):
         _month_end(db_url, env, "--month", month)
     before = _physical(db_engine)
     assert all(before[t] for t in ("charge_periods", "credit_entries", "credit_inputs", "credit_lot_states"))
+    assert any("A6" in row for row in before["credit_lots"])
     for month in ("2026-06", "2026-05"):
         _month_end(db_url, env, "--month", month)
         after = _physical(db_engine)
