@@ -337,8 +337,11 @@ credit_refunds = Table(
 )
 
 # The inputs the written ledger was replayed with: compute per account and billing day,
-# and invoice totals per account and month (on its last day). A month-end continues an
-# account from its written state when these are unchanged; late data shows as a difference.
+# one row per account and month (`rules.day_values`: `day` the month's first day,
+# `credit_units` its total, `daily` each day's units; migration 0016), and invoice totals
+# per account and month (`day` the month's last day, no `daily`). A month-end continues
+# an account from its written state when these are unchanged; late data shows as a
+# difference.
 credit_inputs = Table(
     "credit_inputs",
     billing_metadata,
@@ -346,4 +349,5 @@ credit_inputs = Table(
     Column("day", BigInteger, primary_key=True),  # day number (days since 1970-01-01)
     Column("source", String(16), primary_key=True),  # compute | invoice
     Column("credit_units", BigInteger, nullable=False),
+    Column("daily", Text),  # compute: `offset units` pairs, offsets from `day`
 )

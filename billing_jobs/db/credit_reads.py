@@ -31,7 +31,6 @@ from sqlalchemy import (
     or_,
     select,
     type_coerce,
-    union_all,
 )
 
 from billing_jobs.db.billing_tables import (
@@ -66,6 +65,7 @@ from billing_jobs.db.source_tables import (
 )
 from billing_jobs.db.sql import Chunk, among
 from billing_jobs.frames import pd
+from billing_jobs.rules import day_values
 from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
 from billing_jobs.rules.calendar import day_number as number_of
 from billing_jobs.rules.credits import ARREARS, DRAWN_SIGN, FUND, HELD_SIGN
@@ -611,26 +611,42 @@ def changed_compute_accounts(
     conn: Connection, first: date, cut: date, zone: ZoneInfo, chunk: Chunk
 ) -> set[str]:
     """The chunk's accounts whose compute per billing day, days first..cut, differs from
-    the stored inputs, found by the database in one pass: the recomputed totals and the
-    stored ones negated, summed per account and day; a day whose sum is not zero differs.
-    (A day that sums to zero draws and restores nothing, stored or not.)"""
+    the stored inputs: the recomputed totals (summed per account and day by the
+    database) and the stored months' days negated, summed per account and day; a day
+    whose sum is not zero differs. (A day that sums to zero draws and restores nothing,
+    stored or not.)"""
     if first > cut:
         return set()
-    now = compute_per_day_query(conn, first, cut, zone, chunk).subquery()
+    now = read_compute_per_day(conn, first, cut, zone, chunk)
     ci = credit_inputs.c
     cut_day = (cut - date(1970, 1, 1)).days
     first_day = (first - date(1970, 1, 1)).days
-    was = select(ci.account_id, ci.day, (-ci.credit_units).label("compute_units")).where(
-        chunk.clause(ci.account_id), ci.source == "compute", ci.day <= cut_day, ci.day >= first_day
+    stored = read_frame(
+        conn,
+        select(ci.account_id, ci.day, ci.daily).where(
+            chunk.clause(ci.account_id),
+            ci.source == "compute",
+            ci.day <= cut_day,
+            ci.day >= int(day_values.month_start(np.array([first_day]))[0]),
+        ),
+        ints=["day"],
+        aggregate=True,
     )
-    both = union_all(select(now.c.account_id, now.c.day, now.c.compute_units), was).subquery()
-    differ = (
-        select(both.c.account_id)
-        .group_by(both.c.account_id, both.c.day)
-        .having(func.sum(both.c.compute_units) != 0)
-        .subquery()
+    was = day_values.to_days(stored)
+    was = was.loc[(was["day"] >= first_day) & (was["day"] <= cut_day)]
+    both = pd.DataFrame(
+        {
+            "account_id": np.concatenate(
+                [now["account_id"].to_numpy(dtype=object), was["account_id"].to_numpy(dtype=object)]
+            ),
+            "day": np.concatenate([now["day"].to_numpy(dtype=np.int64), was["day"].to_numpy(dtype=np.int64)]),
+            "units": np.concatenate(
+                [now["compute_units"].to_numpy(dtype=np.int64), -was["units"].to_numpy(dtype=np.int64)]
+            ),
+        }
     )
-    return {a for (a,) in conn.execute(select(differ.c.account_id).distinct())}
+    sums = both.groupby(["account_id", "day"], sort=False)["units"].sum()
+    return set(sums[sums != 0].index.get_level_values("account_id"))
 
 
 def written_periods(conn: Connection) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, select, update
 
 from billing_jobs import logs
 from billing_jobs.db.billing_tables import (
@@ -68,6 +68,7 @@ from billing_jobs.frames import pd
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.phases import log_chunk, phase
+from billing_jobs.rules import day_values
 from billing_jobs.rules.calendar import (
     Month,
     day_from_number,
@@ -127,6 +128,7 @@ CODE_EXPIRED = "code_expired"
 CODE_ALREADY_REDEEMED = "code_already_redeemed"
 
 INPUT_COMPUTE, INPUT_INVOICE = "compute", "invoice"
+INPUT_COLUMNS_IN = ["account_id", "day", "source", "units", "daily"]
 
 ENTRY_COLUMNS = ["account_id", "lot_id", "kind", "day", "cause", "credit_units", "money_cents"]
 KEY = ["account_id", "lot_id", "kind", "day", "cause"]
@@ -608,24 +610,33 @@ def _inputs(
     through: date,
     settled: date | None = None,
 ) -> pd.DataFrame:
-    """The inputs the replay used, to store (`credit_inputs`): compute per account and day
-    (every day after `settled` for a replayed account, the days after `cut` for the
-    others) and invoice totals per account and month (as the month's last day)."""
-    rows: list[tuple[str, int, str, int]] = []
+    """The inputs the replay used, as stored (`credit_inputs`): compute per account and
+    month in the month form of `rules.day_values` (every day after `settled` for a
+    replayed account, the days after `cut` for the others; both are months' last days),
+    and invoice totals per account and month (as the month's last day, `daily` empty)."""
+    rows: list[tuple[str, int, int]] = []
     first = None if cut is None else day_number(cut)
     for account, events in source.events.items():
         whole = first is None or account in changed
         rows.extend(
-            (account, day, INPUT_COMPUTE, units)
+            (account, day, units)
             for day, units in events.compute.items()
             if whole or day > first  # type: ignore[operator]
         )
+    compute = day_values.to_months(pd.DataFrame(rows, columns=["account_id", "day", "units"]))
+    invoices: list[tuple[str, int, str, int, str]] = []
     effective = day_number(settings.effective_from if settled is None else settled + timedelta(days=1))
     for (account, period), total in source.invoices.items():
         last = day_number(Month.parse(period).last_day)
         if effective <= last <= day_number(through):
-            rows.append((account, last, INPUT_INVOICE, total))
-    return pd.DataFrame(rows, columns=["account_id", "day", "source", "units"])
+            invoices.append((account, last, INPUT_INVOICE, total, ""))
+    return pd.concat(
+        [
+            compute.assign(source=INPUT_COMPUTE)[INPUT_COLUMNS_IN],
+            pd.DataFrame(invoices, columns=INPUT_COLUMNS_IN),
+        ],
+        ignore_index=True,
+    )
 
 
 def _lot_keys(lots: pd.DataFrame, cut_day: int, after: int | None = None) -> set[tuple[Any, ...]]:
@@ -1189,7 +1200,7 @@ def _sync_lot_states(
 
 
 INPUT_KEY = ["account_id", "day", "source"]
-INPUT_COLUMNS = [*INPUT_KEY, "credit_units"]
+INPUT_COLUMNS = [*INPUT_KEY, "credit_units", "daily"]
 
 
 def _sync_inputs(
@@ -1219,9 +1230,10 @@ def _sync_inputs(
         if truth.changed:
             replaced.append(among(ci.account_id, sorted(truth.changed)))
         mine.append(or_(*replaced))
+    daily = func.coalesce(ci.daily, literal("")).label("daily")  # "" for an invoice total
     stored = read_frame(
         conn,
-        select(ci.account_id, ci.day, ci.source, ci.credit_units).where(*mine),
+        select(ci.account_id, ci.day, ci.source, ci.credit_units, daily).where(*mine),
         ints=["day", "credit_units"],
         aggregate=True,
     )
@@ -1244,7 +1256,9 @@ def _sync_inputs(
         )
         conn.execute(stmt, keys)
     if len(new):
-        bulk_insert(conn, credit_inputs, new.astype({"day": "int64", "credit_units": "int64"}))
+        new = new.astype({"day": "int64", "credit_units": "int64"})
+        new["daily"] = new["daily"].where(new["daily"] != "", None)
+        bulk_insert(conn, credit_inputs, new)
 
 
 def _sync_lots(

@@ -134,12 +134,7 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
     assert "charge_periods" in tables
     assert "daily_charges" not in tables
     _assert_closed_months_unchanged(db_url)
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            stored = conn.execute(sa.text("SELECT count(*), sum(days) FROM charge_periods")).one()
-    finally:
-        engine.dispose()
+    stored = _query(db_url, "SELECT count(*), sum(days) FROM charge_periods")[0]
     expected = _expected_days("daily_charges.csv.xz")
     assert stored[1] == len(expected) == 18_204
     # A run of equal storage-fee days is one row; a cloud fee's month one per account.
@@ -147,6 +142,7 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
     assert _count_forms(db_url) == (len(months), len(months))
     assert stored[0] < stored[1] * 0.2, stored
     assert charge_days(db_url) == expected
+    assert _compute_inputs(db_url) == _FIXTURE_INPUTS
     reconciled = run_cli(db_url, "reconcile", "--since", "2026-03")
     assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
     # The migrated rows are the jobs' own canonical form: a re-close rewrites none.
@@ -158,17 +154,38 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
     _assert_closed_months_unchanged(db_url)
 
 
+# The fixture's ledger inputs: compute per account and day, one row each at 0011.
+_FIXTURE_INPUTS = (1_150, 7, 8)  # (days, rows per account at most, accounts)
+
+
+def _compute_inputs(db_url: str) -> tuple[int, int, int]:
+    """The stored compute inputs, after 0016 one row per account and month: (the days
+    they hold, the most rows an account has, the accounts)."""
+    rows = _query(db_url, "SELECT account_id, day, daily FROM credit_inputs WHERE source = 'compute'")
+    per_account: dict[str, int] = {}
+    days = 0
+    for account, _day, daily in rows:
+        assert daily, "every compute input is in the month form"
+        days += len(daily.split()) // 2
+        per_account[account] = per_account.get(account, 0) + 1
+    return days, max(per_account.values()), len(per_account)
+
+
 def _log_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("{")]
 
 
 def _count_forms(db_url: str) -> tuple[int, int]:
     """Cloud-fee rows, and those in the month form."""
+    query = "SELECT count(*), count(daily) FROM charge_periods WHERE charge_type <> 'storage_fee'"
+    return tuple(_query(db_url, query)[0])
+
+
+def _query(db_url: str, query: str) -> list[Any]:
     engine = sa.create_engine(db_url)
     try:
         with engine.connect() as conn:
-            query = "SELECT count(*), count(daily) FROM charge_periods WHERE charge_type <> 'storage_fee'"
-            return tuple(conn.execute(sa.text(query)).one())  # type: ignore[return-value]
+            return list(conn.execute(sa.text(query)).all())
     finally:
         engine.dispose()
 
@@ -222,13 +239,13 @@ def _upgrade_process(db_url: str, **extra: str) -> subprocess.CompletedProcess[b
     return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
 
 
-@pytest.mark.parametrize("revision", ["0012", "0013", "0014"])
+@pytest.mark.parametrize("revision", ["0012", "0013", "0014", "0016"])
 def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run_again(
     db_url: str, tmp_path: Path, revision: str
 ) -> None:
     """Killed inside any of the migrations (0012: runs; 0013: cloud fees per month;
-    0014: the ledger entries' primary key), the upgrade's one transaction rolls back to
-    the old version's store."""
+    0014: the ledger entries' primary key; 0016: the ledger's compute inputs per month),
+    the upgrade's one transaction rolls back to the old version's store."""
     _load(db_url, tmp_path)
 
     killed = _upgrade_process(db_url, BILLING_FAULT_KILL_IN_MIGRATION=revision)
