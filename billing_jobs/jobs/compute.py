@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -23,6 +24,7 @@ from billing_jobs.db.credit_reads import read_compute_days
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.phases import phase, rest
+from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import (
     Month,
     day_bounds_utc,
@@ -34,7 +36,7 @@ from billing_jobs.rules.cloud_fee import cloud_fees, published_days
 from billing_jobs.rules.invoice import STORAGE_FEE, month_lines, unit_prices
 from billing_jobs.rules.lifecycle import Lifecycle, build_lifecycle
 from billing_jobs.rules.money import UNITS_PER_CREDIT, to_units
-from billing_jobs.rules.storage_fee import StorageRules, storage_charges, storage_days
+from billing_jobs.rules.storage_fee import StorageRules, charged_runs, storage_charges, storage_days
 from billing_jobs.rules.waiver import waiver_refunds
 from billing_jobs.settings import Settings
 
@@ -65,12 +67,82 @@ class ChunkResult:
     lifecycle: Lifecycle
     storage: pd.DataFrame  # every active day of the month: project_id, day, status, amount_units
     cloud: pd.DataFrame  # project_id, day, metric, line_type, quantity_units, amount_units
-    charges: pd.DataFrame  # daily charges, days first..last (storage fee: ..storage_last)
+    storage_charged: pd.DataFrame  # charged days first..storage_last: project_id, day, amount_units
+    accounts: pd.Series  # each project's account, by project_id
+    last_day: int  # the last day of the charges but the storage fee's (a day number)
     compute: pd.DataFrame | None  # project_id, compute_units (month-end only)
     compute_days: pd.DataFrame | None  # account_id, day, compute_units (month-end only)
     refunds: pd.DataFrame | None  # project_id, amount_units, compute_units (month-end only)
     lines: pd.DataFrame | None  # invoice lines for the month (month-end only)
     rejects: pd.DataFrame  # rows of this chunk rejected by the rules
+
+    @cached_property
+    def periods(self) -> pd.DataFrame:
+        """The charges in the canonical periods the store holds (`rules.periods`): the
+        storage fee as runs made from its charged days directly (they come grouped by
+        project and in day order), the cloud fees in the month form."""
+        runs = charged_runs(self.storage_charged)
+        first = runs["first_day"].to_numpy(dtype=np.int64)
+        last = runs["last_day"].to_numpy(dtype=np.int64)
+        storage = pd.DataFrame(
+            {
+                "project_id": runs["project_id"].to_numpy(dtype=object),
+                "charge_type": STORAGE_FEE,
+                "first_day": first,
+                "last_day": last,
+                "days": last - first + 1,
+                "account_id": self._account_of(runs["project_id"]),
+                "quantity_units": np.full(len(runs), UNITS_PER_CREDIT, dtype=np.int64),
+                "amount_units": runs["amount_units"].to_numpy(dtype=np.int64),
+                "daily": np.full(len(runs), None, dtype=object),
+            }
+        )
+        return periods.joined([storage, periods.months_of_days(self._cloud_days())])
+
+    @cached_property
+    def charges(self) -> pd.DataFrame:
+        """Every daily charge: the storage fee's days first..storage_last, the cloud fees'
+        first..last (`rules.periods.DAY_COLUMNS`)."""
+        charged = self.storage_charged
+        storage = pd.DataFrame(
+            {
+                "project_id": charged["project_id"].to_numpy(dtype=object),
+                "account_id": self._account_of(charged["project_id"]),
+                "charge_type": STORAGE_FEE,
+                "day": charged["day"].to_numpy(dtype=np.int64),
+                "quantity_units": np.full(len(charged), UNITS_PER_CREDIT, dtype=np.int64),
+                "amount_units": charged["amount_units"].to_numpy(dtype=np.int64),
+            }
+        )
+        return pd.concat([storage, self._cloud_days()], ignore_index=True)[periods.DAY_COLUMNS]
+
+    def counts(self) -> dict[str, int]:
+        """The run summary's counts of the charges of days up to `last_day`."""
+        charged = self.storage_charged
+        storage = charged.loc[charged["day"] <= self.last_day, "amount_units"]
+        return {
+            "storage_charges": len(storage),
+            "storage_units": int(storage.sum()),
+            "cloud_charges": len(self.cloud),
+            "cloud_units": int(self.cloud["amount_units"].sum()),
+        }
+
+    def _account_of(self, project_ids: pd.Series) -> np.ndarray:
+        found: np.ndarray = self.accounts.reindex(project_ids).to_numpy(dtype=object)
+        return found
+
+    def _cloud_days(self) -> pd.DataFrame:
+        cloud = self.cloud
+        return pd.DataFrame(
+            {
+                "project_id": cloud["project_id"].to_numpy(dtype=object),
+                "account_id": self._account_of(cloud["project_id"]),
+                "charge_type": cloud["line_type"].to_numpy(dtype=object),
+                "day": cloud["day"].to_numpy(dtype=np.int64),
+                "quantity_units": cloud["quantity_units"].to_numpy(dtype=np.int64),
+                "amount_units": cloud["amount_units"].to_numpy(dtype=np.int64),
+            }
+        )
 
 
 def _period_of_days(days: np.ndarray) -> np.ndarray:
@@ -145,26 +217,6 @@ def _compute_chunk(
         projects["account_id"].to_numpy(dtype=object),
         index=projects["project_id"].to_numpy(dtype=object),
     )
-    storage_rows = pd.DataFrame(
-        {
-            "project_id": charged_ahead["project_id"].to_numpy(dtype=object),
-            "charge_type": STORAGE_FEE,
-            "day": charged_ahead["day"].to_numpy(dtype=np.int64),
-            "quantity_units": np.full(len(charged_ahead), UNITS_PER_CREDIT, dtype=np.int64),
-            "amount_units": charged_ahead["amount_units"].to_numpy(dtype=np.int64),
-        }
-    )
-    cloud_rows = pd.DataFrame(
-        {
-            "project_id": cloud["project_id"].to_numpy(dtype=object),
-            "charge_type": cloud["line_type"].to_numpy(dtype=object),
-            "day": cloud["day"].to_numpy(dtype=np.int64),
-            "quantity_units": cloud["quantity_units"].to_numpy(dtype=np.int64),
-            "amount_units": cloud["amount_units"].to_numpy(dtype=np.int64),
-        }
-    )
-    charges = pd.concat([storage_rows, cloud_rows], ignore_index=True)
-    charges["account_id"] = accounts.reindex(charges["project_id"]).to_numpy(dtype=object)
 
     rejects = [_event_rejects(lifecycle.rejected, zone)]
     if len(not_billable):
@@ -196,7 +248,9 @@ def _compute_chunk(
         lifecycle=lifecycle,
         storage=storage,
         cloud=cloud,
-        charges=charges,
+        storage_charged=charged_ahead.reset_index(drop=True),
+        accounts=accounts,
+        last_day=hi,
         compute=compute,
         compute_days=compute_days,
         refunds=refunds,

@@ -55,7 +55,6 @@ from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
 from billing_jobs.phases import log_chunk, phase, rest
-from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 from billing_jobs.rules.rejects import Examined
@@ -664,11 +663,8 @@ def close_chunk(
         lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
         heads, lines = _invoices_for(lines, month, kind, sequences)
     refunds = result.refunds if result.refunds is not None else pd.DataFrame()
-    storage = result.charges["charge_type"] == "storage_fee"
-    run.count("storage_charges", int(storage.sum()))
-    run.count("storage_units", int(result.charges.loc[storage, "amount_units"].sum()))
-    run.count("cloud_charges", int((~storage).sum()))
-    run.count("cloud_units", int(result.charges.loc[~storage, "amount_units"].sum()))
+    for name, value in result.counts().items():
+        run.count(name, value)
     run.count("refunds", len(refunds))
     run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
     run.saw_rejects(result.rejects)
@@ -681,7 +677,7 @@ def close_chunk(
         log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
         return heads, lines, result.rejects, compute
     with phase(phases, "periods"):
-        wanted = periods.from_days(result.charges)
+        wanted = result.periods
     with rest(phases, "write"):
         run.write(
             partial(

@@ -32,9 +32,7 @@ from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, 
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.phases import log_chunk, phase, rest
-from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import Month, day_number
-from billing_jobs.rules.invoice import STORAGE_FEE
 from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000
@@ -176,19 +174,16 @@ def bill_chunk(
             storage_last=window.storage_last,
             phases=phases,
         )
-    charges = result.charges.loc[result.charges["day"] <= day_number(last)]
     run.saw_rejects(result.rejects)
-    storage = charges["charge_type"] == STORAGE_FEE
-    run.count("storage_charges", int(storage.sum()))
-    run.count("storage_units", int(charges.loc[storage, "amount_units"].sum()))
-    run.count("cloud_charges", int((~storage).sum()))
-    run.count("cloud_units", int(charges.loc[~storage, "amount_units"].sum()))
+    for name, value in result.counts().items():
+        run.count(name, value)
     chunk_log = logs.named("billing_jobs.charges")
     if run.dry_run:
         log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
-        return charges, result.rejects
+        charges = result.charges
+        return charges.loc[charges["day"] <= day_number(last)], result.rejects
     with phase(phases, "periods"):
-        wanted = periods.from_days(result.charges)
+        wanted = result.periods
     with rest(phases, "write"):
         run.write(
             partial(

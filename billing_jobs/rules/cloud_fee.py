@@ -43,8 +43,8 @@ def cloud_fees(
     quantity_units, amount_units = round_half_up(quantity * price, 4);
     rejected has project_id, day, metric, reason.
     """
-    marked = usage.merge(published.assign(_published=True), on=["project_id", "day"], how="left")
-    is_published = marked["_published"].eq(True).to_numpy()
+    marked = usage.reset_index(drop=True)
+    is_published = _published(marked, published)
     early = marked["day"].to_numpy(dtype=np.int64) < effective_day
     reason = np.where(early, BEFORE_EFFECTIVE, np.where(is_published, "", NOT_PUBLISHED))
     ok = reason == ""
@@ -59,3 +59,21 @@ def cloud_fees(
     fees["line_type"] = fees["metric"].map(LINE_TYPES)
     fees["amount_units"] = amounts
     return fees, rejected.reset_index(drop=True)
+
+
+def _published(usage: pd.DataFrame, published: pd.DataFrame) -> np.ndarray:
+    """Whether each usage row's (project_id, day) is among the published days: both
+    sides' projects numbered together, each pair one integer, looked up sorted (no
+    merge of object columns)."""
+    if usage.empty or published.empty:
+        return np.zeros(len(usage), dtype=bool)
+    ids = np.concatenate(
+        [usage["project_id"].to_numpy(dtype=object), published["project_id"].to_numpy(dtype=object)]
+    )
+    codes, _ = pd.factorize(ids)
+    days = np.concatenate([usage["day"].to_numpy(dtype=np.int64), published["day"].to_numpy(dtype=np.int64)])
+    low = int(days.min())
+    span = int(days.max()) - low + 1
+    keys = codes.astype(np.int64) * span + (days - low)
+    found: np.ndarray = np.isin(keys[: len(usage)], keys[len(usage) :])
+    return found

@@ -121,7 +121,7 @@ def _runs_of_days(charges: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _months_of_days(charges: pd.DataFrame) -> pd.DataFrame:
+def months_of_days(charges: pd.DataFrame) -> pd.DataFrame:
     """Daily charges (one per project, charge type and day) as month forms: one row per
     (project, charge type, month, account)."""
     if charges.empty:
@@ -179,11 +179,11 @@ def from_days(charges: pd.DataFrame) -> pd.DataFrame:
     if charges.empty:
         return empty()
     month_form = monthly(charges["charge_type"])
-    parts = [_runs_of_days(charges.loc[~month_form]), _months_of_days(charges.loc[month_form])]
-    return _concat(parts)
+    parts = [_runs_of_days(charges.loc[~month_form]), months_of_days(charges.loc[month_form])]
+    return joined(parts)
 
 
-def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
+def joined(parts: list[pd.DataFrame]) -> pd.DataFrame:
     found = [p[COLUMNS] for p in parts if len(p)]
     if not found:
         return empty()
@@ -332,7 +332,7 @@ def _wanted_months(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi
         stored_keys = _month_keys(stored)
         done = stored_keys.isin(_month_keys(extended))
         rest = _wanted_months(stored.loc[~done], truth.loc[~appended], lo[~done], hi[~done])
-        return _concat([rest, extended])
+        return joined([rest, extended])
     f = stored["first_day"].to_numpy(dtype=np.int64)
     e = stored["last_day"].to_numpy(dtype=np.int64)
     reaches = (f <= hi) & (e >= lo)
@@ -340,7 +340,7 @@ def _wanted_months(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi
         reaches |= _month_keys(stored).isin(_month_keys(truth))
     opened = stored.loc[reaches]
     if opened.empty:
-        return _concat([stored, truth])
+        return joined([stored, truth])
     inside_all = (f >= lo) & (e <= hi)
     if bool(inside_all[reaches].all()):
         kept_days = _days_of_runs(empty())
@@ -353,8 +353,8 @@ def _wanted_months(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi
     if kept_days.empty:
         rebuilt = truth
     else:
-        rebuilt = _months_of_days(pd.concat([kept_days, to_days(truth)], ignore_index=True))
-    return _concat([stored.loc[~reaches], rebuilt])
+        rebuilt = months_of_days(pd.concat([kept_days, to_days(truth)], ignore_index=True))
+    return joined([stored.loc[~reaches], rebuilt])
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def change(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi: np.nda
         pd.concat([outside(stored.loc[~s_month], lo[~s_month], hi[~s_month]), truth.loc[~t_month, COLUMNS]])
     )
     months = _wanted_months(stored.loc[s_month], truth.loc[t_month, COLUMNS], lo[s_month], hi[s_month])
-    wanted = _concat([runs, months])
+    wanted = joined([runs, months])
     if stored.empty:
         return Change(delete=empty(), insert=wanted)
     # Rows are unique on each side, so a row equal to its neighbour once all rows are

@@ -9,6 +9,8 @@ whole columns:
 - `storage_days`:       all of the above for one billing month, one row per
                         active day with its status, the input of charges,
                         invoices and `explain` alike.
+- `charged_runs`:       the charged days as runs of consecutive days with the same
+                        amount: what the charge store holds (`rules.periods`).
 """
 
 from __future__ import annotations
@@ -216,3 +218,35 @@ def storage_charges(days: pd.DataFrame) -> pd.DataFrame:
     """The charged rows of `storage_days`: project_id, day, amount_units."""
     charged = days.loc[days["amount_units"] > 0, ["project_id", "day", "amount_units"]]
     return charged.reset_index(drop=True)
+
+
+def charged_runs(charged: pd.DataFrame) -> pd.DataFrame:
+    """The charged days of one month (`storage_charges`: project_id, day, amount_units,
+    each project's rows together and in day order, as `storage_days` gives them) as
+    runs of consecutive days with the same amount: project_id, first_day, last_day,
+    amount_units. No sort: a run starts where the project, the amount or the next day
+    changes."""
+    project = charged["project_id"].to_numpy(dtype=object)
+    day = charged["day"].to_numpy(dtype=np.int64)
+    amount = charged["amount_units"].to_numpy(dtype=np.int64)
+    if not len(day):
+        return pd.DataFrame(
+            {
+                "project_id": pd.Series(dtype=object),
+                "first_day": pd.Series(dtype=np.int64),
+                "last_day": pd.Series(dtype=np.int64),
+                "amount_units": pd.Series(dtype=np.int64),
+            }
+        )
+    start = np.ones(len(day), dtype=bool)
+    start[1:] = (project[1:] != project[:-1]) | (day[1:] != day[:-1] + 1) | (amount[1:] != amount[:-1])
+    first = np.flatnonzero(start)
+    last = np.append(first[1:], len(day)) - 1
+    return pd.DataFrame(
+        {
+            "project_id": project[first],
+            "first_day": day[first],
+            "last_day": day[last],
+            "amount_units": amount[first],
+        }
+    )
