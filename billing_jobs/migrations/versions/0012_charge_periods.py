@@ -27,10 +27,15 @@ _DAY = {
     "sqlite": "CAST(julianday(charge_date) AS INTEGER)",
 }
 _MONTH = {"postgresql": "date_trunc('month', charge_date)", "sqlite": "substr(charge_date, 1, 7)"}
+_KEY = ("project_id", "charge_type", "first_day")
 _VALUES = "project_id, charge_type, account_id, quantity_units, amount_units"
 
 
 def upgrade() -> None:
+    dialect = op.get_bind().dialect.name
+    # PostgreSQL builds the primary key once, sorted, after the rows are in (an insert
+    # into the key per row cost more than the grouping); SQLite cannot add one later.
+    key_after = dialect == "postgresql"
     op.create_table(
         "charge_periods",
         sa.Column("project_id", sa.String(64), nullable=False),
@@ -43,10 +48,13 @@ def upgrade() -> None:
         sa.Column("amount_units", sa.BigInteger(), nullable=False),
         sa.Column("run_id", sa.String(36), nullable=False),
         sa.Column("recorded_at", sa.DateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("project_id", "charge_type", "first_day", name="pk_charge_periods"),
+        *([] if key_after else [sa.PrimaryKeyConstraint(*_KEY, name="pk_charge_periods")]),
     )
-    dialect = op.get_bind().dialect.name
     day, month = _DAY[dialect], _MONTH[dialect]
+    if dialect == "postgresql":
+        # Memory for the grouping's sort and the index builds, this transaction only.
+        op.execute("SET LOCAL work_mem = '256MB'")
+        op.execute("SET LOCAL maintenance_work_mem = '512MB'")
     # Gaps and islands: within one (values, month), consecutive days share day - row_number.
     op.execute(
         "INSERT INTO charge_periods (project_id, charge_type, first_day, last_day, days, account_id,"
@@ -57,6 +65,8 @@ def upgrade() -> None:
         f" (PARTITION BY {_VALUES}, {month} ORDER BY charge_date) AS island FROM daily_charges d) s"
         f" GROUP BY {_VALUES}, month_of, island"
     )
+    if key_after:
+        op.create_primary_key("pk_charge_periods", "charge_periods", list(_KEY))
     op.create_index("ix_charge_periods_account_first", "charge_periods", ["account_id", "first_day"])
     op.drop_index("ix_daily_charges_account_date", table_name="daily_charges")
     op.drop_table("daily_charges")
