@@ -10,7 +10,7 @@ of its own, so its peak RSS is its own) and times, in one run:
   naive loop         the per-project loop a naive user would write (a query per
                      project and an INSERT per project-day), on 2k projects, scaled to N
   month-end (first)  first close of May from scratch: every charge written
-  db upgrade         migrations 0012 and 0013 of that month (charges turned back into a
+  db upgrade         migrations 0012 to the newest of that month (charges turned back into a
                      row per project and day first, by a downgrade that is not timed)
   nightly x31        the nightly run catching up every day of May (one run), on a
                      database without charges: the state "nightly ran every day"
@@ -284,9 +284,9 @@ def days_until_yesterday() -> list[date]:
 
 
 def migration(url: str, engine: Engine) -> Step:
-    """Migrations 0012 (runs) and 0013 (cloud fees per month) on the month just closed:
-    the store turned back into a row per project and day (`downgrade` to 0011,
-    untimed), then `db upgrade` timed as the command it is."""
+    """Migrations 0012 (runs), 0013 (cloud fees per month) and the newer ones on the
+    month just closed: the store turned back into a row per project and day
+    (`downgrade` to 0011, untimed), then `db upgrade` timed as the command it is."""
     downgrade(engine, "0011")
     with engine.connect() as conn:
         days = int(conn.execute(text("SELECT count(*) FROM daily_charges")).scalar_one())
