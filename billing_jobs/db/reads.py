@@ -52,6 +52,7 @@ from billing_jobs.db.source_tables import (
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.rules.cloud_fee import LINE_TYPES
+from billing_jobs.rules.int_texts import integers
 from billing_jobs.rules.money import UNITS_PER_CREDIT
 
 BATCH = 50_000
@@ -393,15 +394,16 @@ def day_pairs(conn: Connection, day: ColumnElement[Any], value: ColumnElement[An
 def summed_pairs(counts: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The texts of `day_pairs` (group i holds counts[i] pairs) summed per group and day:
     (the group of each result, its day, the sum of its values), by group then day."""
-    values = np.array(" ".join(texts).split(), dtype=np.int64).reshape(-1, 2)
+    values = integers(" ".join(texts)).reshape(-1, 2)
     if len(values) != counts.sum():
         raise AssertionError(f"day pairs: {len(values)} read, {counts.sum()} counted")
     group = np.repeat(np.arange(len(counts)), counts)
     day, value = values[:, 0], values[:, 1]
-    order = np.lexsort((day, group))
-    group, day, value = group[order], day[order], value[order]
     if not len(group):
         return group, day, value
+    if not bool(((group[1:] != group[:-1]) | (day[1:] >= day[:-1])).all()):  # else in order already
+        order = np.lexsort((day, group))
+        group, day, value = group[order], day[order], value[order]
     starts = np.flatnonzero(np.r_[True, (group[1:] != group[:-1]) | (day[1:] != day[:-1])])
     return group[starts], day[starts], np.add.reduceat(value, starts)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from billing_jobs.frames import pd
-from billing_jobs.rules.periods import group_texts
+from billing_jobs.rules.int_texts import group_texts, integers
 
 INTS = ("day", "units")
 
@@ -65,7 +65,10 @@ def to_days(frame: pd.DataFrame, key: str = "account_id") -> pd.DataFrame:
             }
         )
     words = np.array([t.count(" ") + 1 if t else 0 for t in texts], dtype=np.int64)
-    values = np.array(" ".join(t for t in texts if t).split(), dtype=np.int64)
+    try:
+        values = integers(" ".join(t for t in texts if t))
+    except ValueError:
+        values = np.empty(0, dtype=np.int64)
     if (words % 2).any() or len(values) != words.sum():
         raise ValueError("day values: a daily text is not a list of `offset units` pairs")
     counts, values = words // 2, values.reshape(-1, 2)

@@ -8,6 +8,7 @@ import numpy as np
 
 from billing_jobs.frames import pd
 from billing_jobs.rules.cloud_fee import LINE_TYPES
+from billing_jobs.rules.groups import sums_together
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_decimal
 
 STORAGE_FEE = "storage_fee"
@@ -53,15 +54,13 @@ def month_lines(
     """
     parts = []
     if len(storage_charges):
-        s = storage_charges.groupby("project_id", sort=False).agg(
-            days=("day", "size"), amount_units=("amount_units", "sum")
-        )
+        s = _summed(storage_charges, ["project_id"], "amount_units")
         parts.append(
             pd.DataFrame(
                 {
-                    "project_id": s.index.to_numpy(dtype=object),
+                    "project_id": s["project_id"].to_numpy(dtype=object),
                     "line_type": STORAGE_FEE,
-                    "quantity_units": s["days"].to_numpy(dtype=np.int64) * UNITS_PER_CREDIT,
+                    "quantity_units": s["rows"].to_numpy(dtype=np.int64) * UNITS_PER_CREDIT,
                     "amount_units": s["amount_units"].to_numpy(dtype=np.int64),
                 }
             )
@@ -78,10 +77,7 @@ def month_lines(
             )
         )
     if len(cloud):
-        c = cloud.groupby(["project_id", "line_type"], sort=False, as_index=False)[
-            ["quantity_units", "amount_units"]
-        ].sum()
-        parts.append(c)
+        parts.append(_summed(cloud, ["project_id", "line_type"], "quantity_units", "amount_units"))
     if not parts:
         return empty_lines()
     lines = pd.concat(parts, ignore_index=True)
@@ -90,6 +86,29 @@ def month_lines(
     lines["quantity_units"] = lines["quantity_units"].astype(np.int64)
     lines["amount_units"] = lines["amount_units"].astype(np.int64)
     return sort_lines(lines[LINE_COLUMNS])
+
+
+def _summed(frame: pd.DataFrame, keys: list[str], *columns: str) -> pd.DataFrame:
+    """The frame's rows per key (in the order the keys first come): the keys, `rows`,
+    and each column summed. Rows that come grouped and in day order, as the chunk's
+    charges do, are summed without a sort (`rules.groups`)."""
+    summed = sums_together(
+        tuple(frame[k].to_numpy(dtype=object) for k in keys),
+        frame["day"].to_numpy(dtype=np.int64),
+        tuple(frame[c].to_numpy(dtype=np.int64) for c in columns),
+    )
+    if summed is None:
+        grouped = frame.groupby(keys, sort=False, as_index=False)
+        out = grouped[list(columns)].sum()
+        return out.assign(rows=grouped.size()["size"].to_numpy(dtype=np.int64))
+    first, rows, sums = summed
+    return pd.DataFrame(
+        {
+            **{k: frame[k].to_numpy(dtype=object)[first] for k in keys},
+            "rows": rows,
+            **dict(zip(columns, sums, strict=True)),
+        }
+    )
 
 
 def sort_lines(lines: pd.DataFrame) -> pd.DataFrame:

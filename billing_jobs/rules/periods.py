@@ -26,11 +26,12 @@ Pure functions over DataFrames, vectorized over whole columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 
 from billing_jobs.frames import pd
+from billing_jobs.rules.groups import together
+from billing_jobs.rules.int_texts import group_texts, integers
 from billing_jobs.rules.invoice import STORAGE_FEE
 
 VALUES = ["account_id", "quantity_units", "amount_units"]
@@ -123,54 +124,61 @@ def _runs_of_days(charges: pd.DataFrame) -> pd.DataFrame:
 
 def months_of_days(charges: pd.DataFrame) -> pd.DataFrame:
     """Daily charges (one per project, charge type and day) as month forms: one row per
-    (project, charge type, month, account)."""
+    (project, charge type, month, account), in the order of those keys."""
     if charges.empty:
         return empty()
     day = charges["day"].to_numpy(dtype=np.int64)
-    p, t, a = _codes(charges["project_id"]), _codes(charges["charge_type"]), _codes(charges["account_id"])
+    project = charges["project_id"].to_numpy(dtype=object)
+    kind = charges["charge_type"].to_numpy(dtype=object)
+    account = charges["account_id"].to_numpy(dtype=object)
     month = _month_of(day)
-    order = np.lexsort((day, a, month, t, p))
+    keys = (project, kind, month, account)
+    first = together(keys, day)
+    if first is None:  # not grouped already: sorted
+        p, t, a = _codes(charges["project_id"]), _codes(charges["charge_type"]), _codes(charges["account_id"])
+        order = np.lexsort((day, a, month, t, p))
+        start = np.zeros(len(order), dtype=bool)
+        start[0] = True
+        for key in (p[order], t[order], month[order], a[order]):
+            start[1:] |= key[1:] != key[:-1]
+        first = np.flatnonzero(start)
+    else:
+        order = np.arange(len(day))
     d = day[order]
-    start = np.zeros(len(order), dtype=bool)
-    start[0] = True
-    for key in (p[order], t[order], month[order], a[order]):
-        start[1:] |= key[1:] != key[:-1]
-    first = np.flatnonzero(start)
-    group = np.cumsum(start) - 1
+    group = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(order))))
     q = charges["quantity_units"].to_numpy(dtype=np.int64)[order]
     m = charges["amount_units"].to_numpy(dtype=np.int64)[order]
     ends = np.append(first[1:], len(order)) - 1
     picked = order[first]
-    return pd.DataFrame(
+    months = pd.DataFrame(
         {
-            "project_id": charges["project_id"].to_numpy(dtype=object)[picked],
-            "charge_type": charges["charge_type"].to_numpy(dtype=object)[picked],
+            "project_id": project[picked],
+            "charge_type": kind[picked],
             "first_day": d[first],
             "last_day": d[ends],
             "days": ends - first + 1,
-            "account_id": charges["account_id"].to_numpy(dtype=object)[picked],
+            "account_id": account[picked],
             "quantity_units": np.add.reduceat(q, first),
             "amount_units": np.add.reduceat(m, first),
             "daily": _encode(d - d[first][group], q, m, first),
         }
     )
+    # The groups in the order of their keys, as the sort above gives them.
+    ranked = np.lexsort(
+        (
+            _codes(months["account_id"]),
+            _month_of(months["first_day"].to_numpy(dtype=np.int64)),
+            _codes(months["charge_type"]),
+            _codes(months["project_id"]),
+        )
+    )
+    return months.iloc[ranked].reset_index(drop=True)
 
 
 def _encode(offset: np.ndarray, quantity: np.ndarray, amount: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """The `daily` text of each group of days (groups start at the indexes `first`):
-    the numbers turned into text at once (`map(str)`, no Python call per day), each
-    group's slice of them joined."""
+    """The `daily` text of each group of days (groups start at the indexes `first`),
+    made a column at a time (`rules.int_texts.group_texts`)."""
     return np.array(group_texts(np.column_stack((offset, quantity, amount)), first), dtype=object)
-
-
-def group_texts(values: np.ndarray, first: np.ndarray) -> list[str]:
-    """Rows of integers (one row per day) as one text per group of rows, the groups
-    starting at the indexes `first`: every number of a group in row order, separated
-    by single spaces."""
-    width = values.shape[1]
-    words = list(map(str, values.ravel().tolist()))
-    bounds = (np.append(first, len(values)) * width).tolist()
-    return [" ".join(words[a:b]) for a, b in pairwise(bounds)]
 
 
 def from_days(charges: pd.DataFrame) -> pd.DataFrame:
@@ -210,7 +218,7 @@ def _days_of_runs(runs: pd.DataFrame) -> pd.DataFrame:
 def _days_of_months(months: pd.DataFrame) -> pd.DataFrame:
     n = months["days"].to_numpy(dtype=np.int64)
     try:
-        flat = np.array(" ".join(months["daily"].tolist()).split(), dtype=np.int64)
+        flat = integers(" ".join(months["daily"].tolist()))
     except ValueError:
         flat = np.empty(0, dtype=np.int64)
     if len(flat) != 3 * int(n.sum()):

@@ -84,6 +84,25 @@ def test_periods_give_back_exactly_the_days_they_were_made_of(
     assert _rows(periods.to_days(stored)) == _rows(charges)
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.lists(a_day, max_size=60), st.randoms(use_true_random=False))
+def test_month_forms_are_the_same_whether_the_days_come_grouped_or_shuffled(
+    days: list[Day], rng: object
+) -> None:
+    """Days that come grouped by project and charge type, in day order (as a chunk's
+    reads give them), take the path without a sort; in any other order, the sorted
+    one. Both give the same rows in the same order."""
+    charges = _frame(days)
+    months = charges.loc[charges["charge_type"] != "storage_fee"].reset_index(drop=True)
+    grouped = months.sort_values(["project_id", "charge_type", "account_id", "day"], kind="stable")
+    shuffled = months.sample(frac=1.0, random_state=rng.randint(0, 2**31))  # type: ignore[attr-defined]
+    by_groups = periods.months_of_days(grouped.reset_index(drop=True))
+    assert by_groups.equals(periods.months_of_days(shuffled.reset_index(drop=True)))
+    assert by_groups.equals(periods.months_of_days(months.sort_values(["day", "project_id"])))
+    _assert_canonical(by_groups)
+    assert _rows(periods.to_days(by_groups)) == _rows(months)
+
+
 def test_an_always_charged_month_is_one_period_and_a_month_boundary_splits_it() -> None:
     charges = _frame([("p1", "storage_fee", d, "acct-a", 10_000) for d in range(0, 40)])
     stored = periods.from_days(charges)
