@@ -103,6 +103,18 @@ charge_periods = Table(
     Index("ix_charge_periods_account_first", "account_id", "first_day"),
 )
 
+# Months that may hold stored charges. A run writes its month's row here, in a
+# transaction of its own, before it writes any period of that month: a month without a
+# row holds no period, and a run that finds none (a month's first night or first
+# close) does not look stored periods up. Rows are never removed.
+charge_months = Table(
+    "charge_months",
+    billing_metadata,
+    Column("period", String(7), primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("recorded_at", DateTime, nullable=False),
+)
+
 # Month closes: a month is closed once its regular invoices are finalized.
 month_closes = Table(
     "month_closes",

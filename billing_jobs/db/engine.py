@@ -22,7 +22,7 @@ from billing_jobs.redact import remember_url, scrub
 if TYPE_CHECKING:
     from alembic.config import Config
 
-SCHEMA_HEAD = "0016"  # the newest migration's revision
+SCHEMA_HEAD = "0017"  # the newest migration's revision
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 VERSION_TABLE = "billing_alembic_version"
 

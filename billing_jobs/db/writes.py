@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing_jobs.db.billing_tables import charge_periods, rejects
+from billing_jobs.db.billing_tables import charge_months, charge_periods, rejects
 from billing_jobs.db.reads import date_param, read_frame
 from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
@@ -185,6 +185,19 @@ class Window:
         return lo, hi
 
 
+def charges_stored(conn: Connection, month: Month) -> bool:
+    """Whether `month` may hold stored periods (`charge_months`): read by a run after it
+    holds its lock, before it writes its month's row."""
+    cm = charge_months.c
+    return conn.execute(select(cm.period).where(cm.period == str(month))).first() is not None
+
+
+def mark_charged(conn: Connection, month: Month, *, run_id: str, now: datetime) -> None:
+    """Record that `month` may hold stored periods, before a run writes any (a
+    transaction of its own, committed before the chunks' writes)."""
+    insert_ignore(conn, charge_months, [{"period": str(month), "run_id": run_id, "recorded_at": now}])
+
+
 def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: date, hi: date) -> pd.DataFrame:
     """The stored periods of one month that a run deciding days lo..hi (both in that
     month) may change: the runs that overlap or touch those days and every month form
@@ -235,6 +248,7 @@ def sync_charges(
     run_id: str,
     now: datetime,
     phases: dict[str, float] | None = None,
+    stored: bool = True,
 ) -> tuple[int, int]:
     """Make the stored charges of the chunk say exactly `wanted` inside `window`.
 
@@ -249,6 +263,8 @@ def sync_charges(
     every day is compared, so any difference is corrected.
 
     Returns (periods written, periods deleted). phases: `billing_jobs.phases`.
+    stored: False when the run found that the window's month holds no periods
+    (`charges_stored`, read when it started): nothing is looked up, `wanted` is written.
     """
     if len(wanted):
         lo, hi = window.bounds(wanted["charge_type"])
@@ -257,12 +273,15 @@ def sync_charges(
             raise ValueError("a charge lies outside the days the run decides")
     if Month.of(window.first) != Month.of(window.through):
         raise ValueError("a run of charges spans more than one month")
-    projects = pd.unique(wanted["project_id"]).tolist() if len(wanted) else []
-    with phase(phases, "stored_read"):
-        stored = read_periods(conn, chunk, projects, window.first, window.through)
+    if stored:
+        projects = pd.unique(wanted["project_id"]).tolist() if len(wanted) else []
+        with phase(phases, "stored_read"):
+            held = read_periods(conn, chunk, projects, window.first, window.through)
+    else:
+        held = periods.empty()
     with phase(phases, "diff"):
-        lo, hi = window.bounds(stored["charge_type"])
-        diff = periods.change(stored, wanted, lo, hi)
+        lo, hi = window.bounds(held["charge_type"])
+        diff = periods.change(held, wanted, lo, hi)
     if diff.empty:
         return 0, 0
     deleted = 0

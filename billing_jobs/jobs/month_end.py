@@ -39,7 +39,16 @@ from billing_jobs.db.reads import Shard, accounts_charged, plan_chunks, read_fra
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
 from billing_jobs.db.sql import Chunk
-from billing_jobs.db.writes import Window, analyze, bulk_insert, insert_ignore, record_rejects, sync_charges
+from billing_jobs.db.writes import (
+    Window,
+    analyze,
+    bulk_insert,
+    charges_stored,
+    insert_ignore,
+    mark_charged,
+    record_rejects,
+    sync_charges,
+)
 from billing_jobs.frames import pd
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
@@ -188,6 +197,9 @@ def close_month(
     with InBackground(run.engine, side_read) as side:
         with run.engine.connect() as conn:
             closed = False if fresh_schema else is_closed(conn, month)
+            # A month without stored periods when the run starts (its first close, no
+            # night billed) has none for the chunks to look up.
+            stored = not fresh_schema and charges_stored(conn, month)
             also = [] if fresh_schema else month_accounts(month)
             chunks = plan_chunks(conn, projects_per_chunk, shard, also=also)
         kind = ADJUSTMENT if closed else REGULAR
@@ -206,7 +218,7 @@ def close_month(
         if not run.dry_run:
             run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
-        done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last)
+        done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last, stored=stored)
         compute_days: list[pd.DataFrame] = []
         for step, (heads, lines, rejected, compute) in enumerate(done, start=1):
             all_rejects.append(rejected)
@@ -429,11 +441,13 @@ def _analyze(conn: Connection, *, run: Run) -> None:
 
 
 def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kind: str) -> None:
-    """A close's first write: drafts of an interrupted run removed.
+    """A close's first write: the month marked as one that may hold stored charges
+    (before any chunk writes one), drafts of an interrupted run removed.
 
     A whole run removes every draft of the month; a shard records that it runs (each
     chunk then replaces its own accounts' drafts).
     """
+    mark_charged(conn, month, run_id=run.run_id, now=run.now)
     if shard is None:
         _delete_drafts(conn, month, None)
         conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
@@ -641,11 +655,12 @@ def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None)
 
 
 def close_chunk(
-    run: Run, chunk: Chunk, *, month: Month, kind: str, last: date
+    run: Run, chunk: Chunk, *, month: Month, kind: str, last: date, stored: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One chunk of a month close: read -> rules -> exact diff -> write (one transaction).
 
-    Everything it reads is the chunk's own: its sources, and on a re-close its
+    Everything it reads is the chunk's own: its sources, its stored periods (unless
+    `stored` is False: the month held none when the run started), and on a re-close its
     finalized invoice lines. Returns the draft invoice headers and lines (in a dry run
     only computed; written ones are not carried back), the rows the rules rejected, and
     the chunk's compute per account and billing day (for the credits ledger).
@@ -690,6 +705,7 @@ def close_chunk(
                 heads=heads,
                 lines=lines,
                 phases=phases,
+                stored=stored,
             )
         )
     log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
@@ -707,6 +723,7 @@ def _write_chunk(
     heads: pd.DataFrame,
     lines: pd.DataFrame,
     phases: dict[str, float] | None = None,
+    stored: bool = True,
 ) -> None:
     """One chunk's writes: stored charges corrected, rejects recorded, draft invoices."""
     inserted, deleted = sync_charges(
@@ -717,6 +734,7 @@ def _write_chunk(
         run_id=run.run_id,
         now=run.now,
         phases=phases,
+        stored=stored,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)

@@ -26,7 +26,15 @@ from billing_jobs.db.reads import accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
 from billing_jobs.db.sql import Chunk
-from billing_jobs.db.writes import Window, analyze, insert_ignore, record_rejects, sync_charges
+from billing_jobs.db.writes import (
+    Window,
+    analyze,
+    charges_stored,
+    insert_ignore,
+    mark_charged,
+    record_rejects,
+    sync_charges,
+)
 from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
 from billing_jobs.jobs.runner import Run
@@ -129,6 +137,7 @@ def _sync_chunk(
     chunk: Chunk,
     window: Window,
     phases: dict[str, float] | None = None,
+    stored: bool = True,
 ) -> None:
     inserted, deleted = sync_charges(
         conn,
@@ -138,6 +147,7 @@ def _sync_chunk(
         run_id=run.run_id,
         now=run.now,
         phases=phases,
+        stored=stored,
     )
     run.count("rows_inserted", inserted)
     run.count("rows_deleted", deleted)
@@ -148,14 +158,19 @@ def _analyze(conn: Connection, *, changed: int) -> None:
     analyze(conn, charge_periods, changed=changed)
 
 
+def _mark_month(conn: Connection, *, run: Run, month: Month) -> None:
+    mark_charged(conn, month, run_id=run.run_id, now=run.now)
+
+
 def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]) -> None:
     run.count("days_billed", insert_ignore(conn, billed_days, records))
 
 
 def bill_chunk(
-    run: Run, chunk: Chunk, *, month: Month, window: Window
+    run: Run, chunk: Chunk, *, month: Month, window: Window, stored: bool = True
 ) -> tuple[pd.DataFrame | None, pd.DataFrame]:
     """One chunk of nightly: read -> rules -> exact diff -> write (one transaction).
+    stored: False when the month held no stored periods as the run started.
 
     Returns the charges (in a dry run; None otherwise) and the rows the rules rejected.
     """
@@ -187,7 +202,14 @@ def bill_chunk(
     with rest(phases, "write"):
         run.write(
             partial(
-                _sync_chunk, run=run, result=result, wanted=wanted, chunk=chunk, window=window, phases=phases
+                _sync_chunk,
+                run=run,
+                result=result,
+                wanted=wanted,
+                chunk=chunk,
+                window=window,
+                phases=phases,
+                stored=stored,
             )
         )
     log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
@@ -216,7 +238,14 @@ def bill_days(
         side_read = partial(platform_rejects, settings=settings, first=first, last=last)
         with InBackground(run.engine, side_read) as side:
             window = Window.days(first, last, storage_through(month, last, billed))
-            done = run_chunks(run, bill_chunk, chunks, workers, month=month, window=window)
+            stored = True
+            if not run.dry_run:
+                # The month marked before any chunk writes a period of it; one that held
+                # none as the run started has none to look up.
+                with run.engine.connect() as conn:
+                    stored = charges_stored(conn, month)
+                run.write(partial(_mark_month, run=run, month=month))
+            done = run_chunks(run, bill_chunk, chunks, workers, month=month, window=window, stored=stored)
             for charges, rejected in done:
                 if charges is not None:
                     preview_charges.append(charges)

@@ -29,6 +29,7 @@ from billing_jobs.db.billing_tables import (
     billed_days,
     billing_locks,
     billing_runs,
+    charge_months,
     credit_balances,
     credit_entries,
     credit_inputs,
@@ -244,6 +245,8 @@ def billing_state(db_url: str, *months: str) -> dict[str, Any]:
                 ),
                 "invoice_series": _rows(conn, invoice_series),
             }
+            if "charge_months" in sa.inspect(conn).get_table_names():
+                state["charge_months"] = _rows(conn, charge_months, "run_id", "recorded_at")
             if "credit_entries" in sa.inspect(conn).get_table_names():
                 state.update(
                     credit_entries=_rows(conn, credit_entries, "run_id", "recorded_at"),

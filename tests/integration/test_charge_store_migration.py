@@ -143,6 +143,10 @@ def test_upgrade_keeps_every_closed_month_and_every_day_charged(db_url: str, tmp
     assert stored[0] < stored[1] * 0.2, stored
     assert charge_days(db_url) == expected
     assert _compute_inputs(db_url) == _FIXTURE_INPUTS
+    # Every month that holds charges is marked so (0017): its next run reads them back.
+    marked = {p for (p,) in _query(db_url, "SELECT period FROM charge_months")}
+    assert marked == {r[2][:7] for r in expected}
+    assert len(marked) == 8  # the fixture's months, from 2026-03
     reconciled = run_cli(db_url, "reconcile", "--since", "2026-03")
     assert reconciled.code == 0, reconciled.stdout + reconciled.stderr
     # The migrated rows are the jobs' own canonical form: a re-close rewrites none.
@@ -239,12 +243,13 @@ def _upgrade_process(db_url: str, **extra: str) -> subprocess.CompletedProcess[b
     return subprocess.run(command, env=env, capture_output=True, timeout=300, check=False)
 
 
-@pytest.mark.parametrize("revision", ["0012", "0013", "0014", "0016"])
+@pytest.mark.parametrize("revision", ["0012", "0013", "0014", "0016", "0017"])
 def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run_again(
     db_url: str, tmp_path: Path, revision: str
 ) -> None:
     """Killed inside any of the migrations (0012: runs; 0013: cloud fees per month;
-    0014: the ledger entries' primary key; 0016: the ledger's compute inputs per month),
+    0014: the ledger entries' primary key; 0016: the ledger's compute inputs per month;
+    0017: the months that hold charges),
     the upgrade's one transaction rolls back to the old version's store."""
     _load(db_url, tmp_path)
 

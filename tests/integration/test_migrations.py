@@ -30,6 +30,7 @@ JOB_TABLES = {
     "billing_locks",
     "billed_days",
     "charge_periods",
+    "charge_months",
     "month_closes",
     "month_shards",
     "month_holds",

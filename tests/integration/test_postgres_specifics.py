@@ -55,6 +55,7 @@ JOB_ROLE_GRANTS = [
     "GRANT SELECT ON accounts, projects, project_events, compute_usage, cloud_usage,"
     " top_ups, redemption_codes, refund_requests TO {job}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON billing_runs, billing_locks, billed_days, charge_periods,"
+    " charge_months,"
     " month_closes, month_shards, month_holds, month_reconciles, invoices, invoice_lines, rejects,"
     " credit_lots, credit_entries, credit_balances, credit_periods, credit_refunds, credit_inputs,"
     " credit_lot_states,"
