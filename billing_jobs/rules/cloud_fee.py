@@ -46,17 +46,21 @@ def cloud_fees(
     marked = usage.reset_index(drop=True)
     is_published = _published(marked, published)
     early = marked["day"].to_numpy(dtype=np.int64) < effective_day
-    reason = np.where(early, BEFORE_EFFECTIVE, np.where(is_published, "", NOT_PUBLISHED))
-    ok = reason == ""
-    rejected = marked.loc[~ok, ["project_id", "day", "metric"]].assign(reason=reason[~ok])
+    ok = is_published & ~early
+    rejected = marked.loc[~ok, ["project_id", "day", "metric"]].assign(
+        reason=np.where(early[~ok], BEFORE_EFFECTIVE, NOT_PUBLISHED).astype(object)
+    )
     fees = marked.loc[ok, ["project_id", "day", "metric", "quantity_units"]].reset_index(drop=True)
+    # Each metric once (its codes), not a comparison or a lookup per row.
+    codes, names = pd.factorize(fees["metric"].to_numpy(dtype=object))
+    quantity = fees["quantity_units"].to_numpy(dtype=np.int64)
     amounts = np.zeros(len(fees), dtype=np.int64)
-    metric = fees["metric"].to_numpy(dtype=object)
-    for name, price in prices.items():
-        rows = metric == name
-        if rows.any():
-            amounts[rows] = round_half_up_units(fees["quantity_units"].to_numpy(dtype=np.int64)[rows], price)
-    fees["line_type"] = fees["metric"].map(LINE_TYPES)
+    for code, name in enumerate(names):
+        if name in prices:
+            rows = codes == code
+            amounts[rows] = round_half_up_units(quantity[rows], prices[name])
+    line_types = np.array([LINE_TYPES.get(name) for name in names], dtype=object)
+    fees["line_type"] = line_types[codes]
     fees["amount_units"] = amounts
     return fees, rejected.reset_index(drop=True)
 
