@@ -28,7 +28,7 @@ from billing_jobs.db.reads import day_number as sql_day_number
 from billing_jobs.db.reads import read_frame
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
-from billing_jobs.jobs.ledger import decide_codes, read_events, states_at, validate_top_ups
+from billing_jobs.jobs.ledger import read_events, states_at
 from billing_jobs.jobs.warehouse import CENTS, DAY, STRING, UNITS, Field, Row, Rows, write_csv
 from billing_jobs.rules.calendar import Month, day_from_number, day_number, local_midnight_utc
 from billing_jobs.rules.credits import (
@@ -48,6 +48,7 @@ from billing_jobs.rules.credits import (
 )
 from billing_jobs.rules.money import format_cents, format_units
 from billing_jobs.rules.rejects import RejectStatus
+from billing_jobs.rules.top_ups import decide_codes, validate_top_ups
 from billing_jobs.settings import Settings
 
 # contract.md, Ledger export; an empty `lot_id`, `corrects` or `money` is a null in Parquet.

@@ -65,7 +65,7 @@ from billing_jobs.db.reconcile_log import BUSY, DIFFERS, OK
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import compute_chunk
-from billing_jobs.jobs.ledger import account_chunks, compute_chunk_ledger, decide_codes
+from billing_jobs.jobs.ledger import account_chunks, compute_chunk_ledger
 from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
@@ -79,6 +79,7 @@ from billing_jobs.rules.reconcile import (
     empty_ledger_differences,
     ledger_differences,
 )
+from billing_jobs.rules.top_ups import decide_codes
 
 RECONCILE_LOCK = "billing-reconcile"
 ATTEMPTS = 3
