@@ -57,7 +57,10 @@ def _apply() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per record, its newline included: worker processes share stderr, and
+        # a record and its newline written apart (`print`, unbuffered as in the image)
+        # let another process's record in between them.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
 
