@@ -51,8 +51,10 @@ def _column_values(values: pd.Series, *, is_date: bool, is_timestamp: bool) -> l
     if values.dtype.kind in "iub":
         plain: list[Any] = values.tolist()
         return plain
+    out: list[Any] = values.tolist()
     missing = values.isna().to_numpy()
-    out = [None if m else v for v, m in zip(values.tolist(), missing, strict=True)]
+    if missing.any():  # else the values as they are (most id and text columns)
+        out = [None if m else v for v, m in zip(out, missing, strict=True)]
     if is_timestamp:
         out = [v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v for v in out]
     return out
