@@ -134,6 +134,7 @@ def months_of_days(charges: pd.DataFrame) -> pd.DataFrame:
     month = _month_of(day)
     keys = (project, kind, month, account)
     first = together(keys, day)
+    grouped = first is not None
     if first is None:  # not grouped already: sorted
         p, t, a = _codes(charges["project_id"]), _codes(charges["charge_type"]), _codes(charges["account_id"])
         order = np.lexsort((day, a, month, t, p))
@@ -163,6 +164,8 @@ def months_of_days(charges: pd.DataFrame) -> pd.DataFrame:
             "daily": _encode(d - d[first][group], q, m, first),
         }
     )
+    if not grouped:
+        return months
     # The groups in the order of their keys, as the sort above gives them.
     ranked = np.lexsort(
         (
