@@ -8,6 +8,8 @@ test checks that it is the migrations' head).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,3 +145,21 @@ def schema_is_current(engine: Engine) -> bool:
     """Whether the jobs' tables are migrated to the newest revision."""
     with engine.connect() as conn:
         return schema_revision(conn) == SCHEMA_HEAD
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one committed state of the database.
+
+    PostgreSQL: a read-only REPEATABLE READ transaction. SQLite (WAL): a read
+    transaction, begun explicitly, sees the database as of its first read.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.rollback()

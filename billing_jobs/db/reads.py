@@ -51,6 +51,7 @@ from billing_jobs.db.source_tables import (
 )
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
+from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.int_texts import integers
 from billing_jobs.rules.money import UNITS_PER_CREDIT
@@ -502,3 +503,24 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of at most `size` items (for IN lists of bounded length)."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def stored_charges(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
+    """The month's stored charges of the chunk's accounts, summed per (account, project,
+    charge type) and named as invoice lines (a charge type is its line type). A period
+    counts its days: a run its daily quantity and amount times their number, a month
+    form its totals."""
+    cp = charge_periods.c
+    times = case((cp.daily.is_(None), cp.days), else_=1)
+    stmt = (
+        select(
+            cp.account_id,
+            cp.project_id,
+            cp.charge_type.label("line_type"),
+            cast(func.sum(cp.quantity_units * times), BigInteger).label("quantity_units"),
+            cast(func.sum(cp.amount_units * times), BigInteger).label("amount_units"),
+        )
+        .where(chunk.clause(cp.account_id), cp.first_day.between(month.first_day, month.last_day))
+        .group_by(cp.account_id, cp.project_id, cp.charge_type)
+    )
+    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)

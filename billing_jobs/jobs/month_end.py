@@ -1,8 +1,8 @@
 """Month-end: recompute the month from the source tables and close it.
 
 1. Drafts left by an interrupted run of this month are removed.
-2. Per chunk of accounts, one pipeline (`close_chunk`): read the chunk's
-   sources and finalized invoice lines -> rules -> exact diff -> write, in its own
+2. Per chunk of accounts, the charges' pipeline (`jobs.pipeline`, `ChunkJob.month_end`):
+   read the chunk's sources and finalized invoice lines -> rules -> exact diff -> write, in its own
    transaction: stored charges made equal to the recomputed ones day by day, the
    month's lines compared with what the month's finalized invoices already hold,
    and written as draft `regular` invoices (first close) or draft `adjustment`
@@ -25,7 +25,6 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Select, cast, delete, func, select, update
 
-from billing_jobs import logs
 from billing_jobs.db.billing_tables import (
     billed_days,
     charge_periods,
@@ -35,42 +34,36 @@ from billing_jobs.db.billing_tables import (
     month_holds,
     month_shards,
 )
-from billing_jobs.db.reads import Shard, accounts_charged, plan_chunks, read_frame
+from billing_jobs.db.reads import Shard, accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
 from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import (
-    Window,
     analyze,
-    bulk_insert,
     charges_stored,
     insert_ignore,
     mark_charged,
     record_rejects,
-    sync_charges,
 )
 from billing_jobs.frames import pd
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
-    ChunkResult,
     InBackground,
-    compute_chunk,
     month_days,
     platform_rejects,
 )
+from billing_jobs.jobs.drafts import ADJUSTMENT, REGULAR, delete_drafts
 from billing_jobs.jobs.ledger import KnownCompute, LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
+from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
-from billing_jobs.phases import log_chunk, phase, rest
 from billing_jobs.rules.calendar import Month
-from billing_jobs.rules.invoice import adjustment_lines, empty_lines
 from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000
 log = get_logger()
-REGULAR, ADJUSTMENT = "regular", "adjustment"
 
 
 @dataclass(frozen=True)
@@ -89,12 +82,6 @@ class MonthPreview:
     ledger: LedgerOutcome | None = None  # the credits ledger written (or previewed)
 
 
-def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
-    if kind == REGULAR:
-        return f"INV-{month}-{account_id}"
-    return f"ADJ-{month}-{account_id}-{sequence:03d}"
-
-
 def is_closed(conn: Connection, month: Month) -> bool:
     row = conn.execute(select(month_closes.c.period).where(month_closes.c.period == str(month)))
     return row.first() is not None
@@ -107,59 +94,6 @@ def month_accounts(month: Month) -> list[Select[Any]]:
         select(invoices.c.account_id).where(invoices.c.period == str(month)).distinct(),
         accounts_charged(month.first_day, month.last_day),
     ]
-
-
-def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
-    """Sum of the month's finalized invoice lines per (account, project, line type).
-
-    Drafts (of a run that was interrupted, or held for approval) are not counted.
-    """
-    il = invoice_lines.c
-    stmt = (
-        select(
-            il.account_id,
-            il.project_id,
-            il.line_type,
-            cast(func.sum(il.quantity_units), BigInteger).label("quantity_units"),
-            cast(func.sum(il.amount_units), BigInteger).label("amount_units"),
-        )
-        .select_from(invoice_lines.join(invoices, invoices.c.invoice_id == il.invoice_id))
-        .where(il.period == str(month), chunk.clause(il.account_id), invoices.c.status == "finalized")
-        .group_by(il.account_id, il.project_id, il.line_type)
-    )
-    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
-
-
-def _next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, int]:
-    inv = invoices.c
-    rows = conn.execute(
-        select(inv.account_id, func.max(inv.sequence))
-        .where(inv.period == str(month), chunk.clause(inv.account_id), inv.status == "finalized")
-        .group_by(inv.account_id)
-    )
-    return {account: int(seq) + 1 for account, seq in rows}
-
-
-def _invoices_for(
-    lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if lines.empty:
-        return pd.DataFrame(
-            columns=["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]
-        ), lines.assign(invoice_id=pd.Series(dtype=object))
-    heads = lines.groupby("account_id", as_index=False, sort=True).agg(
-        total_units=("amount_units", "sum"), line_count=("amount_units", "size")
-    )
-    if kind == REGULAR:
-        heads["sequence"] = 0
-    else:
-        heads["sequence"] = [max(sequences.get(a, 1), 1) for a in heads["account_id"]]
-    heads["kind"] = kind
-    heads["invoice_id"] = [
-        invoice_id(kind, month, a, s) for a, s in zip(heads["account_id"], heads["sequence"], strict=True)
-    ]
-    lines = lines.merge(heads[["account_id", "invoice_id"]], on="account_id")
-    return heads, lines
 
 
 def close_month(
@@ -218,14 +152,15 @@ def close_month(
         if not run.dry_run:
             run.write(partial(_start, run=run, month=month, shard=shard, kind=kind))
 
-        done = run_chunks(run, close_chunk, chunks, workers, month=month, kind=kind, last=last, stored=stored)
+        job = ChunkJob.month_end(month, kind, last=last, stored=stored)
         compute_days: list[pd.DataFrame] = []
-        for step, (heads, lines, rejected, compute) in enumerate(done, start=1):
-            all_rejects.append(rejected)
-            compute_days.append(compute)
-            if run.dry_run:
-                all_heads.append(heads)
-                all_lines.append(lines)
+        for step, out in enumerate(run_chunks(run, run_chunk, chunks, workers, job=job), start=1):
+            all_rejects.append(out.rejects)
+            assert out.compute is not None, "a month-end chunk reads the month's compute"
+            compute_days.append(out.compute)
+            if out.heads is not None and out.lines is not None:  # a dry run's drafts
+                all_heads.append(out.heads)
+                all_lines.append(out.lines)
             run.progress(step, len(chunks), str(month))
         found = side.result()
     run.saw_rejects(found)
@@ -449,7 +384,7 @@ def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kin
     """
     mark_charged(conn, month, run_id=run.run_id, now=run.now)
     if shard is None:
-        _delete_drafts(conn, month, None)
+        delete_drafts(conn, month, None)
         conn.execute(delete(month_holds).where(month_holds.c.period == str(month)))
     else:
         ms = month_shards.c
@@ -467,19 +402,6 @@ def _start(conn: Connection, *, run: Run, month: Month, shard: Shard | None, kin
                 started_at=run.now,
             )
         )
-
-
-def _delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs: Sequence[str] = ()) -> int:
-    """Remove the month's draft invoices (of the chunk's accounts), except those of `keep_runs`."""
-    inv = invoices.c
-    where = [inv.period == str(month), inv.status == "draft"]
-    if chunk is not None:
-        where.append(chunk.clause(inv.account_id))
-    if keep_runs:
-        where.append(inv.run_id.not_in(list(keep_runs)))
-    drafts = select(inv.invoice_id).where(*where)
-    conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
-    return conn.execute(delete(invoices).where(*where)).rowcount or 0
 
 
 def examined_by_month_end(month: Month, chunks: Sequence[Chunk], shard: Shard | None) -> Examined:
@@ -632,7 +554,7 @@ def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None)
     runs = [str(r.run_id) for r in split.values()]
 
     def finalize(conn: Connection) -> None:
-        run.count("drafts_removed", _delete_drafts(conn, month, None, keep_runs=runs))
+        run.count("drafts_removed", delete_drafts(conn, month, None, keep_runs=runs))
         inv = invoices.c
         mine = [inv.period == str(month), inv.status == "draft", inv.run_id.in_(runs)]
         run.count("invoices", conn.execute(select(func.count()).where(*mine)).scalar_one())
@@ -652,139 +574,6 @@ def finalize_shards(run: Run, month: Month, *, ledger_from: Month | None = None)
     empty = pd.DataFrame()
     note = f"{count} shard(s) finalized: {'adjustments' if closed else 'closed'}"
     return MonthPreview(month, kind, closed, empty, empty, empty, note=note, ledger=ledger)
-
-
-def close_chunk(
-    run: Run, chunk: Chunk, *, month: Month, kind: str, last: date, stored: bool = True
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """One chunk of a month close: read -> rules -> exact diff -> write (one transaction).
-
-    Everything it reads is the chunk's own: its sources, its stored periods (unless
-    `stored` is False: the month held none when the run started), and on a re-close its
-    finalized invoice lines. Returns the draft invoice headers and lines (in a dry run
-    only computed; written ones are not carried back), the rows the rules rejected, and
-    the chunk's compute per account and billing day (for the credits ledger).
-    """
-    closed = kind == ADJUSTMENT
-    started = time.perf_counter()
-    phases: dict[str, float] = {}
-    with run.engine.connect() as conn:
-        result = compute_chunk(conn, run.settings, month, chunk, last=last, phases=phases)
-        with phase(phases, "invoiced_read"):
-            invoiced = invoiced_lines(conn, month, chunk) if closed else None
-            sequences = _next_sequences(conn, month, chunk) if closed else {}
-    with phase(phases, "rules"):
-        truth = result.lines if result.lines is not None else empty_lines()
-        lines = truth if invoiced is None else adjustment_lines(truth, invoiced)
-        heads, lines = _invoices_for(lines, month, kind, sequences)
-    refunds = result.refunds if result.refunds is not None else pd.DataFrame()
-    for name, value in result.counts().items():
-        run.count(name, value)
-    run.count("refunds", len(refunds))
-    run.count("refund_units", int(refunds["amount_units"].sum()) if len(refunds) else 0)
-    run.saw_rejects(result.rejects)
-    run.count("invoices", len(heads))
-    run.count("invoice_lines", len(lines))
-    compute = result.compute_days
-    assert compute is not None, "a month-end chunk reads the whole month"
-    chunk_log = logs.named("billing_jobs.charges")
-    if run.dry_run:
-        log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
-        return heads, lines, result.rejects, compute
-    with phase(phases, "periods"):
-        wanted = result.periods
-    with rest(phases, "write"):
-        run.write(
-            partial(
-                _write_chunk,
-                run=run,
-                month=month,
-                result=result,
-                wanted=wanted,
-                chunk=chunk,
-                heads=heads,
-                lines=lines,
-                phases=phases,
-                stored=stored,
-            )
-        )
-    log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
-    return heads.iloc[0:0], lines.iloc[0:0], result.rejects, compute  # written: not carried back
-
-
-def _write_chunk(
-    conn: Connection,
-    *,
-    run: Run,
-    month: Month,
-    result: ChunkResult,
-    wanted: pd.DataFrame,
-    chunk: Chunk,
-    heads: pd.DataFrame,
-    lines: pd.DataFrame,
-    phases: dict[str, float] | None = None,
-    stored: bool = True,
-) -> None:
-    """One chunk's writes: stored charges corrected, rejects recorded, draft invoices."""
-    inserted, deleted = sync_charges(
-        conn,
-        wanted,
-        Window.days(month.first_day, month.last_day),
-        chunk,
-        run_id=run.run_id,
-        now=run.now,
-        phases=phases,
-        stored=stored,
-    )
-    run.count("rows_inserted", inserted)
-    run.count("rows_deleted", deleted)
-    run.count("rejects_new", record_rejects(conn, result.rejects, run_id=run.run_id, now=run.now))
-    _delete_drafts(conn, month, chunk)  # left by an interrupted run of this chunk's accounts
-    _write_invoices(conn, heads, lines, month, run)
-
-
-def _write_invoices(
-    conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, run: Run
-) -> None:
-    if heads.empty:
-        return
-    bulk_insert(
-        conn,
-        invoices,
-        heads.assign(
-            period=str(month), status="draft", run_id=run.run_id, created_at=run.now, finalized_at=None
-        )[
-            [
-                "invoice_id",
-                "account_id",
-                "period",
-                "kind",
-                "sequence",
-                "status",
-                "total_units",
-                "line_count",
-                "run_id",
-                "created_at",
-                "finalized_at",
-            ]
-        ],
-    )
-    bulk_insert(
-        conn,
-        invoice_lines,
-        lines.assign(period=str(month))[
-            [
-                "invoice_id",
-                "project_id",
-                "line_type",
-                "account_id",
-                "period",
-                "quantity_units",
-                "unit_price",
-                "amount_units",
-            ]
-        ],
-    )
 
 
 def month_has_ended(month: Month, today: date) -> bool:

@@ -1,6 +1,7 @@
 """Nightly: charge billing days as they close.
 
-For each month touched, one pass per chunk of accounts computes the month from
+For each month touched, one pass per chunk of accounts (the charges' pipeline,
+`jobs.pipeline`, `ChunkJob.nightly`) computes the month from
 its first day (the cap counts from day one) and makes the charges of the days
 being billed equal to what the rules give; days already billed with unchanged
 source data are left untouched. The storage fee is stored through the last day
@@ -11,7 +12,6 @@ writes no storage row.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -20,12 +20,10 @@ from itertools import groupby
 
 from sqlalchemy import Connection, Engine, inspect, select
 
-from billing_jobs import logs
 from billing_jobs.db.billing_tables import billed_days, charge_periods
 from billing_jobs.db.reads import accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
-from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import (
     Window,
     analyze,
@@ -33,14 +31,13 @@ from billing_jobs.db.writes import (
     insert_ignore,
     mark_charged,
     record_rejects,
-    sync_charges,
 )
 from billing_jobs.frames import pd
-from billing_jobs.jobs.compute import ChunkResult, InBackground, compute_chunk, platform_rejects
+from billing_jobs.jobs.compute import InBackground, platform_rejects
+from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
-from billing_jobs.phases import log_chunk, phase, rest
-from billing_jobs.rules.calendar import Month, day_number
+from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000
@@ -128,32 +125,6 @@ def examined_by_nightly(month: Month, first: date, last: date) -> Examined:
     return Examined(str(month), frozenset(tables), what)
 
 
-def _sync_chunk(
-    conn: Connection,
-    *,
-    run: Run,
-    result: ChunkResult,
-    wanted: pd.DataFrame,
-    chunk: Chunk,
-    window: Window,
-    phases: dict[str, float] | None = None,
-    stored: bool = True,
-) -> None:
-    inserted, deleted = sync_charges(
-        conn,
-        wanted,
-        window,
-        chunk,
-        run_id=run.run_id,
-        now=run.now,
-        phases=phases,
-        stored=stored,
-    )
-    run.count("rows_inserted", inserted)
-    run.count("rows_deleted", deleted)
-    _keep_rejects(conn, run=run, found=result.rejects)
-
-
 def _analyze(conn: Connection, *, changed: int) -> None:
     analyze(conn, charge_periods, changed=changed)
 
@@ -164,56 +135,6 @@ def _mark_month(conn: Connection, *, run: Run, month: Month) -> None:
 
 def _mark_billed(conn: Connection, *, run: Run, records: list[dict[str, object]]) -> None:
     run.count("days_billed", insert_ignore(conn, billed_days, records))
-
-
-def bill_chunk(
-    run: Run, chunk: Chunk, *, month: Month, window: Window, stored: bool = True
-) -> tuple[pd.DataFrame | None, pd.DataFrame]:
-    """One chunk of nightly: read -> rules -> exact diff -> write (one transaction).
-    stored: False when the month held no stored periods as the run started.
-
-    Returns the charges (in a dry run; None otherwise) and the rows the rules rejected.
-    """
-    first, last = window.first, window.last
-    started = time.perf_counter()
-    phases: dict[str, float] = {}
-    with run.engine.connect() as conn:
-        result = compute_chunk(
-            conn,
-            run.settings,
-            month,
-            chunk,
-            first=first,
-            last=last,
-            whole_month=False,
-            storage_last=window.storage_last,
-            phases=phases,
-        )
-    run.saw_rejects(result.rejects)
-    for name, value in result.counts().items():
-        run.count(name, value)
-    chunk_log = logs.named("billing_jobs.charges")
-    if run.dry_run:
-        log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
-        charges = result.charges
-        return charges.loc[charges["day"] <= day_number(last)], result.rejects
-    with phase(phases, "periods"):
-        wanted = result.periods
-    with rest(phases, "write"):
-        run.write(
-            partial(
-                _sync_chunk,
-                run=run,
-                result=result,
-                wanted=wanted,
-                chunk=chunk,
-                window=window,
-                phases=phases,
-                stored=stored,
-            )
-        )
-    log_chunk(chunk_log, "charges.chunk", chunk, started, phases)
-    return None, result.rejects
 
 
 def bill_days(
@@ -245,11 +166,11 @@ def bill_days(
                 with run.engine.connect() as conn:
                     stored = charges_stored(conn, month)
                 run.write(partial(_mark_month, run=run, month=month))
-            done = run_chunks(run, bill_chunk, chunks, workers, month=month, window=window, stored=stored)
-            for charges, rejected in done:
-                if charges is not None:
-                    preview_charges.append(charges)
-                    month_rejects.append(rejected)
+            job = ChunkJob.nightly(month, window, stored=stored)
+            for out in run_chunks(run, run_chunk, chunks, workers, job=job):
+                if out.charges is not None:  # a dry run's charges
+                    preview_charges.append(out.charges)
+                    month_rejects.append(out.rejects)
                 step += 1
                 run.progress(step, total_steps, f"{month} {first:%d}..{last:%d}")
             found = side.result()

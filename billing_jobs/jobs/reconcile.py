@@ -2,8 +2,8 @@
 
 Late data after a close (usage rows arriving late, back-dated lifecycle events)
 changes what a month should have cost; nothing else would notice until someone
-re-runs `month-end`. For each closed month, per chunk of accounts, one pipeline
-(`reconcile_chunk`) reads in one snapshot of the database:
+re-runs `month-end`. For each closed month, per chunk of accounts, the charges'
+pipeline (`jobs.pipeline`, `ChunkJob.reconcile`) reads in one snapshot of the database:
 
 - the chunk's sources, recomputed by `compute_chunk` exactly as `month-end` does;
 - the sum of the month's finalized invoice lines (regular and adjustments);
@@ -36,18 +36,15 @@ writer are left by a close that died: they are not invoices, and are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Engine, case, cast, func, select
+from sqlalchemy import Connection, Engine, select
 
 from billing_jobs.db.billing_tables import (
-    charge_periods,
-    invoices,
     month_closes,
     month_reconciles,
 )
@@ -59,22 +56,20 @@ from billing_jobs.db.credit_reads import (
     read_written_entries,
     written_periods,
 )
+from billing_jobs.db.engine import snapshot
 from billing_jobs.db.lock import WRITER_LOCK, read_holders
-from billing_jobs.db.reads import plan_chunks, read_frame
+from billing_jobs.db.reads import plan_chunks
 from billing_jobs.db.reconcile_log import BUSY, DIFFERS, OK
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
-from billing_jobs.jobs.compute import compute_chunk
 from billing_jobs.jobs.ledger import account_chunks, compute_chunk_ledger
-from billing_jobs.jobs.month_end import invoiced_lines, month_accounts
+from billing_jobs.jobs.month_end import month_accounts
+from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
 from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month, local_midnight_utc
-from billing_jobs.rules.invoice import empty_lines
 from billing_jobs.rules.reconcile import (
-    charge_lines,
-    differences,
     empty_differences,
     empty_ledger_differences,
     ledger_differences,
@@ -173,15 +168,15 @@ def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: in
         with run.engine.connect() as conn:
             before = _close_state(conn, month)
             chunks = plan_chunks(conn, projects_per_chunk, also=month_accounts(month))
-        parts = list(run_chunks(run, reconcile_chunk, chunks, workers, month=month))
+        parts = list(run_chunks(run, run_chunk, chunks, workers, job=ChunkJob.reconcile(month)))
         accounts = sum(len(c.accounts or ()) for c in chunks)
-        drafts = sum(n for _, _, n in parts)
+        drafts = sum(p.drafts for p in parts)
         with run.engine.connect() as conn:
             moved = _close_state(conn, month) != before
             closing = drafts > 0 and _writer_busy(conn, run)
         if not moved and not closing:
-            recomputed = _concat([r for r, _, _ in parts])
-            stored = _concat([s for _, s, _ in parts])
+            recomputed = _concat([p.recomputed for p in parts if p.recomputed is not None])
+            stored = _concat([p.stored for p in parts if p.stored is not None])
             ledger, latest = check_ledger(run, month, workers)
             status = DIFFERS if len(recomputed) or len(stored) or len(ledger) else OK
             return MonthCheck(month, status, recomputed, stored, accounts, ledger, latest)
@@ -194,18 +189,6 @@ def reconcile_month(run: Run, month: Month, projects_per_chunk: int, workers: in
         if not moved:
             break  # a close takes longer than a check: the next reconcile tries again
     return MonthCheck(month, BUSY, empty_differences(), empty_differences(), accounts)
-
-
-def reconcile_chunk(run: Run, chunk: Chunk, *, month: Month) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """One chunk: read (one snapshot) -> rules -> compare. Returns the differences with
-    the recomputed lines, with the stored charges, and how many drafts of the month it saw."""
-    with snapshot(run.engine) as conn:
-        result = compute_chunk(conn, run.settings, month, chunk)
-        invoiced = invoiced_lines(conn, month, chunk)
-        stored = stored_charges(conn, month, chunk)
-        drafts = _drafts(conn, month, chunk)
-    truth = result.lines if result.lines is not None else empty_lines()
-    return differences(invoiced, truth), differences(charge_lines(invoiced), stored), drafts
 
 
 @dataclass(frozen=True)
@@ -258,51 +241,6 @@ def ledger_check_chunk(run: Run, chunk: Chunk, *, plan: LedgerCheck) -> pd.DataF
         )
         written = read_written_entries(conn, chunk, last, settled=plan.settled)
     return ledger_differences(written, truth.entries)
-
-
-@contextmanager
-def snapshot(engine: Engine) -> Iterator[Connection]:
-    """A connection whose reads all see one committed state of the database.
-
-    PostgreSQL: a read-only REPEATABLE READ transaction. SQLite (WAL): a read
-    transaction, begun explicitly, sees the database as of its first read.
-    """
-    with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-        elif conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.rollback()
-
-
-def stored_charges(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
-    """The month's stored charges of the chunk's accounts, summed per (account, project,
-    charge type) and named as invoice lines (a charge type is its line type). A period
-    counts its days: a run its daily quantity and amount times their number, a month
-    form its totals."""
-    cp = charge_periods.c
-    times = case((cp.daily.is_(None), cp.days), else_=1)
-    stmt = (
-        select(
-            cp.account_id,
-            cp.project_id,
-            cp.charge_type.label("line_type"),
-            cast(func.sum(cp.quantity_units * times), BigInteger).label("quantity_units"),
-            cast(func.sum(cp.amount_units * times), BigInteger).label("amount_units"),
-        )
-        .where(chunk.clause(cp.account_id), cp.first_day.between(month.first_day, month.last_day))
-        .group_by(cp.account_id, cp.project_id, cp.charge_type)
-    )
-    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
-
-
-def _drafts(conn: Connection, month: Month, chunk: Chunk) -> int:
-    inv = invoices.c
-    where = [inv.period == str(month), inv.status == "draft", chunk.clause(inv.account_id)]
-    return int(conn.execute(select(func.count()).select_from(invoices).where(*where)).scalar_one())
 
 
 def _close_state(conn: Connection, month: Month) -> tuple[Any, ...] | None:

@@ -1,0 +1,146 @@
+"""A month's draft invoices: what the finalized ones hold (read), the drafts made from a
+chunk's lines (named and numbered per account), and their writes.
+
+Month-end's chunks write drafts (`jobs.pipeline`), its last transaction finalizes them
+(`jobs.month_end`); reconcile compares the finalized lines with a fresh computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Connection, cast, delete, func, select
+
+from billing_jobs.db.billing_tables import invoice_lines, invoices
+from billing_jobs.db.reads import read_frame
+from billing_jobs.db.sql import Chunk
+from billing_jobs.db.writes import bulk_insert
+from billing_jobs.frames import pd
+from billing_jobs.rules.calendar import Month
+
+REGULAR, ADJUSTMENT = "regular", "adjustment"
+HEAD_COLUMNS = ["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]
+
+
+def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
+    if kind == REGULAR:
+        return f"INV-{month}-{account_id}"
+    return f"ADJ-{month}-{account_id}-{sequence:03d}"
+
+
+def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
+    """Sum of the month's finalized invoice lines per (account, project, line type).
+
+    Drafts (of a run that was interrupted, or held for approval) are not counted.
+    """
+    il = invoice_lines.c
+    stmt = (
+        select(
+            il.account_id,
+            il.project_id,
+            il.line_type,
+            cast(func.sum(il.quantity_units), BigInteger).label("quantity_units"),
+            cast(func.sum(il.amount_units), BigInteger).label("amount_units"),
+        )
+        .select_from(invoice_lines.join(invoices, invoices.c.invoice_id == il.invoice_id))
+        .where(il.period == str(month), chunk.clause(il.account_id), invoices.c.status == "finalized")
+        .group_by(il.account_id, il.project_id, il.line_type)
+    )
+    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
+
+
+def next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, int]:
+    """Per account of the chunk with finalized invoices of the month: the sequence its
+    next adjustment takes."""
+    inv = invoices.c
+    rows = conn.execute(
+        select(inv.account_id, func.max(inv.sequence))
+        .where(inv.period == str(month), chunk.clause(inv.account_id), inv.status == "finalized")
+        .group_by(inv.account_id)
+    )
+    return {account: int(seq) + 1 for account, seq in rows}
+
+
+def count_drafts(conn: Connection, month: Month, chunk: Chunk) -> int:
+    inv = invoices.c
+    where = [inv.period == str(month), inv.status == "draft", chunk.clause(inv.account_id)]
+    return int(conn.execute(select(func.count()).select_from(invoices).where(*where)).scalar_one())
+
+
+def invoices_for(
+    lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The drafts holding `lines`: one invoice per account (its total and line count),
+    and the lines with their invoice's id."""
+    if lines.empty:
+        return pd.DataFrame(columns=HEAD_COLUMNS), lines.assign(invoice_id=pd.Series(dtype=object))
+    heads = lines.groupby("account_id", as_index=False, sort=True).agg(
+        total_units=("amount_units", "sum"), line_count=("amount_units", "size")
+    )
+    if kind == REGULAR:
+        heads["sequence"] = 0
+    else:
+        heads["sequence"] = [max(sequences.get(a, 1), 1) for a in heads["account_id"]]
+    heads["kind"] = kind
+    heads["invoice_id"] = [
+        invoice_id(kind, month, a, s) for a, s in zip(heads["account_id"], heads["sequence"], strict=True)
+    ]
+    lines = lines.merge(heads[["account_id", "invoice_id"]], on="account_id")
+    return heads, lines
+
+
+def delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs: Sequence[str] = ()) -> int:
+    """Remove the month's draft invoices (of the chunk's accounts), except those of `keep_runs`."""
+    inv = invoices.c
+    where = [inv.period == str(month), inv.status == "draft"]
+    if chunk is not None:
+        where.append(chunk.clause(inv.account_id))
+    if keep_runs:
+        where.append(inv.run_id.not_in(list(keep_runs)))
+    drafts = select(inv.invoice_id).where(*where)
+    conn.execute(delete(invoice_lines).where(invoice_lines.c.invoice_id.in_(drafts)))
+    return conn.execute(delete(invoices).where(*where)).rowcount or 0
+
+
+def write_drafts(
+    conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, *, run_id: str, now: datetime
+) -> None:
+    """Insert draft invoices and their lines (`invoices_for`)."""
+    if heads.empty:
+        return
+    bulk_insert(
+        conn,
+        invoices,
+        heads.assign(period=str(month), status="draft", run_id=run_id, created_at=now, finalized_at=None)[
+            [
+                "invoice_id",
+                "account_id",
+                "period",
+                "kind",
+                "sequence",
+                "status",
+                "total_units",
+                "line_count",
+                "run_id",
+                "created_at",
+                "finalized_at",
+            ]
+        ],
+    )
+    bulk_insert(
+        conn,
+        invoice_lines,
+        lines.assign(period=str(month))[
+            [
+                "invoice_id",
+                "project_id",
+                "line_type",
+                "account_id",
+                "period",
+                "quantity_units",
+                "unit_price",
+                "amount_units",
+            ]
+        ],
+    )
