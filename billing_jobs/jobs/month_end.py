@@ -34,6 +34,7 @@ from billing_jobs.db.billing_tables import (
     month_holds,
     month_shards,
 )
+from billing_jobs.db.invoices import delete_drafts
 from billing_jobs.db.reads import Shard, accounts_charged, plan_chunks
 from billing_jobs.db.reject_log import close_unfound
 from billing_jobs.db.source_tables import cloud_usage, compute_usage, project_events
@@ -52,7 +53,6 @@ from billing_jobs.jobs.compute import (
     month_days,
     platform_rejects,
 )
-from billing_jobs.jobs.drafts import ADJUSTMENT, REGULAR, delete_drafts
 from billing_jobs.jobs.ledger import KnownCompute, LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
@@ -60,6 +60,7 @@ from billing_jobs.jobs.runner import Run
 from billing_jobs.jobs.workers import run_chunks
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.invoice import ADJUSTMENT, REGULAR
 from billing_jobs.rules.rejects import Examined
 
 PROJECTS_PER_CHUNK = 10_000

@@ -16,7 +16,7 @@ A job says what it asks of the pipeline in a `ChunkJob`:
    job compares with: the month's finalized invoice lines and the next sequence per
    account (a re-close, reconcile), the stored charges summed (reconcile).
 2. **rules**: the month recomputed (`compute_chunk`, pure rules over what was read), its
-   invoice lines as drafts or as adjustments (`rules.invoice`, `jobs.drafts`), the
+   invoice lines as drafts or as adjustments (`rules.invoice`), the
    charges in their canonical periods (`ChunkResult.periods`).
 3. **diff**: with what is stored: the exact diff of `db.writes.sync_charges`, inside the
    write transaction (nightly, month-end), or `rules.reconcile.differences` (reconcile).
@@ -41,25 +41,16 @@ from sqlalchemy import Connection, Engine
 
 from billing_jobs import logs
 from billing_jobs.db.engine import snapshot
+from billing_jobs.db.invoices import count_drafts, delete_drafts, invoiced_lines, next_sequences, write_drafts
 from billing_jobs.db.reads import stored_charges
 from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import Window, record_rejects, sync_charges
 from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import ChunkResult, compute_chunk
-from billing_jobs.jobs.drafts import (
-    ADJUSTMENT,
-    REGULAR,
-    count_drafts,
-    delete_drafts,
-    invoiced_lines,
-    invoices_for,
-    next_sequences,
-    write_drafts,
-)
 from billing_jobs.jobs.runner import Run
 from billing_jobs.phases import log_chunk, phase, rest
 from billing_jobs.rules.calendar import Month, day_number
-from billing_jobs.rules.invoice import adjustment_lines, empty_lines
+from billing_jobs.rules.invoice import ADJUSTMENT, REGULAR, adjustment_lines, drafts_for, empty_lines
 from billing_jobs.rules.reconcile import charge_lines, differences
 
 CHARGES_LOG = "billing_jobs.charges"
@@ -157,7 +148,7 @@ def run_chunk(run: Run, chunk: Chunk, *, job: ChunkJob) -> ChunkOutput:
     if job.invoices is not None:
         assert lines is not None, "a month-end chunk computes the month's lines"
         with phase(phases, "rules"):
-            heads, lines = invoices_for(lines, month, job.invoices, held.sequences or {})
+            heads, lines = drafts_for(lines, month, job.invoices, held.sequences or {})
     _count(run, result, heads, lines)
     out = ChunkOutput(result.rejects, compute=result.compute_days)
     if run.dry_run:

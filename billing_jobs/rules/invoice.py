@@ -7,6 +7,7 @@ from decimal import Decimal
 import numpy as np
 
 from billing_jobs.frames import pd
+from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.groups import sums_together
 from billing_jobs.rules.money import UNITS_PER_CREDIT, format_decimal
@@ -16,6 +17,8 @@ STORAGE_REFUND = "storage_refund"
 LINE_ORDER = [STORAGE_FEE, STORAGE_REFUND, *LINE_TYPES.values()]
 KEY = ["account_id", "project_id", "line_type"]
 LINE_COLUMNS = [*KEY, "quantity_units", "unit_price", "amount_units"]
+REGULAR, ADJUSTMENT = "regular", "adjustment"  # the kinds of a month's invoices
+HEAD_COLUMNS = ["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]
 
 
 def empty_lines() -> pd.DataFrame:
@@ -141,3 +144,31 @@ def adjustment_lines(truth: pd.DataFrame, invoiced: pd.DataFrame) -> pd.DataFram
     out = diff.loc[changed, LINE_COLUMNS].copy()
     out["unit_price"] = out["unit_price"].fillna("").astype(object)
     return sort_lines(out) if len(out) else empty_lines()
+
+
+def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
+    if kind == REGULAR:
+        return f"INV-{month}-{account_id}"
+    return f"ADJ-{month}-{account_id}-{sequence:03d}"
+
+
+def drafts_for(
+    lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The drafts holding `lines`: one invoice per account (its total and line count),
+    and the lines with their invoice's id."""
+    if lines.empty:
+        return pd.DataFrame(columns=HEAD_COLUMNS), lines.assign(invoice_id=pd.Series(dtype=object))
+    heads = lines.groupby("account_id", as_index=False, sort=True).agg(
+        total_units=("amount_units", "sum"), line_count=("amount_units", "size")
+    )
+    if kind == REGULAR:
+        heads["sequence"] = 0
+    else:
+        heads["sequence"] = [max(sequences.get(a, 1), 1) for a in heads["account_id"]]
+    heads["kind"] = kind
+    heads["invoice_id"] = [
+        invoice_id(kind, month, a, s) for a, s in zip(heads["account_id"], heads["sequence"], strict=True)
+    ]
+    lines = lines.merge(heads[["account_id", "invoice_id"]], on="account_id")
+    return heads, lines

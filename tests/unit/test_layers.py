@@ -39,7 +39,7 @@ RULES_MAY_IMPORT = {
     "billing_jobs.settings",
 }
 # The charges of a chunk are read, computed and written by the pipeline alone.
-PIPELINE_ONLY = {"compute_chunk", "sync_charges", "write_drafts", "invoices_for"}
+PIPELINE_ONLY = {"compute_chunk", "sync_charges", "write_drafts", "drafts_for"}
 BILLING_JOBS = ("month_end", "nightly", "reconcile")
 
 
@@ -105,3 +105,10 @@ def test_the_pipeline_declares_each_step_once() -> None:
         if isinstance(node, ast.FunctionDef) and node.name in {"run_chunk", "_write_chunk"}
     ]
     assert sorted(defined) == ["_write_chunk", "run_chunk"]
+
+
+@pytest.mark.parametrize("module", ["compute", "pipeline", "ledger"])
+def test_the_chunks_of_charges_and_ledger_build_no_statement_themselves(module: str) -> None:
+    """Their reads and writes are `db/`'s: of SQLAlchemy they hold connections only."""
+    imported = {m for m in _imports(PACKAGE / "jobs" / f"{module}.py") if m.startswith("sqlalchemy.")}
+    assert imported <= {"sqlalchemy.Connection", "sqlalchemy.Engine"}, sorted(imported)

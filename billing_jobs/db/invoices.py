@@ -1,8 +1,6 @@
-"""A month's draft invoices: what the finalized ones hold (read), the drafts made from a
-chunk's lines (named and numbered per account), and their writes.
-
-Month-end's chunks write drafts (`jobs.pipeline`), its last transaction finalizes them
-(`jobs.month_end`); reconcile compares the finalized lines with a fresh computation.
+"""A month's invoices as the jobs store them: the sums of the finalized lines (what a
+re-close and reconcile compare with), the next adjustment's sequence, and the drafts a
+month-end chunk writes (`rules.invoice.drafts_for` makes them) and its next run removes.
 """
 
 from __future__ import annotations
@@ -18,15 +16,6 @@ from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import bulk_insert
 from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
-
-REGULAR, ADJUSTMENT = "regular", "adjustment"
-HEAD_COLUMNS = ["invoice_id", "account_id", "kind", "sequence", "total_units", "line_count"]
-
-
-def invoice_id(kind: str, month: Month, account_id: str, sequence: int) -> str:
-    if kind == REGULAR:
-        return f"INV-{month}-{account_id}"
-    return f"ADJ-{month}-{account_id}-{sequence:03d}"
 
 
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
@@ -68,28 +57,6 @@ def count_drafts(conn: Connection, month: Month, chunk: Chunk) -> int:
     return int(conn.execute(select(func.count()).select_from(invoices).where(*where)).scalar_one())
 
 
-def invoices_for(
-    lines: pd.DataFrame, month: Month, kind: str, sequences: dict[str, int]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The drafts holding `lines`: one invoice per account (its total and line count),
-    and the lines with their invoice's id."""
-    if lines.empty:
-        return pd.DataFrame(columns=HEAD_COLUMNS), lines.assign(invoice_id=pd.Series(dtype=object))
-    heads = lines.groupby("account_id", as_index=False, sort=True).agg(
-        total_units=("amount_units", "sum"), line_count=("amount_units", "size")
-    )
-    if kind == REGULAR:
-        heads["sequence"] = 0
-    else:
-        heads["sequence"] = [max(sequences.get(a, 1), 1) for a in heads["account_id"]]
-    heads["kind"] = kind
-    heads["invoice_id"] = [
-        invoice_id(kind, month, a, s) for a, s in zip(heads["account_id"], heads["sequence"], strict=True)
-    ]
-    lines = lines.merge(heads[["account_id", "invoice_id"]], on="account_id")
-    return heads, lines
-
-
 def delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs: Sequence[str] = ()) -> int:
     """Remove the month's draft invoices (of the chunk's accounts), except those of `keep_runs`."""
     inv = invoices.c
@@ -106,7 +73,7 @@ def delete_drafts(conn: Connection, month: Month, chunk: Chunk | None, keep_runs
 def write_drafts(
     conn: Connection, heads: pd.DataFrame, lines: pd.DataFrame, month: Month, *, run_id: str, now: datetime
 ) -> None:
-    """Insert draft invoices and their lines (`invoices_for`)."""
+    """Insert draft invoices and their lines (`rules.invoice.drafts_for`)."""
     if heads.empty:
         return
     bulk_insert(
