@@ -295,10 +295,18 @@ def migration(url: str, engine: Engine) -> Step:
 
 
 def reset_jobs_tables(engine: Engine) -> None:
+    """The jobs' tables as no job had run (the runs' history and locks kept). PostgreSQL:
+    TRUNCATE, as a database where no job ran holds no dead row; a DELETE of the first
+    close's 4.5M rows at 1M left them in the tables and their indexes, for the next
+    runs' lookups to step over until a vacuum."""
+    kept = ("billing_runs", "billing_locks")
+    tables = [t for t in reversed(billing_metadata.sorted_tables) if t.name not in kept]
     with engine.begin() as conn:
-        for table in reversed(billing_metadata.sorted_tables):
-            if table.name not in ("billing_runs", "billing_locks"):
-                conn.execute(table.delete())
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("TRUNCATE " + ", ".join(f'"{t.name}"' for t in tables)))
+            return
+        for table in tables:
+            conn.execute(table.delete())
 
 
 def main() -> None:
