@@ -190,21 +190,19 @@ def _reading(engine: Engine, job: ChunkJob) -> Iterator[Connection]:
 
 
 def _read_held(conn: Connection, job: ChunkJob, chunk: Chunk, phases: dict[str, float]) -> _Held:
+    """What the job compares with, read on the sources' connection (nothing for nightly)."""
     held = _Held()
-    if job.whole_month:
-        with phase(phases, "invoiced_read"):
-            _read_into(held, conn, job, chunk)
+    if not job.whole_month:
+        return held
+    with phase(phases, "invoiced_read"):
+        if job.compares_invoiced:
+            held.invoiced = invoiced_lines(conn, job.month, chunk)
+        if job.invoices == ADJUSTMENT:
+            held.sequences = next_sequences(conn, job.month, chunk)
+        if job.check:
+            held.stored = stored_charges(conn, job.month, chunk)
+            held.drafts = count_drafts(conn, job.month, chunk)
     return held
-
-
-def _read_into(held: _Held, conn: Connection, job: ChunkJob, chunk: Chunk) -> None:
-    if job.compares_invoiced:
-        held.invoiced = invoiced_lines(conn, job.month, chunk)
-    if job.invoices == ADJUSTMENT:
-        held.sequences = next_sequences(conn, job.month, chunk)
-    if job.check:
-        held.stored = stored_charges(conn, job.month, chunk)
-        held.drafts = count_drafts(conn, job.month, chunk)
 
 
 def _lines(result: ChunkResult, held: _Held, job: ChunkJob) -> pd.DataFrame | None:
