@@ -188,9 +188,9 @@ def _print_ledger(console: Console, ledger: Any, *, dry_run: bool) -> None:
     if ledger.skipped:
         console.print(f"credits ledger: not written ({ledger.skipped})")
         return
-    entries = ledger.entries
+    totals = ledger.by_kind
     verb = "would write" if dry_run else "wrote"
-    if entries.empty:
+    if not totals:
         console.print(
             f"credits ledger: no new entries (top-ups rejected: {ledger.counts.get('topups_rejected', 0)})"
         )
@@ -199,16 +199,15 @@ def _print_ledger(console: Console, ledger: Any, *, dry_run: bool) -> None:
     for col in ("kind", "entries", "corrections", "credits", "money"):
         table.add_column(col, justify="left" if col == "kind" else "right")
     for kind in ("fund", "draw", "restore", "repay", "expire", "refund", "arrears"):
-        part = entries[entries["kind"] == kind]
-        if part.empty:
+        part = totals.get(kind)
+        if part is None:
             continue
-        money = part["money_cents"].dropna()
         table.add_row(
             kind,
-            str(len(part)),
-            str(int((part["corrects"] != "").sum())),
-            format_units(int(part["credit_units"].astype("int64").sum())),
-            format_cents(sum(int(m) for m in money)) if len(money) else "",
+            str(part.entries),
+            str(part.corrections),
+            format_units(part.credit_units),
+            format_cents(part.money_cents) if part.money_cents is not None else "",
         )
     console.print(table)
     console.print(

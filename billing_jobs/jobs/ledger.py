@@ -124,18 +124,68 @@ ENTRY_COLUMNS = ["account_id", "lot_id", "kind", "day", "cause", "credit_units",
 KEY = ["account_id", "lot_id", "kind", "day", "cause"]
 
 
+@dataclass(frozen=True)
+class KindTotals:
+    """The entries of one kind a ledger write wrote (or would write): how many, how many
+    of them correct a closed month, their credits and their money (None: no entry of
+    the kind carries money)."""
+
+    entries: int = 0
+    corrections: int = 0
+    credit_units: int = 0
+    money_cents: int | None = None
+
+    def __add__(self, other: KindTotals) -> KindTotals:
+        money = (
+            None
+            if self.money_cents is None and other.money_cents is None
+            else (self.money_cents or 0) + (other.money_cents or 0)
+        )
+        return KindTotals(
+            self.entries + other.entries,
+            self.corrections + other.corrections,
+            self.credit_units + other.credit_units,
+            money,
+        )
+
+
+def totals_by_kind(entries: pd.DataFrame) -> dict[str, KindTotals]:
+    """Entries summed per kind, in exact integers: what a chunk sends back instead of its
+    entries, so that the run's memory does not grow with the entries it writes."""
+    if entries.empty:
+        return {}
+    out: dict[str, KindTotals] = {}
+    for kind, part in entries.groupby("kind", sort=True):
+        money = part["money_cents"].dropna()
+        out[str(kind)] = KindTotals(
+            len(part),
+            int((part["corrects"] != "").sum()),
+            sum(map(int, part["credit_units"])),
+            sum(map(int, money)) if len(money) else None,
+        )
+    return out
+
+
+def add_totals(into: dict[str, KindTotals], more: Mapping[str, KindTotals]) -> None:
+    for kind, totals in more.items():
+        into[kind] = into.get(kind, KindTotals()) + totals
+
+
 @dataclass
 class LedgerOutcome:
-    """What a ledger write wrote (or, in a dry run, would write)."""
+    """What a ledger write wrote (or, in a dry run, would write): the entries summed per
+    kind (a chunk's entries are written by the chunk and not carried back), the rejects
+    and the online top-ups paid at another price than their tier's."""
 
-    entries: pd.DataFrame  # entry_id, account_id, lot_id, kind, day, cause, period, corrects, ...
-    refunds: pd.DataFrame
+    by_kind: dict[str, KindTotals]
     rejects: pd.DataFrame
-    exceptions: pd.DataFrame  # online top-ups paid at another price than their tier's
-    lots: pd.DataFrame
-    balances: pd.DataFrame  # account_id, held_units, arrears_units at the end
+    exceptions: pd.DataFrame
     counts: dict[str, int] = field(default_factory=dict)
     skipped: str = ""
+
+    @property
+    def entries(self) -> int:
+        return sum(t.entries for t in self.by_kind.values())
 
 
 def _empty_entries() -> pd.DataFrame:
@@ -704,8 +754,31 @@ class KnownCompute:
     last: date
     frame: pd.DataFrame  # account_id, day, compute_units
 
+    @classmethod
+    def of_parts(cls, first: date, last: date, parts: list[pd.DataFrame]) -> KnownCompute:
+        """The chunks' parts in one frame in account order (code points), so that a
+        ledger chunk's accounts are found by a binary search, not a scan of every row."""
+        frame = (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else pd.DataFrame({"account_id": [], "day": [], "compute_units": []})
+        )
+        ids = frame["account_id"].to_numpy()
+        if len(ids) > 1 and not bool((ids[:-1] <= ids[1:]).all()):
+            frame = frame.iloc[np.argsort(ids, kind="stable")].reset_index(drop=True)
+        return cls(first, last, frame)
+
     def of(self, accounts: Sequence[str]) -> KnownCompute:
-        return KnownCompute(self.first, self.last, self.frame[self.frame["account_id"].isin(accounts)])
+        """The part of `accounts`: a slice between the first and the last of them when the
+        frame is in account order, then only theirs."""
+        frame = self.frame
+        if len(accounts) and len(frame):
+            ids = frame["account_id"].to_numpy()
+            if bool((ids[:-1] <= ids[1:]).all()):
+                lo = int(np.searchsorted(ids, min(accounts), side="left"))
+                hi = int(np.searchsorted(ids, max(accounts), side="right"))
+                frame = frame.iloc[lo:hi]
+        return KnownCompute(self.first, self.last, frame[frame["account_id"].isin(accounts)])
 
 
 @dataclass(frozen=True)
@@ -749,10 +822,7 @@ def write_ledger(
         if not credit_sources_exist(conn):
             empty = pd.DataFrame()
             return LedgerOutcome(
-                _empty_entries(),
-                empty,
-                empty,
-                empty,
+                {},
                 empty,
                 empty,
                 skipped="the credits source tables (top_ups, redemption_codes, refund_requests) do not exist",
@@ -807,37 +877,46 @@ def write_ledger(
         accounts=len(ids),
     )
     chunks = account_chunks(ids, workers, per_chunk)
-    names = ("entries", "refunds", "rejects", "exceptions", "lots", "balances")
-    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in names}
+    by_kind: dict[str, KindTotals] = {}
+    rejects: list[pd.DataFrame] = [orphan_rejects]
+    exceptions: list[pd.DataFrame] = []
     each = {c.index: {"known": known.of(c.accounts or ())} for c in chunks} if known is not None else None
-    for frames_of_chunk in run_chunks(run, ledger_chunk, chunks, workers, each=each, plan=plan):
-        for name, frame in zip(names, frames_of_chunk, strict=True):
-            parts[name].append(frame)
-    all_rejects = pd.concat([orphan_rejects, *parts["rejects"]], ignore_index=True)
+    for out in run_chunks(run, ledger_chunk, chunks, workers, each=each, plan=plan):
+        add_totals(by_kind, out.by_kind)
+        rejects.append(out.rejects)
+        exceptions.append(out.exceptions)
+    all_rejects = pd.concat(rejects, ignore_index=True)
     if not run.dry_run:
         run.write(_period_writer(month, all_rejects, run=run))
-    frames = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in parts.items()}
+    all_exceptions = pd.concat(exceptions, ignore_index=True) if exceptions else pd.DataFrame()
     run.counts["topups_rejected"] = (
         int((all_rejects["source_table"] == "top_ups").sum()) if len(all_rejects) else 0
     )
-    run.counts["price_exceptions"] = len(frames["exceptions"])
+    run.counts["price_exceptions"] = len(all_exceptions)
     return LedgerOutcome(
-        frames["entries"],
-        frames["refunds"],
+        by_kind,
         all_rejects,
-        frames["exceptions"],
-        frames["lots"],
-        frames["balances"],
+        all_exceptions,
         {k: int(run.counts.get(k, 0)) for k in LEDGER_COUNTS},
     )
 
 
+@dataclass(frozen=True)
+class LedgerChunkOut:
+    """What a ledger chunk sends back: its entries summed per kind, its rejects and price
+    exceptions (the rows it wrote stay in the database)."""
+
+    by_kind: dict[str, KindTotals]
+    rejects: pd.DataFrame
+    exceptions: pd.DataFrame
+
+
 def ledger_chunk(
     run: Run, chunk: Chunk, *, plan: LedgerPlan, known: KnownCompute | None = None
-) -> tuple[pd.DataFrame, ...]:
+) -> LedgerChunkOut:
     """One chunk of a ledger write: replay, diff with what is written, write (one
-    transaction). Returns the entries and refunds written (or previewed), the chunk's
-    rejects and price exceptions, its lots and balances."""
+    transaction). Returns the entries written (or previewed) summed per kind, the
+    chunk's rejects and price exceptions."""
     phases: dict[str, float] = {}
     started = time.perf_counter()
     with run.engine.connect() as conn:
@@ -912,7 +991,7 @@ def ledger_chunk(
         replayed_whole=len(truth.changed),
         periods_read=plan.periods_read,
     )
-    return new, refunds, truth.rejects, truth.exceptions, truth.lots, truth.balances
+    return LedgerChunkOut(totals_by_kind(new), truth.rejects, truth.exceptions)
 
 
 def _writer(

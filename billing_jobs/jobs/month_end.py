@@ -177,13 +177,8 @@ def close_month(
         heads_now = pd.concat(all_heads, ignore_index=True) if all_heads else pd.DataFrame()
         # The chunks read the month's compute once, for every account with projects:
         # the ledger takes its compute per account and day from that read.
-        known = KnownCompute(
-            month.first_day,
-            month.last_day,
-            pd.concat(compute_days, ignore_index=True)
-            if compute_days
-            else pd.DataFrame({"account_id": [], "day": [], "compute_units": []}),
-        )
+        known = KnownCompute.of_parts(month.first_day, month.last_day, compute_days)
+        compute_days.clear()
         written = credits_ledger(
             run,
             month,

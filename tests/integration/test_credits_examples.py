@@ -606,3 +606,41 @@ def test_a_month_end_logs_each_ledger_chunk_with_where_its_time_went(db_url: str
         assert reopened[0][f"{phase}_seconds"] >= 0
     assert all(c["seconds"] >= c["read_seconds"] for c in chunks)
     assert "history_read_seconds" not in {k for c in chunks if not c["replayed_whole"] for k in c}
+
+
+KINDS = ("fund", "draw", "restore", "repay", "expire", "refund", "arrears")
+TWO_WORKERS = {"BILLING_WORKERS": "2", "BILLING_LEDGER_ACCOUNTS_PER_CHUNK": "1"}
+
+
+def _printed_by_kind(stdout: str) -> dict[str, tuple[int, str]]:
+    """The month-end's table of ledger entries: kind -> (entries, credits)."""
+    out: dict[str, tuple[int, str]] = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.replace("│", "|").split("|") if c.strip()]
+        if len(cells) >= 4 and cells[0] in KINDS:
+            out[cells[0]] = (int(cells[1]), cells[3])
+    return out
+
+
+@pytest.mark.parametrize("env", [NO_CHUNK_ENV, TWO_WORKERS])
+def test_the_entries_a_close_prints_per_kind_are_those_it_wrote(db_url: str, env: dict[str, str]) -> None:
+    """The chunks send back their entries summed per kind (not the entries): the table a
+    close prints counts and sums what `credits export` then shows, with one chunk per
+    account on two workers as with one chunk."""
+    data = _c6(SourceData())
+    data.project("p2", created="2025-11-02", account="b")
+    data.top_up("D", "2026-05-02 10:00", "online", account="b", credits="100", amount="10.00")
+    data.compute("p2", "2026-05-20 12:00", "130.5")
+    data.write_url(db_url)
+    result = run_cli(db_url, "month-end", "--month", "2026-05", env=env)
+    assert result.code == 0, result.stderr
+    printed = _printed_by_kind(result.stdout)
+    exported: dict[str, list[Decimal]] = {}
+    for r in ledger(db_url, "2026-05"):
+        exported.setdefault(r["kind"], []).append(Decimal(r["credits"]))
+    assert {k: len(v) for k, v in exported.items()} == {k: n for k, (n, _) in printed.items()}
+    assert {k: Decimal(c.replace(",", "")) for k, (_, c) in printed.items()} == {
+        k: sum(v, Decimal(0)) for k, v in exported.items()
+    }
+    assert "arrears" in printed  # b draws 100 of 130.5: arrears of 30.5
+    assert "draw" in printed
