@@ -17,7 +17,10 @@ of its own, so its peak RSS is its own) and times, in one run:
   month-end (after)  close of May after nightly ran every day
   re-close           May again, nothing changed: compare only, writes nothing
   export             May's invoice CSV
-  nightly (1 day)    June 1 billed: one day of every active project
+  nightly (1 day)    June 1 billed (no later day billed yet): the storage fee of every
+                     active project stored through June 30
+  nightly (June 2)   the next night, one like most others: what changed on June 2 (the
+                     cloud fees' month forms of the published projects)
 
 The source tables get the indexes `docs/postgresql.md` recommends. It prints wall
 seconds, rows per second, the peak memory of the step (the largest sum of the
@@ -46,7 +49,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, delete, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -400,7 +403,17 @@ def main() -> None:
         run(command(url, "month-end", "--month", "2026-05", **kw))
         run(command(url, "month-end", "--month", "2026-05", **kw))
         run(command(url, "export", "--month", "2026-05"))
+        # June's nights as in production: no later day billed yet, so June 1 stores the
+        # storage fee through the month's end and June 2 is a night like most others.
+        with engine.begin() as conn:
+            bd = billed_days.c
+            conn.execute(
+                delete(billed_days).where(
+                    bd.billing_day > date(2026, 6, 1), bd.billing_day <= date(2026, 6, 30)
+                )
+            )
         run(command(url, "nightly", "--date", "2026-06-01", **kw))
+        run(command(url, "nightly", "--date", "2026-06-02", **kw))
         engine.dispose()
 
     steps_done(steps, base)

@@ -314,10 +314,11 @@ def sync_charges(
             cp.amount_units == bindparam("m"),
             cp.daily.is_not_distinct_from(bindparam("d", type_=Text)),
         )
-        for start in range(0, len(params), SQL_BATCH):
-            # A row already gone was deleted by a chunk of the same run at the same time
-            # (a project that moved between accounts): both want it gone.
-            deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
+        with phase(phases, "write_delete"):
+            for start in range(0, len(params), SQL_BATCH):
+                # A row already gone was deleted by a chunk of the same run at the same time
+                # (a project that moved between accounts): both want it gone.
+                deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
     rows = diff.insert.assign(run_id=run_id, recorded_at=now)
     if chunk.accounts is not None:
         # Periods of other accounts (the part outside the window of a project that moved
@@ -326,7 +327,8 @@ def sync_charges(
         foreign, rows = rows.loc[theirs], rows.loc[~theirs]
     else:
         foreign = rows.iloc[0:0]
-    written = bulk_insert(conn, charge_periods, rows, date_columns=["first_day", "last_day"])
+    with phase(phases, "write_insert"):
+        written = bulk_insert(conn, charge_periods, rows, date_columns=["first_day", "last_day"])
     if len(foreign):
         records = foreign.assign(
             first_day=[day_from_number(d) for d in foreign["first_day"].tolist()],
