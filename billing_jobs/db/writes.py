@@ -36,6 +36,7 @@ from billing_jobs.rules.invoice import STORAGE_FEE
 from billing_jobs.rules.rejects import RejectStatus, reject_id
 
 SQL_BATCH = 5_000
+DELETE_BATCH = 50_000  # rows per PostgreSQL statement of `delete_periods` (sent as arrays)
 COPY_BLOCK = 200_000
 
 
@@ -288,37 +289,8 @@ def sync_charges(
         return 0, 0
     deleted = 0
     if len(diff.delete):
-        rows = diff.delete
-        params = [
-            {"p": p, "t": t, "f": day_from_number(f), "e": day_from_number(e), "a": a, "q": q, "m": m, "d": d}
-            for p, t, f, e, a, q, m, d in zip(
-                rows["project_id"],
-                rows["charge_type"],
-                rows["first_day"].tolist(),
-                rows["last_day"].tolist(),
-                rows["account_id"],
-                rows["quantity_units"].tolist(),
-                rows["amount_units"].tolist(),
-                rows["daily"].astype(object).where(rows["daily"].notna(), None),
-                strict=True,
-            )
-        ]
-        cp = charge_periods.c
-        stmt = delete(charge_periods).where(
-            cp.project_id == bindparam("p"),
-            cp.charge_type == bindparam("t"),
-            cp.first_day == bindparam("f"),
-            cp.last_day == bindparam("e"),
-            cp.account_id == bindparam("a"),
-            cp.quantity_units == bindparam("q"),
-            cp.amount_units == bindparam("m"),
-            cp.daily.is_not_distinct_from(bindparam("d", type_=Text)),
-        )
         with phase(phases, "write_delete"):
-            for start in range(0, len(params), SQL_BATCH):
-                # A row already gone was deleted by a chunk of the same run at the same time
-                # (a project that moved between accounts): both want it gone.
-                deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
+            deleted = delete_periods(conn, diff.delete)
     rows = diff.insert.assign(run_id=run_id, recorded_at=now)
     if chunk.accounts is not None:
         # Periods of other accounts (the part outside the window of a project that moved
@@ -336,6 +308,68 @@ def sync_charges(
         ).to_dict("records")
         written += insert_ignore(conn, charge_periods, records)
     return written, deleted
+
+
+def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
+    """Delete stored periods, each only if it is still exactly as read (every column
+    compared); returns how many were deleted. A row already gone was deleted by a chunk
+    of the same run at the same time (a project that moved between accounts): both
+    want it gone.
+
+    PostgreSQL: one statement per batch, the rows sent as arrays, each looked up through
+    an index (a statement per row costs a round trip each; a hash join, which the
+    planner prefers for a large batch, reads the whole table per batch, so it and the
+    merge join are off for these statements). SQLite: the driver's executemany, in
+    process.
+    """
+    columns = {
+        "p": rows["project_id"].tolist(),
+        "t": rows["charge_type"].tolist(),
+        "f": [day_from_number(d) for d in rows["first_day"].tolist()],
+        "e": [day_from_number(d) for d in rows["last_day"].tolist()],
+        "a": rows["account_id"].tolist(),
+        "q": rows["quantity_units"].tolist(),
+        "m": rows["amount_units"].tolist(),
+        "d": rows["daily"].astype(object).where(rows["daily"].notna(), None).tolist(),
+    }
+    cp = charge_periods.c
+    deleted = 0
+    if conn.dialect.name == "postgresql":
+        arrays = text(
+            "DELETE FROM charge_periods AS cp USING unnest("
+            "CAST(:p AS TEXT[]), CAST(:t AS TEXT[]), CAST(:f AS DATE[]), CAST(:e AS DATE[]), "
+            "CAST(:a AS TEXT[]), CAST(:q AS BIGINT[]), CAST(:m AS BIGINT[]), CAST(:d AS TEXT[])"
+            ") AS x(p, t, f, e, a, q, m, d) "
+            "WHERE cp.project_id = x.p AND cp.charge_type = x.t AND cp.first_day = x.f "
+            "AND cp.last_day = x.e AND cp.account_id = x.a AND cp.quantity_units = x.q "
+            "AND cp.amount_units = x.m AND cp.daily IS NOT DISTINCT FROM x.d"
+        )
+        # Each row found through an index, whatever the batch's size: a hash join would
+        # read the whole table (every month's periods) once per batch.
+        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+        conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+        try:
+            for start in range(0, len(rows), DELETE_BATCH):
+                part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
+                deleted += conn.execute(arrays, part).rowcount or 0
+        finally:
+            conn.exec_driver_sql("RESET enable_hashjoin")
+            conn.exec_driver_sql("RESET enable_mergejoin")
+        return deleted
+    stmt = delete(charge_periods).where(
+        cp.project_id == bindparam("p"),
+        cp.charge_type == bindparam("t"),
+        cp.first_day == bindparam("f"),
+        cp.last_day == bindparam("e"),
+        cp.account_id == bindparam("a"),
+        cp.quantity_units == bindparam("q"),
+        cp.amount_units == bindparam("m"),
+        cp.daily.is_not_distinct_from(bindparam("d", type_=Text)),
+    )
+    params = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    for start in range(0, len(params), SQL_BATCH):
+        deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
+    return deleted
 
 
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:
