@@ -345,16 +345,15 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
             "AND cp.amount_units = x.m AND cp.daily IS NOT DISTINCT FROM x.d"
         )
         # Each row found through an index, whatever the batch's size: a hash join would
-        # read the whole table (every month's periods) once per batch.
+        # read the whole table (every month's periods) once per batch. SET LOCAL ends
+        # with the transaction if a statement fails; the RESETs end it sooner.
         conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
         conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
-        try:
-            for start in range(0, len(rows), DELETE_BATCH):
-                part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
-                deleted += conn.execute(arrays, part).rowcount or 0
-        finally:
-            conn.exec_driver_sql("RESET enable_hashjoin")
-            conn.exec_driver_sql("RESET enable_mergejoin")
+        for start in range(0, len(rows), DELETE_BATCH):
+            part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
+            deleted += conn.execute(arrays, part).rowcount or 0
+        conn.exec_driver_sql("RESET enable_hashjoin")
+        conn.exec_driver_sql("RESET enable_mergejoin")
         return deleted
     stmt = delete(charge_periods).where(
         cp.project_id == bindparam("p"),

@@ -183,10 +183,6 @@ class LedgerOutcome:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: str = ""
 
-    @property
-    def entries(self) -> int:
-        return sum(t.entries for t in self.by_kind.values())
-
 
 def _empty_entries() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in ENTRY_COLUMNS})
