@@ -749,6 +749,7 @@ class KnownCompute:
     first: date
     last: date
     frame: pd.DataFrame  # account_id, day, compute_units
+    ordered: bool = False  # the frame is in account order (`of_parts`)
 
     @classmethod
     def of_parts(cls, first: date, last: date, parts: list[pd.DataFrame]) -> KnownCompute:
@@ -762,18 +763,17 @@ class KnownCompute:
         ids = frame["account_id"].to_numpy()
         if len(ids) > 1 and not bool((ids[:-1] <= ids[1:]).all()):
             frame = frame.iloc[np.argsort(ids, kind="stable")].reset_index(drop=True)
-        return cls(first, last, frame)
+        return cls(first, last, frame, ordered=True)
 
     def of(self, accounts: Sequence[str]) -> KnownCompute:
-        """The part of `accounts`: a slice between the first and the last of them when the
-        frame is in account order, then only theirs."""
+        """The part of `accounts`: when the frame is in account order, a slice between
+        the first and the last of them first; then only theirs."""
         frame = self.frame
-        if len(accounts) and len(frame):
+        if self.ordered and len(accounts) and len(frame):
             ids = frame["account_id"].to_numpy()
-            if bool((ids[:-1] <= ids[1:]).all()):
-                lo = int(np.searchsorted(ids, min(accounts), side="left"))
-                hi = int(np.searchsorted(ids, max(accounts), side="right"))
-                frame = frame.iloc[lo:hi]
+            lo = int(np.searchsorted(ids, min(accounts), side="left"))
+            hi = int(np.searchsorted(ids, max(accounts), side="right"))
+            frame = frame.iloc[lo:hi]
         return KnownCompute(self.first, self.last, frame[frame["account_id"].isin(accounts)])
 
 
