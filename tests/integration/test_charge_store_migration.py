@@ -19,11 +19,12 @@ import io
 import json
 import lzma
 import os
+import random
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,10 @@ from support import charge_days, run_cli
 
 from billing_jobs.db.engine import downgrade, make_engine, upgrade
 from billing_jobs.db.source_tables import SOURCE_TABLES
+from billing_jobs.frames import pd
 from billing_jobs.migrations import VERSION_TABLE
+from billing_jobs.rules import periods
+from billing_jobs.rules.calendar import day_number
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "v0011"
 CLOSED = [f"2026-{m:02d}" for m in range(3, 10)]
@@ -262,3 +266,128 @@ def test_an_upgrade_killed_inside_the_migration_leaves_the_old_store_and_can_run
     again = _upgrade_process(db_url)
     assert again.returncode == 0, again.stderr
     _assert_closed_months_unchanged(db_url)
+
+
+STAMPED = datetime(2026, 6, 1, tzinfo=UTC).replace(tzinfo=None)  # naive UTC, as the jobs store it
+
+
+def _daily_rows(seed: int) -> list[dict[str, Any]]:
+    """Daily charges as the old version stored them, with what makes the forms' edges:
+    runs cut by a month's first day, by a gap, by a change of amount (0, 1, 0 in one
+    month) or of account; a cloud fee whose account goes A, B, A within a month, and
+    months that start after their first day. Then random projects."""
+    rng = random.Random(seed)
+    run_ids = [f"run-{i:02d}" for i in range(4)]
+    rows: list[dict[str, Any]] = []
+
+    def add(project: str, kind: str, day: date, account: str, quantity: int, amount: int) -> None:
+        rows.append(
+            {
+                "project_id": project,
+                "charge_type": kind,
+                "charge_date": day,
+                "account_id": account,
+                "quantity_units": quantity,
+                "amount_units": amount,
+                "run_id": rng.choice(run_ids),
+                "recorded_at": STAMPED + timedelta(minutes=rng.randrange(10_000)),
+            }
+        )
+
+    start = date(2026, 3, 28)
+    for i in range(12):  # March 28 to April 8: a run cut by April 1st
+        add("edge-month", "storage_fee", start + timedelta(days=i), "acc-a", 10_000, 10_000)
+    for i, amount in enumerate([0, 0, 10_000, 10_000, 0, 0]):  # 0, 1, 0 in one month
+        add("edge-amounts", "storage_fee", date(2026, 5, 3) + timedelta(days=i), "acc-a", 10_000, amount)
+    for d in (3, 4, 6, 7):  # a gap on the 5th
+        add("edge-gap", "storage_fee", date(2026, 5, d), "acc-a", 10_000, 10_000)
+    for d, account in [(2, "acc-a"), (3, "acc-a"), (4, "acc-b"), (5, "acc-b"), (6, "acc-a"), (7, "acc-a")]:
+        add("edge-accounts", "storage_fee", date(2026, 5, d), account, 10_000, 10_000)
+        add("edge-accounts", "cloud_page_views", date(2026, 5, d), account, 1_000 * d, 10 * d)
+    for d in (9, 10, 20, 31):  # a month form that starts on the 9th
+        add("edge-accounts", "cloud_bandwidth", date(2026, 5, d), "acc-a", 5_000, 25_000 + d)
+    kinds = ["storage_fee", "cloud_page_views", "cloud_bandwidth", "cloud_data_storage", "cloud_domains"]
+    for p in range(40):
+        account = f"acc-{p % 3}"
+        for kind in rng.sample(kinds, rng.randint(1, 3)):
+            for offset in sorted(rng.sample(range(75), rng.randint(1, 40))):  # March 20 to June 2
+                if rng.random() < 0.05:
+                    account = f"acc-{rng.randrange(3)}"
+                quantity = 10_000 if kind == "storage_fee" else rng.randrange(0, 50_000)
+                amount = rng.choice([0, 10_000]) if kind == "storage_fee" else rng.randrange(0, 9_000)
+                day = date(2026, 3, 20) + timedelta(days=offset)
+                add(f"prj-{p:02d}", kind, day, account, quantity, amount)
+    return rows
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_upgrade_stores_the_canonical_form_of_any_daily_charges(db_url: str, seed: int) -> None:
+    """What 0012 and 0013 store is exactly `rules.periods`' canonical form of the daily
+    charges (PostgreSQL writes the cloud fees' month forms straight from the days, SQLite
+    through runs), each period stamped with the latest time of its days and one of their
+    runs; a downgrade gives back every day with its run and time."""
+    rows = _daily_rows(seed)
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "0011")
+        daily = sa.table("daily_charges", *[sa.column(c) for c in rows[0]])
+        with engine.begin() as conn:
+            conn.execute(daily.insert(), rows)
+        upgrade(engine)
+        with engine.connect() as conn:
+            stored = _stored(conn)
+        days = pd.DataFrame(rows).assign(day=lambda d: [day_number(x) for x in d["charge_date"]])
+        expected = periods.from_days(days[periods.DAY_COLUMNS])
+        key = periods.KEY
+        got, want = (
+            f[periods.COLUMNS].astype({"daily": object}).fillna({"daily": ""}).sort_values(key)
+            for f in (stored, expected)
+        )
+        got, want = got.reset_index(drop=True), want.reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
+        assert ((got["daily"] == "") == (got["charge_type"] == "storage_fee")).all()
+        # Each period's time is its days' latest, its run one of theirs.
+        per_day = periods.to_days(stored[periods.COLUMNS]).merge(
+            days[["project_id", "charge_type", "day", "run_id", "recorded_at"]],
+            on=["project_id", "charge_type", "day"],
+        )
+        assert len(per_day) == len(rows)
+        for period in stored.itertuples(index=False):
+            mine = per_day[
+                (per_day["project_id"] == period.project_id)
+                & (per_day["charge_type"] == period.charge_type)
+                & (per_day["day"] >= period.first_day)
+                & (per_day["day"] <= period.last_day)
+                & (per_day["account_id"] == period.account_id)
+            ]
+            assert pd.Timestamp(period.recorded_at) == mine["recorded_at"].max()
+            assert period.run_id in set(mine["run_id"])
+
+        key_of = ("project_id", "charge_type", "charge_date", "account_id", "quantity_units", "amount_units")
+        # Down from the newest, and down from 0012 alone (which holds month forms on
+        # PostgreSQL): every day comes back.
+        for path in ["0012", "0011"]:
+            downgrade(engine, "0011")
+            with engine.connect() as conn:
+                back = conn.execute(sa.select(daily)).all()
+            assert sorted(tuple(str(r._mapping[c]) for c in key_of) for r in back) == sorted(
+                tuple(str(r[c]) for c in key_of) for r in rows
+            )
+            upgrade(engine, path)
+    finally:
+        engine.dispose()
+
+
+def _stored(conn: sa.Connection) -> pd.DataFrame:
+    """charge_periods with days as day numbers, and each period's run and time."""
+    columns = [*periods.COLUMNS, "run_id", "recorded_at"]
+    found = conn.execute(sa.select(*[sa.column(c) for c in columns]).select_from(sa.table("charge_periods")))
+    frame = pd.DataFrame(found.all(), columns=columns)
+    for column in ("first_day", "last_day"):
+        frame[column] = [day_number(_date(d)) for d in frame[column]]
+    frame["recorded_at"] = pd.to_datetime(frame["recorded_at"])
+    return frame
+
+
+def _date(value: date | str) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(value)

@@ -4,91 +4,29 @@ Revision ID: 0013
 Revises: 0012
 
 The cloud fees' daily amounts differ from day to day, so as runs of equal days they
-took about as many rows as days. This revision adds `charge_periods.daily` and turns
-every charge type but the storage fee into the month form of `rules.periods`: one row
-per (project, charge type, month, account) listing each day's quantity and amount.
-PostgreSQL converts them in one statement, SQLite in batches of projects; both in the
-migration's one transaction: a kill rolls it back, and a re-run starts over.
+took about as many rows as days. This revision adds `charge_periods.daily` (unless 0012
+created it) and turns every run of a charge type but the storage fee into the month
+form of `rules.periods`: one row per (project, charge type, month, account) listing
+each day's quantity and amount. PostgreSQL converts them in one statement, SQLite in
+batches of projects; both in the migration's one transaction: a kill rolls it back,
+and a re-run starts over. On PostgreSQL, 0012 now writes the month forms straight
+from the daily charges, so an upgrade from 0011 finds no run to convert here; a
+database that an earlier version migrated to 0012, or one downgraded to it, has runs.
 Downgrade expands the month forms back into runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import sqlalchemy as sa
 from alembic import op
 
 from billing_jobs import faults
-from billing_jobs.db.billing_tables import charge_periods
-from billing_jobs.db.reads import day_number, read_frame
-from billing_jobs.db.writes import bulk_insert
-from billing_jobs.frames import pd
-from billing_jobs.rules import periods
+from billing_jobs.migrations import charge_forms
 
 revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
-
-PROJECTS_PER_BATCH = 2_000
-_TABLE = sa.table(
-    "charge_periods",
-    sa.column("project_id", sa.String),
-    sa.column("charge_type", sa.String),
-    sa.column("first_day", sa.Date),
-    sa.column("last_day", sa.Date),
-    sa.column("days", sa.Integer),
-    sa.column("account_id", sa.String),
-    sa.column("quantity_units", sa.BigInteger),
-    sa.column("amount_units", sa.BigInteger),
-    sa.column("daily", sa.Text),
-    sa.column("run_id", sa.String),
-    sa.column("recorded_at", sa.DateTime),
-)
-_STORED = [*periods.COLUMNS, "run_id", "recorded_at"]
-_INTS = ["first_day", "last_day", "days", "quantity_units", "amount_units"]
-
-
-def _month(days: pd.Series) -> object:
-    return days.to_numpy(dtype="int64").astype("datetime64[D]").astype("datetime64[M]")
-
-
-def _batches(conn: sa.Connection, which: sa.ColumnElement[bool]) -> Iterator[list[str]]:
-    """The ids of the projects with rows to convert, in batches, in id order."""
-    t = _TABLE.c
-    after: str | None = None
-    while True:
-        stmt = sa.select(t.project_id).where(t.charge_type != "storage_fee", which).distinct()
-        if after is not None:
-            stmt = stmt.where(t.project_id > after)
-        ids = [p for (p,) in conn.execute(stmt.order_by(t.project_id).limit(PROJECTS_PER_BATCH))]
-        if not ids:
-            return
-        yield ids
-        after = ids[-1]
-
-
-def _read(conn: sa.Connection, ids: list[str], which: sa.ColumnElement[bool]) -> pd.DataFrame:
-    """The batch's rows, days as day numbers (computed by the database)."""
-    t = _TABLE.c
-    columns = [day_number(conn, t[c]).label(c) if c in ("first_day", "last_day") else t[c] for c in _STORED]
-    stmt = sa.select(*columns).where(t.project_id.in_(ids), t.charge_type != "storage_fee", which)
-    return read_frame(conn, stmt, ints=_INTS, aggregate=True)
-
-
-def _rewrite(
-    conn: sa.Connection, ids: list[str], old: pd.DataFrame, new: pd.DataFrame, which: sa.ColumnElement[bool]
-) -> None:
-    """Replace the batch's rows by `new`, each with the latest run and time of the old
-    rows of its (project, charge type, month, account)."""
-    t = _TABLE.c
-    key = ["project_id", "charge_type", "account_id", "month"]
-    old = old.assign(month=_month(old["first_day"]))
-    latest = old.sort_values(["recorded_at", "run_id"]).drop_duplicates(key, keep="last")
-    new = new.assign(month=_month(new["first_day"])).merge(latest[[*key, "run_id", "recorded_at"]], on=key)
-    conn.execute(sa.delete(_TABLE).where(t.project_id.in_(ids), t.charge_type != "storage_fee", which))
-    bulk_insert(conn, charge_periods, new[_STORED], date_columns=["first_day", "last_day"])
 
 
 # PostgreSQL builds the month forms in one statement, in the same spelling as
@@ -122,31 +60,20 @@ SELECT project_id, charge_type, MIN(day), MAX(day), COUNT(*), account_id,
 
 
 def upgrade() -> None:
-    op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
     conn = op.get_bind()
+    # 0012 creates the column and stores the cloud fees as month forms on PostgreSQL:
+    # there, from 0011, this finds nothing to convert. A database migrated to 0012 by an
+    # earlier version, or downgraded to it, has runs and no column.
+    if "daily" not in {c["name"] for c in sa.inspect(conn).get_columns("charge_periods")}:
+        op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(_POSTGRESQL)
     else:  # SQLite 3.40 cannot order a group_concat: batches of projects through pandas
-        runs = _TABLE.c.daily.is_(None)
-        for ids in _batches(conn, runs):
-            old = _read(conn, ids, runs)
-            _rewrite(conn, ids, old, periods.from_days(periods.to_days(old)), runs)
+        charge_forms.to_month_forms(conn)
     faults.in_migration(revision)
 
 
 def downgrade() -> None:
-    conn = op.get_bind()
-    months = _TABLE.c.daily.is_not(None)
-    for ids in _batches(conn, months):
-        old = _read(conn, ids, months)
-        _rewrite(
-            conn,
-            ids,
-            old,
-            periods.canonical(
-                periods.to_days(old).assign(first_day=lambda d: d["day"], last_day=lambda d: d["day"])
-            ),
-            months,
-        )
+    charge_forms.to_runs(op.get_bind())
     with op.batch_alter_table("charge_periods") as batch:
         batch.drop_column("daily")
