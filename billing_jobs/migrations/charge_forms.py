@@ -1,17 +1,18 @@
-"""The cloud fees' two stored forms in `charge_periods`, converted in batches of
-projects through `rules.periods` (migrations 0012 and 0013; SQLite's way, and every
-downgrade's): runs of equal days (`daily` NULL), and the month form (`daily` set).
+"""Charges turned from one form into another in batches of projects through
+`rules.periods` (migrations 0012 and 0013; SQLite's way, and every downgrade's): days
+(0011's `daily_charges`), runs of equal days (`daily` NULL) and the month form
+(`daily` set) of `charge_periods`.
 
+`from_daily_charges` writes the canonical periods of the daily charges;
 `to_month_forms` turns the runs of every charge type but the storage fee into month
-forms; `to_runs` turns month forms back into runs. Each batch's periods are deleted
-and written again in the caller's transaction, each new one with the latest run and
-time of the old periods of its (project, charge type, month, account).
+forms; `to_runs` turns month forms back into runs. All in the caller's transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import sqlalchemy as sa
 
 from billing_jobs.db.billing_tables import charge_periods
@@ -37,6 +38,92 @@ TABLE = sa.table(
 )
 _STORED = [*periods.COLUMNS, "run_id", "recorded_at"]
 _INTS = ["first_day", "last_day", "days", "quantity_units", "amount_units"]
+DAILY = sa.table(
+    "daily_charges",
+    sa.column("project_id", sa.String),
+    sa.column("charge_type", sa.String),
+    sa.column("charge_date", sa.Date),
+    sa.column("account_id", sa.String),
+    sa.column("quantity_units", sa.BigInteger),
+    sa.column("amount_units", sa.BigInteger),
+    sa.column("run_id", sa.String),
+    sa.column("recorded_at", sa.DateTime),
+)
+DAYS_PER_BATCH = 200_000
+
+
+def from_daily_charges(conn: sa.Connection) -> None:
+    """Every row of `daily_charges` into `charge_periods`, in the canonical form of
+    `rules.periods` (the storage fee as runs, every other charge type as month forms),
+    each period with the run and time of its latest recorded day. The daily rows are
+    read once, in the primary key's order, a batch of whole projects at a time."""
+    d = DAILY.c
+    columns = [
+        d.project_id,
+        d.charge_type,
+        day_number(conn, d.charge_date).label("day"),
+        d.account_id,
+        d.quantity_units,
+        d.amount_units,
+        d.run_id,
+        d.recorded_at,
+    ]
+    for lo, hi in _project_ranges(conn):
+        stmt = (
+            sa.select(*columns)
+            .where(d.project_id >= lo, d.project_id <= hi)
+            .order_by(d.project_id, d.charge_type, d.charge_date)
+        )
+        days = read_frame(conn, stmt, ints=["day", "quantity_units", "amount_units"], aggregate=True)
+        found = periods.from_days(days[periods.DAY_COLUMNS])
+        bulk_insert(
+            conn, charge_periods, _stamped(found, days)[_STORED], date_columns=["first_day", "last_day"]
+        )
+
+
+def _project_ranges(conn: sa.Connection) -> Iterator[tuple[str, str]]:
+    """(first, last) project ids of batches of whole projects of about DAYS_PER_BATCH
+    daily rows, in id order (the primary key's)."""
+    d = DAILY.c
+    counts = conn.execute(
+        sa.select(d.project_id, sa.func.count()).group_by(d.project_id).order_by(d.project_id)
+    ).all()
+    first: str | None = None
+    rows = 0
+    for i, (project, n) in enumerate(counts):
+        first = project if first is None else first
+        rows += n
+        if rows >= DAYS_PER_BATCH or i == len(counts) - 1:
+            yield first, project
+            first, rows = None, 0
+
+
+def _stamped(found: pd.DataFrame, days: pd.DataFrame) -> pd.DataFrame:
+    """Periods with the run and time of their latest recorded day. A day's period is the
+    latest of its (project, charge type, account) to start on or before it: runs of a
+    project and type do not overlap, and month forms are one per account and month."""
+    by = ["project_id", "charge_type", "account_id"]
+    codes = [pd.factorize(pd.concat([found[c], days[c]], ignore_index=True))[0] for c in by]
+    key = np.zeros(len(found) + len(days), dtype=np.int64)
+    for code in codes:  # numbered again after each column: below the rows' count
+        key = pd.factorize(key * (int(code.max()) + 1) + code)[0].astype(np.int64)
+    shift = np.int64(1 << 20)  # day numbers are below 2**20 (the year 4840)
+    starts = key[: len(found)] * shift + found["first_day"].to_numpy(dtype=np.int64)
+    order = np.argsort(starts, kind="stable")
+    at = np.searchsorted(
+        starts[order], key[len(found) :] * shift + days["day"].to_numpy(dtype=np.int64), "right"
+    )
+    period = order[at - 1]
+    if (at == 0).any() or (key[period] != key[len(found) :]).any():
+        raise AssertionError("daily charges: a day outside every period")
+    stamp = pd.to_datetime(days["recorded_at"], format="ISO8601").to_numpy()
+    latest = np.lexsort((stamp, period))
+    last = latest[np.r_[period[latest][1:] != period[latest][:-1], True]]
+    if len(last) != len(found):
+        raise AssertionError(f"daily charges: {len(found)} periods, {len(last)} with days")
+    return found.assign(
+        run_id=days["run_id"].to_numpy(dtype=object)[last], recorded_at=days["recorded_at"].to_numpy()[last]
+    )
 
 
 def to_month_forms(conn: sa.Connection) -> None:

@@ -36,7 +36,7 @@ from support import charge_days, run_cli
 from billing_jobs.db.engine import downgrade, make_engine, upgrade
 from billing_jobs.db.source_tables import SOURCE_TABLES
 from billing_jobs.frames import pd
-from billing_jobs.migrations import VERSION_TABLE
+from billing_jobs.migrations import VERSION_TABLE, charge_forms
 from billing_jobs.rules import periods
 from billing_jobs.rules.calendar import day_number
 
@@ -320,12 +320,15 @@ def _daily_rows(seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_the_upgrade_stores_the_canonical_form_of_any_daily_charges(db_url: str, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "batch"), [(1, charge_forms.DAYS_PER_BATCH), (2, 37)])
+def test_the_upgrade_stores_the_canonical_form_of_any_daily_charges(
+    db_url: str, seed: int, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What 0012 and 0013 store is exactly `rules.periods`' canonical form of the daily
-    charges (PostgreSQL writes the cloud fees' month forms straight from the days, SQLite
-    through runs), each period stamped with the latest time of its days and one of their
-    runs; a downgrade gives back every day with its run and time."""
+    charges (PostgreSQL in two statements, SQLite through pandas in batches of whole
+    projects of about `batch` days), each period stamped with the latest time of its days
+    and one of their runs; a downgrade gives back every day."""
+    monkeypatch.setattr(charge_forms, "DAYS_PER_BATCH", batch)
     rows = _daily_rows(seed)
     engine = make_engine(db_url)
     try:

@@ -11,9 +11,11 @@ dropped. The table has the column `daily` of 0013's month form from the start.
 PostgreSQL writes the storage fee's runs and, for every other charge type (the cloud
 fees), 0013's month forms straight from the daily rows: two statements that read
 them in the primary key's order, with no sort of every daily row and no runs of cloud
-fees written only to be read back, deleted and grouped again by 0013. SQLite writes
-runs of every charge type in one statement, which 0013 turns into month forms. Both
-in the migration's transaction: a kill rolls it back, and a re-run starts over.
+fees written only to be read back, deleted and grouped again by 0013. SQLite, whose
+windows sort, reads the daily rows once in batches of whole projects and writes their
+canonical periods through `rules.periods` (`migrations.charge_forms`). Either way
+0013 then finds nothing to convert. Both in the migration's transaction: a kill rolls
+it back, and a re-run starts over.
 Downgrade expands the periods back (month forms first turned into runs).
 """
 
@@ -31,8 +33,6 @@ branch_labels = None
 depends_on = None
 
 _KEY = ("project_id", "charge_type", "first_day")
-_VALUES = "project_id, charge_type, account_id, quantity_units, amount_units"
-
 # PostgreSQL: the storage fee's runs. A day starts a run unless the day before is the
 # project's previous storage day with the same values, in the same month (a day that is
 # not a month's first); a day's run starts at the latest start up to it (the running
@@ -108,19 +108,8 @@ def upgrade() -> None:
         op.execute(_STORAGE_RUNS)
         op.execute(_MONTH_FORMS)
         op.execute("RESET enable_sort")
-    else:
-        # Gaps and islands: within one (values, month), consecutive days share day - row_number.
-        op.execute(
-            "INSERT INTO charge_periods (project_id, charge_type, first_day, last_day, days, account_id,"
-            " quantity_units, amount_units, run_id, recorded_at)"
-            " SELECT project_id, charge_type, MIN(charge_date), MAX(charge_date), COUNT(*), account_id,"
-            " quantity_units, amount_units, MAX(run_id), MAX(recorded_at)"
-            " FROM (SELECT d.*, substr(charge_date, 1, 7) AS month_of,"
-            " CAST(julianday(charge_date) AS INTEGER) - ROW_NUMBER() OVER"
-            f" (PARTITION BY {_VALUES}, substr(charge_date, 1, 7) ORDER BY charge_date) AS island"
-            " FROM daily_charges d) s"
-            f" GROUP BY {_VALUES}, month_of, island"
-        )
+    else:  # SQLite sorts for a window: the days through pandas, a batch of projects at a time
+        charge_forms.from_daily_charges(op.get_bind())
     if key_after:
         op.create_primary_key("pk_charge_periods", "charge_periods", list(_KEY))
     op.create_index("ix_charge_periods_account_first", "charge_periods", ["account_id", "first_day"])
