@@ -83,19 +83,26 @@ def from_daily_charges(conn: sa.Connection) -> None:
 
 def _project_ranges(conn: sa.Connection) -> Iterator[tuple[str, str]]:
     """(first, last) project ids of batches of whole projects of about DAYS_PER_BATCH
-    daily rows, in id order (the primary key's)."""
+    daily rows, in id order (the primary key's); the counts read a page at a time."""
     d = DAILY.c
-    counts = conn.execute(
-        sa.select(d.project_id, sa.func.count()).group_by(d.project_id).order_by(d.project_id)
-    ).all()
     first: str | None = None
+    last: str | None = None
     rows = 0
-    for i, (project, n) in enumerate(counts):
-        first = project if first is None else first
-        rows += n
-        if rows >= DAYS_PER_BATCH or i == len(counts) - 1:
-            yield first, project
-            first, rows = None, 0
+    while True:
+        page = sa.select(d.project_id, sa.func.count()).group_by(d.project_id).order_by(d.project_id)
+        if last is not None:
+            page = page.where(d.project_id > last)
+        counts = conn.execute(page.limit(PROJECTS_PER_BATCH)).all()
+        for project, n in counts:
+            first = project if first is None else first
+            last, rows = project, rows + n
+            if rows >= DAYS_PER_BATCH:
+                yield first, project
+                first, rows = None, 0
+        if len(counts) < PROJECTS_PER_BATCH:
+            break
+    if first is not None and last is not None:
+        yield first, last
 
 
 def _stamped(found: pd.DataFrame, days: pd.DataFrame) -> pd.DataFrame:

@@ -320,15 +320,19 @@ def _daily_rows(seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.parametrize(("seed", "batch"), [(1, charge_forms.DAYS_PER_BATCH), (2, 37)])
+@pytest.mark.parametrize(
+    ("seed", "batch", "page"), [(1, charge_forms.DAYS_PER_BATCH, charge_forms.PROJECTS_PER_BATCH), (2, 37, 7)]
+)
 def test_the_upgrade_stores_the_canonical_form_of_any_daily_charges(
-    db_url: str, seed: int, batch: int, monkeypatch: pytest.MonkeyPatch
+    db_url: str, seed: int, batch: int, page: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What 0012 and 0013 store is exactly `rules.periods`' canonical form of the daily
     charges (PostgreSQL in two statements, SQLite through pandas in batches of whole
-    projects of about `batch` days), each period stamped with the latest time of its days
-    and one of their runs; a downgrade gives back every day."""
+    projects of about `batch` days, the projects counted `page` at a time), each period
+    stamped with the latest time of its days and one of their runs; a downgrade gives
+    back every day."""
     monkeypatch.setattr(charge_forms, "DAYS_PER_BATCH", batch)
+    monkeypatch.setattr(charge_forms, "PROJECTS_PER_BATCH", page)
     rows = _daily_rows(seed)
     engine = make_engine(db_url)
     try:
