@@ -9,9 +9,9 @@ created it) and turns every run of a charge type but the storage fee into the mo
 form of `rules.periods`: one row per (project, charge type, month, account) listing
 each day's quantity and amount. PostgreSQL converts them in one statement, SQLite in
 batches of projects; both in the migration's one transaction: a kill rolls it back,
-and a re-run starts over. On PostgreSQL, 0012 now writes the month forms straight
-from the daily charges, so an upgrade from 0011 finds no run to convert here; a
-database that an earlier version migrated to 0012, or one downgraded to it, has runs.
+and a re-run starts over. 0012 now writes the month forms straight from the daily
+charges, so an upgrade from 0011 finds no run to convert here; a database that an
+earlier version migrated to 0012, or one downgraded to it, has runs.
 Downgrade expands the month forms back into runs.
 """
 
@@ -61,9 +61,9 @@ SELECT project_id, charge_type, MIN(day), MAX(day), COUNT(*), account_id,
 
 def upgrade() -> None:
     conn = op.get_bind()
-    # 0012 creates the column and stores the cloud fees as month forms on PostgreSQL:
-    # there, from 0011, this finds nothing to convert. A database migrated to 0012 by an
-    # earlier version, or downgraded to it, has runs and no column.
+    # 0012 creates the column and stores the cloud fees as month forms: from 0011, this
+    # finds nothing to convert. A database migrated to 0012 by an earlier version, or
+    # downgraded to it, has runs and no column.
     if "daily" not in {c["name"] for c in sa.inspect(conn).get_columns("charge_periods")}:
         op.add_column("charge_periods", sa.Column("daily", sa.Text(), nullable=True))
     if conn.dialect.name == "postgresql":
