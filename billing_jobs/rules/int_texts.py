@@ -14,8 +14,7 @@ from itertools import pairwise
 import numpy as np
 
 _INT64 = np.iinfo(np.int64)
-_SMALL = 1024  # numbers below this (day offsets, counts) are spelled from a table
-_SPELLED = np.array([str(i) for i in range(_SMALL)], dtype=object)
+_POWERS = np.array([10**k for k in range(1, 20)], dtype=np.uint64)  # 10 .. 10**19
 _DIGIT, _SPACE, _MINUS = 1, 2, 3
 _CLASSES = np.zeros(256, dtype=np.int8)
 _CLASSES[np.frombuffer(b"0123456789", dtype=np.uint8)] = _DIGIT
@@ -26,21 +25,35 @@ _CLASSES[ord("-")] = _MINUS
 def group_texts(values: np.ndarray, first: np.ndarray) -> list[str]:
     """Rows of integers (a 2-D array, one row per day) as one text per group of
     rows, the groups starting at the indexes `first`: every number of a group in row
-    order, separated by single spaces."""
+    order, separated by single spaces.
+
+    Every number is laid out in a row of bytes (its sign, its digits right-aligned, a
+    space), a column of digits at a time in numpy; the bytes each number uses are kept
+    in order, decoded once and cut into one text per group: no Python string per
+    number."""
     rows, width = values.shape
-    words = [""] * (rows * width)
-    for column in range(width):
-        words[column::width] = _spelled(values[:, column])
-    bounds = (np.append(first, rows) * width).tolist()
-    return [" ".join(words[a:b]) for a, b in pairwise(bounds)]
-
-
-def _spelled(numbers: np.ndarray) -> list[str]:
-    """Each number's decimal text; small non-negative ones (offsets) from a table."""
-    if len(numbers) and int(numbers.min()) >= 0 and int(numbers.max()) < _SMALL:
-        spelled: list[str] = _SPELLED[numbers].tolist()
-        return spelled
-    return list(map(str, numbers.tolist()))
+    flat = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    if not len(flat):
+        return ["" for _ in range(len(first))]
+    negative = flat < 0
+    # The magnitude in 64 unsigned bits: -(n + 1) + 1 also holds the smallest int64.
+    magnitude = np.where(negative, -(flat + 1), flat).astype(np.uint64) + negative.astype(np.uint64)
+    digits = 1 + np.searchsorted(_POWERS, magnitude, side="right")
+    places = int(digits.max())
+    layout = np.empty((len(flat), places + 2), dtype=np.uint8)
+    used = np.empty(layout.shape, dtype=bool)
+    layout[:, 0], used[:, 0] = ord("-"), negative
+    # 32 bits when every number fits (day offsets, most amounts): a faster division.
+    rest = magnitude.astype(np.uint32) if places <= 9 else magnitude.copy()
+    for column in range(places, 0, -1):  # the units first
+        layout[:, column] = (rest % 10).astype(np.uint8) + ord("0")
+        rest //= 10
+        used[:, column] = digits > places - column
+    layout[:, -1], used[:, -1] = ord(" "), True
+    text = layout[used].tobytes().decode("ascii")
+    # Where each group's first number starts in the text, and where the next one's does.
+    at = np.append(0, np.cumsum(digits + negative + 1))[np.append(first, rows) * width].tolist()
+    return [text[a : b - 1] for a, b in pairwise(at)]
 
 
 def integers(text: str) -> np.ndarray:

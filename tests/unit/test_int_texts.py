@@ -39,6 +39,34 @@ def test_group_texts_spell_each_groups_rows_in_order(
     assert integers(" ".join(texts)).tolist() == [n for row in rows for n in row]
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 40), st.integers(-(10**9) + 1, 10**9 - 1), st.sampled_from([0, 9, 10, 10**9 - 1])
+        ),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_numbers_of_up_to_nine_digits_are_spelled_as_python_does(rows: list[tuple[int, int, int]]) -> None:
+    """Nine digits at most: the digits are found in 32 bits (the common case: day
+    offsets, most amounts); one group per row."""
+    values = np.array(rows, dtype=np.int64)
+    texts = group_texts(values, np.arange(len(rows), dtype=np.int64))
+    assert texts == [" ".join(map(str, row)) for row in rows]
+
+
+def test_nine_and_ten_digits_and_the_ends_of_64_bits() -> None:
+    values = np.array([[999_999_999, -999_999_999, 0], [10**9, -(2**63), 2**63 - 1]], dtype=np.int64)
+    assert group_texts(values[:1], np.array([0])) == ["999999999 -999999999 0"]
+    assert group_texts(np.array([[9_999_999_999, -1, 2]]), np.array([0])) == ["9999999999 -1 2"]
+    assert group_texts(values, np.array([0, 1])) == [
+        "999999999 -999999999 0",
+        f"1000000000 {-(2**63)} {2**63 - 1}",
+    ]
+
+
 def test_offsets_from_the_table_and_large_numbers_are_spelled_the_same() -> None:
     values = np.array([[0, 1023, -1], [1024, 7, 2**63 - 1]], dtype=np.int64)
     assert group_texts(values, np.array([0, 1])) == ["0 1023 -1", f"1024 7 {2**63 - 1}"]
