@@ -171,7 +171,7 @@ def test_a_run_that_lost_its_lock_exits_75_with_one_line_and_writes_nothing_more
         if url.startswith("sqlite"):
             run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
         else:
-            run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
+            run_sql(url, "SELECT pg_terminate_backend(session_pid, 10000) FROM billing_locks")  # ended
         os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=120) == 75
     lines = plain_lines(log.read_text(encoding="utf-8"))
@@ -202,7 +202,7 @@ def test_a_worker_that_finds_the_lock_lost_makes_the_run_exit_75_and_ends_the_po
         if url.startswith("sqlite"):
             run_sql(url, "UPDATE billing_locks SET run_id = 'rival-run'")
         else:
-            run_sql(url, "SELECT pg_terminate_backend(session_pid) FROM billing_locks")
+            run_sql(url, "SELECT pg_terminate_backend(session_pid, 10000) FROM billing_locks")  # ended
         # Resume every worker, also one that stops itself only now: the run reads results
         # in chunk order, so it may wait for that worker's chunk before the failed one.
         deadline = time.monotonic() + 120

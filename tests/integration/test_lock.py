@@ -499,9 +499,9 @@ def test_a_job_that_loses_its_lock_mid_run_fails_and_commits_nothing_more(engine
     def body(run: Run) -> None:
         run.write(lambda conn: mark_day(conn, "2026-05-01", run.run_id))
         assert run.lease is not None
-        if engine.dialect.name == "postgresql":  # its lock session is cut off
-            with engine.begin() as conn:
-                conn.execute(sa.select(sa.func.pg_terminate_backend(run.lease.session_pid)))
+        if engine.dialect.name == "postgresql":  # its lock session is cut off, and gone
+            with engine.begin() as conn:  # (the call waits up to 10 s for the session's end)
+                conn.execute(sa.select(sa.func.pg_terminate_backend(run.lease.session_pid, 10_000)))
         else:  # another run took the row over
             with engine.begin() as conn:
                 conn.execute(sa.update(billing_locks).values(run_id="run-rival"))
