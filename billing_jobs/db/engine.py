@@ -147,6 +147,21 @@ def schema_is_current(engine: Engine) -> bool:
         return schema_revision(conn) == SCHEMA_HEAD
 
 
+def serial_plans(conn: Connection) -> None:
+    """Plan the rest of `conn`'s transaction without parallel workers (PostgreSQL;
+    `SET LOCAL`, so the setting ends with the transaction).
+
+    For the reads of a chunk, which the job's own workers run side by side to keep
+    the cores busy. A chunk names a share of the accounts; given parallel workers,
+    the planner may rather scan the whole month's usage by date and hash-join it
+    with the chunk's projects, so that every chunk reads the whole month (at 100k
+    projects in 10 chunks, a chunk's cloud read took 0.57 s in three processes
+    against 0.24 s in one through the projects' index).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+
+
 @contextmanager
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """A connection whose reads all see one committed state of the database.

@@ -54,6 +54,7 @@ from billing_jobs.db.credit_reads import (
     read_written_refunds,
     written_periods,
 )
+from billing_jobs.db.engine import serial_plans
 from billing_jobs.db.ledger_writes import (
     INPUT_COMPUTE,
     INPUT_INVOICE,
@@ -916,6 +917,7 @@ def ledger_chunk(
     phases: dict[str, float] = {}
     started = time.perf_counter()
     with run.engine.connect() as conn:
+        serial_plans(conn)
         truth = compute_chunk_ledger(
             conn,
             run.settings,

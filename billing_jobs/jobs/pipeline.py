@@ -40,7 +40,7 @@ from functools import partial
 from sqlalchemy import Connection, Engine
 
 from billing_jobs import logs
-from billing_jobs.db.engine import snapshot
+from billing_jobs.db.engine import serial_plans, snapshot
 from billing_jobs.db.invoices import count_drafts, delete_drafts, invoiced_lines, next_sequences, write_drafts
 from billing_jobs.db.reads import stored_charges
 from billing_jobs.db.sql import Chunk
@@ -180,13 +180,11 @@ def run_chunk(run: Run, chunk: Chunk, *, job: ChunkJob) -> ChunkOutput:
 
 @contextmanager
 def _reading(engine: Engine, job: ChunkJob) -> Iterator[Connection]:
-    """The read step's connection: reconcile's sees one committed state throughout."""
-    if job.check:
-        with snapshot(engine) as conn:
-            yield conn
-    else:
-        with engine.connect() as conn:
-            yield conn
+    """The read step's connection, its statements planned without parallel workers
+    (`serial_plans`): reconcile's sees one committed state throughout."""
+    with snapshot(engine) if job.check else engine.connect() as conn:
+        serial_plans(conn)
+        yield conn
 
 
 def _read_held(conn: Connection, job: ChunkJob, chunk: Chunk, phases: dict[str, float]) -> _Held:

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, insert, update
 
 from billing_jobs import __version__
 from billing_jobs.db.billing_tables import billing_runs
+from billing_jobs.db.engine import serial_plans
 from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
 from billing_jobs.faults import Faults, label_of, plan_for
 from billing_jobs.frames import pd
@@ -86,7 +87,9 @@ class Run:
         return [f"{table}:{row_id}:{reason}" for table, row_id, reason in sorted(self._reject_keys)[:n]]
 
     def write(self, work: Callable[[Connection], None]) -> None:
-        """Run `work` in one transaction that also proves the lock is still ours."""
+        """Run `work` in one transaction that also proves the lock is still ours; its
+        statements are planned without parallel workers (`serial_plans`), as the reads
+        of a chunk are."""
         assert not self.dry_run, "a dry run writes nothing"
         if self.faults is not None:
             self.faults.before_write(label_of(work))
@@ -94,6 +97,7 @@ class Run:
         with turn, self.engine.begin() as conn:
             if self.lease is not None:
                 self.lease.assert_held(conn)
+            serial_plans(conn)
             work(conn)
             if self.lease is not None:
                 self.lease.before_commit(conn)

@@ -367,6 +367,46 @@ def test_a_month_end_of_20k_projects_writes_its_charges_with_copy(
     assert mismatches == 0
 
 
+def test_the_chunks_plan_their_reads_without_parallel_workers(pg_db_url: str) -> None:
+    """The job's workers keep the cores busy; a chunk's reads of the usage and of the
+    ledger are planned in one process (`serial_plans`), and only for their own
+    transaction: the session's setting is back to the server's afterwards."""
+    engine = _engine(pg_db_url)
+    try:
+        generate_bulk(
+            engine, projects=400, usage_rows_per_month=4_000, months=[(2026, 5)], published_share=0.3
+        )
+        with engine.connect() as conn:
+            default = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar_one()
+    finally:
+        engine.dispose()
+    assert default != "0"
+    seen: dict[str, set[str]] = {}
+
+    def watch(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        read = re.search(r"\bFROM (compute_usage|cloud_usage|credit_entries)\b", statement)
+        if read and "= ANY" in statement:  # a chunk's read: its accounts or projects named
+            setting = cursor.connection.execute("SHOW max_parallel_workers_per_gather").fetchone()[0]
+            seen.setdefault(read.group(1), set()).add(setting)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", watch)
+    try:
+        # One process: the statements are watched in this one.
+        first = run_cli(pg_db_url, "month-end", "--month", "2026-05", "--workers", "1")
+        again = run_cli(pg_db_url, "month-end", "--month", "2026-05", "--workers", "1")
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", watch)
+    assert first.code == 0, first.stderr
+    assert again.code == 0, again.stderr
+    assert seen == {"compute_usage": {"0"}, "cloud_usage": {"0"}, "credit_entries": {"0"}}
+    engine = _engine(pg_db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar_one() == default
+    finally:
+        engine.dispose()
+
+
 def _nightly_process(url: str, day: str) -> subprocess.Popen[str]:
     env = {**os.environ, "BILLING_DB_URL": url}
     return subprocess.Popen(
