@@ -8,12 +8,19 @@ per-row reading of the rules gives.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import date
+from itertools import pairwise
 from zoneinfo import ZoneInfo
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from billing_jobs.db import reads
 from billing_jobs.db.credit_reads import read_compute_days, read_compute_per_day
 from billing_jobs.db.engine import make_engine
+from billing_jobs.db.reads import summed_pairs
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.jobs.ledger import KnownCompute, compute_per_day
@@ -33,6 +40,12 @@ def _data() -> SourceData:
     data.cloud("p1", "2026-05-31", "page_views", "1.5")
     data.cloud("p1", "2026-06-01", "page_views", "100")
     data.cloud("p1", "2026-05-03", "bandwidth_gb", "2.25")
+    # Metrics interleaved day by day, and a day out of the index's order by metric.
+    data.cloud("p2", "2026-05-02", "domains", "1")
+    data.cloud("p2", "2026-05-01", "bandwidth_gb", "0.5")
+    data.cloud("p2", "2026-05-02", "page_views", "3")
+    data.cloud("p2", "2026-05-01", "domains", "2")
+    data.cloud("p2", "2026-05-02", "domains", "4")
     # Not usable: each is a reject, never a quantity.
     data.cloud("p1", "2026-05-05", "page_views", "-1", usage_id="bad-negative")
     data.cloud("p1", "2026-05-05", "page_views", None, usage_id="bad-missing")
@@ -63,11 +76,44 @@ def test_cloud_usage_is_summed_per_project_metric_and_day_for_the_chunk_alone(db
             ("p1", day_of("2026-05-03"), "page_views", 3_001),
             ("p1", day_of("2026-05-04"), "page_views", 70_000),
             ("p1", day_of("2026-05-31"), "page_views", 15_000),
+            ("p2", day_of("2026-05-01"), "bandwidth_gb", 5_000),
+            ("p2", day_of("2026-05-01"), "domains", 20_000),
+            ("p2", day_of("2026-05-02"), "domains", 50_000),
+            ("p2", day_of("2026-05-02"), "page_views", 30_000),
         ]
+        # Each (project, metric)'s days come together and in day order.
+        keys = list(zip(usage["project_id"], usage["metric"], usage["day"], strict=True))
+        runs = [k[:2] for i, k in enumerate(keys) if i == 0 or k[:2] != keys[i - 1][:2]]
+        assert len(runs) == len(set(runs))
+        assert all(a < b for a, b in pairwise(keys) if a[:2] == b[:2])
         assert empty.empty
         assert list(empty.columns) == ["project_id", "day", "metric", "quantity_units"]
     finally:
         engine.dispose()
+
+
+ROWS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 5), st.integers(-99, 99)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ROWS.filter(len), st.sampled_from([2, 3]))
+def test_summed_pairs_sum_each_groups_rows_per_key_whatever_their_order(
+    rows: list[tuple[int, int, int, int]], width: int
+) -> None:
+    """Rows of (group, metric, day, value), in any order within their group, written as
+    each group's text of pairs (day value) or triples (metric day value)."""
+    rows = sorted(rows, key=lambda r: r[0])  # the groups come in order; their rows need not
+    present = sorted({r[0] for r in rows})  # a group read has one row at least
+    counts = np.array([sum(r[0] == g for r in rows) for g in present], dtype=np.int64)
+    texts = [" ".join(" ".join(map(str, r[4 - width :])) for r in rows if r[0] == g) for g in present]
+    group, keys, value = summed_pairs(counts, texts, width=width)
+    expected: Counter[tuple[int, ...]] = Counter()
+    for r in rows:
+        expected[(present.index(r[0]), *r[4 - width : 3])] += r[3]
+    keys2 = keys.reshape(len(group), -1)
+    got = [(int(g), *map(int, k)) for g, k in zip(group, keys2, strict=True)]
+    assert got == sorted(expected)
+    assert dict(zip(got, value.tolist(), strict=True)) == dict(expected)
 
 
 def test_the_reject_scans_name_every_bad_row_once_with_its_reason(db_url: str) -> None:
