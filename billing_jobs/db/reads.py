@@ -257,8 +257,9 @@ def read_frame(
 
     Row-level reads stream in batches (a server-side cursor on PostgreSQL).
     `aggregate` reads, whose size is bounded by the number of projects, are
-    fetched in one go: PostgreSQL then may run them with parallel workers, which
-    it never does for a cursor.
+    fetched in one go, as the driver's tuples (outside a chunk's transactions,
+    `serial_plans`, PostgreSQL may then run them with parallel workers, which it
+    never does for a cursor).
     """
     gathered: list[Sequence[Any]]
     if aggregate:
