@@ -43,6 +43,7 @@ from billing_jobs.db.billing_tables import (
     credit_refunds,
     invoices,
 )
+from billing_jobs.db.engine import through_indexes
 from billing_jobs.db.reads import (
     amount_problem,
     day_number,
@@ -304,7 +305,8 @@ def read_compute_days(
     stmt = select(rows.c.project_id, named.c.account_id, rows.c.rows, rows.c.pairs).join(
         named, named.c.project_id == rows.c.project_id
     )
-    groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+    with through_indexes(conn):
+        groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
     group, days, amounts = summed_pairs(groups["rows"].to_numpy(dtype=np.int64), groups["pairs"].tolist())
     return pd.DataFrame(
         {

@@ -163,6 +163,28 @@ def serial_plans(conn: Connection) -> None:
 
 
 @contextmanager
+def through_indexes(conn: Connection) -> Iterator[None]:
+    """Plan the statements run inside without hash or merge joins (PostgreSQL): a
+    chunk's reads of the usage, each project's rows found through the usage table's
+    `(project_id, ...)` index.
+
+    Serial (`serial_plans`), the planner may rather scan the day's or the month's rows
+    by date and hash-join them with the chunk's projects, so that every chunk reads
+    all of them: at 1M projects a chunk's read of one day of cloud usage took 0.18 s
+    so against 0.04 s through the index. `SET LOCAL`, reset when the statements are
+    done (after a failure the transaction ends, and the setting with it).
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+    conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+    yield
+    conn.exec_driver_sql("RESET enable_hashjoin")
+    conn.exec_driver_sql("RESET enable_mergejoin")
+
+
+@contextmanager
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """A connection whose reads all see one committed state of the database.
 

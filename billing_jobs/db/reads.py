@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.expression import BindParameter
 
 from billing_jobs.db.billing_tables import charge_periods
+from billing_jobs.db.engine import through_indexes
 from billing_jobs.db.source_tables import (
     cloud_usage,
     compute_usage,
@@ -467,7 +468,8 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
         )
         .group_by(c.project_id)
     )
-    groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+    with through_indexes(conn):
+        groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
     group, keys, quantity = summed_pairs(
         groups["rows"].to_numpy(dtype=np.int64), groups["triples"].tolist(), width=3
     )

@@ -20,6 +20,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -28,7 +29,9 @@ from sqlalchemy.engine import make_url
 from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 
 from billing_jobs.db.billing_tables import billing_metadata, billing_runs, charge_periods, rejects
-from billing_jobs.db.engine import make_engine, upgrade
+from billing_jobs.db.credit_reads import read_compute_days
+from billing_jobs.db.engine import make_engine, serial_plans, upgrade
+from billing_jobs.db.reads import plan_chunks, read_cloud_usage
 from billing_jobs.db.source_tables import SOURCE_TABLES
 from billing_jobs.db.writes import analyze
 from billing_jobs.demo import generate_bulk
@@ -405,6 +408,71 @@ def test_the_chunks_plan_their_reads_without_parallel_workers(pg_db_url: str) ->
             assert conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar_one() == default
     finally:
         engine.dispose()
+
+
+# The indexes docs/postgresql.md asks the platform for, on the two usage tables.
+USAGE_INDEXES = [
+    "CREATE INDEX ON compute_usage (occurred_at)",
+    "CREATE INDEX ON compute_usage (project_id, occurred_at) INCLUDE (credits)",
+    "CREATE INDEX ON cloud_usage (usage_date)",
+    "CREATE INDEX ON cloud_usage (project_id, usage_date) INCLUDE (metric, quantity)",
+    "CREATE INDEX ON projects (account_id)",
+]
+
+
+def test_a_chunks_usage_reads_find_each_projects_rows_through_its_index(pg_db_url: str) -> None:
+    """A chunk's reads of the usage go from its projects to their rows through the
+    `(project_id, ...)` indexes, for a day as for a month (`db.engine.through_indexes`).
+    Left to itself, the planner reads one day by scanning the day's rows of every
+    project through the date index and hash-joins them with the chunk's projects, so
+    that each chunk reads the whole day. The join settings are the session's own again
+    after the reads."""
+    engine = _engine(pg_db_url)
+    try:
+        generate_bulk(
+            engine, projects=2_000, usage_rows_per_month=20_000, months=[(2026, 5)], published_share=0.5
+        )
+        with engine.begin() as conn:
+            for ddl in USAGE_INDEXES:
+                conn.exec_driver_sql(ddl)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
+    finally:
+        engine.dispose()
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and re.search(
+            r"\bFROM (compute|cloud)_usage\b", statement
+        ):
+            rows = cursor.connection.execute("EXPLAIN " + statement, parameters).fetchall()
+            plans.append("\n".join(r[0] for r in rows))
+
+    engine = make_engine(pg_db_url)
+    sa.event.listen(engine, "before_cursor_execute", explain)
+    try:
+        with engine.connect() as conn:
+            serial_plans(conn)
+            chunk = plan_chunks(conn, 200)[0]
+            for first, last in (
+                (date(2026, 5, 14), date(2026, 5, 14)),
+                (date(2026, 5, 1), date(2026, 5, 31)),
+            ):
+                read_cloud_usage(conn, first, last, chunk)
+                read_compute_days(conn, first, last, ZoneInfo("UTC"), chunk)
+            settings = [
+                conn.exec_driver_sql(f"SHOW {name}").scalar_one()
+                for name in ("enable_hashjoin", "enable_mergejoin")
+            ]
+    finally:
+        engine.dispose()
+    assert len(plans) == 4
+    for plan in plans:
+        assert "Hash Join" not in plan, plan
+        assert "Merge Join" not in plan, plan
+        assert "Nested Loop" in plan, plan
+        assert re.search(r"Index (Only )?Scan using \w+ on (compute|cloud)_usage", plan), plan
+    assert settings == ["on", "on"]
 
 
 def _nightly_process(url: str, day: str) -> subprocess.Popen[str]:
