@@ -165,8 +165,8 @@ def serial_plans(conn: Connection) -> None:
 @contextmanager
 def through_indexes(conn: Connection) -> Iterator[None]:
     """Plan the statements run inside without hash or merge joins (PostgreSQL): a
-    chunk's reads of the usage, each project's rows found through the usage table's
-    `(project_id, ...)` index.
+    chunk's reads of the usage and of the events, each project's rows found through
+    the table's `(project_id, ...)` index.
 
     Serial (`serial_plans`), the planner may rather scan the day's or the month's rows
     by date and hash-join them with the chunk's projects, so that every chunk reads

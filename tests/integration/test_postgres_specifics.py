@@ -31,7 +31,7 @@ from support import SourceData, export_rows, lines_by, reject_reasons, run_cli
 from billing_jobs.db.billing_tables import billing_metadata, billing_runs, charge_periods, rejects
 from billing_jobs.db.credit_reads import read_compute_days
 from billing_jobs.db.engine import make_engine, serial_plans, upgrade
-from billing_jobs.db.reads import plan_chunks, read_cloud_usage
+from billing_jobs.db.reads import plan_chunks, read_cloud_usage, read_events
 from billing_jobs.db.source_tables import SOURCE_TABLES
 from billing_jobs.db.writes import analyze
 from billing_jobs.demo import generate_bulk
@@ -417,12 +417,14 @@ USAGE_INDEXES = [
     "CREATE INDEX ON cloud_usage (usage_date)",
     "CREATE INDEX ON cloud_usage (project_id, usage_date) INCLUDE (metric, quantity)",
     "CREATE INDEX ON projects (account_id)",
+    "CREATE INDEX ON project_events (project_id)",
 ]
 
 
 def test_a_chunks_usage_reads_find_each_projects_rows_through_its_index(pg_db_url: str) -> None:
-    """A chunk's reads of the usage go from its projects to their rows through the
-    `(project_id, ...)` indexes, for a day as for a month (`db.engine.through_indexes`).
+    """A chunk's reads of the usage and of the events go from its projects to their rows
+    through the `(project_id, ...)` indexes, for a day as for a month
+    (`db.engine.through_indexes`).
     Left to itself, the planner reads one day by scanning the day's rows of every
     project through the date index and hash-joins them with the chunk's projects, so
     that each chunk reads the whole day. The join settings are the session's own again
@@ -442,10 +444,11 @@ def test_a_chunks_usage_reads_find_each_projects_rows_through_its_index(pg_db_ur
     plans: list[str] = []
 
     def explain(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if statement.lstrip().startswith("SELECT") and re.search(
-            r"\bFROM (compute|cloud)_usage\b", statement
-        ):
-            rows = cursor.connection.execute("EXPLAIN " + statement, parameters).fetchall()
+        read = re.search(r"\bFROM (compute_usage|cloud_usage|project_events)\b", statement)
+        if read and re.match(r"\s*(SELECT|DECLARE)", statement):
+            # A streamed read is a cursor's query: its SELECT explained alone.
+            query = re.sub(r'^\s*DECLARE "[^"]+" .*?CURSOR .*?FOR ', "", statement, flags=re.DOTALL)
+            rows = cursor.connection.execute("EXPLAIN " + query, parameters).fetchall()
             plans.append("\n".join(r[0] for r in rows))
 
     engine = make_engine(pg_db_url)
@@ -454,6 +457,7 @@ def test_a_chunks_usage_reads_find_each_projects_rows_through_its_index(pg_db_ur
         with engine.connect() as conn:
             serial_plans(conn)
             chunk = plan_chunks(conn, 200)[0]
+            read_events(conn, chunk)
             for first, last in (
                 (date(2026, 5, 14), date(2026, 5, 14)),
                 (date(2026, 5, 1), date(2026, 5, 31)),
@@ -466,12 +470,14 @@ def test_a_chunks_usage_reads_find_each_projects_rows_through_its_index(pg_db_ur
             ]
     finally:
         engine.dispose()
-    assert len(plans) == 4
+    assert len(plans) == 5
     for plan in plans:
         assert "Hash Join" not in plan, plan
         assert "Merge Join" not in plan, plan
         assert "Nested Loop" in plan, plan
-        assert re.search(r"Index (Only )?Scan using \w+ on (compute|cloud)_usage", plan), plan
+        assert re.search(
+            r"Index (Only )?Scan using \w+ on (compute_usage|cloud_usage|project_events)", plan
+        ), plan
     assert settings == ["on", "on"]
 
 
