@@ -171,7 +171,7 @@ def through_indexes(conn: Connection) -> Iterator[None]:
     Serial (`serial_plans`), the planner may rather scan the day's or the month's rows
     by date and hash-join them with the chunk's projects, so that every chunk reads
     all of them: at 1M projects a chunk's read of one day of cloud usage took 0.18 s
-    so against 0.04 s through the index. `SET LOCAL`, reset when the statements are
+    that way against 0.04 s through the index. `SET LOCAL`, reset when the statements are
     done (after a failure the transaction ends, and the setting with it).
     """
     if conn.dialect.name != "postgresql":
