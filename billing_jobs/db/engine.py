@@ -166,7 +166,8 @@ def serial_plans(conn: Connection) -> None:
 def through_indexes(conn: Connection) -> Iterator[None]:
     """Plan the statements run inside without hash or merge joins (PostgreSQL): a
     chunk's reads of the usage and of the events, each project's rows found through
-    the table's `(project_id, ...)` index.
+    the table's `(project_id, ...)` index; the deletes of stored periods sent as
+    arrays, each row found through the primary key.
 
     Serial (`serial_plans`), the planner may rather scan the day's or the month's rows
     by date and hash-join them with the chunk's projects, so that every chunk reads

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing_jobs.db.billing_tables import charge_months, charge_periods, rejects
+from billing_jobs.db.engine import through_indexes
 from billing_jobs.db.reads import date_param, read_frame
 from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
@@ -345,15 +346,11 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
             "AND cp.amount_units = x.m AND cp.daily IS NOT DISTINCT FROM x.d"
         )
         # Each row found through an index, whatever the batch's size: a hash join would
-        # read the whole table (every month's periods) once per batch. SET LOCAL ends
-        # with the transaction if a statement fails; the RESETs end it sooner.
-        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
-        conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
-        for start in range(0, len(rows), DELETE_BATCH):
-            part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
-            deleted += conn.execute(arrays, part).rowcount or 0
-        conn.exec_driver_sql("RESET enable_hashjoin")
-        conn.exec_driver_sql("RESET enable_mergejoin")
+        # read the whole table (every month's periods) once per batch.
+        with through_indexes(conn):
+            for start in range(0, len(rows), DELETE_BATCH):
+                part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
+                deleted += conn.execute(arrays, part).rowcount or 0
         return deleted
     stmt = delete(charge_periods).where(
         cp.project_id == bindparam("p"),
