@@ -619,7 +619,12 @@ def changed_compute_accounts(
     stored or not.)"""
     if first > cut:
         return set()
-    now = read_compute_per_day(conn, first, cut, zone, chunk)
+    return compute_differs(conn, read_compute_per_day(conn, first, cut, zone, chunk), first, cut, chunk)
+
+
+def compute_differs(conn: Connection, now: pd.DataFrame, first: date, cut: date, chunk: Chunk) -> set[str]:
+    """The chunk's accounts whose compute per billing day `now` (account_id, day,
+    compute_units of days first..cut) differs from the stored inputs of those days."""
     ci = credit_inputs.c
     cut_day = (cut - date(1970, 1, 1)).days
     first_day = (first - date(1970, 1, 1)).days
@@ -636,6 +641,8 @@ def changed_compute_accounts(
     )
     was = day_values.to_days(stored)
     was = was.loc[(was["day"] >= first_day) & (was["day"] <= cut_day)]
+    days = now["day"].to_numpy(dtype=np.int64)
+    now = now.loc[(days >= first_day) & (days <= cut_day)]
     both = pd.DataFrame(
         {
             "account_id": np.concatenate(
@@ -649,6 +656,16 @@ def changed_compute_accounts(
     )
     sums = both.groupby(["account_id", "day"], sort=False)["units"].sum()
     return set(sums[sums != 0].index.get_level_values("account_id"))
+
+
+def accounts_with_state(conn: Connection, chunk: Chunk, period: Month) -> set[str]:
+    """The chunk's accounts whose state at the end of `period` is stored
+    (`credit_lot_states`; every account has an arrears row, a marker when it has no
+    arrears). A write that adds an entry of a day up to the period's end, or changes a
+    lot, drops the account's row (`db.ledger_writes.sync_lot_states`)."""
+    st = credit_lot_states.c
+    stmt = select(st.account_id).where(chunk.clause(st.account_id), st.period == str(period), st.lot_id == "")
+    return {a for (a,) in conn.execute(stmt)}
 
 
 def written_periods(conn: Connection) -> list[str]:

@@ -34,7 +34,9 @@ from billing_jobs.db.billing_tables import (
 )
 from billing_jobs.db.credit_reads import (
     STATE_COLUMNS,
+    accounts_with_state,
     changed_compute_accounts,
+    compute_differs,
     credit_sources_exist,
     ledger_accounts,
     ledger_exists,
@@ -206,6 +208,13 @@ class ChunkTruth:
     changed: frozenset[str] = frozenset()  # accounts replayed whole (else from the written state)
     inputs: pd.DataFrame = field(default_factory=pd.DataFrame)  # what to store in credit_inputs
     written_refunds: pd.DataFrame = field(default_factory=_no_refunds)  # as read before the replay
+    quiet: frozenset[str] = frozenset()  # accounts whose written ledger stands (left out of the rest)
+
+    def busy(self, chunk: Chunk) -> Chunk:
+        """The chunk's accounts the truth holds: all of them but the quiet ones."""
+        if not self.quiet:
+            return chunk
+        return Chunk(tuple(a for a in chunk.accounts or () if a not in self.quiet), chunk.index)
 
 
 @dataclass(frozen=True)
@@ -338,6 +347,7 @@ def compute_chunk_ledger(
     settled: date | None = None,
     phases: dict[str, float] | None = None,
     known: KnownCompute | None = None,
+    recheck: Month | None = None,
 ) -> ChunkTruth:
     """Replay the chunk's accounts through day `through` on the source data.
 
@@ -347,6 +357,10 @@ def compute_chunk_ledger(
     at `cut`: only the days after it are replayed and compared. Any other account is
     replayed from its written state at `settled` (the last day of the settled periods),
     or whole without one. Nothing of a day up to `settled` is read from the sources.
+
+    recheck: `through` ends this month, a written period (a re-close): an account whose
+    written ledger through it is the replay of today's inputs (`unchanged_accounts`) is
+    not replayed, and the truth leaves it out (`ChunkTruth.quiet`).
     """
     if settled is not None and cut is not None and settled > cut:
         raise ValueError(f"the settled periods end ({settled}) after the cut ({cut})")
@@ -382,13 +396,26 @@ def compute_chunk_ledger(
     with phase(phases, "state_read"):
         stored = read_lots(conn, chunk, settled_day) if cut is not None or settled is not None else None
     if cut is not None and stored is not None:
-        cut_day = day_number(cut)
         with phase(phases, "history_check"):
             changed = changed_accounts(
                 conn, settings, chunk, source, cut, stored, written_refunds, settled=settled
             )
+    quiet: set[str] = set()
+    if recheck is not None and has_ledger and chunk.accounts:
+        with phase(phases, "quiet_check"):
+            stored = read_lots(conn, chunk) if stored is None else stored
+            quiet = _set_aside(
+                conn, settings, chunk, source, recheck, stored, written_refunds, changed, cut, settled
+            )
+    if cut is not None and stored is not None:
+        cut_day = day_number(cut)
+        busy = Chunk(tuple(a for a in chunk.accounts or () if a not in quiet), chunk.index)
         with phase(phases, "state_read"):
-            starts = {a: st for a, st in states_at(conn, chunk, cut_day, stored).items() if a not in changed}
+            starts = {
+                a: st
+                for a, st in states_at(conn, busy, cut_day, stored[~stored["account_id"].isin(quiet)]).items()
+                if a not in changed
+            }
         kept.append(
             stored[
                 (stored["channel"] == RESTORED)
@@ -452,14 +479,46 @@ def compute_chunk_ledger(
     return ChunkTruth(
         entries,
         refund_frame,
-        all_lots,
+        _without(all_lots, quiet),
         pd.DataFrame(balances, columns=["account_id", "held_units", "arrears_units"]),
         rejects,
         exceptions,
         frozenset(changed),
-        inputs,
+        _without(inputs, quiet),
         written_refunds,
+        frozenset(quiet),
     )
+
+
+def _set_aside(
+    conn: Connection,
+    settings: Settings,
+    chunk: Chunk,
+    source: SourceEvents,
+    recheck: Month,
+    stored: pd.DataFrame,
+    written_refunds: pd.DataFrame,
+    changed: set[str],
+    cut: date | None,
+    settled: date | None,
+) -> set[str]:
+    """The quiet accounts of a re-close of `recheck` (`unchanged_accounts`; never one
+    whose inputs up to `cut` changed), taken out of `changed` and of the events to replay."""
+    quiet = unchanged_accounts(
+        conn, settings, chunk, source, recheck, stored, written_refunds, after=cut or settled
+    )
+    if cut is not None:
+        quiet -= changed
+    changed -= quiet
+    for account in quiet:
+        source.events.pop(account, None)
+    return quiet
+
+
+def _without(frame: pd.DataFrame, accounts: set[str]) -> pd.DataFrame:
+    if not accounts or frame.empty:
+        return frame
+    return frame[~frame["account_id"].isin(accounts)].reset_index(drop=True)
 
 
 def _inputs(
@@ -528,14 +587,20 @@ def changed_accounts(
     written_refunds: pd.DataFrame,
     *,
     settled: date | None = None,
+    compute: pd.DataFrame | None = None,
 ) -> set[str]:
     """The chunk's accounts whose inputs for days after `settled` (or the effective date)
     up to `cut` differ from those the ledger was written with: compute per day (compared
-    in the database), invoice totals, lots and refund requests."""
+    in the database; or `compute`, the days read already), invoice totals, lots and
+    refund requests."""
     cut_day = day_number(cut)
     first = settings.effective_from if settled is None else settled + timedelta(days=1)
     first_day = day_number(first)
-    changed = changed_compute_accounts(conn, first, cut, settings.zone, chunk)
+    changed = (
+        changed_compute_accounts(conn, first, cut, settings.zone, chunk)
+        if compute is None
+        else compute_differs(conn, compute, first, cut, chunk)
+    )
     stored = read_inputs(conn, chunk, INPUT_INVOICE, cut_day, first_day)
     now = {
         (a, day_number(Month.parse(p).last_day)): t
@@ -556,6 +621,61 @@ def changed_accounts(
         ):
             changed.add(account)
     return changed
+
+
+def unchanged_accounts(
+    conn: Connection,
+    settings: Settings,
+    chunk: Chunk,
+    source: SourceEvents,
+    month: Month,
+    stored_lots: pd.DataFrame,
+    written_refunds: pd.DataFrame,
+    *,
+    after: date | None = None,
+) -> set[str]:
+    """The chunk's accounts whose written ledger through the end of `month`, a written
+    period, is the replay of today's inputs: their state at the month's end is stored
+    (no write since changed their entries or lots up to it), and their inputs of the
+    days after `after` (the cut, the settled periods' end, or the effective date) up to
+    the month's end are the ones it was written with: compute per day (the days
+    `source` holds, compared with the stored ones), invoice totals, lots, refund
+    requests and the refunds written for them; and each restore lot of those days is
+    valid for `validity_days`. A re-close need not replay them."""
+    end = month.last_day
+    last_day = day_number(end)
+    candidates = accounts_with_state(conn, chunk, month)
+    if not candidates:
+        return set()
+    changed = changed_accounts(
+        conn,
+        settings,
+        chunk,
+        source,
+        end,
+        stored_lots,
+        written_refunds,
+        settled=after,
+        compute=source.compute,
+    )
+    first_day = day_number(settings.effective_from) if after is None else day_number(after) + 1
+    restored = stored_lots[
+        (stored_lots["channel"] == RESTORED)
+        & (stored_lots["valid_from"] >= first_day)
+        & (stored_lots["valid_from"] <= last_day)
+        & (stored_lots["valid_until"] - stored_lots["valid_from"] != settings.validity_days)
+    ]
+    changed.update(restored["account_id"])
+    asked = {
+        (account, request, day)
+        for account, events in source.events.items()
+        for day, request in events.refund_requests
+        if first_day <= day <= last_day
+    }
+    paid = written_refunds[(written_refunds["day"] >= first_day) & (written_refunds["day"] <= last_day)]
+    answered = set(zip(paid["account_id"], paid["request_id"], paid["day"].astype(int), strict=True))
+    changed.update(key[0] for key in asked ^ answered)
+    return candidates - changed
 
 
 def states_at(
@@ -704,6 +824,7 @@ LEDGER_COUNTS = (
     "refunds_written",
     "lots_written",
     "accounts_replayed_whole",
+    "accounts_unchanged",
     "topups_rejected",
     "price_exceptions",
     "ledger_periods_read",
@@ -792,6 +913,7 @@ class LedgerPlan:
     codes: pd.DataFrame
     decisions: dict[str, str | None]
     extra_invoices: dict[tuple[str, str], int]
+    recheck: Month | None = None  # a re-close of this written period: unchanged accounts kept
 
 
 def write_ledger(
@@ -849,6 +971,7 @@ def write_ledger(
             codes=codes,
             decisions=decide_codes(codes),
             extra_invoices=dict(extra_invoices or {}),
+            recheck=month if through is None and str(month) in periods else None,
         )
         ids = ledger_accounts(conn)
         # Top-ups and refund requests of accounts that do not exist: rejected (every one
@@ -931,18 +1054,20 @@ def ledger_chunk(
             settled=plan.settled,
             phases=phases,
             known=known,
+            recheck=plan.recheck,
         )
+        busy = truth.busy(chunk)
         with phase(phases, "written_read"):
             written = (
                 read_written_entries(
                     conn,
-                    chunk,
+                    busy,
                     plan.last,
                     after=plan.cut,
                     except_accounts=truth.changed,
                     settled=plan.settled,
                 )
-                if plan.has_ledger
+                if plan.has_ledger and busy.accounts != ()
                 else pd.DataFrame()
             )
     with phase(phases, "diff"):
@@ -962,11 +1087,12 @@ def ledger_chunk(
     run.count("ledger_corrections", int((new["corrects"] != "").sum()) if len(new) else 0)
     run.count("refunds_written", len(refunds))
     run.count("accounts_replayed_whole", len(truth.changed))
-    if not run.dry_run:
+    run.count("accounts_unchanged", len(truth.quiet))
+    if not run.dry_run:  # a chunk of quiet accounts too: its transaction finds nothing to write
         with phase(phases, "write"):
             run.write(
                 _writer(
-                    chunk,
+                    busy,
                     new,
                     refunds,
                     truth,
@@ -987,6 +1113,7 @@ def ledger_chunk(
         phases,
         entries=len(new),
         replayed_whole=len(truth.changed),
+        unchanged=len(truth.quiet),
         periods_read=plan.periods_read,
     )
     return LedgerChunkOut(totals_by_kind(new), truth.rejects, truth.exceptions)

@@ -12,10 +12,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert
+from sqlalchemy import create_engine, delete, insert
 from support import SourceData, reject_reasons, run_cli
 
-from billing_jobs.db.source_tables import redemption_codes, source_metadata
+from billing_jobs.db.source_tables import redemption_codes, refund_requests, source_metadata
 from billing_jobs.rules.codes import ALPHABET, is_valid
 
 NO_CHUNK_ENV = {"BILLING_WORKERS": "1"}
@@ -451,6 +451,111 @@ def test_a_month_end_continues_each_account_from_its_written_state_unless_late_d
     assert [
         (r["account_id"], r["kind"], r["day"], r["corrects"], r["credits"]) for r in july if r["corrects"]
     ] == [("b", "draw", "2026-05-11", "2026-05", "3")]
+
+
+def _nonzero(rows: list[dict[str, str]]) -> dict[tuple[str, str, str, str], Decimal]:
+    """`sums` without the keys a correction brought to zero."""
+    return {key: value for key, value in sums(rows).items() if value}
+
+
+def _four_accounts(data: SourceData) -> SourceData:
+    for account in "abcd":
+        data.project(f"p-{account}", created="2025-11-02", account=account)
+        data.top_up(f"t-{account}", "2026-05-01 10:00", account=account, credits="1000", amount="95.00")
+        data.compute(f"p-{account}", "2026-05-10 12:00", "12", usage_id=f"u-{account}")
+    return data
+
+
+def _late_in_may(data: SourceData) -> SourceData:
+    data.compute("p-b", "2026-05-11 12:00", "3", usage_id="late-b")  # compute
+    data.refund_request("R-c", "2026-05-20 10:00", account="c")  # a refund request
+    data.top_up("t-d2", "2026-05-15 10:00", account="d", credits="100", amount="10.00", known=False)
+    return data
+
+
+def test_a_re_close_replays_only_the_accounts_whose_month_changed(db_url: str, tmp_path: Path) -> None:
+    _four_accounts(SourceData()).write_url(db_url)
+    close(db_url, "2026-05")
+    assert _last_counts(db_url)["accounts_unchanged"] == 0  # nothing written before
+    close(db_url, "2026-05")
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["accounts_replayed_whole"], counts["ledger_entries"]) == (
+        4,
+        0,
+        0,
+    )
+    _late_in_may(SourceData()).write_url(db_url)
+    close(db_url, "2026-05")
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["accounts_replayed_whole"]) == (1, 3)
+    assert counts["ledger_entries"] > 0
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    _late_in_may(_four_accounts(SourceData())).write_url(fresh)
+    close(fresh, "2026-05")
+    assert _nonzero(ledger(db_url, "2026-05")) == _nonzero(ledger(fresh, "2026-05"))
+    kinds = {(r["account_id"], r["kind"]) for r in ledger(fresh, "2026-05")}
+    assert {("b", "draw"), ("c", "refund"), ("d", "fund")} <= kinds
+    close(db_url, "2026-05")
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["ledger_entries"]) == (4, 0)
+    # A refund written for a request that is gone: c is replayed again, not kept.
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(delete(refund_requests).where(refund_requests.c.request_id == "R-c"))
+    finally:
+        engine.dispose()
+    close(db_url, "2026-05")
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["accounts_replayed_whole"]) == (3, 1)
+
+
+def _april_and_may(data: SourceData) -> SourceData:
+    for account in "ab":
+        data.project(f"p-{account}", created="2025-11-02", account=account)
+        data.top_up(f"t-{account}", "2026-04-01 10:00", account=account, credits="100", amount="10.00")
+        data.compute(f"p-{account}", "2026-04-10 12:00", "60", usage_id=f"apr-{account}")
+        data.compute(f"p-{account}", "2026-05-10 12:00", "60", usage_id=f"may-{account}")
+    return data
+
+
+def test_a_re_close_of_an_earlier_month_makes_the_next_re_close_replay_what_it_changed(
+    db_url: str, tmp_path: Path
+) -> None:
+    # b's late April compute changes its state at April's end: May's written entries
+    # (a draw of 40 and 20 of arrears) no longer follow, though May's inputs are the same.
+    _april_and_may(SourceData()).write_url(db_url)
+    close(db_url, "2026-04", "2026-05")
+    SourceData().compute("p-b", "2026-04-11 12:00", "30", usage_id="late-b").write_url(db_url)
+    close(db_url, "2026-04", "2026-05")
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["ledger_corrections"]) == (1, 2)
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    _april_and_may(SourceData()).compute("p-b", "2026-04-11 12:00", "30", usage_id="late-b").write_url(fresh)
+    close(fresh, "2026-04", "2026-05")
+    mine = _nonzero(ledger(db_url, "2026-04") + ledger(db_url, "2026-05"))
+    assert mine == _nonzero(ledger(fresh, "2026-04") + ledger(fresh, "2026-05"))
+    assert mine[("b", "", "arrears", "2026-05-10")] == Decimal(50)
+
+
+def test_a_re_close_replays_an_account_whose_restore_lot_another_validity_would_change(
+    db_url: str, tmp_path: Path
+) -> None:
+    data = SourceData().project("p-a", created="2025-11-02", account="a").account("a")
+    data.compute("p-a", "2026-05-10 12:00", "-5")  # given back with no lot to restore: a new lot
+    data.write_url(db_url)
+    close(db_url, "2026-05")
+    assert ("a", "expire") not in {(r["account_id"], r["kind"]) for r in ledger(db_url, "2026-05")}
+    config = tmp_path / "billing.toml"
+    config.write_text("[top_up]\nvalidity_days = 5\n", "utf-8")
+    env = {**NO_CHUNK_ENV, "BILLING_CONFIG": str(config)}
+    result = run_cli(db_url, "month-end", "--month", "2026-05", "--reprice", env=env)
+    assert result.code == 0, result.stderr
+    counts = _last_counts(db_url)
+    assert (counts["accounts_unchanged"], counts["accounts_replayed_whole"]) == (0, 1)
+    assert sums(ledger(db_url, "2026-05"))[("a", "restore-a-2026-05-10", "expire", "2026-05-14")] == Decimal(
+        5
+    )
 
 
 def test_history_balance_and_report_show_the_same_numbers_as_the_export(db_url: str, tmp_path: Path) -> None:
