@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -212,9 +212,14 @@ class ChunkTruth:
 
     def busy(self, chunk: Chunk) -> Chunk:
         """The chunk's accounts the truth holds: all of them but the quiet ones."""
-        if not self.quiet:
-            return chunk
-        return Chunk(tuple(a for a in chunk.accounts or () if a not in self.quiet), chunk.index)
+        return _busy(chunk, self.quiet)
+
+
+def _busy(chunk: Chunk, quiet: Collection[str]) -> Chunk:
+    """`chunk` without the accounts `quiet` (a re-close's unchanged accounts)."""
+    if not quiet:
+        return chunk
+    return Chunk(tuple(a for a in chunk.accounts or () if a not in quiet), chunk.index)
 
 
 @dataclass(frozen=True)
@@ -409,7 +414,7 @@ def compute_chunk_ledger(
             )
     if cut is not None and stored is not None:
         cut_day = day_number(cut)
-        busy = Chunk(tuple(a for a in chunk.accounts or () if a not in quiet), chunk.index)
+        busy = _busy(chunk, quiet)
         with phase(phases, "state_read"):
             starts = {
                 a: st
