@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Connection, cast, delete, func, select
+import numpy as np
+from sqlalchemy import Connection, delete, func, select
 
 from billing_jobs.db.billing_tables import invoice_lines, invoices
 from billing_jobs.db.reads import read_frame
@@ -17,11 +18,17 @@ from billing_jobs.db.writes import bulk_insert
 from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
 
+KEY = ["account_id", "project_id", "line_type"]
+
 
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:
     """Sum of the month's finalized invoice lines per (account, project, line type).
 
     Drafts (of a run that was interrupted, or held for approval) are not counted.
+    The lines are read as stored, without a grouping in the database: the lines of one
+    invoice are unique per (project, line type), so only the accounts with more than
+    their regular invoice (an adjustment: `sequence` above 0) can hold a key twice,
+    and only their lines are summed here.
     """
     il = invoice_lines.c
     stmt = (
@@ -29,14 +36,23 @@ def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame
             il.account_id,
             il.project_id,
             il.line_type,
-            cast(func.sum(il.quantity_units), BigInteger).label("quantity_units"),
-            cast(func.sum(il.amount_units), BigInteger).label("amount_units"),
+            il.quantity_units,
+            il.amount_units,
+            invoices.c.sequence,
         )
         .select_from(invoice_lines.join(invoices, invoices.c.invoice_id == il.invoice_id))
         .where(il.period == str(month), chunk.clause(il.account_id), invoices.c.status == "finalized")
-        .group_by(il.account_id, il.project_id, il.line_type)
     )
-    return read_frame(conn, stmt, ints=["quantity_units", "amount_units"], aggregate=True)
+    lines = read_frame(conn, stmt, ints=["quantity_units", "amount_units", "sequence"], aggregate=True)
+    adjusted = lines["sequence"].to_numpy(dtype=np.int64) != 0
+    lines = lines.drop(columns="sequence")
+    if not adjusted.any():
+        return lines
+    twice = lines["account_id"].isin(set(lines.loc[adjusted, "account_id"])).to_numpy(dtype=bool)
+    summed = (
+        lines.loc[twice].groupby(KEY, as_index=False, sort=False)[["quantity_units", "amount_units"]].sum()
+    )
+    return pd.concat([lines.loc[~twice], summed[lines.columns]], ignore_index=True)
 
 
 def next_sequences(conn: Connection, month: Month, chunk: Chunk) -> dict[str, int]:

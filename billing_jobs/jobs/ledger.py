@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -298,8 +298,8 @@ def read_events(
                 int(lot.valid_until),
             )
         )
-    for account, day, amount in compute.itertuples(index=False):
-        slot(account)["compute"][int(day)] = int(amount)
+    for account, days in _compute_by_account(compute):
+        slot(account)["compute"] = days
     effective_day = day_number(effective) if settled is None else day_number(settled) + 1
     for (account, period), total in invoice_totals.items():
         last = day_number(Month.parse(period).last_day)
@@ -318,6 +318,22 @@ def read_events(
         for account, s in per_account.items()
     }
     return SourceEvents(events, lots, rejects, exceptions, compute, invoice_totals)
+
+
+def _compute_by_account(compute: pd.DataFrame) -> Iterator[tuple[str, dict[int, int]]]:
+    """Each account's compute of `compute` (account_id, day, compute_units; one row per
+    account and day) as day -> units, a dict per account made from its slice of the
+    columns (no Python step per row)."""
+    if compute.empty:
+        return
+    codes, names = pd.factorize(compute["account_id"].to_numpy(dtype=object))
+    order = np.argsort(codes, kind="stable")
+    ranked = codes[order]
+    days = compute["day"].to_numpy(dtype=np.int64)[order].tolist()
+    units = compute["compute_units"].to_numpy(dtype=np.int64)[order].tolist()
+    bounds = (np.flatnonzero(ranked[1:] != ranked[:-1]) + 1).tolist()
+    for start, end in zip([0, *bounds], [*bounds, len(order)], strict=True):
+        yield names[ranked[start]], dict(zip(days[start:end], units[start:end], strict=True))
 
 
 def compute_per_day(
@@ -565,21 +581,23 @@ def _inputs(
 
 def _lot_keys(lots: pd.DataFrame, cut_day: int, after: int | None = None) -> set[tuple[Any, ...]]:
     """The lots funded by top-ups up to `cut_day` (after day `after`), as comparable tuples."""
-    return {
-        (
-            r.account_id,
-            r.lot_id,
-            r.channel,
-            int(r.credit_units),
-            int(r.money_cents),
-            int(r.valid_from),
-            int(r.valid_until),
+    valid_from = lots["valid_from"].to_numpy(dtype=np.int64)
+    picked = (lots["channel"] != RESTORED).to_numpy(dtype=bool) & (valid_from <= cut_day)
+    if after is not None:
+        picked &= valid_from > after
+    found = lots.loc[picked]
+    return set(
+        zip(
+            found["account_id"].tolist(),
+            found["lot_id"].tolist(),
+            found["channel"].tolist(),
+            found["credit_units"].to_numpy(dtype=np.int64).tolist(),
+            found["money_cents"].to_numpy(dtype=np.int64).tolist(),
+            found["valid_from"].to_numpy(dtype=np.int64).tolist(),
+            found["valid_until"].to_numpy(dtype=np.int64).tolist(),
+            strict=True,
         )
-        for r in lots.itertuples(index=False)
-        if r.channel != RESTORED
-        and int(r.valid_from) <= cut_day
-        and (after is None or int(r.valid_from) > after)
-    }
+    )
 
 
 def changed_accounts(

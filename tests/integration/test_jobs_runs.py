@@ -239,6 +239,36 @@ def test_late_data_after_close_writes_an_adjustment_and_leaves_the_regular_invoi
     )
 
 
+def test_a_second_adjustment_bills_only_what_the_regular_invoice_and_the_first_one_left_out(db_url: str):
+    may_data().write_url(db_url)
+    ok(db_url, "month-end", "--month", "2026-05")
+    SourceData().cloud("site", "2026-05-25", "page_views", "1000").write_url(db_url)
+    with at(JUNE_1 + timedelta(days=3)):
+        ok(db_url, "month-end", "--month", "2026-05")
+    # More late usage of the same project and metric, and of another one.
+    SourceData().cloud("site", "2026-05-26", "page_views", "3000").cloud(
+        "site", "2026-05-26", "domains", "1"
+    ).write_url(db_url)
+    with at(JUNE_1 + timedelta(days=4)):
+        second = summary(ok(db_url, "month-end", "--month", "2026-05"))
+    assert second["invoices"] == 1
+    adjustments = [
+        (r["invoice_sequence"], r["project_id"], r["line_type"], Decimal(r["amount"]))
+        for r in export_rows(db_url, "2026-05")
+        if r["invoice_kind"] == "adjustment"
+    ]
+    assert adjustments == [
+        ("1", "site", "cloud_page_views", Decimal(1)),
+        ("2", "site", "cloud_page_views", Decimal(3)),
+        ("2", "site", "cloud_domains", Decimal("0.1")),
+    ]
+    # The three invoices together are the month: a re-close finds nothing to adjust.
+    with at(JUNE_1 + timedelta(days=5)):
+        again = summary(ok(db_url, "month-end", "--month", "2026-05"))
+    assert (again["invoices"], again["invoice_lines"], again["rows_inserted"]) == (0, 0, 0)
+    assert len({r["invoice_id"] for r in export_rows(db_url, "2026-05")}) == 4  # acct-2's three, default's one
+
+
 def test_a_back_dated_archive_after_nightly_is_corrected_by_month_end(db_url: str):
     SourceData().project("p1", created=LEGACY).project("p2", created=LEGACY).write_url(db_url)
     ok(db_url, "nightly")
