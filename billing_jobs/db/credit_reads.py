@@ -8,6 +8,7 @@ not usable is read beside it (`reads.amount_problem`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -267,11 +268,51 @@ def read_compute_per_day(
     )
 
 
-def read_compute_days(
-    conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk
-) -> pd.DataFrame:
-    """project_id, account_id, day, compute_units: the usable compute rows of the chunk's
-    projects summed per project and billing day, days first..last, in one scan.
+@dataclass(frozen=True)
+class ComputeDays:
+    """A chunk's compute of some days per project and billing day (`read_compute_days`):
+    `frame` holds project_id, account_id, day, compute_units, each project's rows
+    together and in day order; `starts` is each project's first row, `accounts` each
+    row's account as a number (the same for the rows of one account). The sums per
+    project and per account and day are made from those arrays, without grouping the
+    rows' texts again."""
+
+    frame: pd.DataFrame
+    starts: np.ndarray
+    accounts: np.ndarray
+
+    def per_project(self) -> pd.DataFrame:
+        """project_id, compute_units: each project's days summed."""
+        units = self.frame["compute_units"].to_numpy(dtype=np.int64)
+        return pd.DataFrame(
+            {
+                "project_id": self.frame["project_id"].to_numpy(dtype=object)[self.starts],
+                "compute_units": np.add.reduceat(units, self.starts) if len(units) else units,
+            }
+        )
+
+    def per_account_day(self) -> pd.DataFrame:
+        """account_id, day, compute_units: the projects' days summed per account and day,
+        in the order of the accounts' numbers, then of the day."""
+        day = self.frame["day"].to_numpy(dtype=np.int64)
+        units = self.frame["compute_units"].to_numpy(dtype=np.int64)
+        order = np.lexsort((day, self.accounts))
+        account, day, units = self.accounts[order], day[order], units[order]
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = (account[1:] != account[:-1]) | (day[1:] != day[:-1])
+        first = np.flatnonzero(new)
+        return pd.DataFrame(
+            {
+                "account_id": self.frame["account_id"].to_numpy(dtype=object)[order[first]],
+                "day": day[first],
+                "compute_units": np.add.reduceat(units, first) if len(units) else units,
+            }
+        )
+
+
+def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo, chunk: Chunk) -> ComputeDays:
+    """The usable compute rows of the chunk's projects summed per project and billing
+    day, days first..last, in one scan (`ComputeDays`).
 
     What a month-end chunk derives both its waiver totals (per project) and the credits
     ledger's compute per account and day from. One row comes back per project, its rows'
@@ -281,8 +322,9 @@ def read_compute_days(
     project order.
     """
     columns = ["project_id", "account_id", "day", "compute_units"]
+    none = np.empty(0, dtype=np.int64)
     if first > last:
-        return pd.DataFrame({c: [] for c in columns})
+        return ComputeDays(pd.DataFrame({c: [] for c in columns}), none, none)
     c = compute_usage.c
     start = local_midnight_utc(first, zone)
     end = local_midnight_utc(last + timedelta(days=1), zone)
@@ -308,7 +350,8 @@ def read_compute_days(
     with through_indexes(conn):
         groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
     group, days, amounts = summed_pairs(groups["rows"].to_numpy(dtype=np.int64), groups["pairs"].tolist())
-    return pd.DataFrame(
+    account_numbers, _ = pd.factorize(groups["account_id"].to_numpy(dtype=object))
+    frame = pd.DataFrame(
         {
             "project_id": groups["project_id"].to_numpy(dtype=object)[group],
             "account_id": groups["account_id"].to_numpy(dtype=object)[group],
@@ -316,6 +359,8 @@ def read_compute_days(
             "compute_units": amounts,
         }
     )
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else none
+    return ComputeDays(frame, starts, account_numbers.astype(np.int64)[group])
 
 
 def compute_per_day_query(

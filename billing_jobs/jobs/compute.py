@@ -231,8 +231,8 @@ def _compute_chunk(
         # the waiver's totals and the credits ledger's compute per account and day come.
         with phase(phases, "compute_read"):
             days = read_compute_days(conn, month.first_day, month.last_day, zone, chunk)
-        compute = days.groupby("project_id", as_index=False, sort=False)["compute_units"].sum()
-        compute_days = days.groupby(["account_id", "day"], as_index=False, sort=False)["compute_units"].sum()
+        compute = days.per_project()
+        compute_days = days.per_account_day()
         # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
             charged.groupby("project_id", as_index=False)["amount_units"].sum()

@@ -299,8 +299,10 @@ def _appended(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray) -> tupl
     (the stored month ends before its window) appended to its text. Returns which
     truth rows were appended and the stored rows they extend, as extended."""
     none = np.zeros(len(truth), dtype=bool)
+    if truth.empty or stored.empty or not bool((stored["last_day"].to_numpy(dtype=np.int64) < lo).any()):
+        return none, empty()  # no stored month ends before its window (a month-end's)
     keys = _month_keys(stored)
-    if truth.empty or stored.empty or not keys.is_unique:
+    if not keys.is_unique:
         return none, empty()
     at = keys.get_indexer(_month_keys(truth))
     found = at >= 0
@@ -347,7 +349,7 @@ def _wanted_months(stored: pd.DataFrame, truth: pd.DataFrame, lo: np.ndarray, hi
     f = stored["first_day"].to_numpy(dtype=np.int64)
     e = stored["last_day"].to_numpy(dtype=np.int64)
     reaches = (f <= hi) & (e >= lo)
-    if len(truth):
+    if len(truth) and not bool(reaches.all()):
         reaches |= _month_keys(stored).isin(_month_keys(truth))
     opened = stored.loc[reaches]
     if opened.empty:

@@ -157,13 +157,15 @@ def test_compute_days_give_the_ledger_its_compute_per_account_and_day_across_a_d
     data.compute("p2", "2026-03-31 22:30", "4")  # April 1: not March
     data.compute("p2", "2026-03-10 10:00", None)  # missing: never counted
     data.compute("q1", "2026-03-10 10:00", "5")  # another account
+    data.compute("p2", "2026-03-01 12:00", "0.5")  # March 1 too: p1's day, the same account
     engine = make_engine(db_url)
     try:
         data.write(engine)
         march = (date(2026, 3, 1), date(2026, 3, 31))
         with engine.connect() as conn:
-            days = read_compute_days(conn, *march, zone, Chunk(("acct-1",)))
+            read = read_compute_days(conn, *march, zone, Chunk(("acct-1",)))
             ledger = read_compute_per_day(conn, *march, zone, Chunk(("acct-1",)))
+        days = read.frame
         per_project = {
             (p, a, int(d)): int(u)
             for p, a, d, u in days[["project_id", "account_id", "day", "compute_units"]].itertuples(
@@ -172,6 +174,7 @@ def test_compute_days_give_the_ledger_its_compute_per_account_and_day_across_a_d
         }
         assert per_project == {
             ("p1", "acct-1", day_of("2026-03-01")): 10_000,
+            ("p2", "acct-1", day_of("2026-03-01")): 5_000,
             ("p1", "acct-1", day_of("2026-03-28")): 300_000,
             ("p2", "acct-1", day_of("2026-03-29")): 20_000,
             ("p1", "acct-1", day_of("2026-03-30")): 30_000,
@@ -179,6 +182,20 @@ def test_compute_days_give_the_ledger_its_compute_per_account_and_day_across_a_d
         summed = days.groupby(["account_id", "day"], as_index=False)["compute_units"].sum()
         as_read = {(a, int(d)): int(u) for a, d, u in ledger.itertuples(index=False)}
         assert {(a, int(d)): int(u) for a, d, u in summed.itertuples(index=False)} == as_read
+        # The sums the month-end takes from the same read, without grouping it again.
+        per_day = read.per_account_day()
+        assert {(a, int(d)): int(u) for a, d, u in per_day.itertuples(index=False)} == as_read
+        assert len(per_day) == len(as_read)
+        totals = {p: int(u) for p, u in read.per_project().itertuples(index=False)}
+        assert totals == {"p1": 340_000, "p2": 25_000}
+        assert as_read[("acct-1", day_of("2026-03-01"))] == 15_000
+        with engine.connect() as conn:
+            both = read_compute_days(conn, *march, zone, Chunk(("acct-1", "acct-2"))).per_account_day()
+            read_both = read_compute_per_day(conn, *march, zone, Chunk(("acct-1", "acct-2")))
+        assert {(a, int(d)): int(u) for a, d, u in both.itertuples(index=False)} == {
+            (a, int(d)): int(u) for a, d, u in read_both.itertuples(index=False)
+        }
+        assert len(both) == len(read_both) == 5
     finally:
         engine.dispose()
 
