@@ -46,9 +46,11 @@ from billing_jobs.db.billing_tables import (
 )
 from billing_jobs.db.engine import through_indexes
 from billing_jobs.db.reads import (
+    KEYS,
     amount_problem,
     day_number,
     day_pairs,
+    pairs_of,
     raw,
     read_frame,
     summed_pairs,
@@ -316,8 +318,9 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
 
     What a month-end chunk derives both its waiver totals (per project) and the credits
     ledger's compute per account and day from. One row comes back per project, its rows'
-    billing days and exact units as one text of `day units` pairs that numpy turns into
-    columns (a row object per row or per day would cost more than the sums); the
+    billing days (as offsets from `first`) and exact units as `day_pairs` that numpy
+    turns into columns (a row object per row or per day would cost more than the
+    sums); the
     projects are named through the chunk's accounts, so the usage is read in the index's
     project order.
     """
@@ -330,10 +333,13 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
     end = local_midnight_utc(last + timedelta(days=1), zone)
     mine = select(projects.c.project_id, projects.c.account_id).where(chunk.clause(projects.c.account_id))
     named = mine.subquery()
-    day = billing_day(conn, c.occurred_at, first, last, zone)
+    if (last - first).days >= KEYS:
+        raise ValueError(f"compute is read {KEYS} days at most at a time, not {first}..{last}")
+    base = number_of(first)
+    offset = billing_day(conn, c.occurred_at, first, last, zone) - literal(base, BigInteger)
     rows = (
         select(
-            c.project_id, func.count().label("rows"), day_pairs(conn, day, units(c.credits)).label("pairs")
+            c.project_id, func.count().label("rows"), day_pairs(conn, offset, units(c.credits)).label("pairs")
         )
         .where(
             c.project_id.in_(select(named.c.project_id)),
@@ -349,7 +355,9 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
     )
     with through_indexes(conn):
         groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
-    group, days, amounts = summed_pairs(groups["rows"].to_numpy(dtype=np.int64), groups["pairs"].tolist())
+    counts = groups["rows"].to_numpy(dtype=np.int64)
+    group, offsets, amounts = summed_pairs(counts, *pairs_of(groups["pairs"].tolist(), int(counts.sum())))
+    days = offsets + base
     account_numbers, _ = pd.factorize(groups["account_id"].to_numpy(dtype=object))
     frame = pd.DataFrame(
         {

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Connection,
     Date,
     DateTime,
+    LargeBinary,
     Select,
     String,
     and_,
@@ -391,63 +392,78 @@ def _quantity_problem(conn: Connection) -> ColumnElement[Any]:
     )
 
 
-def day_pairs(conn: Connection, *values: ColumnElement[Any]) -> ColumnElement[str]:
-    """An aggregate: the group's rows as one text of integers, `values` of each row in
-    turn (`day value` pairs, or `metric day quantity` triples), read back by
-    `summed_pairs`. One text per group costs a fraction of a row object per row."""
-    row: ColumnElement[str] = cast(values[0], String)
-    for value in values[1:]:
-        row = row + literal(" ") + cast(value, String)
-    joined = func.string_agg if conn.dialect.name == "postgresql" else func.group_concat
-    return joined(row, literal(" "))
+# A row of `day_pairs` on PostgreSQL: one 64-bit integer, key * 2**52 + value. Keys are
+# 0..KEYS-1 (the top bit stays the sign's); values are within MAX_AMOUNT units either
+# way (below 2**51), as `usable_amount` lets through.
+KEY_SHIFT = 52
+KEYS = 2048
+
+
+def day_pairs(conn: Connection, key: ColumnElement[int], value: ColumnElement[int]) -> ColumnElement[Any]:
+    """An aggregate: the group's rows as (key, value) integers in one value per group,
+    read back by `pairs_of` (a key is a small number: the day's offset in the window
+    read, or a metric's and a day's together; a value, exact units).
+
+    PostgreSQL: each row one 64-bit integer (`KEY_SHIFT`) in 8 bytes (`int8send`), the
+    group's rows one bytea: no number is spelled in decimal or parsed back. SQLite:
+    one text of `key value` pairs (`rules.int_texts`). One value per group costs a
+    fraction of a row object per row."""
+    if conn.dialect.name == "postgresql":
+        packed = cast(key, BigInteger) * literal(2**KEY_SHIFT, BigInteger) + cast(value, BigInteger)
+        return func.string_agg(func.int8send(packed), literal(b"", LargeBinary))
+    return func.group_concat(cast(key, String) + literal(" ") + cast(value, String), literal(" "))
+
+
+def pairs_of(values: Sequence[Any], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (key, value) of every row of `day_pairs`' groups, in the groups' order;
+    `rows` is how many the groups counted."""
+    if values and isinstance(values[0], bytes | bytearray | memoryview):
+        raw = b"".join(values)
+        if len(raw) != 8 * rows:
+            raise AssertionError(f"day pairs: {len(raw)} bytes read for {rows} rows")
+        packed = np.frombuffer(raw, dtype=">i8").astype(np.int64)
+        key = (packed + (1 << (KEY_SHIFT - 1))) >> KEY_SHIFT
+        return key, packed - (key << KEY_SHIFT)
+    flat = integers(" ".join(values))
+    if len(flat) != 2 * rows:
+        raise AssertionError(f"day pairs: {len(flat)} numbers read for {rows} rows")
+    pairs = flat.reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def summed_pairs(
-    counts: np.ndarray, texts: Sequence[str], width: int = 2
+    counts: np.ndarray, key: np.ndarray, value: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The texts of `day_pairs` (group i holds counts[i] rows of `width` integers, the
-    last one a value) summed per group and key (the row's other integers): the group
-    of each result, its key (a column per integer; one column, the day, is returned
-    flat), the sum of its values; in the order of group, then key."""
-    values = integers(" ".join(texts)).reshape(-1, width)
-    if len(values) != counts.sum():
-        raise AssertionError(f"day pairs: {len(values)} read, {counts.sum()} counted")
+    """Rows of groups (group i holds the next counts[i] rows) summed per group and key:
+    the group of each result, its key, the sum of its values; in the order of group,
+    then key."""
+    if len(key) != counts.sum():
+        raise AssertionError(f"day pairs: {len(key)} read, {counts.sum()} counted")
     group = np.repeat(np.arange(len(counts)), counts)
-    keys, value = values[:, :-1], values[:, -1]
     if len(group):
-        ordered = (group[1:] > group[:-1]) | (group[1:] == group[:-1]) & _keys_rise(keys)
+        ordered = (group[1:] > group[:-1]) | (group[1:] == group[:-1]) & (key[1:] >= key[:-1])
         if not bool(ordered.all()):
-            order = np.lexsort((*keys.T[::-1], group))
-            group, keys, value = group[order], keys[order], value[order]
-        new = group[1:] != group[:-1]
-        for column in keys.T:
-            new |= column[1:] != column[:-1]
+            order = np.lexsort((key, group))
+            group, key, value = group[order], key[order], value[order]
+        new = (group[1:] != group[:-1]) | (key[1:] != key[:-1])
         starts = np.flatnonzero(np.r_[True, new])
-        group, keys, value = group[starts], keys[starts], np.add.reduceat(value, starts)
-    return group, (keys[:, 0] if width == 2 else keys), value
-
-
-def _keys_rise(keys: np.ndarray) -> np.ndarray:
-    """Whether each row's key (its integers compared in turn) is at least the one before."""
-    rises = np.zeros(len(keys) - 1, dtype=bool)
-    tied = np.ones(len(keys) - 1, dtype=bool)
-    for column in keys.T:
-        rises |= tied & (column[1:] > column[:-1])
-        tied &= column[1:] == column[:-1]
-    result: np.ndarray = rises | tied
-    return result
+        group, key, value = group[starts], key[starts], np.add.reduceat(value, starts)
+    return group, key, value
 
 
 METRICS = list(LINE_TYPES)  # a metric's number in the texts of `read_cloud_usage`: its index
+DAYS_PER_METRIC = KEYS // len(METRICS)  # a row's key in `read_cloud_usage`: metric * this + day offset
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
     """Usable cloud rows of the chunk's projects summed per (project_id, day, metric):
     project_id, day, metric, quantity_units.
 
-    One row comes back per project, its rows' metrics (numbered), days and quantities
-    (exact units, each row's) as one text of `metric day quantity` triples; numpy turns
-    the texts into columns and sums the rows of a metric and day. A chunk's published
+    One row comes back per project, its rows as (key, quantity) pairs (`day_pairs`: the
+    key is the metric's number times DAYS_PER_METRIC plus the day's offset from
+    `first`; the quantity exact units); numpy turns them into columns and sums the rows
+    of a metric and day. A chunk's published
     projects have a row per metric and day: a row object per day, or a second grouping
     in the database, cost more than the sum itself; grouped by project alone, the rows
     are aggregated in the index's order (by project and metric, the database sorts each
@@ -456,13 +472,18 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     the usage is read in the index's project order.
     """
     c = cloud_usage.c
+    if (last - first).days >= DAYS_PER_METRIC:
+        raise ValueError(f"cloud usage is read {DAYS_PER_METRIC} days at most at a time, not {first}..{last}")
     in_chunk = select(projects.c.project_id).where(chunk.clause(projects.c.account_id))
-    metric = case(*((c.metric == name, literal(number)) for number, name in enumerate(METRICS)))
+    metric = case(
+        *((c.metric == name, literal(number * DAYS_PER_METRIC)) for number, name in enumerate(METRICS))
+    )
+    offset = day_number(conn, c.usage_date) - literal(first.toordinal() - EPOCH_ORDINAL, BigInteger)
     stmt = (
         select(
             c.project_id,
             func.count().label("rows"),
-            day_pairs(conn, metric, day_number(conn, c.usage_date), units(c.quantity)).label("triples"),
+            day_pairs(conn, metric + offset, units(c.quantity)).label("triples"),
         )
         .where(
             c.project_id.in_(in_chunk),
@@ -475,14 +496,13 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     )
     with through_indexes(conn):
         groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
-    group, keys, quantity = summed_pairs(
-        groups["rows"].to_numpy(dtype=np.int64), groups["triples"].tolist(), width=3
-    )
+    counts = groups["rows"].to_numpy(dtype=np.int64)
+    group, key, quantity = summed_pairs(counts, *pairs_of(groups["triples"].tolist(), int(counts.sum())))
     return pd.DataFrame(
         {
             "project_id": groups["project_id"].to_numpy(dtype=object)[group],
-            "day": keys[:, 1],
-            "metric": np.array(METRICS, dtype=object)[keys[:, 0]],
+            "day": key % DAYS_PER_METRIC + (first.toordinal() - EPOCH_ORDINAL),
+            "metric": np.array(METRICS, dtype=object)[key // DAYS_PER_METRIC],
             "quantity_units": quantity,
         }
     )

@@ -1,6 +1,6 @@
 """Many integers as one text: how the stored month forms (`rules.periods`,
-`rules.day_values`) and the reads' `day value` pairs (`db.reads.day_pairs`) carry
-their numbers.
+`rules.day_values`) and, on SQLite, the reads' `key value` pairs (`db.reads.day_pairs`)
+carry their numbers.
 
 A text is decimal integers (`-?[0-9]+`, within 64 bits) separated by single spaces.
 Both directions work on whole columns: a chunk's texts hold millions of numbers,

@@ -14,13 +14,14 @@ from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing_jobs.db import reads
 from billing_jobs.db.credit_reads import read_compute_days, read_compute_per_day
 from billing_jobs.db.engine import make_engine
-from billing_jobs.db.reads import summed_pairs
+from billing_jobs.db.reads import KEY_SHIFT, KEYS, MAX_AMOUNT, pairs_of, summed_pairs
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.jobs.ledger import KnownCompute, compute_per_day
@@ -92,28 +93,47 @@ def test_cloud_usage_is_summed_per_project_metric_and_day_for_the_chunk_alone(db
         engine.dispose()
 
 
-ROWS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 5), st.integers(-99, 99)))
+MAX_UNITS = MAX_AMOUNT * 10_000  # the largest units a usable row holds, either sign
+ROWS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, KEYS - 1), st.integers(-MAX_UNITS, MAX_UNITS)))
+
+
+def _packed(rows: list[tuple[int, int, int]], group: int) -> bytes:
+    """A group's rows as PostgreSQL's `day_pairs` sends them: key * 2**52 + value, 8 bytes each."""
+    return b"".join(((k << KEY_SHIFT) + v).to_bytes(8, "big", signed=True) for g, k, v in rows if g == group)
 
 
 @settings(max_examples=200, deadline=None)
-@given(ROWS.filter(len), st.sampled_from([2, 3]))
+@given(ROWS.filter(len), st.booleans())
 def test_summed_pairs_sum_each_groups_rows_per_key_whatever_their_order(
-    rows: list[tuple[int, int, int, int]], width: int
+    rows: list[tuple[int, int, int]], as_bytes: bool
 ) -> None:
-    """Rows of (group, metric, day, value), in any order within their group, written as
-    each group's text of pairs (day value) or triples (metric day value)."""
+    """Rows of (group, key, value), in any order within their group, as each group's
+    bytes (PostgreSQL) or text of `key value` pairs (SQLite): every key and value read
+    back exactly, at the ends of their ranges too, and summed per group and key."""
     rows = sorted(rows, key=lambda r: r[0])  # the groups come in order; their rows need not
     present = sorted({r[0] for r in rows})  # a group read has one row at least
     counts = np.array([sum(r[0] == g for r in rows) for g in present], dtype=np.int64)
-    texts = [" ".join(" ".join(map(str, r[4 - width :])) for r in rows if r[0] == g) for g in present]
-    group, keys, value = summed_pairs(counts, texts, width=width)
-    expected: Counter[tuple[int, ...]] = Counter()
-    for r in rows:
-        expected[(present.index(r[0]), *r[4 - width : 3])] += r[3]
-    keys2 = keys.reshape(len(group), -1)
-    got = [(int(g), *map(int, k)) for g, k in zip(group, keys2, strict=True)]
+    values = (
+        [_packed(rows, g) for g in present]
+        if as_bytes
+        else [" ".join(f"{k} {v}" for r, k, v in rows if r == g) for g in present]
+    )
+    key, value = pairs_of(values, len(rows))
+    assert list(zip(key.tolist(), value.tolist(), strict=True)) == [(k, v) for _, k, v in rows]
+    group, keys, sums = summed_pairs(counts, key, value)
+    expected: Counter[tuple[int, int]] = Counter()
+    for g, k, v in rows:
+        expected[(present.index(g), k)] += v
+    got = [(int(g), int(k)) for g, k in zip(group, keys, strict=True)]
     assert got == sorted(expected)
-    assert dict(zip(got, value.tolist(), strict=True)) == dict(expected)
+    assert dict(zip(got, sums.tolist(), strict=True)) == dict(expected)
+
+
+def test_day_pairs_read_back_refuses_a_group_that_does_not_hold_its_rows() -> None:
+    with pytest.raises(AssertionError, match="day pairs"):
+        pairs_of([_packed([(0, 1, 5)], 0)], 2)
+    with pytest.raises(AssertionError, match="day pairs"):
+        pairs_of(["1 5 2"], 1)
 
 
 def test_the_reject_scans_name_every_bad_row_once_with_its_reason(db_url: str) -> None:
