@@ -24,6 +24,7 @@ from support import (
 
 from billing_jobs.db.engine import make_engine
 from billing_jobs.db.reads import plan_chunks
+from billing_jobs.db.sql import Chunk, among
 from billing_jobs.db.writes import bulk_insert
 from billing_jobs.jobs.compute import compute_chunk
 from billing_jobs.rules.calendar import Month
@@ -212,6 +213,29 @@ def test_a_chunk_reads_only_its_own_accounts_rows(db_url: str) -> None:
                 assert not seen & mine
                 seen |= mine
             assert len(seen) == 6
+    finally:
+        engine.dispose()
+
+
+AWKWARD_IDS = ["plain", 'say "hi"', "back\\slash", "a,b", "{braces}", "NULL", "", " lead", "Ärger", "end\\"]
+
+
+@pytest.mark.parametrize("named", [AWKWARD_IDS, AWKWARD_IDS[:1], [], ['"', "\\"]])
+def test_a_chunk_names_exactly_its_accounts_whatever_their_ids_hold(db_url: str, named: list[str]) -> None:
+    """Membership (`db.sql.among`) is equality with each named id, sent as one array:
+    quotes, backslashes, commas, braces, the word NULL and the empty id are ids like any."""
+    ids = [*AWKWARD_IDS, '"', "\\", "other", "null", "plain "]
+    engine = make_engine(db_url)
+    try:
+        table = sa.Table("ids_named", sa.MetaData(), sa.Column("account_id", sa.String(64)))
+        with engine.begin() as conn:
+            table.create(conn)
+            conn.execute(table.insert(), [{"account_id": i} for i in ids])
+        with engine.connect() as conn:
+            column = table.c.account_id
+            for condition in (among(column, named), Chunk(tuple(named)).clause(column)):
+                found = conn.execute(sa.select(table.c.account_id).where(condition)).scalars().all()
+                assert sorted(found) == sorted(named)
     finally:
         engine.dispose()
 
