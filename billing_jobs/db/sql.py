@@ -55,19 +55,10 @@ def among(column: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bo
 
 @compiles(_Among, "postgresql")
 def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
-    values = compiler.process(bindparam(None, array_text(element.values), type_=String), **kw)
-    return f"{compiler.process(element.column, **kw)} = ANY(CAST({values} AS VARCHAR[]))"
+    from sqlalchemy.dialects import postgresql  # not at import: it loads asyncio (start-up time)
 
-
-def array_text(values: Sequence[str]) -> str:
-    """PostgreSQL's text form of a one-dimensional array of `values`: every element in
-    double quotes (never read as NULL), a backslash or double quote in it escaped. One
-    text made by joins, not the driver's quoting of each element in turn (a chunk's
-    ids are sent with every statement of the chunk)."""
-    joined = '","'.join(values)
-    if "\\" in joined or '"' in joined:
-        joined = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
-    return f'{{"{joined}"}}' if values else "{}"
+    values = bindparam(None, element.values, type_=postgresql.ARRAY(String))
+    return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(values, **kw)})"
 
 
 @compiles(_Among)
