@@ -320,9 +320,8 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
     ledger's compute per account and day from. One row comes back per project, its rows'
     billing days (as offsets from `first`) and exact units as `day_pairs` that numpy
     turns into columns (a row object per row or per day would cost more than the
-    sums); the
-    projects are named through the chunk's accounts, so the usage is read in the index's
-    project order.
+    sums); the projects are named through the chunk's accounts, so the usage is read
+    in the index's project order.
     """
     columns = ["project_id", "account_id", "day", "compute_units"]
     none = np.empty(0, dtype=np.int64)

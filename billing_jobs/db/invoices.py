@@ -17,8 +17,7 @@ from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import bulk_insert
 from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
-
-KEY = ["account_id", "project_id", "line_type"]
+from billing_jobs.rules.invoice import KEY
 
 
 def invoiced_lines(conn: Connection, month: Month, chunk: Chunk) -> pd.DataFrame:

@@ -54,6 +54,7 @@ from billing_jobs.db.source_tables import (
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.calendar import day_number as number_of
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.int_texts import integers
 from billing_jobs.rules.money import UNITS_PER_CREDIT
@@ -453,7 +454,6 @@ def summed_pairs(
 
 METRICS = list(LINE_TYPES)  # a metric's number in the texts of `read_cloud_usage`: its index
 DAYS_PER_METRIC = KEYS // len(METRICS)  # a row's key in `read_cloud_usage`: metric * this + day offset
-EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
@@ -478,7 +478,8 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     metric = case(
         *((c.metric == name, literal(number * DAYS_PER_METRIC)) for number, name in enumerate(METRICS))
     )
-    offset = day_number(conn, c.usage_date) - literal(first.toordinal() - EPOCH_ORDINAL, BigInteger)
+    base = number_of(first)
+    offset = day_number(conn, c.usage_date) - literal(base, BigInteger)
     stmt = (
         select(
             c.project_id,
@@ -501,7 +502,7 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     return pd.DataFrame(
         {
             "project_id": groups["project_id"].to_numpy(dtype=object)[group],
-            "day": key % DAYS_PER_METRIC + (first.toordinal() - EPOCH_ORDINAL),
+            "day": key % DAYS_PER_METRIC + base,
             "metric": np.array(METRICS, dtype=object)[key // DAYS_PER_METRIC],
             "quantity_units": quantity,
         }
