@@ -58,6 +58,7 @@ from billing_jobs.db.reads import (
     ts_param,
     units,
     usable_amount,
+    usable_groups,
 )
 from billing_jobs.db.source_tables import (
     accounts,
@@ -282,6 +283,8 @@ class ComputeDays:
     frame: pd.DataFrame
     starts: np.ndarray
     accounts: np.ndarray
+    seen: int = 0  # the rows read, usable or not (`SourceTally`)
+    unusable: tuple[str, ...] = ()  # the projects with a row that cannot count
 
     def per_project(self) -> pd.DataFrame:
         """project_id, compute_units: each project's days summed."""
@@ -336,24 +339,28 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
         raise ValueError(f"compute is read {KEYS} days at most at a time, not {first}..{last}")
     base = number_of(first)
     offset = billing_day(conn, c.occurred_at, first, last, zone) - literal(base, BigInteger)
+    usable = usable_amount(c.credits, signed=True)
     rows = (
         select(
-            c.project_id, func.count().label("rows"), day_pairs(conn, offset, units(c.credits)).label("pairs")
+            c.project_id,
+            func.count().label("seen"),
+            func.count(case((usable, 1), else_=None)).label("rows"),
+            day_pairs(conn, offset, case((usable, units(c.credits)), else_=None)).label("pairs"),
         )
         .where(
             c.project_id.in_(select(named.c.project_id)),
             raw(conn, c.occurred_at) >= ts_param(conn, start),
             raw(conn, c.occurred_at) < ts_param(conn, end),
-            usable_amount(c.credits, signed=True),
         )
         .group_by(c.project_id)
         .subquery()
     )
-    stmt = select(rows.c.project_id, named.c.account_id, rows.c.rows, rows.c.pairs).join(
+    stmt = select(rows.c.project_id, named.c.account_id, rows.c.seen, rows.c.rows, rows.c.pairs).join(
         named, named.c.project_id == rows.c.project_id
     )
     with through_indexes(conn):
-        groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+        groups = read_frame(conn, stmt, ints=["seen", "rows"], aggregate=True)
+    seen, unusable, groups = usable_groups(groups)
     counts = groups["rows"].to_numpy(dtype=np.int64)
     group, offsets, amounts = summed_pairs(counts, *pairs_of(groups["pairs"].tolist(), int(counts.sum())))
     days = offsets + base
@@ -367,7 +374,7 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
         }
     )
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else none
-    return ComputeDays(frame, starts, account_numbers.astype(np.int64)[group])
+    return ComputeDays(frame, starts, account_numbers.astype(np.int64)[group], seen, unusable)
 
 
 def compute_per_day_query(

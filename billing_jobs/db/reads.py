@@ -51,7 +51,7 @@ from billing_jobs.db.source_tables import (
     project_events,
     projects,
 )
-from billing_jobs.db.sql import Chunk
+from billing_jobs.db.sql import Chunk, among
 from billing_jobs.frames import pd
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.calendar import day_number as number_of
@@ -355,23 +355,76 @@ def read_orphan_events(conn: Connection) -> pd.DataFrame:
     return read_frame(conn, stmt, timestamps=["occurred_at"])
 
 
-def read_compute_rejects(conn: Connection, start: datetime, end: datetime) -> pd.DataFrame:
-    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value."""
+def read_compute_rejects(
+    conn: Connection, start: datetime, end: datetime, of: Sequence[str] | None = None, *, unknown: bool = True
+) -> pd.DataFrame:
+    """Compute rows in [start, end) that cannot count: usage_id, project_id, occurred_at, reason, value.
+
+    of: of the known projects, only these may hold rows with bad amounts (what a
+    month-end's chunks counted, `jobs.compute.SourceTally`): their rows are looked up
+    through the project index, not the whole range. unknown: the range may hold rows
+    of projects that do not exist (always with `of` None).
+    """
     c = compute_usage.c
     in_range = (
         raw(conn, c.occurred_at) >= ts_param(conn, start),
         raw(conn, c.occurred_at) < ts_param(conn, end),
     )
-    unknown = _unknown_projects(c.project_id, in_range)
-    reason = case((c.project_id.in_(unknown), UNKNOWN_PROJECT), else_=amount_problem(conn, c.credits))
-    stmt = select(
-        c.usage_id,
-        c.project_id,
-        raw(conn, c.occurred_at).label("occurred_at"),
-        reason.label("reason"),
-        cast(c.credits, String).label("value"),
-    ).where(*in_range, or_(not_(usable_amount(c.credits, signed=True)), c.project_id.in_(unknown)))
-    return read_frame(conn, stmt, timestamps=["occurred_at"])
+    bad = not_(usable_amount(c.credits, signed=True))
+    columns = [c.usage_id, c.project_id, raw(conn, c.occurred_at).label("occurred_at")]
+    value = cast(c.credits, String).label("value")
+    if of is None:
+        named = _unknown_projects(c.project_id, in_range)
+        why = case((c.project_id.in_(named), UNKNOWN_PROJECT), else_=amount_problem(conn, c.credits))
+        stmt = select(*columns, why.label("reason"), value).where(
+            *in_range, or_(bad, c.project_id.in_(named))
+        )
+        return read_frame(conn, stmt, timestamps=["occurred_at"])
+    statements = _of_projects(
+        [*columns, value], c.project_id, in_range, bad, amount_problem(conn, c.credits), of, unknown
+    )
+    return _frames(
+        conn, statements, ["usage_id", "project_id", "occurred_at", "reason", "value"], "occurred_at"
+    )
+
+
+def _of_projects(
+    columns: Sequence[ColumnElement[Any]],
+    project_id: ColumnElement[Any],
+    in_range: Sequence[ColumnElement[bool]],
+    bad: ColumnElement[bool],
+    problem: ColumnElement[Any],
+    of: Sequence[str],
+    unknown: bool,
+) -> list[Select[Any]]:
+    """A reject read's statements with `of`: the bad rows of those projects (`problem`
+    their reason), then (`unknown`) every row of the projects that do not exist."""
+    statements = []
+    if of:
+        where = (*in_range, among(project_id, list(of)), bad)
+        statements.append(select(*columns, problem.label("reason")).where(*where))
+    if unknown:
+        named = _unknown_projects(project_id, in_range)
+        reason = literal(UNKNOWN_PROJECT, String).label("reason")
+        statements.append(select(*columns, reason).where(*in_range, project_id.in_(named)))
+    return statements
+
+
+def _frames(
+    conn: Connection, statements: Sequence[Select[Any]], columns: Sequence[str], when: str
+) -> pd.DataFrame:
+    """The rows of a few reads of the same columns, one after another."""
+    stamps = [when] if when == "occurred_at" else []
+    days = [when] if when == "day" else []
+    parts = [read_frame(conn, stmt, timestamps=stamps, dates=days) for stmt in statements]
+    parts = [part for part in parts if len(part)]
+    if not parts:
+        return _no_rows(columns)
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+
+def _no_rows(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series([], dtype=object) for name in columns})
 
 
 def _unknown_projects(project_id: ColumnElement[Any], where: Sequence[ColumnElement[bool]]) -> Select[Any]:
@@ -457,6 +510,18 @@ DAYS_PER_METRIC = KEYS // len(METRICS)  # a row's key in `read_cloud_usage`: met
 
 
 def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) -> pd.DataFrame:
+    """`read_cloud_tallied`'s sums alone."""
+    return read_cloud_tallied(conn, first, last, chunk).frame
+
+
+@dataclass(frozen=True)
+class CloudUsage:
+    frame: pd.DataFrame  # project_id, day, metric, quantity_units
+    seen: int  # the rows read, usable or not (`SourceTally`)
+    unusable: tuple[str, ...]  # the projects with a row that cannot be billed whatever their state
+
+
+def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) -> CloudUsage:
     """Usable cloud rows of the chunk's projects summed per (project_id, day, metric):
     project_id, day, metric, quantity_units.
 
@@ -470,6 +535,10 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     project's rows first: about a quarter of the statement at 100k projects, on both
     back ends). The projects are named through the chunk's accounts in a subquery, so
     the usage is read in the index's project order.
+
+    The read counts every row of the days too, usable or not, and names the projects
+    with a row no state could bill (`usable_groups`): what a month-end's rejects are
+    found from (`jobs.compute.tallied_rejects`).
     """
     c = cloud_usage.c
     if (last - first).days >= DAYS_PER_METRIC:
@@ -480,26 +549,27 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
     )
     base = number_of(first)
     offset = day_number(conn, c.usage_date) - literal(base, BigInteger)
+    usable = and_(c.metric.in_(METRICS), usable_amount(c.quantity, signed=False))
     stmt = (
         select(
             c.project_id,
-            func.count().label("rows"),
-            day_pairs(conn, metric + offset, units(c.quantity)).label("triples"),
+            func.count().label("seen"),
+            func.count(case((usable, 1), else_=None)).label("rows"),
+            day_pairs(conn, metric + offset, case((usable, units(c.quantity)), else_=None)).label("triples"),
         )
         .where(
             c.project_id.in_(in_chunk),
             raw(conn, c.usage_date) >= date_param(conn, first),
             raw(conn, c.usage_date) <= date_param(conn, last),
-            c.metric.in_(METRICS),
-            usable_amount(c.quantity, signed=False),
         )
         .group_by(c.project_id)
     )
     with through_indexes(conn):
-        groups = read_frame(conn, stmt, ints=["rows"], aggregate=True)
+        groups = read_frame(conn, stmt, ints=["seen", "rows"], aggregate=True)
+    seen, unusable, groups = usable_groups(groups)
     counts = groups["rows"].to_numpy(dtype=np.int64)
     group, key, quantity = summed_pairs(counts, *pairs_of(groups["triples"].tolist(), int(counts.sum())))
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "project_id": groups["project_id"].to_numpy(dtype=object)[group],
             "day": key % DAYS_PER_METRIC + base,
@@ -507,30 +577,74 @@ def read_cloud_usage(conn: Connection, first: date, last: date, chunk: Chunk) ->
             "quantity_units": quantity,
         }
     )
+    return CloudUsage(frame, seen, unusable)
 
 
-def read_cloud_rejects(conn: Connection, first: date, last: date) -> pd.DataFrame:
-    """Cloud rows that cannot be billed whatever the project's state."""
+def usable_groups(groups: pd.DataFrame) -> tuple[int, tuple[str, ...], pd.DataFrame]:
+    """Of a usage read's groups (project_id, seen: its rows, rows: the usable ones among
+    them, and their pairs): every row seen, the projects with a row that cannot count,
+    and the groups with a usable row (a group without one has no pairs)."""
+    seen = groups["seen"].to_numpy(dtype=np.int64)
+    rows = groups["rows"].to_numpy(dtype=np.int64)
+    bad = seen != rows
+    unusable = tuple(groups["project_id"].to_numpy(dtype=object)[bad].tolist())
+    if bool(bad.any()) and not bool(rows.all()):
+        groups = groups.loc[rows > 0].reset_index(drop=True)
+    return int(seen.sum()), unusable, groups
+
+
+def read_cloud_rejects(
+    conn: Connection, first: date, last: date, of: Sequence[str] | None = None, *, unknown: bool = True
+) -> pd.DataFrame:
+    """Cloud rows that cannot be billed whatever the project's state.
+
+    of, unknown: as for `read_compute_rejects` (an unknown metric, a missing, bad or
+    negative quantity).
+    """
     c = cloud_usage.c
     problem = _quantity_problem(conn)
     in_range = (
         raw(conn, c.usage_date) >= date_param(conn, first),
         raw(conn, c.usage_date) <= date_param(conn, last),
     )
-    unknown = _unknown_projects(c.project_id, in_range)
-    reason = case(
-        (c.project_id.in_(unknown), UNKNOWN_PROJECT), (problem.is_not(None), problem), else_=NEGATIVE
+    bad = not_(and_(c.metric.in_(list(LINE_TYPES)), usable_amount(c.quantity, signed=False)))
+    columns = [c.usage_id, c.project_id, raw(conn, c.usage_date).label("day"), c.metric]
+    value = cast(c.quantity, String).label("value")
+    if of is None:
+        named = _unknown_projects(c.project_id, in_range)
+        why = case(
+            (c.project_id.in_(named), UNKNOWN_PROJECT), (problem.is_not(None), problem), else_=NEGATIVE
+        )
+        stmt = select(*columns, why.label("reason"), value).where(
+            *in_range, or_(bad, c.project_id.in_(named))
+        )
+        return read_frame(conn, stmt, dates=["day"])
+    reason = case((problem.is_not(None), problem), else_=NEGATIVE)
+    statements = _of_projects([*columns, value], c.project_id, in_range, bad, reason, of, unknown)
+    return _frames(conn, statements, ["usage_id", "project_id", "day", "metric", "reason", "value"], "day")
+
+
+def usage_rows(conn: Connection, start: datetime, end: datetime, first: date, last: date) -> tuple[int, int]:
+    """How many compute rows [start, end) and cloud rows of days first..last there are,
+    usable or not, of any project (through the usage tables' time indexes alone)."""
+    cu, cl = compute_usage.c, cloud_usage.c
+    compute = (
+        select(func.count())
+        .select_from(compute_usage)
+        .where(
+            raw(conn, cu.occurred_at) >= ts_param(conn, start),
+            raw(conn, cu.occurred_at) < ts_param(conn, end),
+        )
     )
-    usable = and_(c.metric.in_(list(LINE_TYPES)), usable_amount(c.quantity, signed=False))
-    stmt = select(
-        c.usage_id,
-        c.project_id,
-        raw(conn, c.usage_date).label("day"),
-        c.metric,
-        reason.label("reason"),
-        cast(c.quantity, String).label("value"),
-    ).where(*in_range, or_(not_(usable), c.project_id.in_(unknown)))
-    return read_frame(conn, stmt, dates=["day"])
+    cloud = (
+        select(func.count())
+        .select_from(cloud_usage)
+        .where(
+            raw(conn, cl.usage_date) >= date_param(conn, first),
+            raw(conn, cl.usage_date) <= date_param(conn, last),
+        )
+    )
+    return int(conn.execute(compute).scalar_one()), int(conn.execute(cloud).scalar_one())
 
 
 def read_cloud_rows(conn: Connection, groups: pd.DataFrame, first: date, last: date) -> pd.DataFrame:

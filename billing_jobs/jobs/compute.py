@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import cached_property
+from functools import cached_property, partial
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -59,6 +59,29 @@ def waiver_threshold_units(settings: Settings) -> int | None:
     return None if t is None else to_units(t)
 
 
+@dataclass(frozen=True)
+class SourceTally:
+    """What chunks' usage reads of a whole month saw: every row of their projects in
+    the month (`compute`, `cloud`), usable or not, and the projects with a row that
+    cannot count whatever their state (a bad amount, an unknown metric). Summed over
+    every chunk of a run, it tells `source_rejects` where the month's bad rows are:
+    when the month holds no more rows than the chunks saw, none is of an unknown
+    project, and the rows with bad amounts are those of the projects named."""
+
+    compute: int = 0
+    cloud: int = 0
+    compute_unusable: tuple[str, ...] = ()
+    cloud_unusable: tuple[str, ...] = ()
+
+    def __add__(self, other: SourceTally) -> SourceTally:
+        return SourceTally(
+            self.compute + other.compute,
+            self.cloud + other.cloud,
+            self.compute_unusable + other.compute_unusable,
+            self.cloud_unusable + other.cloud_unusable,
+        )
+
+
 @dataclass
 class ChunkResult:
     """Everything computed for one chunk and one month (days first..last)."""
@@ -75,6 +98,7 @@ class ChunkResult:
     refunds: pd.DataFrame | None  # project_id, amount_units, compute_units (month-end only)
     lines: pd.DataFrame | None  # invoice lines for the month (month-end only)
     rejects: pd.DataFrame  # rows of this chunk rejected by the rules
+    tally: SourceTally | None = None  # what the usage reads saw (whole month only)
 
     @cached_property
     def periods(self) -> pd.DataFrame:
@@ -209,7 +233,8 @@ def _compute_chunk(
     charged = charged_ahead.loc[charged_ahead["day"] <= hi]
 
     with phase(phases, "cloud_read"):
-        usage = reads.read_cloud_usage(conn, first, last, chunk)
+        cloud_read = reads.read_cloud_tallied(conn, first, last, chunk)
+    usage = cloud_read.frame
     pub_days = published_days(published, lo, hi, zone)
     cloud, not_billable = cloud_fees(usage, pub_days, rules.effective_day, settings.cloud_prices)
 
@@ -225,7 +250,7 @@ def _compute_chunk(
         rows = rows.merge(not_billable, on=["project_id", "day", "metric"])
         rejects.append(_cloud_rejects(rows))
 
-    compute = compute_days = refunds = lines = None
+    compute = compute_days = refunds = lines = tally = None
     if whole_month:
         # One read of the month's compute: per project and billing day, from which both
         # the waiver's totals and the credits ledger's compute per account and day come.
@@ -233,6 +258,8 @@ def _compute_chunk(
             days = read_compute_days(conn, month.first_day, month.last_day, zone, chunk)
         compute = days.per_project()
         compute_days = days.per_account_day()
+        if (first, last) == (month.first_day, month.last_day):
+            tally = SourceTally(days.seen, cloud_read.seen, days.unusable, cloud_read.unusable)
         # The waiver refunds what is charged: the month, or its days so far in a preview.
         totals = (
             charged.groupby("project_id", as_index=False)["amount_units"].sum()
@@ -256,6 +283,7 @@ def _compute_chunk(
         refunds=refunds,
         lines=lines,
         rejects=pd.concat(rejects, ignore_index=True),
+        tally=tally,
     )
 
 
@@ -301,15 +329,33 @@ def _text(value: object) -> str:
     return "NULL" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
-def source_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
+def source_rejects(
+    conn: Connection, settings: Settings, first: date, last: date, tally: SourceTally | None = None
+) -> pd.DataFrame:
     """Usage rows of days first..last that the database can tell are bad, any project.
 
     Bounded by the number of bad rows: the database filters, only rejects come back.
+    Without `tally`, two scans of the days' usage (the rows with bad amounts, the
+    projects named that do not exist). With the tally of every chunk of a run that
+    read the same days, after those reads: the days' rows counted through the time
+    indexes; a usage table holding no more rows than the chunks saw holds none of an
+    unknown project (rows are only ever added), and its bad rows are those of the
+    projects the tally names, read through the project index. A table holding more
+    (rows of unknown projects, or added since) is searched for unknown projects.
     """
     zone = ZoneInfo(settings.timezone)
     start, end = day_bounds_utc(first, last, zone)
-    compute = reads.read_compute_rejects(conn, start, end)
-    cloud = reads.read_cloud_rejects(conn, first, last)
+    if tally is None:
+        compute = reads.read_compute_rejects(conn, start, end)
+        cloud = reads.read_cloud_rejects(conn, first, last)
+    else:
+        compute_rows, cloud_rows = reads.usage_rows(conn, start, end, first, last)
+        compute = reads.read_compute_rejects(
+            conn, start, end, sorted(set(tally.compute_unusable)), unknown=compute_rows != tally.compute
+        )
+        cloud = reads.read_cloud_rejects(
+            conn, first, last, sorted(set(tally.cloud_unusable)), unknown=cloud_rows != tally.cloud
+        )
     parts = []
     if len(compute):
         days = local_day_numbers(compute["occurred_at"], zone)
@@ -345,12 +391,15 @@ def month_days(month: Month) -> list[date]:
     return [month.first_day + timedelta(days=i) for i in range(month.days)]
 
 
-def platform_rejects(conn: Connection, settings: Settings, first: date, last: date) -> pd.DataFrame:
+def platform_rejects(
+    conn: Connection, settings: Settings, first: date, last: date, tally: SourceTally | None = None
+) -> pd.DataFrame:
     """Rows of days first..last rejected whatever the chunk: bad amounts, unknown
-    projects, events of unknown projects. Platform-wide scans, so a job runs them
-    beside its chunks (`InBackground`), not before them."""
+    projects, events of unknown projects. Without `tally`, platform-wide scans, so a
+    job runs them beside its chunks (`InBackground`), not before them; with it, after
+    them (`source_rejects`)."""
     return pd.concat(
-        [source_rejects(conn, settings, first, last), orphan_event_rejects(conn, settings)],
+        [source_rejects(conn, settings, first, last, tally), orphan_event_rejects(conn, settings)],
         ignore_index=True,
     )
 
@@ -426,3 +475,37 @@ def _cancel(dbapi: object) -> None:
             with contextlib.suppress(Exception):  # the statement ended meanwhile
                 method()
             return
+
+
+class MonthRejects:
+    """The usage rows of a month-end's month rejected whatever the chunk (`platform_rejects`).
+
+    A run whose chunks read the whole month for every account (`tallied`) adds up what
+    its chunks' usage reads saw (`add`) and, after them, finds the bad rows from that
+    (`source_rejects` with the tally): no second scan of the month's usage. A shard, or
+    a preview that stops before the month's end, scans the month beside its chunks
+    (`InBackground`). Used as a context manager, as `InBackground`."""
+
+    def __init__(self, engine: Engine, settings: Settings, month: Month, *, tallied: bool) -> None:
+        self._engine = engine
+        self._work = partial(platform_rejects, settings=settings, first=month.first_day, last=month.last_day)
+        self._tally: SourceTally | None = SourceTally() if tallied else None
+        self._side = None if tallied else InBackground(engine, self._work)
+
+    def __enter__(self) -> MonthRejects:
+        return self
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if self._side is not None:
+            self._side.__exit__(kind, value, tb)
+
+    def add(self, tally: SourceTally | None) -> None:
+        if self._tally is not None:
+            assert tally is not None, "a month-end chunk of a whole month tallies its reads"
+            self._tally += tally
+
+    def result(self) -> pd.DataFrame:
+        if self._side is not None:
+            return self._side.result()
+        with self._engine.connect() as conn:
+            return self._work(conn, tally=self._tally)

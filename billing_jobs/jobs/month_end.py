@@ -49,9 +49,8 @@ from billing_jobs.db.writes import (
 from billing_jobs.frames import pd
 from billing_jobs.jobs import month_controls as controls
 from billing_jobs.jobs.compute import (
-    InBackground,
+    MonthRejects,
     month_days,
-    platform_rejects,
 )
 from billing_jobs.jobs.ledger import KnownCompute, LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
@@ -128,8 +127,9 @@ def close_month(
         raise ValueError("only a dry run may stop before the end of the month")
     settings = run.settings
     last = month.last_day if through is None else min(through, month.last_day)
-    side_read = partial(platform_rejects, settings=settings, first=month.first_day, last=month.last_day)
-    with InBackground(run.engine, side_read) as side:
+    # A run of every chunk, through the month's end, finds the month's bad usage rows
+    # from what its chunks read; a shard or a preview, beside its chunks.
+    with MonthRejects(run.engine, settings, month, tallied=shard is None and through is None) as side:
         with run.engine.connect() as conn:
             closed = False if fresh_schema else is_closed(conn, month)
             # A month without stored periods when the run starts (its first close, no
@@ -158,6 +158,7 @@ def close_month(
         for step, out in enumerate(run_chunks(run, run_chunk, chunks, workers, job=job), start=1):
             all_rejects.append(out.rejects)
             assert out.compute is not None, "a month-end chunk reads the month's compute"
+            side.add(out.tally)
             compute_days.append(out.compute)
             if out.heads is not None and out.lines is not None:  # a dry run's drafts
                 all_heads.append(out.heads)

@@ -46,7 +46,7 @@ from billing_jobs.db.reads import stored_charges
 from billing_jobs.db.sql import Chunk
 from billing_jobs.db.writes import Window, record_rejects, sync_charges
 from billing_jobs.frames import pd
-from billing_jobs.jobs.compute import ChunkResult, compute_chunk
+from billing_jobs.jobs.compute import ChunkResult, SourceTally, compute_chunk
 from billing_jobs.jobs.runner import Run
 from billing_jobs.phases import log_chunk, phase, rest
 from billing_jobs.rules.calendar import Month, day_number
@@ -103,6 +103,7 @@ class ChunkOutput:
     recomputed: pd.DataFrame | None = None  # reconcile: the invoices against the month recomputed
     stored: pd.DataFrame | None = None  # reconcile: the invoices against the stored charges
     drafts: int = 0  # reconcile: drafts of the month it saw (a close running, or one that died)
+    tally: SourceTally | None = None  # a whole month's usage reads: what they saw (`source_rejects`)
 
 
 @dataclass
@@ -150,7 +151,7 @@ def run_chunk(run: Run, chunk: Chunk, *, job: ChunkJob) -> ChunkOutput:
         with phase(phases, "rules"):
             heads, lines = drafts_for(lines, month, job.invoices, held.sequences or {})
     _count(run, result, heads, lines)
-    out = ChunkOutput(result.rejects, compute=result.compute_days)
+    out = ChunkOutput(result.rejects, compute=result.compute_days, tally=result.tally)
     if run.dry_run:
         log_chunk(logs.named(CHARGES_LOG), "charges.chunk", chunk, started, phases)
         if job.invoices is None:

@@ -24,7 +24,10 @@ from billing_jobs.db.engine import make_engine
 from billing_jobs.db.reads import KEY_SHIFT, KEYS, MAX_AMOUNT, pairs_of, summed_pairs
 from billing_jobs.db.sql import Chunk
 from billing_jobs.frames import pd
+from billing_jobs.jobs.compute import REJECT_COLUMNS, SourceTally, source_rejects
 from billing_jobs.jobs.ledger import KnownCompute, compute_per_day
+from billing_jobs.rules.calendar import local_midnight_utc
+from billing_jobs.settings import Settings
 from tests.support import SourceData, day_of, ts
 
 
@@ -154,6 +157,60 @@ def test_the_reject_scans_name_every_bad_row_once_with_its_reason(db_url: str) -
             ("bad-compute-ghost", "unknown_project"),
             ("bad-compute-missing", "missing_amount"),
         ]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("ghosts", [True, False], ids=["unknown-projects", "known-projects-only"])
+def test_rejects_found_from_the_chunks_tally_are_those_the_month_scans_find(
+    db_url: str, ghosts: bool
+) -> None:
+    """A month-end's chunks count every usage row they read and name the projects with
+    bad rows (`SourceTally`); after them, the month's rejects are found from that: the
+    rows of the projects named, and rows of unknown projects only when the month holds
+    more rows than the chunks read. Both give what the two scans of the month give."""
+    settings = Settings()
+    zone = ZoneInfo(settings.timezone)
+    data = _data()
+    if not ghosts:
+        data = SourceData()
+        data.account("acct-1").account("acct-2")
+        data.project("p1", created="2026-01-02", account="acct-1")
+        data.project("q1", created="2026-01-02", account="acct-2")
+        data.cloud("p1", "2026-05-03", "page_views", "2")
+        data.cloud("p1", "2026-05-05", "page_views", "-1", usage_id="bad-negative")
+        data.cloud("q1", "2026-05-05", "page_views", "2000000000", usage_id="bad-huge")
+        data.cloud("q1", "2026-04-30", "page_views", None, usage_id="april")
+        data.compute("p1", "2026-05-03 10:00", "0.1", count=3)
+        data.compute("q1", "2026-05-09 10:00", None, usage_id="bad-compute-missing")
+    engine = make_engine(db_url)
+    try:
+        data.write(engine)
+        first, last = date(2026, 5, 1), date(2026, 5, 31)
+        with engine.connect() as conn:
+            tally = SourceTally()
+            for chunk in (Chunk(("acct-1",)), Chunk(("acct-2",))):
+                cloud = reads.read_cloud_tallied(conn, first, last, chunk)
+                compute = read_compute_days(conn, first, last, zone, chunk)
+                tally += SourceTally(compute.seen, cloud.seen, compute.unusable, cloud.unusable)
+            start, end = local_midnight_utc(first, zone), local_midnight_utc(date(2026, 6, 1), zone)
+            rows = reads.usage_rows(conn, start, end, first, last)
+            scanned = source_rejects(conn, settings, first, last)
+            tallied = source_rejects(conn, settings, first, last, tally)
+        if ghosts:
+            assert rows == (tally.compute + 1, tally.cloud + 2)  # the ghost's rows
+            assert sorted(tally.cloud_unusable) == ["p1", "p2"]
+            assert tally.compute_unusable == ("p2",)
+        else:
+            assert rows == (tally.compute, tally.cloud) == (4, 3)
+            assert sorted(tally.cloud_unusable) == ["p1", "q1"]
+            assert tally.compute_unusable == ("q1",)
+        assert len(scanned) == (7 if ghosts else 3)
+
+        def ordered(frame: pd.DataFrame) -> list[tuple[object, ...]]:
+            return sorted(frame[list(REJECT_COLUMNS)].itertuples(index=False, name=None))
+
+        assert ordered(tallied) == ordered(scanned)
     finally:
         engine.dispose()
 
