@@ -155,7 +155,7 @@ def read_code_redemptions(conn: Connection, end: datetime, start: datetime | Non
             t.code,
             raw(conn, t.paid_at).label("paid_at"),
             rc.code.is_not(None).label("known_code"),
-            units(rc.credits).label("code_units"),
+            units(conn, rc.credits).label("code_units"),
             raw(conn, rc.redeem_by).label("redeem_by"),
             cast(rc.valid_days, Integer).label("valid_days"),
         )
@@ -193,7 +193,9 @@ def _top_up_columns(conn: Connection) -> list[ColumnElement[Any]]:
         raw(conn, t.paid_at).label("paid_at"),
         t.code,
         amount_problem(conn, t.credits).label("credits_problem"),
-        case((usable_amount(t.credits, signed=True), units(t.credits)), else_=None).label("credit_units"),
+        case((usable_amount(t.credits, signed=True), units(conn, t.credits)), else_=None).label(
+            "credit_units"
+        ),
         amount_problem(conn, t.amount_paid).label("amount_problem"),
         case((usable_amount(t.amount_paid, signed=True), cents(t.amount_paid)), else_=None).label(
             "amount_cents"
@@ -345,7 +347,7 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
             c.project_id,
             func.count().label("seen"),
             func.count(case((usable, 1), else_=None)).label("rows"),
-            day_pairs(conn, offset, case((usable, units(c.credits)), else_=None)).label("pairs"),
+            day_pairs(conn, offset, case((usable, units(conn, c.credits)), else_=None)).label("pairs"),
         )
         .where(
             c.project_id.in_(select(named.c.project_id)),

@@ -184,9 +184,14 @@ def raw(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
     return type_coerce(column, String) if conn.dialect.name == "sqlite" else column
 
 
-def units(column: ColumnElement[Any]) -> ColumnElement[int]:
-    """Exact units of 1/10,000 of a NUMERIC value."""
-    return cast(func.round(column * UNITS_PER_CREDIT), BigInteger)
+def units(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[int]:
+    """Exact units of 1/10,000 of a NUMERIC value, rounded half away from zero.
+
+    PostgreSQL's cast of a NUMERIC to BIGINT rounds so itself (a `round` first cost
+    about a fifth of a usage read's conversion, and changed nothing); SQLite's cast
+    truncates, so its value is rounded first."""
+    scaled = column * UNITS_PER_CREDIT
+    return cast(scaled if conn.dialect.name == "postgresql" else func.round(scaled), BigInteger)
 
 
 def day_number(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[int]:
@@ -209,8 +214,8 @@ def summed_units(
         summed = func.sum(column) if usable is None else func.sum(column).filter(usable)
         return cast(func.round(func.coalesce(summed, 0) * UNITS_PER_CREDIT), BigInteger)
     if usable is None:
-        return func.coalesce(func.sum(units(column)), 0)
-    return func.coalesce(func.sum(case((usable, units(column)), else_=None)), 0)
+        return func.coalesce(func.sum(units(conn, column)), 0)
+    return func.coalesce(func.sum(case((usable, units(conn, column)), else_=None)), 0)
 
 
 def amount_problem(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -555,7 +560,9 @@ def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) 
             c.project_id,
             func.count().label("seen"),
             func.count(case((usable, 1), else_=None)).label("rows"),
-            day_pairs(conn, metric + offset, case((usable, units(c.quantity)), else_=None)).label("triples"),
+            day_pairs(conn, metric + offset, case((usable, units(conn, c.quantity)), else_=None)).label(
+                "triples"
+            ),
         )
         .where(
             c.project_id.in_(in_chunk),
