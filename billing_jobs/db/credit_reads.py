@@ -55,6 +55,7 @@ from billing_jobs.db.reads import (
     read_frame,
     summed_pairs,
     summed_units,
+    tallies,
     ts_param,
     units,
     usable_amount,
@@ -345,8 +346,7 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
     rows = (
         select(
             c.project_id,
-            func.count().label("seen"),
-            func.count(case((usable, 1), else_=None)).label("rows"),
+            *tallies(conn, usable),
             day_pairs(conn, offset, case((usable, units(conn, c.credits)), else_=None)).label("pairs"),
         )
         .where(
@@ -357,12 +357,10 @@ def read_compute_days(conn: Connection, first: date, last: date, zone: ZoneInfo,
         .group_by(c.project_id)
         .subquery()
     )
-    stmt = select(rows.c.project_id, named.c.account_id, rows.c.seen, rows.c.rows, rows.c.pairs).join(
-        named, named.c.project_id == rows.c.project_id
-    )
+    stmt = select(named.c.account_id, *rows.c).join(named, named.c.project_id == rows.c.project_id)
     with through_indexes(conn):
         groups = read_frame(conn, stmt, ints=["seen", "rows"], aggregate=True)
-    seen, unusable, groups = usable_groups(groups)
+    seen, unusable, groups = usable_groups(groups, "pairs")
     counts = groups["rows"].to_numpy(dtype=np.int64)
     group, offsets, amounts = summed_pairs(counts, *pairs_of(groups["pairs"].tolist(), int(counts.sum())))
     days = offsets + base

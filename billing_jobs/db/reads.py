@@ -554,15 +554,13 @@ def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) 
     )
     base = number_of(first)
     offset = day_number(conn, c.usage_date) - literal(base, BigInteger)
+    # The key is NULL for an unknown metric, and so is the row's pair: the pair's own
+    # test is of the quantity alone (each test of a row costs, once per row read).
+    quantity = case((usable_amount(c.quantity, signed=False), units(conn, c.quantity)), else_=None)
     usable = and_(c.metric.in_(METRICS), usable_amount(c.quantity, signed=False))
     stmt = (
         select(
-            c.project_id,
-            func.count().label("seen"),
-            func.count(case((usable, 1), else_=None)).label("rows"),
-            day_pairs(conn, metric + offset, case((usable, units(conn, c.quantity)), else_=None)).label(
-                "triples"
-            ),
+            c.project_id, *tallies(conn, usable), day_pairs(conn, metric + offset, quantity).label("triples")
         )
         .where(
             c.project_id.in_(in_chunk),
@@ -573,26 +571,42 @@ def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) 
     )
     with through_indexes(conn):
         groups = read_frame(conn, stmt, ints=["seen", "rows"], aggregate=True)
-    seen, unusable, groups = usable_groups(groups)
+    seen, unusable, groups = usable_groups(groups, "triples")
     counts = groups["rows"].to_numpy(dtype=np.int64)
-    group, key, quantity = summed_pairs(counts, *pairs_of(groups["triples"].tolist(), int(counts.sum())))
+    group, key, amount = summed_pairs(counts, *pairs_of(groups["triples"].tolist(), int(counts.sum())))
     frame = pd.DataFrame(
         {
             "project_id": groups["project_id"].to_numpy(dtype=object)[group],
             "day": key % DAYS_PER_METRIC + base,
             "metric": np.array(METRICS, dtype=object)[key // DAYS_PER_METRIC],
-            "quantity_units": quantity,
+            "quantity_units": amount,
         }
     )
     return CloudUsage(frame, seen, unusable)
 
 
-def usable_groups(groups: pd.DataFrame) -> tuple[int, tuple[str, ...], pd.DataFrame]:
-    """Of a usage read's groups (project_id, seen: its rows, rows: the usable ones among
-    them, and their pairs): every row seen, the projects with a row that cannot count,
-    and the groups with a usable row (a group without one has no pairs)."""
+def tallies(conn: Connection, usable: ColumnElement[bool]) -> list[ColumnElement[Any]]:
+    """A usage read's counts per group, beside its `day_pairs` (which hold the usable
+    rows only): `seen`, every row; on SQLite `rows`, the usable ones. PostgreSQL's
+    pairs are 8 bytes each, so their length tells `usable_groups` how many there are,
+    and no row is tested twice."""
+    seen = func.count().label("seen")
+    if conn.dialect.name == "postgresql":
+        return [seen]
+    return [seen, func.count(case((usable, 1), else_=None)).label("rows")]
+
+
+def usable_groups(groups: pd.DataFrame, pairs: str) -> tuple[int, tuple[str, ...], pd.DataFrame]:
+    """Of a usage read's groups (project_id, `tallies`, and their `day_pairs` in column
+    `pairs`): every row seen, the projects with a row that cannot count, and the groups
+    with a usable row (a group without one has no pairs), with `rows` counted."""
     seen = groups["seen"].to_numpy(dtype=np.int64)
-    rows = groups["rows"].to_numpy(dtype=np.int64)
+    if "rows" in groups:
+        rows = groups["rows"].to_numpy(dtype=np.int64)
+    else:
+        sizes = [0 if value is None else len(value) for value in groups[pairs].tolist()]
+        rows = np.array(sizes, dtype=np.int64) // 8
+        groups = groups.assign(rows=rows)
     bad = seen != rows
     unusable = tuple(groups["project_id"].to_numpy(dtype=object)[bad].tolist())
     if bool(bad.any()) and not bool(rows.all()):
