@@ -194,11 +194,13 @@ def units(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(scaled if conn.dialect.name == "postgresql" else func.round(scaled), BigInteger)
 
 
-def day_number(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[int]:
-    """A DATE as the number of days since 1970-01-01, computed by the database."""
+def day_number(conn: Connection, column: ColumnElement[Any], since: date | None = None) -> ColumnElement[int]:
+    """A DATE as the number of days since 1970-01-01 (or since `since`: a day's offset
+    in a read, one subtraction less per row), computed by the database."""
     if conn.dialect.name == "sqlite":
-        return cast(func.julianday(column) - 2440587.5, BigInteger)
-    return cast(column - literal_column("DATE '1970-01-01'"), BigInteger)
+        julian = 2440587.5 + (number_of(since) if since is not None else 0)
+        return cast(func.julianday(column) - julian, BigInteger)
+    return cast(column - literal_column(f"DATE '{(since or date(1970, 1, 1)).isoformat()}'"), BigInteger)
 
 
 def summed_units(
@@ -553,7 +555,7 @@ def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) 
         *((c.metric == name, literal(number * DAYS_PER_METRIC)) for number, name in enumerate(METRICS))
     )
     base = number_of(first)
-    offset = day_number(conn, c.usage_date) - literal(base, BigInteger)
+    offset = day_number(conn, c.usage_date, since=first)
     # The key is NULL for an unknown metric, and so is the row's pair: the pair's own
     # test is of the quantity alone (each test of a row costs, once per row read).
     quantity = case((usable_amount(c.quantity, signed=False), units(conn, c.quantity)), else_=None)
