@@ -369,8 +369,9 @@ def read_compute_rejects(
 
     of: of the known projects, only these may hold rows with bad amounts (what a
     month-end's chunks counted, `jobs.compute.SourceTally`): their rows are looked up
-    through the project index, not the whole range. unknown: the range may hold rows
-    of projects that do not exist (always with `of` None).
+    through the project index, not the whole range; and `unknown` says whether the
+    range may hold rows of projects that do not exist, to be searched for. Without
+    `of`, every row of the range is checked, unknown projects included.
     """
     c = compute_usage.c
     in_range = (
@@ -545,7 +546,7 @@ def read_cloud_tallied(conn: Connection, first: date, last: date, chunk: Chunk) 
 
     The read counts every row of the days too, usable or not, and names the projects
     with a row no state could bill (`usable_groups`): what a month-end's rejects are
-    found from (`jobs.compute.tallied_rejects`).
+    found from (`jobs.compute.source_rejects`).
     """
     c = cloud_usage.c
     if (last - first).days >= DAYS_PER_METRIC:
