@@ -56,7 +56,7 @@ from billing_jobs.jobs.ledger import KnownCompute, LedgerOutcome, write_ledger
 from billing_jobs.jobs.numbering import check_numbered, number_drafts
 from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
 from billing_jobs.jobs.runner import Run
-from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.jobs.workers import run_chunks, warm_up
 from billing_jobs.logs import get_logger
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.invoice import ADJUSTMENT, REGULAR
@@ -127,6 +127,7 @@ def close_month(
         raise ValueError("only a dry run may stop before the end of the month")
     settings = run.settings
     last = month.last_day if through is None else min(through, month.last_day)
+    warm_up(run, workers)
     # A run of every chunk, through the month's end, finds the month's bad usage rows
     # from what its chunks read; a shard or a preview, beside its chunks.
     with MonthRejects(run.engine, settings, month, tallied=shard is None and through is None) as side:

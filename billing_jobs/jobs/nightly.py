@@ -36,7 +36,7 @@ from billing_jobs.frames import pd
 from billing_jobs.jobs.compute import InBackground, platform_rejects
 from billing_jobs.jobs.pipeline import ChunkJob, run_chunk
 from billing_jobs.jobs.runner import Run
-from billing_jobs.jobs.workers import run_chunks
+from billing_jobs.jobs.workers import run_chunks, warm_up
 from billing_jobs.rules.calendar import Month
 from billing_jobs.rules.rejects import Examined
 
@@ -145,6 +145,7 @@ def bill_days(
     preview_charges: list[pd.DataFrame] = []
     preview_rejects: list[pd.DataFrame] = []
     months = _month_runs(days)
+    warm_up(run, workers)
     with run.engine.connect() as conn:
         # Accounts with charges on these days are planned even if no project of theirs is left.
         also = []

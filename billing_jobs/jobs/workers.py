@@ -156,6 +156,15 @@ def can_share(run: Run) -> bool:
     return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
 
+def warm_up(run: Run, workers: int) -> None:
+    """Start the fork server of the run's pools now, when its chunks will run on worker
+    processes: the server loads the jobs' modules (`PRELOAD`) while the job plans its
+    chunks, instead of after. `run_chunks` starts it otherwise (once per process)."""
+    if workers > 1 and can_share(run) and START_METHOD == "forkserver":
+        keep_orphans = run.faults is not None and run.faults.plan.keep_orphans
+        _start_forkserver(multiprocessing.get_context(START_METHOD), keep_orphans=keep_orphans)
+
+
 def run_chunks(
     run: Run,
     work: Callable[..., T],
