@@ -227,3 +227,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_run_with_workers_and_a_single_chunk_leaves_no_process_behind(db_url: str, tmp_path: Path) -> None:
+    """The fork server is started before the chunks are planned (`jobs.workers.warm_up`),
+    also when the plan then needs no worker (one chunk runs in the run's own process):
+    it ends with the run all the same, for a month-end and for a night."""
+    url = _prepared(db_url, tmp_path)
+    env = {"BILLING_WORKERS": "2", "BILLING_PROJECTS_PER_CHUNK": "100000", **run_tag()}
+    for args in (("month-end", "--month", MONTH), ("nightly", "--date", "2026-06-01")):
+        log = tmp_path / f"{args[0]}.log"  # a file, not a pipe: its end is the process's end
+        with owned(start_cli(url, *args, cwd=tmp_path, env=env, output=log), env) as proc:
+            assert proc.wait(120) == 0, log.read_text(encoding="utf-8")
+            left = wait_for_processes(env, lambda seen: not seen, GONE_SECONDS)
+            assert left == {}, f"alive {GONE_SECONDS}s after `{args[0]}` ended: {left}"
