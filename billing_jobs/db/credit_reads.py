@@ -72,11 +72,10 @@ from billing_jobs.db.source_tables import (
 from billing_jobs.db.sql import Chunk, among
 from billing_jobs.frames import pd
 from billing_jobs.rules import day_values
-from billing_jobs.rules.calendar import Month, day_from_number, local_midnight_utc
+from billing_jobs.rules.calendar import EPOCH, Month, day_from_number, local_midnight_utc
 from billing_jobs.rules.calendar import day_number as number_of
 from billing_jobs.rules.credits import ARREARS, DRAWN_SIGN, FUND, HELD_SIGN
 
-EPOCH = date(1970, 1, 1)
 CREDIT_SOURCES = ("top_ups", "redemption_codes", "refund_requests")
 LEDGER_TABLES = ("credit_entries", "credit_lots", "credit_periods", "credit_refunds", "credit_balances")
 

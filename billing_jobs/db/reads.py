@@ -53,7 +53,7 @@ from billing_jobs.db.source_tables import (
 )
 from billing_jobs.db.sql import Chunk, among
 from billing_jobs.frames import pd
-from billing_jobs.rules.calendar import Month
+from billing_jobs.rules.calendar import EPOCH, Month
 from billing_jobs.rules.calendar import day_number as number_of
 from billing_jobs.rules.cloud_fee import LINE_TYPES
 from billing_jobs.rules.int_texts import integers
@@ -200,7 +200,7 @@ def day_number(conn: Connection, column: ColumnElement[Any], since: date | None 
     if conn.dialect.name == "sqlite":
         julian = 2440587.5 + (number_of(since) if since is not None else 0)
         return cast(func.julianday(column) - julian, BigInteger)
-    return cast(column - literal_column(f"DATE '{(since or date(1970, 1, 1)).isoformat()}'"), BigInteger)
+    return cast(column - literal_column(f"DATE '{(since or EPOCH).isoformat()}'"), BigInteger)
 
 
 def summed_units(
@@ -391,9 +391,8 @@ def read_compute_rejects(
     statements = _of_projects(
         [*columns, value], c.project_id, in_range, bad, amount_problem(conn, c.credits), of, unknown
     )
-    return _frames(
-        conn, statements, ["usage_id", "project_id", "occurred_at", "reason", "value"], "occurred_at"
-    )
+    names = ["usage_id", "project_id", "occurred_at", "reason", "value"]
+    return _frames(conn, statements, names, timestamps=["occurred_at"])
 
 
 def _of_projects(
@@ -419,12 +418,15 @@ def _of_projects(
 
 
 def _frames(
-    conn: Connection, statements: Sequence[Select[Any]], columns: Sequence[str], when: str
+    conn: Connection,
+    statements: Sequence[Select[Any]],
+    columns: Sequence[str],
+    *,
+    timestamps: Sequence[str] = (),
+    dates: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The rows of a few reads of the same columns, one after another."""
-    stamps = [when] if when == "occurred_at" else []
-    days = [when] if when == "day" else []
-    parts = [read_frame(conn, stmt, timestamps=stamps, dates=days) for stmt in statements]
+    parts = [read_frame(conn, stmt, timestamps=timestamps, dates=dates) for stmt in statements]
     parts = [part for part in parts if len(part)]
     if not parts:
         return _no_rows(columns)
@@ -645,7 +647,8 @@ def read_cloud_rejects(
         return read_frame(conn, stmt, dates=["day"])
     reason = case((problem.is_not(None), problem), else_=NEGATIVE)
     statements = _of_projects([*columns, value], c.project_id, in_range, bad, reason, of, unknown)
-    return _frames(conn, statements, ["usage_id", "project_id", "day", "metric", "reason", "value"], "day")
+    names = ["usage_id", "project_id", "day", "metric", "reason", "value"]
+    return _frames(conn, statements, names, dates=["day"])
 
 
 def usage_rows(conn: Connection, start: datetime, end: datetime, first: date, last: date) -> tuple[int, int]:
