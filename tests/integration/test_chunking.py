@@ -11,7 +11,6 @@ from support import SourceData, export_text, run_cli
 from billing_jobs.db.billing_tables import billing_metadata, charge_periods, invoice_lines, rejects
 from billing_jobs.db.engine import make_engine, upgrade
 from billing_jobs.db.reads import accounts_charged
-from billing_jobs.db.sql import Chunk
 
 
 def _platform(db_url: str) -> None:
@@ -132,76 +131,5 @@ def test_the_accounts_charged_in_a_period_are_found_by_index_jumps_exactly(db_ur
                 assert len(found) == len(set(found))
                 expected = {a for a in ids if any(first <= d <= last for d in days[a])}
                 assert set(found) == expected
-    finally:
-        engine.dispose()
-
-
-AWKWARD_IDS = [
-    'acct "quoted"',
-    "back\\slash",
-    "x,y",
-    "{braced}",
-    " padded ",
-    "NULL",
-    "",
-    "é-6",
-    "tab\there",
-    "plain-1",
-]
-
-
-@pytest.mark.parametrize(
-    "named",
-    [
-        pytest.param(["plain-1", "x,y", "{braced}", " padded ", "NULL", ""], id="one-array-literal"),
-        pytest.param(AWKWARD_IDS, id="escapes-sent-as-a-list"),
-        pytest.param([], id="none"),
-    ],
-)
-def test_a_chunk_names_exactly_its_accounts_whatever_their_ids_hold(db_url: str, named: list[str]) -> None:
-    """`among` sends the chunk's ids as one array text where JSON's quoting is the
-    array's own (PostgreSQL), as a list otherwise: either way a chunk holds exactly the
-    accounts it names, whatever the ids hold (quotes, commas, braces, spaces, "NULL",
-    backslashes, the empty id, non-ASCII)."""
-    engine = make_engine(db_url)
-    table = sa.Table("chunk_ids", sa.MetaData(), sa.Column("account_id", sa.String))
-    try:
-        with engine.begin() as conn:
-            table.create(conn)
-            conn.execute(table.insert(), [{"account_id": a} for a in [*AWKWARD_IDS, "other", None]])
-        with engine.connect() as conn:
-            found = [
-                a
-                for (a,) in conn.execute(
-                    sa.select(table.c.account_id).where(Chunk(tuple(named)).clause(table.c.account_id))
-                )
-            ]
-        assert sorted(found) == sorted(named)
-    finally:
-        engine.dispose()
-
-
-@pytest.mark.postgres
-def test_postgresql_plans_a_chunks_ids_as_one_constant_list(pg_db_url: str) -> None:
-    """The ids reach PostgreSQL's planner as a constant array, which it tests each row
-    against by hash: an expression the planner cannot fold (a cast it runs per row)
-    makes it search the list linearly per row, and a chunk's read a hundred times
-    slower."""
-    engine = make_engine(pg_db_url)
-    table = sa.Table("chunk_ids", sa.MetaData(), sa.Column("account_id", sa.String))
-    named = tuple(f"acct-{i:05d}" for i in range(200))
-    try:
-        with engine.begin() as conn:
-            table.create(conn)
-        with engine.connect() as conn:
-            query = sa.select(table.c.account_id).where(Chunk(named).clause(table.c.account_id))
-            compiled = query.compile(conn)
-            plan = conn.exec_driver_sql(
-                f"EXPLAIN (VERBOSE, FORMAT JSON) {compiled.string}", compiled.params
-            ).scalar_one()
-        text = str(plan)
-        assert "acct-00199" in text  # the list is in the plan: a constant, not a parameter
-        # A constant array shows as `= ANY ('{...}'::text[])`, an expression as `= ANY (((...`.
-        assert "= ANY ('{" in text
     finally:
         engine.dispose()
