@@ -205,8 +205,17 @@ def mark_charged(conn: Connection, month: Month, *, run_id: str, now: datetime) 
 def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: date, hi: date) -> pd.DataFrame:
     """The stored periods of one month that a run deciding days lo..hi (both in that
     month) may change: the runs that overlap or touch those days and every month form
-    of the month; of the chunk's accounts and of `projects` whatever their account (a
-    project that moved to the chunk's accounts)."""
+    of the month; of the chunk's accounts, and of those of `projects` that the chunk's
+    accounts hold no period of in the month, whatever their account (a project that
+    moved to the chunk's accounts since the month's last run).
+
+    A project the chunk's accounts already hold periods of was there at that run,
+    which moved all of its periods of the days it decided; what its old account may
+    still hold of other days is that account's chunk's to delete (chunks are planned
+    over the accounts charged in the month too). So a re-close, or any run after the
+    first of the month, looks up no project one by one: that lookup goes through the
+    primary key's every period of each project, all months, and to the table's rows
+    for their accounts."""
     cp = charge_periods.c
     month = Month.of(lo)
     columns = [
@@ -236,10 +245,13 @@ def read_periods(conn: Connection, chunk: Chunk, projects: Sequence[str], lo: da
         )
     ]
     if chunk.accounts is not None and len(projects):
-        # Through the primary key, only other accounts' rows: the chunk's are read above.
-        others = ~among(cp.account_id, chunk.accounts)
-        moved = select(*columns).where(among(cp.project_id, projects), others, *reach)
-        frames.append(read_frame(conn, moved, ints=ints, aggregate=True))
+        held = pd.Index(frames[0]["project_id"].to_numpy(dtype=object))
+        unheld = pd.Index(projects, dtype=object).difference(held, sort=False).tolist()
+        if unheld:
+            # Through the primary key, only other accounts' rows: the chunk's are read above.
+            others = ~among(cp.account_id, chunk.accounts)
+            moved = select(*columns).where(among(cp.project_id, unheld), others, *reach)
+            frames.append(read_frame(conn, moved, ints=ints, aggregate=True))
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 

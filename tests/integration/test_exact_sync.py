@@ -341,6 +341,40 @@ def test_a_project_moved_to_an_account_with_nothing_billed_yet_has_its_charges_m
     assert _charges(db_url) == charges
 
 
+@pytest.mark.parametrize(("source", "target"), [("acct-a", "acct-b"), ("acct-b", "acct-a")])
+def test_a_project_moved_mid_month_ends_the_month_under_its_new_account_alone(
+    db_url: str, source: str, target: str
+) -> None:
+    """Nights before and after the move, then the month-end: the night after the move
+    takes the days it decides from the old account; the month-end, where the new
+    account already holds periods of the project, leaves none of its days under the old
+    one, and stores what a month-end alone stores on a fresh database."""
+    data = SourceData()
+    data.project("p-moved", created="2025-11-02", account=source)
+    data.project("p-stays", created="2025-11-02", account=target)
+    data.write_url(db_url)
+    chunks = ("--projects-per-chunk", "1", "--workers", "1")
+    with time_machine.travel(datetime(2026, 7, 2, 9, 0, tzinfo=UTC), tick=False):
+        assert run_cli(db_url, "nightly", "--date", "2026-06-10", *chunks).code == 0
+        _sql(db_url, f"UPDATE projects SET account_id = '{target}' WHERE project_id = 'p-moved'")
+        assert run_cli(db_url, "nightly", "--date", "2026-06-15", *chunks).code == 0
+        assert ("p-moved", source) in _owners(db_url)  # days before June 15 still under the old account
+
+        result = run_cli(db_url, "month-end", "--month", "2026-06", *chunks)
+
+    assert result.code == 0, result.stderr
+    assert _owners(db_url) == {("p-moved", target), ("p-stays", target)}
+    charges = _charges(db_url)
+    assert len(charges) == 2 * 29
+    totals = lines_by(export_rows(db_url, "2026-06"), "account_id", "project_id")
+    assert (source, "p-moved") not in totals
+    assert totals[(target, "p-moved")] == 29
+    _sql(db_url, "DELETE FROM charge_periods")
+    with time_machine.travel(datetime(2026, 7, 2, 9, 0, tzinfo=UTC), tick=False):
+        assert run_cli(db_url, "month-end", "--month", "2026-06", *chunks).code == 0
+    assert _charges(db_url) == charges
+
+
 def test_bulk_insert_keeps_tabs_newlines_and_backslashes_in_text_exactly(db_url: str) -> None:
     """COPY's text format escapes them (PostgreSQL); a column without any is sent as it is."""
     table = sa.Table(
