@@ -33,7 +33,7 @@ from billing_jobs.rules.calendar import (
     local_day_numbers,
 )
 from billing_jobs.rules.cloud_fee import cloud_fees, published_days
-from billing_jobs.rules.invoice import STORAGE_FEE, month_lines, unit_prices
+from billing_jobs.rules.invoice import STORAGE_FEE, month_lines, storage_totals, unit_prices
 from billing_jobs.rules.lifecycle import Lifecycle, build_lifecycle
 from billing_jobs.rules.money import UNITS_PER_CREDIT, to_units
 from billing_jobs.rules.storage_fee import StorageRules, charged_runs, storage_charges, storage_days
@@ -261,14 +261,10 @@ def _compute_chunk(
         if (first, last) == (month.first_day, month.last_day):
             tally = SourceTally(days.seen, cloud_read.seen, days.unusable, cloud_read.unusable)
         # The waiver refunds what is charged: the month, or its days so far in a preview.
-        totals = (
-            charged.groupby("project_id", as_index=False)["amount_units"].sum()
-            if len(charged)
-            else pd.DataFrame({"project_id": [], "amount_units": []})
-        )
+        totals = storage_totals(charged)  # summed as the rows come, a project after another
         refunds = waiver_refunds(totals, compute, waiver_threshold_units(settings))
         prices = unit_prices(settings.credits_per_day, settings.cloud_prices)
-        lines = month_lines(charged, refunds, cloud, accounts, prices)
+        lines = month_lines(charged, refunds, cloud, accounts, prices, totals=totals)
 
     return ChunkResult(
         projects=projects,

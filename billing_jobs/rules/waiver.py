@@ -12,7 +12,8 @@ def waiver_refunds(
 ) -> pd.DataFrame:
     """Refund rows for one billing month.
 
-    storage_totals: project_id, amount_units (the month's storage fee charged).
+    storage_totals: project_id, amount_units (the month's storage fee charged; other
+    columns are ignored).
     compute_totals: project_id, compute_units (sum of valid compute usage, reversals included).
     threshold_units: the inclusive threshold in units, or None when the waiver is off.
     Returns project_id, amount_units (negative), compute_units: one row per project

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing_jobs.rules.calendar import Month, add_months, add_months_days, day_from_number, day_number
-from billing_jobs.rules.invoice import KEY, adjustment_lines
+from billing_jobs.rules.invoice import KEY, LINE_COLUMNS, adjustment_lines, sort_lines
 from billing_jobs.rules.lifecycle import EVENT_KINDS, build_lifecycle
 from billing_jobs.rules.money import round_half_up_units, to_units
 from billing_jobs.rules.storage_fee import CAP_REACHED, CHARGED, StorageRules, storage_days
@@ -173,6 +173,25 @@ def test_adjustment_lines_plus_what_was_invoiced_equal_the_truth(truth_rows, inv
     assert not ((adjustments["quantity_units"] == 0) & (adjustments["amount_units"] == 0)).any()
     assert not adjustments.duplicated(KEY).any()
     assert adjustment_lines(truth, truth.drop(columns="unit_price")).empty
+
+
+@FAST
+@given(line_rows, st.lists(st.tuples(st.integers(0, 11), st.integers(-3, 3), st.integers(-3, 3)), max_size=6))
+def test_adjustment_lines_are_the_same_whether_the_invoiced_come_in_the_truths_order_or_not(
+    truth_rows, edits
+):
+    """Invoiced lines with the truth's keys row for row are compared without a join;
+    the same lines shuffled go through the join: the adjustments are the same."""
+    truth = sort_lines(lines_frame(truth_rows, with_price=True)[LINE_COLUMNS])
+    invoiced = truth.drop(columns="unit_price").copy()
+    for row, quantity, amount in edits:
+        if row < len(invoiced):
+            invoiced.loc[row, "quantity_units"] += quantity
+            invoiced.loc[row, "amount_units"] += amount
+    aligned = adjustment_lines(truth, invoiced)
+    joined = adjustment_lines(truth, invoiced.iloc[::-1].reset_index(drop=True))
+    pd.testing.assert_frame_equal(aligned, joined)
+    assert summed(aligned, invoiced) == summed(truth)
 
 
 @FAST
