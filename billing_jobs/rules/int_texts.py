@@ -28,45 +28,32 @@ def group_texts(values: np.ndarray, first: np.ndarray) -> list[str]:
     order, separated by single spaces.
 
     Every number is laid out in a row of bytes (its sign, its digits right-aligned, a
-    space), a column of the array at a time in numpy, each as wide as its own largest
-    number (a day's offset takes two digits where its amount may take ten); the bytes
-    each number uses are kept in row order, decoded once and cut into one text per
-    group: no Python string per number."""
+    space), a column of digits at a time in numpy; the bytes each number uses are kept
+    in order, decoded once and cut into one text per group: no Python string per
+    number."""
     rows, width = values.shape
-    if not rows:
+    flat = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    if not len(flat):
         return ["" for _ in range(len(first))]
-    numbers = np.asarray(values, dtype=np.int64)
-    parts = [_laid_out(numbers[:, column]) for column in range(width)]
-    layout = np.concatenate([part[0] for part in parts], axis=1)
-    used = np.concatenate([part[1] for part in parts], axis=1)
-    text = layout[used].tobytes().decode("ascii")
-    length = parts[0][2]
-    for part in parts[1:]:
-        length = length + part[2]
-    # Where each group's first number starts in the text, and where the next one's does.
-    at = np.append(0, np.cumsum(length))[np.append(first, rows)].tolist()
-    return [text[a : b - 1] for a, b in pairwise(at)]
-
-
-def _laid_out(column: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One column's numbers as rows of bytes: the bytes, which of them a number uses,
-    and how many it uses (its space included)."""
-    negative = column < 0
+    negative = flat < 0
     # The magnitude in 64 unsigned bits: -(n + 1) + 1 also holds the smallest int64.
-    magnitude = np.where(negative, -(column + 1), column).astype(np.uint64) + negative.astype(np.uint64)
+    magnitude = np.where(negative, -(flat + 1), flat).astype(np.uint64) + negative.astype(np.uint64)
     digits = 1 + np.searchsorted(_POWERS, magnitude, side="right")
     places = int(digits.max())
-    layout = np.empty((len(column), places + 2), dtype=np.uint8)
-    layout[:, 0], layout[:, -1] = ord("-"), ord(" ")
-    # 32 bits when every number fits (day offsets, most amounts): a faster division.
-    rest = magnitude.astype(np.uint32) if places <= 9 else magnitude
-    for at in range(places, 0, -1):  # the units first
-        layout[:, at] = (rest % 10).astype(np.uint8) + ord("0")
-        rest = rest // 10
+    layout = np.empty((len(flat), places + 2), dtype=np.uint8)
     used = np.empty(layout.shape, dtype=bool)
-    used[:, 0], used[:, -1] = negative, True
-    used[:, 1:-1] = np.arange(places) >= (places - digits)[:, None]
-    return layout, used, digits + negative + 1
+    layout[:, 0], used[:, 0] = ord("-"), negative
+    # 32 bits when every number fits (day offsets, most amounts): a faster division.
+    rest = magnitude.astype(np.uint32) if places <= 9 else magnitude.copy()
+    for column in range(places, 0, -1):  # the units first
+        layout[:, column] = (rest % 10).astype(np.uint8) + ord("0")
+        rest //= 10
+        used[:, column] = digits > places - column
+    layout[:, -1], used[:, -1] = ord(" "), True
+    text = layout[used].tobytes().decode("ascii")
+    # Where each group's first number starts in the text, and where the next one's does.
+    at = np.append(0, np.cumsum(digits + negative + 1))[np.append(first, rows) * width].tolist()
+    return [text[a : b - 1] for a, b in pairwise(at)]
 
 
 def integers(text: str) -> np.ndarray:
