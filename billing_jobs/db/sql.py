@@ -58,7 +58,7 @@ def among(column: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bo
 def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
     from sqlalchemy.dialects import postgresql  # not at import: it loads asyncio (start-up time)
 
-    literal = _array_literal(element.values)
+    literal = array_text(element.values)
     if literal is None:
         values = bindparam(None, element.values, type_=postgresql.ARRAY(String))
         return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(values, **kw)})"
@@ -68,12 +68,13 @@ def _among_postgresql(element: _Among, compiler: Any, **kw: Any) -> str:
     return f"{compiler.process(element.column, **kw)} = ANY({compiler.process(text, **kw)}::VARCHAR[])"
 
 
-def _array_literal(values: list[str]) -> str | None:
-    """The values as one PostgreSQL array literal, every element double-quoted: JSON's
-    list text with braces for brackets, made in C. Where JSON escaped anything (a quote,
-    a backslash, a control or non-ASCII character) the two escapings differ: None, and
-    the driver sends the list as an array itself (a Python call per element)."""
-    text = json.dumps(values, separators=(",", ":"))
+def array_text(values: Sequence[str | int | None]) -> str | None:
+    """The values as one PostgreSQL array text, every string double-quoted and None as
+    NULL: JSON's list text with braces for brackets, made in C. Where JSON escaped
+    anything (a quote, a backslash, a control or non-ASCII character) the two escapings
+    differ: None, and the caller sends the list itself (the driver's Python call and
+    regular expression per element)."""
+    text = json.dumps(list(values), separators=(",", ":"))
     if "\\" in text:
         return None
     return "{" + text[1:-1] + "}"

@@ -28,7 +28,7 @@ from billing_jobs.db.engine import through_indexes
 from billing_jobs.db.reads import date_param, read_frame
 from billing_jobs.db.reads import day_number as day_number_of
 from billing_jobs.db.reject_log import reopen_found
-from billing_jobs.db.sql import Chunk, among
+from billing_jobs.db.sql import Chunk, among, array_text
 from billing_jobs.frames import pd
 from billing_jobs.phases import phase
 from billing_jobs.rules import periods
@@ -338,8 +338,8 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
     columns = {
         "p": rows["project_id"].tolist(),
         "t": rows["charge_type"].tolist(),
-        "f": [day_from_number(d) for d in rows["first_day"].tolist()],
-        "e": [day_from_number(d) for d in rows["last_day"].tolist()],
+        "f": rows["first_day"].to_numpy(dtype=np.int64),
+        "e": rows["last_day"].to_numpy(dtype=np.int64),
         "a": rows["account_id"].tolist(),
         "q": rows["quantity_units"].tolist(),
         "m": rows["amount_units"].tolist(),
@@ -348,6 +348,11 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
     cp = charge_periods.c
     deleted = 0
     if conn.dialect.name == "postgresql":
+        # Each column as one array text where it can be (`db.sql.array_text`): the
+        # driver would dump the lists element by element in Python.
+        for day in ("f", "e"):  # day numbers as ISO dates, a column at a time
+            columns[day] = np.datetime_as_string(columns[day].astype("datetime64[D]")).tolist()
+        dumped = {k: _array_or_list(v) for k, v in columns.items()}
         arrays = text(
             "DELETE FROM charge_periods AS cp USING unnest("
             "CAST(:p AS TEXT[]), CAST(:t AS TEXT[]), CAST(:f AS DATE[]), CAST(:e AS DATE[]), "
@@ -361,9 +366,11 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
         # read the whole table (every month's periods) once per batch.
         with through_indexes(conn):
             for start in range(0, len(rows), DELETE_BATCH):
-                part = {k: v[start : start + DELETE_BATCH] for k, v in columns.items()}
+                part = {k: v[start // DELETE_BATCH] for k, v in dumped.items()}
                 deleted += conn.execute(arrays, part).rowcount or 0
         return deleted
+    for day in ("f", "e"):
+        columns[day] = [day_from_number(d) for d in columns[day].tolist()]
     stmt = delete(charge_periods).where(
         cp.project_id == bindparam("p"),
         cp.charge_type == bindparam("t"),
@@ -378,6 +385,13 @@ def delete_periods(conn: Connection, rows: pd.DataFrame) -> int:
     for start in range(0, len(params), SQL_BATCH):
         deleted += conn.execute(stmt, params[start : start + SQL_BATCH]).rowcount or 0
     return deleted
+
+
+def _array_or_list(values: list[Any]) -> list[Any]:
+    """A column's batches (of DELETE_BATCH values) as array texts, or as lists where
+    a text cannot hold them."""
+    batches = [values[start : start + DELETE_BATCH] for start in range(0, len(values), DELETE_BATCH)]
+    return [array_text(batch) or batch for batch in batches]
 
 
 def record_rejects(conn: Connection, found: pd.DataFrame, *, run_id: str, now: datetime) -> int:
