@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, update
 
 from billing_jobs import __version__
+from billing_jobs.collector import freeze_long_lived
 from billing_jobs.db.billing_tables import billing_runs
 from billing_jobs.db.engine import serial_plans
 from billing_jobs.db.lock import WRITER_LOCK, Lease, LockHeld
@@ -168,6 +169,7 @@ def run_job(
             raise
     run = Run(engine, settings, run_id, now_naive, dry_run, lease, progress=progress, faults=faults)
     started = time.perf_counter()
+    freeze_long_lived()  # the modules the job runs are imported: out of the collector's way
     log.info("run.start", arguments=arguments)
     try:
         result = body(run)

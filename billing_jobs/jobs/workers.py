@@ -53,6 +53,7 @@ PRELOAD = [
     "billing_jobs.jobs.month_end",
     "billing_jobs.jobs.nightly",
     "billing_jobs.jobs.ledger",
+    "billing_jobs.jobs.preloaded",  # last: what the others made, frozen for the workers
 ]
 
 
