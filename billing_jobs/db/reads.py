@@ -336,13 +336,15 @@ def _to_day_numbers(values: pd.Series) -> pd.Series:
 
 
 def read_projects(conn: Connection, chunk: Chunk) -> pd.DataFrame:
-    """project_id, account_id, created_at (naive UTC) of the chunk's projects."""
+    """project_id, account_id, created_at (naive UTC) of the chunk's projects: a row per
+    project, so fetched in one go (`read_frame`'s `aggregate`: no cursor's round trips,
+    the driver's tuples)."""
     stmt = (
         select(projects.c.project_id, projects.c.account_id, raw(conn, projects.c.created_at))
         .where(chunk.clause(projects.c.account_id))
         .order_by(projects.c.project_id)
     )
-    return read_frame(conn, stmt, timestamps=["created_at"])
+    return read_frame(conn, stmt, timestamps=["created_at"], aggregate=True)
 
 
 def _event_columns(conn: Connection) -> Select[Any]:
@@ -359,14 +361,16 @@ def read_events(conn: Connection, chunk: Chunk) -> pd.DataFrame:
 
     Found project by project through the events' `project_id` index (`through_indexes`):
     joined by hashing, every chunk would read every project's events, all of the
-    platform's history (at 1M projects, 43 ms a chunk for 337k events)."""
+    platform's history (at 1M projects, 43 ms a chunk for 337k events). The chunk's
+    lifecycle is built from all of them at once, so they are fetched in one go, as
+    `read_projects`."""
     stmt = (
         _event_columns(conn)
         .join(projects, projects.c.project_id == project_events.c.project_id)
         .where(chunk.clause(projects.c.account_id))
     )
     with through_indexes(conn):
-        return read_frame(conn, stmt, timestamps=["occurred_at"])
+        return read_frame(conn, stmt, timestamps=["occurred_at"], aggregate=True)
 
 
 def read_orphan_events(conn: Connection) -> pd.DataFrame:
