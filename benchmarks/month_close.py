@@ -430,8 +430,8 @@ def main() -> None:
 
 def steps_done(steps: list[Step], base: Step) -> None:
     floors = [step.seconds for step in steps if step.label == base.label]
-    measured = ", ".join(f"{seconds:.1f}" for seconds in floors)
-    print(f"ratios to the floor ({base.seconds:.1f} s, the median of {measured} s, same run):")
+    measured = ", ".join(f"{seconds:.2f}" for seconds in floors)
+    print(f"ratios to the floor ({base.seconds:.2f} s, the median of {measured} s, same run):")
     for step in steps:
         if step.label != base.label:
             print(f"  {step.label:<44} {step.seconds / base.seconds:8.2f} x")
