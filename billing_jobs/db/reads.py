@@ -288,7 +288,7 @@ def read_frame(
         for batch in result.partitions():  # Row objects, which numpy makes an array of slowly
             for target, values in zip(streamed, zip(*batch, strict=True), strict=True):
                 target.extend(values)
-        gathered = [np.array(values, dtype=object) for values in streamed]
+        gathered = [_object_column(values) for values in streamed]
     if not gathered:
         gathered = [np.empty(0, dtype=object) for _ in columns]
     df = pd.DataFrame(
@@ -314,10 +314,15 @@ def _column_arrays(rows: Sequence[Sequence[Any]], width: int) -> list[np.ndarray
         table = np.empty(0, dtype=object)
     if table.shape == (len(rows), width):
         return [table[:, i] for i in range(width)]
-    columns = [np.empty(len(rows), dtype=object) for _ in range(width)]
-    for i, column in enumerate(columns):
-        column[:] = [row[i] for row in rows]
-    return columns
+    return [_object_column([row[i] for row in rows]) for i in range(width)]
+
+
+def _object_column(values: Sequence[Any]) -> np.ndarray:
+    """One column's values as an object array of exactly that many values (never a
+    second axis of values that are sequences themselves)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def _to_datetime(values: pd.Series) -> pd.Series:

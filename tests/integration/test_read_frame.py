@@ -59,8 +59,9 @@ def test_each_column_holds_the_drivers_values(db_engine: Engine, aggregate: bool
     assert [None if v is None else bytes(v) for v in frame["blob"].tolist()] == [r["blob"] for r in ROWS]
 
 
+@pytest.mark.parametrize("aggregate", [True, False], ids=["fetched-at-once", "streamed"])
 @pytest.mark.parametrize("rows", [0, 1, 3])
-def test_a_row_of_sequences_is_not_opened(db_engine: Engine, rows: int) -> None:
+def test_a_row_of_sequences_is_not_opened(db_engine: Engine, rows: int, aggregate: bool) -> None:
     """Every value of every row a sequence of one length: numpy would make a third axis
     of them (PostgreSQL's arrays; on SQLite texts stand in)."""
     table = _table(db_engine)
@@ -69,7 +70,7 @@ def test_a_row_of_sequences_is_not_opened(db_engine: Engine, rows: int) -> None:
     other = literal_column("ARRAY[3, 4]" if postgres else "'3 4'").label("other")
     stmt = select(pair, other).select_from(table).order_by(table.c.id).limit(rows)
     with db_engine.connect() as conn:
-        frame = read_frame(conn, stmt, aggregate=True)
+        frame = read_frame(conn, stmt, aggregate=aggregate)
     assert list(frame.columns) == ["pair", "other"]
     assert frame["pair"].tolist() == [[1, 2] if postgres else "1 2"] * rows
     assert frame["other"].tolist() == [[3, 4] if postgres else "3 4"] * rows
