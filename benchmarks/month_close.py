@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -113,6 +113,81 @@ class Step:
     ledger_phases: dict[str, float] = field(default_factory=dict)  # summed over its chunks
     charge_phases: dict[str, float] = field(default_factory=dict)  # the charges' chunks, summed
     counts: dict[str, Any] = field(default_factory=dict)  # the run summary's
+    around: Around | None = None  # what the machine and the database server did meanwhile
+
+
+def settle() -> float:
+    """Let the kernel write out the dirty pages earlier steps left (the data generated,
+    the last step's writes; the throwaway server runs without fsync, so its writes wait
+    in memory), untimed: otherwise a step pays for them, as writeback stalls its own
+    writes. Returns the seconds it took."""
+    start = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Around:
+    """What the machine and the database server did during a step: the machine's busy
+    and I/O-wait seconds (/proc/stat: every process, the server's included), what the
+    kernel wrote to disk (/proc/vmstat), and on PostgreSQL the server's checkpoints and
+    automatic vacuums and analyzes (its statistics views)."""
+
+    busy: float = 0.0
+    iowait: float = 0.0
+    written_mib: float = 0.0
+    checkpoints: int = 0
+    checkpoint_write_s: float = 0.0
+    autovacuums: int = 0
+
+    @classmethod
+    def now(cls, engine: Engine) -> Around:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(f) for f in fields] + [0] * 8
+        hz = os.sysconf("SC_CLK_TCK")
+        idle, iowait = ticks[3], ticks[4]
+        busy = (sum(ticks[:8]) - idle - iowait) / hz
+        vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+        written = int(vmstat.get("pgpgout", 0)) / 1024  # KiB
+        checkpoints, write_ms, vacuums = 0, 0.0, 0
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                checkpoints, write_ms = conn.execute(
+                    text(
+                        "SELECT checkpoints_timed + checkpoints_req, checkpoint_write_time"
+                        " FROM pg_stat_bgwriter"
+                    )
+                ).one()
+                vacuums = conn.execute(
+                    text(
+                        "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)"
+                        " FROM pg_stat_all_tables"
+                    )
+                ).scalar_one()
+        return cls(busy, iowait / hz, written, int(checkpoints), float(write_ms) / 1000, int(vacuums))
+
+    def since(self, before: Around) -> Around:
+        return Around(
+            self.busy - before.busy,
+            self.iowait - before.iowait,
+            self.written_mib - before.written_mib,
+            self.checkpoints - before.checkpoints,
+            self.checkpoint_write_s - before.checkpoint_write_s,
+            self.autovacuums - before.autovacuums,
+        )
+
+    def text(self, synced: float | None) -> str:
+        settled = "" if synced is None else f" (earlier writes written out first: {synced:.1f} s)"
+        line = (
+            f"machine: busy {self.busy:.1f} s, I/O wait {self.iowait:.1f} s, "
+            f"written to disk {self.written_mib:,.0f} MiB{settled}"
+        )
+        if self.checkpoints or self.autovacuums:
+            line += (
+                f"; server: {self.checkpoints} checkpoints (writing {self.checkpoint_write_s:.1f} s), "
+                f"{self.autovacuums} automatic vacuums or analyzes"
+            )
+        return line
 
 
 class TreeMemory(threading.Thread):
@@ -288,13 +363,17 @@ def days_until_yesterday() -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def migration(url: str, engine: Engine) -> Step:
-    """Migrations 0012 (runs), 0013 (cloud fees per month) and the newer ones on the
-    month just closed: the store turned back into a row per project and day
-    (`downgrade` to 0011, untimed), then `db upgrade` timed as the command it is."""
+def to_legacy_store(engine: Engine) -> int:
+    """The store turned back into a row per project and day (`downgrade` to 0011, not
+    timed): what `migration` upgrades. Returns the daily charges it holds."""
     downgrade(engine, "0011")
     with engine.connect() as conn:
-        days = int(conn.execute(text("SELECT count(*) FROM daily_charges")).scalar_one())
+        return int(conn.execute(text("SELECT count(*) FROM daily_charges")).scalar_one())
+
+
+def migration(url: str, days: int) -> Step:
+    """Migrations 0012 (runs), 0013 (cloud fees per month) and the newer ones on the
+    month just closed (`to_legacy_store`): `db upgrade` timed as the command it is."""
     step = command(url, "db", "upgrade")
     return Step(f"db upgrade: {days:,} daily charges to periods", step.seconds, days, step.peak_rss_mib)
 
@@ -341,6 +420,12 @@ def main() -> None:
         default=3,
         help="times the floor is measured; the ratios are to their median (one run moves by 15%% here)",
     )
+    parser.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="do not let the kernel write out what earlier steps left in memory before each step",
+    )
     args = parser.parse_args()
     steps: list[Step] = []
 
@@ -371,11 +456,16 @@ def main() -> None:
             # What autovacuum does to append-only tables: statistics, all-visible pages.
             conn.execute(text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"))
 
-        def run(step: Step) -> Step:
+        def run(make: Callable[[], Step]) -> Step:
+            synced = settle() if args.sync else None
+            before = Around.now(engine)
+            step = make()
+            step.around = Around.now(engine).since(before)
             steps.append(step)
             rss = f"{step.peak_rss_mib:7.0f} MiB" if step.peak_rss_mib is not None else "          -"
             rate = step.rows / step.seconds if step.seconds else 0.0
             print(f"  {step.label:<44} {step.seconds:8.1f} s {rate:12,.0f} rows/s {rss}", flush=True)
+            print(f"    {step.around.text(synced)}", flush=True)
             if step.charge_phases:
                 phases = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(step.charge_phases.items()))
                 print(f"    the charges' chunks' phases (summed over the workers): {phases}", flush=True)
@@ -386,20 +476,21 @@ def main() -> None:
             return step
 
         kw = {"workers": args.workers, "chunk": args.chunk}
-        floors = [run(floor(engine)) for _ in range(max(args.floor_runs, 1))]
+        floors = [run(lambda: floor(engine)) for _ in range(max(args.floor_runs, 1))]
         base = sorted(floors, key=lambda step: step.seconds)[len(floors) // 2]
         if not args.skip_naive:
-            run(naive(engine, args.projects))
-        run(command(url, "month-end", "--month", "2026-05", **kw))
+            run(lambda: naive(engine, args.projects))
+        run(lambda: command(url, "month-end", "--month", "2026-05", **kw))
         rows_stored(engine, args.projects)
-        run(migration(url, engine))
+        days = to_legacy_store(engine)
+        run(lambda: migration(url, days))
         if args.first_close_only:
-            run(command(url, "month-end", "--month", "2026-06", **kw))
+            run(lambda: command(url, "month-end", "--month", "2026-06", **kw))
             engine.dispose()
             steps_done(steps, base)
             return
         reset_jobs_tables(engine)
-        run(command(url, "nightly", "--date", "2026-05-01", **kw))
+        run(lambda: command(url, "nightly", "--date", "2026-05-01", **kw))
         # The other days of May in one catch-up run (`nightly` with no date): the state after
         # a month of nightly runs. Every other day up to yesterday is marked billed first.
         others = [d for d in days_until_yesterday() if d.month != 5 or d.year != 2026]
@@ -408,10 +499,10 @@ def main() -> None:
                 billed_days.insert(),
                 [{"billing_day": d, "run_id": "bench", "billed_at": BILLED_AT} for d in others],
             )
-        run(command(url, "nightly", **kw))
-        run(command(url, "month-end", "--month", "2026-05", **kw))
-        run(command(url, "month-end", "--month", "2026-05", **kw))
-        run(command(url, "export", "--month", "2026-05"))
+        run(lambda: command(url, "nightly", **kw))
+        run(lambda: command(url, "month-end", "--month", "2026-05", **kw))
+        run(lambda: command(url, "month-end", "--month", "2026-05", **kw))
+        run(lambda: command(url, "export", "--month", "2026-05"))
         # June's nights as in production: no later day billed yet, so June 1 stores the
         # storage fee through the month's end and June 2 is a night like most others.
         with engine.begin() as conn:
@@ -421,8 +512,8 @@ def main() -> None:
                     bd.billing_day > date(2026, 6, 1), bd.billing_day <= date(2026, 6, 30)
                 )
             )
-        run(command(url, "nightly", "--date", "2026-06-01", **kw))
-        run(command(url, "nightly", "--date", "2026-06-02", **kw))
+        run(lambda: command(url, "nightly", "--date", "2026-06-01", **kw))
+        run(lambda: command(url, "nightly", "--date", "2026-06-02", **kw))
         engine.dispose()
 
     steps_done(steps, base)
