@@ -23,10 +23,13 @@ of its own, so its peak RSS is its own) and times, in one run:
   nightly (June 2)   the next night, one like most others: what changed on June 2 (the
                      cloud fees' month forms of the published projects)
 
-The source tables get the indexes `docs/postgresql.md` recommends. It prints wall
-seconds, rows per second, the peak memory of the step (the largest sum of the
-proportional set sizes of the command's process and its workers, sampled from
-/proc), and ratios to the floor measured in the same run (the machines are shared
+The source tables get the indexes `docs/postgresql.md` recommends. Before each step,
+untimed, what earlier steps left is settled (`settle`: the kernel's dirty pages written
+out; on PostgreSQL the jobs' tables vacuumed and analyzed). It prints wall seconds,
+rows per second, the peak memory of the step (the largest sum of the proportional set
+sizes of the command's process and its workers, sampled from /proc), what the machine
+and the server did meanwhile (`Around`), and ratios to the floor measured in the same
+run (the machines are shared
 and noisy: compare ratios, not seconds; one measurement of the floor moved by 15%
 from run to run at 1M projects, so it is the median of three).
 
