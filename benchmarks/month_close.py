@@ -29,9 +29,9 @@ out; on PostgreSQL the jobs' tables vacuumed and analyzed). It prints wall secon
 rows per second, the peak memory of the step (the largest sum of the proportional set
 sizes of the command's process and its workers, sampled from /proc), what the machine
 and the server did meanwhile (`Around`), and ratios to the floor measured in the same
-run (the machines are shared
-and noisy: compare ratios, not seconds; one measurement of the floor moved by 15%
-from run to run at 1M projects, so it is the median of three).
+run (the machines are shared and noisy: compare ratios, not seconds; one measurement
+of the floor moved by 15% from run to run at 1M projects, so it is the median of
+three).
 
     .venv/bin/python benchmarks/month_close.py --projects 100000
     BILLING_PG_USER=billing-ci .venv/bin/python benchmarks/month_close.py --postgres --projects 1000000
@@ -163,7 +163,7 @@ class Around:
         idle, iowait = ticks[3], ticks[4]
         busy = (sum(ticks[:8]) - idle - iowait) / hz
         vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
-        written = int(vmstat.get("pgpgout", 0)) / 1024  # KiB
+        written = int(vmstat.get("pgpgout", 0)) / 1024  # pgpgout counts KiB
         checkpoints, write_ms, vacuums = 0, 0.0, 0
         if engine.dialect.name == "postgresql":
             with engine.connect() as conn:
