@@ -54,7 +54,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, delete, inspect, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -131,11 +131,8 @@ def settle(engine: Engine) -> float:
     os.sync()
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            names = [
-                t.name
-                for t in billing_metadata.sorted_tables
-                if conn.execute(text(f"SELECT to_regclass('\"{t.name}\"')")).scalar() is not None
-            ]
+            present = set(inspect(conn).get_table_names())
+            names = [t.name for t in billing_metadata.sorted_tables if t.name in present]
             if names:
                 conn.execute(text("VACUUM ANALYZE " + ", ".join(f'"{name}"' for name in names)))
     return time.perf_counter() - start
@@ -436,8 +433,8 @@ def main() -> None:
         help="times the floor is measured; the ratios are to their median (one run moves by 15%% here)",
     )
     parser.add_argument(
-        "--no-sync",
-        dest="sync",
+        "--no-settle",
+        dest="settle",
         action="store_false",
         help="start each step without first settling what earlier steps left (`settle`)",
     )
@@ -472,7 +469,7 @@ def main() -> None:
             conn.execute(text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"))
 
         def run(make: Callable[[], Step]) -> Step:
-            synced = settle(engine) if args.sync else None
+            synced = settle(engine) if args.settle else None
             before = Around.now(engine)
             step = make()
             step.around = Around.now(engine).since(before)
