@@ -31,9 +31,9 @@ from sqlalchemy import Engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from month_close import COVERING, SOURCE_INDEXES, Step, command, database
+from month_close import Step, command, database, prepare_sources
 
-from billing_jobs.db.engine import make_engine, upgrade
+from billing_jobs.db.engine import make_engine
 from billing_jobs.demo import generate_bulk
 from billing_jobs.rules.calendar import Month
 
@@ -102,12 +102,7 @@ def main() -> None:
             top_ups_per_account_month=args.top_ups,
         )
         print(f"  generated in {time.perf_counter() - start:.0f} s: {summary}", flush=True)
-        upgrade(engine)
-        with engine.begin() as conn:
-            for ddl in SOURCE_INDEXES + COVERING[engine.dialect.name]:
-                conn.execute(text(ddl))
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"))
+        prepare_sources(engine)
 
         print(
             f"  {'close':<8} {'floor':>7} {'month-end':>10} {'x floor':>8} {'ledger':>8} {'x floor':>8}"

@@ -119,6 +119,18 @@ class Step:
     around: Around | None = None  # what the machine and the database server did meanwhile
 
 
+def prepare_sources(engine: Engine) -> None:
+    """The jobs' tables created, and the generated source tables made as production
+    keeps them: the indexes docs/postgresql.md recommends, and what autovacuum does to
+    append-only tables (statistics, all-visible pages)."""
+    upgrade(engine)
+    with engine.begin() as conn:
+        for ddl in SOURCE_INDEXES + COVERING[engine.dialect.name]:
+            conn.execute(text(ddl))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"))
+
+
 def settle(engine: Engine) -> float:
     """Before a step, untimed: what earlier steps left the machine and the server to do,
     done. The kernel writes out their dirty pages (the data generated, a step's writes:
@@ -460,13 +472,7 @@ def main() -> None:
             top_ups_per_account_month=args.top_ups,
         )
         print(f"  generated in {time.perf_counter() - start:.0f} s: {summary}", flush=True)
-        upgrade(engine)
-        with engine.begin() as conn:  # the source-table indexes docs/postgresql.md recommends
-            for ddl in SOURCE_INDEXES + COVERING[engine.dialect.name]:
-                conn.execute(text(ddl))
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            # What autovacuum does to append-only tables: statistics, all-visible pages.
-            conn.execute(text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE"))
+        prepare_sources(engine)
 
         def run(make: Callable[[], Step]) -> Step:
             synced = settle(engine) if args.settle else None
