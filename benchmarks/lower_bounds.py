@@ -10,7 +10,7 @@ still not met are measured against:
   floor                   as in month_close.py: one statement aggregating the month's
                           compute per project (the median of `--floor-runs`)
   start-up                importing what a month-end or a night runs, in a process of
-                          its own (`python -c "import billing_jobs.jobs.month_end"`)
+                          its own (`billing_jobs.jobs.month_end` and the command line)
   lifecycles              every chunk's projects and events: what a night reads to find
                           which storage fees change (the source tables carry no time a
                           row arrived, so every project is read)
